@@ -1,0 +1,158 @@
+"""The layer protocol: how a layer maps one covariance state to the next.
+
+A network's kernel is computed in two passes over the same layer tree:
+
+* the **self pass** propagates each image's own variance map ``v[n, h, w]``; every nonlinearity
+  records the standard deviation map it sees (``trace``), and the pass ends with ``k(x, x)``;
+* the **pair pass** propagates covariance maps ``c[..., h, w]`` between two images (a block of pairs
+  ``[n1, n2, h, w]`` or matched pairs ``[n, h, w]``); each nonlinearity reads back the recorded
+  standard deviations of both sides in the same traversal order.
+
+Linear layers apply the same map in both passes. Recording self terms once per image means the pair
+pass never recomputes them, whichever block of pairs it works on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Layer", "Context", "FiniteBuild"]
+
+
+@dataclass
+class Context:
+    """What a layer may need besides its input map during one pass.
+
+    :ivar mode: ``"self"`` (variances of single images) or ``"pair"`` (covariances between images).
+    :ivar hyper: hyperparameter tensors per layer, keyed by ``id(layer)``; a layer reads its values
+        through :meth:`Layer.hyper` so that a caller (e.g. the GPyTorch kernel) can substitute them.
+    :ivar trace: self pass: list to append each nonlinearity's input standard deviations to.
+    :ivar trace_x, trace_z: pair pass: recorded standard deviations of the two sides, shaped to
+        broadcast against the pair maps (``[n1, 1, h, w]`` and ``[1, n2, h, w]`` for a block).
+    :ivar same: pair pass on a square block whose ``(a, a)`` pairs are an image with itself; those
+        entries are set exactly to the self values after every nonlinearity.
+    :ivar fast: forward-only code allowed (no autograd), with vectorisable approximations whose
+        error is far below the dtype's resolution.
+    :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
+    """
+
+    mode: str
+    hyper: Mapping[int, Mapping[str, Tensor]]
+    trace: list[Tensor] | None = None
+    trace_x: list[Tensor] | None = None
+    trace_z: list[Tensor] | None = None
+    same: bool = False
+    fast: bool = False
+    window_method: str = "matmul"
+    _slot: int = field(default=0, repr=False)
+
+    def next_slot(self) -> int:
+        slot = self._slot
+        self._slot += 1
+        return slot
+
+
+@dataclass
+class FiniteBuild:
+    """Channel bookkeeping while building a finite network (see :meth:`Layer.build_nn`)."""
+
+    channels: int
+    generator: torch.Generator | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+
+
+class Layer(nn.Module):
+    """Base class of all kernel layers.
+
+    A layer is an ``nn.Module`` so that it moves with ``.to()`` and nests in containers, but its
+    ``forward`` computes the kernel of the network it describes:
+    ``model(X)``, ``model(X, Z)``, ``model(X, X, same=True)`` and ``model(X, diag=True)`` (see
+    :func:`gpytorch_cnngp.gram`). Subclasses implement :meth:`out_size`, :meth:`propagate` and
+    :meth:`build_nn`.
+    """
+
+    #: names of the hyperparameters this layer owns (tensors, exposed as properties)
+    hyperparameter_names: tuple[str, ...] = ()
+
+    # --- kernel math -----------------------------------------------------------------------
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Spatial size of this layer's output for an input of ``size = (H, W)``."""
+        raise NotImplementedError
+
+    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
+        """Map a covariance (pair mode) or variance (self mode) map ``[..., H, W]`` to the next."""
+        raise NotImplementedError
+
+    def children_layers(self) -> Iterator[Layer]:
+        return iter(())
+
+    def hyper(self, ctx: Context, name: str) -> Tensor:
+        return ctx.hyper[id(self)][name]
+
+    def kernel_layers(self) -> Iterator[Layer]:
+        """This layer and every layer below it, depth first (shared instances appear once each time)."""
+        yield self
+        for child in self.children_layers():
+            yield from child.kernel_layers()
+
+    # --- finite network --------------------------------------------------------------------
+    def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
+        """The finite layer and its number of output channels.
+
+        ``in_channels``/``out_channels`` are the base counts this position gets (before channel
+        multipliers); ``incoming`` is the number of channels actually arriving.
+        """
+        raise NotImplementedError
+
+    def nn(
+        self,
+        channels: int,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> nn.Module:
+        """A randomly initialised finite network with this architecture.
+
+        Weights are drawn from ``N(0, var_weight / (C_in k^2))`` and biases from ``N(0, var_bias)``
+        (no bias when ``var_bias == 0``), so that as ``channels`` grows the outputs over random draws
+        become Gaussian with covariance ``self(X, Z)`` (except for sums after a nonlinearity, see
+        :class:`~gpytorch_cnngp.Sum`). The first layer takes ``in_channels``, the last gives
+        ``out_channels`` and the others ``channels``, each scaled by the layer's channel multipliers.
+        The module maps ``[N, in_channels, H, W]`` to ``[N, out_channels]``.
+        """
+        for name, value in (
+            ("channels", channels),
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        build = FiniteBuild(channels=channels, generator=generator, dtype=dtype, device=device)
+        module, _ = self.build_nn(in_channels, out_channels, in_channels, build)
+        return nn.Sequential(module, nn.Flatten(start_dim=1))
+
+    # --- kernel entry point ----------------------------------------------------------------
+    def forward(self, x: Tensor, z: Tensor | None = None, same: bool = False, diag: bool = False) -> Tensor:
+        """The kernel: ``[N1, N2]`` for ``(X, Z)``, ``[N1, N1]`` for ``X`` alone, ``[N]`` with ``diag``.
+
+        ``model(X)`` and ``model(X, X, same=True)`` treat both sides as the same images: the result
+        is exactly symmetric and its diagonal is exactly the self variance. ``model(X, Z)`` with
+        ``diag=True`` gives ``k(x_i, z_i)`` for sets of equal length.
+        """
+        from ..engine import gram, gram_diag
+
+        if diag:
+            return gram_diag(self, x, z)
+        if z is None or same:
+            if same and z is not None and z is not x and not torch.equal(z, x):
+                raise ValueError("same=True requires Z to be X (or None)")
+            return gram(self, x)
+        return gram(self, x, z)

@@ -1,0 +1,175 @@
+"""Convolution: a uniform-window average of the covariance map, scaled and shifted."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import Window, window_sum
+from .base import Context, FiniteBuild, Layer
+
+__all__ = ["Conv2d", "check_variance"]
+
+
+def check_variance(name: str, value) -> Tensor:
+    """Validate a variance hyperparameter: a finite non-negative scalar (float or 0-d tensor)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise ValueError(f"{name} must be a real number or a scalar tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            value = value.to(torch.get_default_dtype())
+        tensor = value.reshape(())
+    else:
+        tensor = torch.tensor(float(value), dtype=torch.float64)
+    scalar = float(tensor.detach())
+    if not math.isfinite(scalar):
+        raise ValueError(f"{name} must be finite, got {scalar}")
+    if scalar < 0:
+        raise ValueError(f"{name} must be non-negative, got {scalar}")
+    return tensor
+
+
+class Conv2d(Layer):
+    r"""Convolution with i.i.d. Gaussian weights, as a map on covariances.
+
+    Each output position averages the covariance over its window (uniform weights, zero padding
+    counted in the ``k^2`` denominator):
+
+    .. math::
+        K'[p] = \sigma_b^2 + \frac{\sigma_w^2}{k^2} \sum_{q \in \mathrm{window}(p)} K[q].
+
+    The finite layer draws weights from ``N(0, var_weight / (C_in k^2))`` and biases from
+    ``N(0, var_bias)``; the paper's hidden layers therefore use ``var_weight = sigma_w^2 * k^2``.
+
+    :param kernel_size: window width ``k`` (square windows).
+    :param stride: as in :func:`torch.nn.functional.conv2d`.
+    :param padding: ``"same"`` (``dilation * (k // 2)`` on each side; for even ``k`` one fewer
+        before than after, as TensorFlow's SAME) or a non-negative integer applied on every side.
+    :param dilation: spacing of the window's taps.
+    :param var_weight: weight variance :math:`\sigma_w^2` (times ``C_in k^2`` per weight, see above).
+    :param var_bias: bias variance :math:`\sigma_b^2`.
+    :param in_channel_multiplier, out_channel_multiplier: scale the finite layer's channel counts;
+        they do not change the kernel.
+
+    Example:
+        >>> from gpytorch_cnngp import Conv2d, ReLU, Sequential
+        >>> model = Sequential(Conv2d(3), ReLU(), Conv2d(kernel_size=8, padding=0))
+        >>> model(torch.rand(4, 1, 8, 8)).shape
+        torch.Size([4, 4])
+    """
+
+    hyperparameter_names = ("var_weight", "var_bias")
+
+    def __init__(
+        self,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | str = "same",
+        dilation: int = 1,
+        var_weight: float | Tensor = 1.0,
+        var_bias: float | Tensor = 0.0,
+        in_channel_multiplier: int = 1,
+        out_channel_multiplier: int = 1,
+    ):
+        super().__init__()
+        for name, value in (
+            ("kernel_size", kernel_size),
+            ("stride", stride),
+            ("dilation", dilation),
+            ("in_channel_multiplier", in_channel_multiplier),
+            ("out_channel_multiplier", out_channel_multiplier),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Conv2d {name} must be an integer >= 1, got {value!r}")
+        if isinstance(padding, str):
+            if padding != "same":
+                raise ValueError(f"Conv2d padding must be 'same' or a non-negative integer, got {padding!r}")
+            before = dilation * ((kernel_size - 1) // 2)
+            after = dilation * (kernel_size // 2)
+        elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"Conv2d padding must be 'same' or a non-negative integer, got {padding!r}")
+        else:
+            before = after = padding
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.in_channel_multiplier = in_channel_multiplier
+        self.out_channel_multiplier = out_channel_multiplier
+        self.window = Window(kernel_size, stride, dilation, before, after)
+        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
+        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
+
+    @property
+    def var_weight(self) -> Tensor:
+        return self._var_weight
+
+    @var_weight.setter
+    def var_weight(self, value: float | Tensor) -> None:
+        self._var_weight = check_variance("var_weight", value)
+
+    @property
+    def var_bias(self) -> Tensor:
+        return self._var_bias
+
+    @var_bias.setter
+    def var_bias(self, value: float | Tensor) -> None:
+        self._var_bias = check_variance("var_bias", value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
+            f"dilation={self.dilation}, var_weight={float(self.var_weight):.6g}, var_bias={float(self.var_bias):.6g}"
+        )
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = (self.window.out_size(n) for n in size)
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"Conv2d(kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
+                f"dilation={self.dilation}) does not fit a {size[0]}x{size[1]} input"
+            )
+        return h, w
+
+    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
+        summed = window_sum(m, self.window, self.window, ctx.window_method)
+        scale = self.hyper(ctx, "var_weight") / (self.kernel_size * self.kernel_size)
+        return summed * scale + self.hyper(ctx, "var_bias")
+
+    def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
+        c_in = in_channels * self.in_channel_multiplier
+        c_out = out_channels * self.out_channel_multiplier
+        if c_in != incoming:
+            raise ValueError(
+                f"{self!r} expects {c_in} input channels ({in_channels} x in_channel_multiplier "
+                f"{self.in_channel_multiplier}) but the previous layer gives {incoming}"
+            )
+        var_w = float(self.var_weight.detach())
+        var_b = float(self.var_bias.detach())
+        win = self.window
+        conv = nn.Conv2d(
+            c_in,
+            c_out,
+            self.kernel_size,
+            stride=self.stride,
+            padding=win.pad_before if win.pad_before == win.pad_after else 0,
+            dilation=self.dilation,
+            bias=var_b > 0,
+            dtype=build.dtype,
+            device=build.device,
+        )
+        with torch.no_grad():
+            std = math.sqrt(var_w / (c_in * self.kernel_size**2))
+            conv.weight.normal_(0.0, 1.0, generator=build.generator).mul_(std)
+            if conv.bias is not None:
+                conv.bias.normal_(0.0, 1.0, generator=build.generator).mul_(math.sqrt(var_b))
+        if win.pad_before != win.pad_after:
+            # Asymmetric ("same" with even k): pad explicitly so the semantics survive training.
+            pad = (win.pad_before, win.pad_after, win.pad_before, win.pad_after)
+            return nn.Sequential(nn.ZeroPad2d(pad), conv), c_out
+        return conv, c_out

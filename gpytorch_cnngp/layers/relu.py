@@ -1,0 +1,69 @@
+"""Pointwise nonlinearities: the Gaussian expectation of the product of two activations."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import relu_expectation, relu_expectation_nograd, safe_sqrt
+from .base import Context, FiniteBuild, Layer
+
+__all__ = ["Nonlinearity", "ReLU"]
+
+# float32 and lower: the polynomial arccos error (< 5e-10) is far below their resolution.
+_POLY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Nonlinearity(Layer):
+    """A pointwise nonlinearity ``phi``; maps covariances of pre-activations to those of activations.
+
+    Subclasses implement :meth:`self_map` (``v -> E[phi(u)^2]`` for ``u ~ N(0, v)``) and
+    :meth:`pair_map` (``E[phi(u) phi(u')]`` from the covariance ``c`` and the standard deviations of
+    both sides). This class handles the self trace and the exact diagonal of same-image pairs.
+    """
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size
+
+    def self_map(self, v: Tensor, s: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, fast: bool) -> Tensor:
+        raise NotImplementedError
+
+    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
+        slot = ctx.next_slot()
+        if ctx.mode == "self":
+            s = safe_sqrt(m)
+            ctx.trace.append(s)
+            return self.self_map(m, s)
+        s1, s2 = ctx.trace_x[slot], ctx.trace_z[slot]
+        out = self.pair_map(m, s1, s2, ctx.fast)
+        if ctx.same:
+            # An image with itself: use the self value instead of J(rho ~ 1), which rounding spoils.
+            s = s1.reshape(s1.shape[0], *s1.shape[2:])
+            out.diagonal(0, 0, 1).copy_(self.self_map(s * s, s).movedim(0, -1))
+        return out
+
+
+class ReLU(Nonlinearity):
+    r"""Rectified linear unit. With ``theta = arccos(c / sqrt(v_1 v_2))``:
+
+    .. math::
+        c' = \frac{\sqrt{v_1 v_2 - c^2} + (\pi - \theta)\, c}{2\pi}, \qquad v' = v / 2,
+
+    which is exactly :math:`E[\mathrm{relu}(u)\,\mathrm{relu}(u')]` for centred Gaussians (no
+    factor 2). Computed through standard deviations so that nothing overflows, with gradients that
+    stay finite for identical images and zero variances.
+    """
+
+    def self_map(self, v: Tensor, s: Tensor) -> Tensor:
+        return v * 0.5
+
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, fast: bool) -> Tensor:
+        if fast:
+            return relu_expectation_nograd(c, s1, s2, poly_acos=c.dtype in _POLY_DTYPES)
+        return relu_expectation(c, s1, s2)
+
+    def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
+        return nn.ReLU(), incoming

@@ -1,0 +1,226 @@
+"""Tensor math behind the layers: uniform window sums and the ReLU Gaussian expectation.
+
+Everything here acts on covariance maps of shape ``[..., H, W]`` with any leading dimensions, so the
+same functions serve self terms ``[N, H, W]``, paired terms ``[N, H, W]`` and pair blocks
+``[N1, N2, H, W]``. Nothing here knows about tiles or GPyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Window", "window_sum", "relu_expectation", "safe_sqrt", "arc_cosine_j"]
+
+_INV_2PI = 0.5 / math.pi
+
+
+@dataclass(frozen=True)
+class Window:
+    """Geometry of a uniform convolution window along one spatial axis.
+
+    Output position ``o`` sums the inputs at ``o * stride - pad_before + i * dilation`` for
+    ``i = 0 .. size - 1``; positions that fall in the padding contribute zero.
+    """
+
+    size: int
+    stride: int = 1
+    dilation: int = 1
+    pad_before: int = 0
+    pad_after: int = 0
+
+    def out_size(self, n: int) -> int:
+        span = self.dilation * (self.size - 1) + 1
+        return (n + self.pad_before + self.pad_after - span) // self.stride + 1
+
+    def is_identity(self) -> bool:
+        return self.size == 1 and self.stride == 1 and self.pad_before == 0 and self.pad_after == 0
+
+
+@lru_cache(maxsize=256)
+def _window_matrix_cpu64(win: Window, n: int) -> Tensor:
+    out = win.out_size(n)
+    mat = torch.zeros(out, n, dtype=torch.float64)
+    for o in range(out):
+        for i in range(win.size):
+            q = o * win.stride - win.pad_before + i * win.dilation
+            if 0 <= q < n:
+                mat[o, q] = 1.0
+    return mat
+
+
+_matrix_cache: dict[tuple, Tensor] = {}
+
+
+def window_matrix(win: Window, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ``[out, n]`` 0/1 matrix whose rows select each output's window (zero padding drops out)."""
+    key = (win, n, dtype, str(device))
+    mat = _matrix_cache.get(key)
+    if mat is None:
+        mat = _window_matrix_cpu64(win, n).to(dtype=dtype, device=device)
+        if len(_matrix_cache) > 512:
+            _matrix_cache.clear()
+        _matrix_cache[key] = mat
+    return mat
+
+
+def _sum_along(m: Tensor, win: Window, dim: int) -> Tensor:
+    """Window sum along ``dim`` (-1 or -2) as padded strided slices: fusable by ``torch.compile``."""
+    n = m.shape[dim]
+    out = win.out_size(n)
+    if win.pad_before or win.pad_after:
+        pad = (win.pad_before, win.pad_after) if dim == -1 else (0, 0, win.pad_before, win.pad_after)
+        m = F.pad(m, pad)
+    total = None
+    last = (out - 1) * win.stride + 1
+    for i in range(win.size):
+        start = i * win.dilation
+        part = m.narrow(dim, start, last)
+        if win.stride != 1:
+            part = part[..., :: win.stride] if dim == -1 else part[..., :: win.stride, :]
+        total = part if total is None else total + part
+    return total
+
+
+def window_sum(m: Tensor, win_h: Window, win_w: Window, method: str = "matmul") -> Tensor:
+    """Sum of ``m`` over each output's window on the last two axes (no normalisation).
+
+    ``method="matmul"`` writes each axis' window as a 0/1 matrix and applies the two of them as
+    matrix products (fast in eager mode on any device: it runs at GEMM speed and handles stride,
+    dilation, even windows and padding alike). ``method="slices"`` adds shifted strided slices,
+    which ``torch.compile`` fuses into one loop. Both sum exactly the same terms.
+    """
+    if method == "matmul":
+        h, w = m.shape[-2], m.shape[-1]
+        if not win_w.is_identity():
+            m = torch.matmul(m, window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1))
+        if not win_h.is_identity():
+            m = torch.matmul(window_matrix(win_h, h, m.dtype, m.device), m)
+        return m
+    if method == "slices":
+        if not win_w.is_identity():
+            m = _sum_along(m, win_w, -1)
+        if not win_h.is_identity():
+            m = _sum_along(m, win_h, -2)
+        return m
+    raise ValueError(f"unknown window_sum method {method!r}; expected 'matmul' or 'slices'")
+
+
+# --- arc-cosine expectation --------------------------------------------------------------------
+#
+# For (u, v) ~ N(0, [[s1^2, c], [c, s2^2]]) and rho = c / (s1 s2),
+#   E[relu(u) relu(v)] = s1 s2 J(rho) / (2 pi),  J(rho) = sqrt(1 - rho^2) + (pi - arccos(rho)) rho.
+# J is smooth on [-1, 1] with J'(rho) = pi - arccos(rho), so the derivatives
+#   d/dc  = (pi - arccos rho) / (2 pi),   d/ds1 = s2 sqrt(1 - rho^2) / (2 pi)
+# are finite everywhere, including rho = 1 (identical images) where autograd through arccos and
+# sqrt(1 - rho^2) separately would give inf - inf. Working with s1 s2 instead of v1 v2 keeps every
+# intermediate within the range of the result, so nothing overflows when the kernel itself fits.
+
+# Minimax-style fit (ours) of arccos(x) / sqrt(1 - x) on [0, 1], degree 9: |error| < 5e-10 on
+# arccos, far below float32 resolution. Used only by the compiled float32 path, where a polynomial
+# vectorises and fuses better than a library arccos call.
+_ACOS_POLY = (
+    1.5707963263309328,
+    -0.21460173715329098,
+    0.08904509562461736,
+    -0.05074387571814083,
+    0.03333072203974536,
+    -0.02289022946444953,
+    0.014653384449181394,
+    -0.007522251442413657,
+    0.0025594778076316765,
+    -0.00041335056467416495,
+)
+
+
+def _acos_poly(x: Tensor) -> Tensor:
+    a = x.abs()
+    p = torch.full_like(a, _ACOS_POLY[-1])
+    for coef in reversed(_ACOS_POLY[:-1]):
+        p = p * a + coef
+    r = torch.sqrt((1.0 - a).clamp_min(0.0)) * p
+    return torch.where(x >= 0, r, math.pi - r)
+
+
+def _correlation(c: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    scale = s1 * s2
+    # |c| <= s1 s2 holds exactly (Cauchy-Schwarz); the clamp only removes rounding overshoot.
+    # Where a variance is zero the covariance is zero too and the output is zero for any rho.
+    positive = scale > 0
+    rho = torch.where(positive, c / torch.where(positive, scale, 1.0), 0.0).clamp(-1.0, 1.0)
+    return rho, scale
+
+
+def arc_cosine_j(rho: Tensor, poly_acos: bool = False) -> Tensor:
+    """``J(rho) = sqrt(1 - rho^2) + (pi - arccos(rho)) rho`` for ``rho`` in [-1, 1]."""
+    acos = _acos_poly(rho) if poly_acos else torch.acos(rho)
+    return torch.sqrt((1.0 - rho * rho).clamp_min(0.0)) + (math.pi - acos) * rho
+
+
+def relu_expectation_nograd(c: Tensor, s1: Tensor, s2: Tensor, poly_acos: bool = False) -> Tensor:
+    """Forward value of :func:`relu_expectation` as plain tensor code (for no-grad and compiled paths)."""
+    rho, scale = _correlation(c, s1, s2)
+    return scale * arc_cosine_j(rho, poly_acos) * _INV_2PI
+
+
+class _ReLUExpectation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+        ctx.save_for_backward(c, s1, s2)
+        return relu_expectation_nograd(c, s1, s2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        c, s1, s2 = ctx.saved_tensors
+        rho, _ = _correlation(c, s1, s2)
+        g_c = g_s1 = g_s2 = None
+        if ctx.needs_input_grad[0]:
+            g_c = (grad * (math.pi - torch.acos(rho)) * _INV_2PI).sum_to_size(c.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            sine = grad * torch.sqrt((1.0 - rho * rho).clamp_min(0.0)) * _INV_2PI
+            if ctx.needs_input_grad[1]:
+                g_s1 = (sine * s2).sum_to_size(s1.shape)
+            if ctx.needs_input_grad[2]:
+                g_s2 = (sine * s1).sum_to_size(s2.shape)
+        return g_c, g_s1, g_s2
+
+
+def relu_expectation(c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+    """``E[relu(u) relu(v)]`` for centred Gaussians with covariance ``c`` and standard deviations ``s1, s2``.
+
+    Inputs broadcast against each other. Gradients are finite everywhere, including perfectly
+    correlated pairs (``c = s1 s2``) and zero variances.
+    """
+    if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
+        return _ReLUExpectation.apply(c, s1, s2)
+    return relu_expectation_nograd(c, s1, s2)
+
+
+class _SafeSqrt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:
+        s = torch.sqrt(v)
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (s,) = ctx.saved_tensors
+        positive = s > 0
+        # d sqrt(v)/dv is infinite at v = 0; there the variance only ever multiplies zero
+        # sensitivities, so we use the zero subgradient and keep every gradient finite.
+        return torch.where(positive, grad / (2.0 * torch.where(positive, s, 1.0)), 0.0)
+
+
+def safe_sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` whose derivative at ``v = 0`` is taken as 0 instead of infinity."""
+    if torch.is_grad_enabled() and v.requires_grad:
+        return _SafeSqrt.apply(v)
+    return torch.sqrt(v)
