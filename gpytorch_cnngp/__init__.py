@@ -10,11 +10,15 @@ Write an architecture as layers and get its kernel::
 
 from . import architectures
 from .engine import gram, gram_diag
+from .kernel import CNNGPKernel
 from .layers import Conv2d, Layer, ReLU, Sequential, Sum, resnet_block
+from .models import SharedCovarianceExactGP
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNNGPKernel",
+    "SharedCovarianceExactGP",
     "Conv2d",
     "Layer",
     "ReLU",

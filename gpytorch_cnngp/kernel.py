@@ -1,0 +1,292 @@
+"""CNNGPKernel: any architecture of this package as a GPyTorch kernel with learnable variances."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from gpytorch.constraints import Interval, Positive
+from gpytorch.kernels import Kernel
+from gpytorch.priors import Prior
+from linear_operator import to_linear_operator
+from linear_operator.operators import LinearOperator
+from torch import Tensor
+
+from .engine import check_architecture, gram, gram_diag, hyperparameters
+from .layers.base import Layer
+
+__all__ = ["CNNGPKernel"]
+
+
+class CNNGPKernel(Kernel):
+    r"""The exact kernel of an infinitely wide CNN, as a GPyTorch kernel.
+
+    For an architecture of :class:`~gpytorch_cnngp.Conv2d`, :class:`~gpytorch_cnngp.ReLU`,
+    :class:`~gpytorch_cnngp.Sum`, ... layers, :math:`k(x, x')` is the covariance of the network's
+    output over random weights in the infinite-width limit (Garriga-Alonso et al., 2019). Each
+    convolution's weight and bias variances become GPyTorch hyperparameters:
+
+    * ``tied=True`` (default): one ``var_weight`` and one ``var_bias`` shared by all layers; every
+      layer keeps the ratio its value has to the readout's (the last convolution's) in
+      ``architecture``. With the paper's configs (hidden ``sigma_w^2 k^2``, readout ``sigma_w^2``)
+      the learned ``var_weight`` is exactly the paper's :math:`\sigma_w^2`.
+    * ``tied=False``: one value per convolution, in :func:`~gpytorch_cnngp.engine.hyperparameters`
+      order (see :meth:`layer_variances`).
+
+    A bias variance that is exactly zero in ``architecture`` stays zero unless ``free_zero_biases``.
+
+    Inputs follow GPyTorch's convention ``(..., n, d)`` with ``d = C * H * W`` (images flattened in
+    C, H, W order); they are reshaped to ``input_shape`` inside. ``active_dims`` and
+    ``last_dim_is_batch`` are not supported: they select flat pixels, which breaks the image.
+
+    Gradients of any loss with respect to the variances are exact; the backward pass recomputes
+    one tile of pairs at a time, so memory stays bounded by the tile size. Without gradients, the
+    last result is reused while the inputs and hyperparameters are unchanged
+    (:attr:`num_evaluations` counts the real computations).
+
+    :param architecture: a :class:`~gpytorch_cnngp.Layer` whose output is 1x1 for ``input_shape``.
+    :param input_shape: ``(C, H, W)`` of one image.
+    :param tied: share one weight and one bias variance across layers (see above).
+    :param free_zero_biases: also learn biases that are zero in the architecture (they start at
+        ``zero_bias_init``).
+    :param var_weight_prior, var_bias_prior: optional priors on the (tied or per-layer) variances.
+    :param var_weight_constraint, var_bias_constraint: default :class:`~gpytorch.constraints.Positive`.
+    :param tile_size, memory_budget, compile: passed to :func:`~gpytorch_cnngp.gram`.
+
+    Example:
+        >>> import gpytorch
+        >>> from gpytorch_cnngp import CNNGPKernel, architectures
+        >>> kernel = CNNGPKernel(architectures.convnet_gp(image_size=8), input_shape=(1, 8, 8))
+        >>> x = torch.rand(6, 64, dtype=torch.float64)
+        >>> kernel = kernel.double()
+        >>> kernel(x).to_dense().shape
+        torch.Size([6, 6])
+        >>> float(kernel.var_weight), float(kernel.var_bias)  # the paper's sigma_w^2, sigma_b^2
+        (2.79..., 7.86...)
+    """
+
+    has_lengthscale = False
+
+    def __init__(
+        self,
+        architecture: Layer,
+        input_shape: Sequence[int],
+        *,
+        tied: bool = True,
+        free_zero_biases: bool = False,
+        zero_bias_init: float = 1e-3,
+        var_weight_prior: Prior | None = None,
+        var_bias_prior: Prior | None = None,
+        var_weight_constraint: Interval | None = None,
+        var_bias_constraint: Interval | None = None,
+        tile_size: int | None = None,
+        memory_budget: int | None = None,
+        compile: bool | None = None,
+        **kwargs,
+    ):
+        if kwargs.get("active_dims") is not None:
+            raise ValueError("CNNGPKernel does not support active_dims: it would select flat pixels of the images")
+        super().__init__(**kwargs)
+        if not isinstance(architecture, Layer):
+            raise ValueError(f"architecture must be a gpytorch_cnngp layer, got {type(architecture).__name__}")
+        input_shape = tuple(int(s) for s in input_shape)
+        if len(input_shape) != 3 or min(input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+        check_architecture(architecture, input_shape[1:])
+        # A private copy: the kernel owns its hyperparameters, the user's object is left alone.
+        self.architecture = copy.deepcopy(architecture)
+        self.input_shape = input_shape
+        self.tied = bool(tied)
+        self.tile_size, self.memory_budget, self.compile = tile_size, memory_budget, compile
+        self.num_evaluations = 0
+        self._cache: tuple | None = None
+
+        convs = self._weight_layers()
+        if not convs:
+            raise ValueError("the architecture has no layer with a weight variance to learn")
+        init_w = [float(layer.var_weight) for layer in convs]
+        init_b = [float(layer.var_bias) for layer in convs]
+        learn_b = [b > 0 or free_zero_biases for b in init_b]
+        init_b = [b if b > 0 else (zero_bias_init if free else 0.0) for b, free in zip(init_b, learn_b, strict=True)]
+        self._learn_bias = tuple(learn_b)
+        if self.tied:
+            ref_w = init_w[-1] if init_w[-1] > 0 else next((w for w in reversed(init_w) if w > 0), 0.0)
+            if ref_w <= 0:
+                raise ValueError("tied=True needs at least one non-zero var_weight in the architecture")
+            learned_b = [b for b, free in zip(init_b, learn_b, strict=True) if free]
+            ref_b = init_b[-1] if learn_b[-1] else (learned_b[-1] if learned_b else 0.0)
+            self._weight_ratio = tuple(w / ref_w for w in init_w)
+            self._bias_ratio = tuple(b / ref_b if free else 0.0 for b, free in zip(init_b, learn_b, strict=True))
+            w0, b0 = [ref_w], ([ref_b] if learned_b else [])
+        else:
+            self._weight_ratio = self._bias_ratio = None
+            w0, b0 = init_w, [b for b, free in zip(init_b, learn_b, strict=True) if free]
+        self._n_bias = len(b0)
+
+        self.register_parameter("raw_var_weight", torch.nn.Parameter(torch.zeros(*self.batch_shape, len(w0))))
+        self.register_constraint("raw_var_weight", var_weight_constraint or Positive())
+        if var_weight_prior is not None:
+            if not isinstance(var_weight_prior, Prior):
+                raise TypeError(f"var_weight_prior must be a gpytorch Prior, got {type(var_weight_prior).__name__}")
+            self.register_prior("var_weight_prior", var_weight_prior, self._var_weight_param, self._var_weight_closure)
+        self.var_weight = torch.tensor(w0)
+        if self._n_bias:
+            self.register_parameter("raw_var_bias", torch.nn.Parameter(torch.zeros(*self.batch_shape, len(b0))))
+            self.register_constraint("raw_var_bias", var_bias_constraint or Positive())
+            if var_bias_prior is not None:
+                if not isinstance(var_bias_prior, Prior):
+                    raise TypeError(f"var_bias_prior must be a gpytorch Prior, got {type(var_bias_prior).__name__}")
+                self.register_prior("var_bias_prior", var_bias_prior, self._var_bias_param, self._var_bias_closure)
+            self.var_bias = torch.tensor(b0)
+        elif var_bias_prior is not None:
+            raise ValueError("var_bias_prior given, but no bias variance is learned (see free_zero_biases)")
+
+    # --- hyperparameters ---------------------------------------------------------------------
+    def _weight_layers(self) -> list[Layer]:
+        return [layer for layer, name in hyperparameters(self.architecture) if name == "var_weight"]
+
+    @property
+    def var_weight(self) -> Tensor:
+        """Weight variance(s): shape ``(*batch_shape, 1)`` when tied, else ``(*batch_shape, n_layers)``."""
+        return self.raw_var_weight_constraint.transform(self.raw_var_weight)
+
+    @var_weight.setter
+    def var_weight(self, value: float | Tensor) -> None:
+        self._set_var_weight(value)
+
+    def _set_var_weight(self, value: float | Tensor) -> None:
+        value = torch.as_tensor(value).to(self.raw_var_weight)
+        self.initialize(raw_var_weight=self.raw_var_weight_constraint.inverse_transform(value))
+
+    def _var_weight_param(self, module: CNNGPKernel) -> Tensor:
+        return module.var_weight
+
+    def _var_weight_closure(self, module: CNNGPKernel, value: Tensor) -> None:
+        module._set_var_weight(value)
+
+    @property
+    def var_bias(self) -> Tensor:
+        """Bias variance(s) that are learned (empty when every bias is fixed at zero)."""
+        if not self._n_bias:
+            return torch.zeros(*self.batch_shape, 0, dtype=self.raw_var_weight.dtype, device=self.raw_var_weight.device)
+        return self.raw_var_bias_constraint.transform(self.raw_var_bias)
+
+    @var_bias.setter
+    def var_bias(self, value: float | Tensor) -> None:
+        self._set_var_bias(value)
+
+    def _set_var_bias(self, value: float | Tensor) -> None:
+        if not self._n_bias:
+            raise ValueError("this kernel learns no bias variance (all are zero; see free_zero_biases)")
+        value = torch.as_tensor(value).to(self.raw_var_bias)
+        self.initialize(raw_var_bias=self.raw_var_bias_constraint.inverse_transform(value))
+
+    def _var_bias_param(self, module: CNNGPKernel) -> Tensor:
+        return module.var_bias
+
+    def _var_bias_closure(self, module: CNNGPKernel, value: Tensor) -> None:
+        module._set_var_bias(value)
+
+    def _layer_values(self) -> tuple[Tensor, Tensor]:
+        """Effective per-layer variances, each ``(*batch_shape, n_layers)``."""
+        w = self.var_weight
+        if self.tied:
+            ratio = torch.tensor(self._weight_ratio, dtype=w.dtype, device=w.device)
+            weights = w * ratio
+        else:
+            weights = w
+        n = weights.shape[-1]
+        if not self._n_bias:
+            return weights, torch.zeros_like(weights)
+        b = self.var_bias
+        if self.tied:
+            biases = b * torch.tensor(self._bias_ratio, dtype=b.dtype, device=b.device)
+        else:
+            index = torch.tensor([i for i in range(n) if self._learn_bias[i]], device=b.device)
+            biases = torch.zeros(*b.shape[:-1], n, dtype=b.dtype, device=b.device).index_copy(-1, index, b)
+        return weights, biases
+
+    def layer_variances(self) -> list[dict]:
+        """The effective variances of every convolution (first batch element), for reading."""
+        with torch.no_grad():
+            weights, biases = self._layer_values()
+        weights = weights.reshape(-1, weights.shape[-1])[0]
+        biases = biases.reshape(-1, biases.shape[-1])[0]
+        return [
+            {"layer": repr(layer), "var_weight": float(w), "var_bias": float(b)}
+            for layer, w, b in zip(self._weight_layers(), weights, biases, strict=True)
+        ]
+
+    # --- kernel evaluation -------------------------------------------------------------------
+    def _images(self, x: Tensor, name: str) -> Tensor:
+        c, h, w = self.input_shape
+        if x.shape[-1] != c * h * w:
+            raise ValueError(
+                f"{name} has {x.shape[-1]} features per point, but input_shape {self.input_shape} needs "
+                f"C*H*W = {c * h * w} (flatten each image in C, H, W order)"
+            )
+        return x.reshape(*x.shape[:-1], c, h, w)
+
+    def _cache_key(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> tuple:
+        def ident(t: Tensor) -> tuple:
+            return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype, str(t.device))
+
+        return (ident(x1), ident(x2), diag, values.detach().clone())
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise ValueError("CNNGPKernel does not support last_dim_is_batch=True (it would split the image pixels)")
+        weights, biases = self._layer_values()
+        values = torch.stack([weights, biases], dim=-1)  # (*batch_shape, n_layers, 2)
+        needs_grad = torch.is_grad_enabled() and values.requires_grad
+        if not needs_grad and self._cache is not None:
+            key, result = self._cache
+            current = self._cache_key(x1, x2, diag, values)
+            if key[:3] == current[:3] and torch.equal(key[3], current[3]):
+                return result if diag else to_linear_operator(result)
+        result = self._evaluate(x1, x2, diag, values)
+        self.num_evaluations += 1
+        self._cache = (self._cache_key(x1, x2, diag, values), result.detach())
+        return result if diag else to_linear_operator(result)
+
+    def _evaluate(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> Tensor:
+        same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+        im1, im2 = self._images(x1, "x1"), self._images(x2, "x2")
+        batch = torch.broadcast_shapes(im1.shape[:-4], im2.shape[:-4], values.shape[:-2])
+        im1 = im1.expand(*batch, *im1.shape[-4:]).reshape(-1, *im1.shape[-4:])
+        im2 = im2.expand(*batch, *im2.shape[-4:]).reshape(-1, *im2.shape[-4:])
+        vals = values.expand(*batch, *values.shape[-2:]).reshape(-1, *values.shape[-2:])
+        layers = self._weight_layers()
+        outs = []
+        for b in range(im1.shape[0]):
+            hyper = {layer: {"var_weight": vals[b, i, 0], "var_bias": vals[b, i, 1]} for i, layer in enumerate(layers)}
+            if diag:
+                outs.append(gram_diag(self.architecture, im1[b], None if same else im2[b], hyper=hyper))
+            else:
+                outs.append(
+                    gram(
+                        self.architecture,
+                        im1[b],
+                        None if same else im2[b],
+                        hyper=hyper,
+                        tile_size=self.tile_size,
+                        memory_budget=self.memory_budget,
+                        compile=self.compile,
+                    )
+                )
+        out = torch.stack(outs) if outs else values.new_zeros(0)
+        return out.reshape(*batch, *out.shape[1:])
+
+    def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
+        return 1
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def evaluate_dense(self, x1: Tensor, x2: Tensor | None = None) -> Tensor:
+        """Convenience: the dense kernel matrix as a tensor."""
+        out = self(x1, x2)
+        return out.to_dense() if isinstance(out, LinearOperator) else out
