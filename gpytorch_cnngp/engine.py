@@ -334,6 +334,9 @@ def _fill(model, x, z, hyper, plan: GramPlan, compiled: bool, progress: bool, se
                 compiled,
                 method,
             )
+            if on_diag:
+                # the formulas are already mirror-symmetric; this guards against any rounding asymmetry
+                block = block * 0.5 + block.transpose(0, 1) * 0.5
             out[i0:i1, j0:j1] = block
             if symmetric and not on_diag:
                 out[j0:j1, i0:i1] = block.transpose(0, 1)

@@ -163,9 +163,32 @@ def arc_cosine_j(rho: Tensor, poly_acos: bool = False) -> Tensor:
 
 
 def relu_expectation_nograd(c: Tensor, s1: Tensor, s2: Tensor, poly_acos: bool = False) -> Tensor:
-    """Forward value of :func:`relu_expectation` as plain tensor code (for no-grad and compiled paths)."""
+    """Forward value of :func:`relu_expectation` as plain tensor code."""
     rho, scale = _correlation(c, s1, s2)
     return scale * arc_cosine_j(rho, poly_acos) * _INV_2PI
+
+
+def inverse_std(s: Tensor) -> Tensor:
+    """``1 / s`` where ``s > 0``, else 0 (a zero variance then gives correlation 0 and output 0)."""
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+
+
+def relu_expectation_fast(
+    c: Tensor, s1: Tensor, s2: Tensor, inv1: Tensor, inv2: Tensor, poly_acos: bool = False
+) -> Tensor:
+    """Forward-only :func:`relu_expectation` with the per-image ``1 / s`` precomputed.
+
+    Written for few passes over memory in eager mode (in-place steps on fresh buffers; ``c`` is
+    not modified) and for fusion under ``torch.compile``. Every product pairs the two sides
+    symmetrically (``s1 * s2``, ``inv1 * inv2``), so an image pair and its mirror get bitwise
+    equal values.
+    """
+    rho = inv1 * inv2
+    rho = rho.mul_(c).clamp_(-1.0, 1.0)
+    angle = _acos_poly(rho) if poly_acos else torch.acos(rho)
+    minus_slope = angle.sub_(math.pi).mul_(rho)  # -(pi - arccos rho) rho
+    j = rho.mul_(rho).neg_().add_(1.0).clamp_min_(0.0).sqrt_().sub_(minus_slope)
+    return j.mul_(s1 * s2).mul_(_INV_2PI)
 
 
 class _ReLUExpectation(torch.autograd.Function):

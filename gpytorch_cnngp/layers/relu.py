@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import relu_expectation, relu_expectation_nograd, safe_sqrt
+from ..ops import inverse_std, relu_expectation, relu_expectation_fast, safe_sqrt
 from .base import Context, FiniteBuild, Layer
 
 __all__ = ["Nonlinearity", "ReLU"]
@@ -61,9 +61,10 @@ class ReLU(Nonlinearity):
         return v * 0.5
 
     def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, fast: bool) -> Tensor:
-        if fast:
-            return relu_expectation_nograd(c, s1, s2, poly_acos=c.dtype in _POLY_DTYPES)
-        return relu_expectation(c, s1, s2)
+        if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
+            return relu_expectation(c, s1, s2)
+        poly = fast and c.dtype in _POLY_DTYPES
+        return relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=poly)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.ReLU(), incoming

@@ -1,0 +1,191 @@
+"""Kernel throughput and peak memory: our engine (eager and compiled) next to the straightforward path.
+
+Run ``python benchmarks/bench_kernels.py`` (``--help`` for options). Each measurement runs in a fresh
+subprocess so that its peak resident memory (VmHWM) is its own. Throughput is the median over
+``--repeats`` timed calls of a cross kernel ``K(X, Z)`` (``n x n`` entries; the symmetric ``K(X, X)``
+path computes about half of them and would look twice as fast). The compiled path's one-off
+compilation time is reported separately. Results are appended to ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+ARCHS = ("convnet_gp", "residual_cnn_gp", "resnet32_gp")
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _vm_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _images(n: int, dtype, seed: int):
+    import torch
+
+    try:
+        from gpytorch_cnngp import datasets
+
+        images, _ = datasets.load_mnist(download=False, progress=False)
+        x = torch.from_numpy(images[seed * n : (seed + 1) * n].copy()).to(dtype) / 255.0
+        return x.unsqueeze(1), "MNIST"
+    except Exception:  # noqa: BLE001 - any failure: synthetic images of the same size
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 1, 28, 28, generator=gen, dtype=dtype), "uniform random"
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement (runs in its own process)."""
+    import torch
+
+    from gpytorch_cnngp import architectures, gram
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    model = architectures.ARCHITECTURES[args.arch]()
+    x, source = _images(args.n, dtype, 0)
+    z, _ = _images(args.n, dtype, 1)
+    if args.method == "naive":
+        from naive import naive_kernel
+
+        def run():
+            return naive_kernel(model, x, z)
+    else:
+        compiled = args.method == "compiled"
+
+        def run():
+            return gram(model, x, z, compile=compiled, tile_size=args.tile_size)
+
+    base_rss = _vm_rss_bytes()
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {
+        "arch": args.arch,
+        "dtype": args.dtype,
+        "method": args.method,
+        "n": args.n,
+        "entries": args.n * args.n,
+        "median_s": med,
+        "entries_per_s": args.n * args.n / med,
+        "first_call_s": first,
+        "peak_rss_mb": _vm_hwm_bytes() / 2**20,
+        "base_rss_mb": base_rss / 2**20,
+        "images": source,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {torch.get_num_threads()} torch threads"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    p.add_argument("--methods", nargs="+", default=["naive", "eager", "compiled"])
+    p.add_argument("--n", type=int, default=None, help="images per side (default: per method)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--arch", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    default_n = {"naive": 24, "eager": 64, "compiled": 96}
+    rows = []
+    for arch in args.archs:
+        for dtype in args.dtypes:
+            for method in args.methods:
+                n = args.n or default_n[method]
+                cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--dtype", dtype, "--method", method]
+                cmd += ["--n", str(n), "--repeats", str(args.repeats)]
+                if args.tile_size:
+                    cmd += ["--tile-size", str(args.tile_size)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr, file=sys.stderr)
+                    raise SystemExit(f"measurement failed: {arch} {dtype} {method}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(
+                    f"{arch:16s} {dtype:8s} {method:9s} n={n:4d} {row['entries_per_s']:12,.0f} entries/s "
+                    f"peak {row['peak_rss_mb']:7.0f} MB  first call {row['first_call_s']:6.1f} s",
+                    flush=True,
+                )
+    lines = [
+        f"### Kernel throughput ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {machine()}. Command: `python benchmarks/bench_kernels.py {' '.join(argv or sys.argv[1:])}`.",
+        f"Cross kernels K(X, Z) on {rows[0]['images']} 28x28 images, median of {args.repeats} calls; peak = process "
+        "VmHWM (includes the Python/torch baseline of the process); `first call` includes compilation.",
+        "",
+        "| architecture | dtype | method | n x n | entries/s | x naive | peak RSS (MB) | first call (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        naive = next(
+            (q for q in rows if q["arch"] == r["arch"] and q["dtype"] == r["dtype"] and q["method"] == "naive"), None
+        )
+        ratio = f"{r['entries_per_s'] / naive['entries_per_s']:.1f}" if naive else "-"
+        lines.append(
+            f"| {r['arch']} | {r['dtype']} | {r['method']} | {r['n']}x{r['n']} | {r['entries_per_s']:,.0f} | {ratio} "
+            f"| {r['peak_rss_mb']:.0f} | {r['first_call_s']:.1f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        with open(args.out, "a") as fh:
+            fh.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
