@@ -42,8 +42,8 @@ class CNNGPKernel(Kernel):
 
     Gradients of any loss with respect to the variances are exact; the backward pass recomputes
     one tile of pairs at a time, so memory stays bounded by the tile size. Without gradients, the
-    last result is reused while the inputs and hyperparameters are unchanged
-    (:attr:`num_evaluations` counts the real computations).
+    three most recent results are reused while their inputs and hyperparameters are unchanged
+    (:attr:`num_evaluations` counts the real computations; :meth:`clear_cache` frees them).
 
     :param architecture: a :class:`~gpytorch_cnngp.Layer` whose output is 1x1 for ``input_shape``.
     :param input_shape: ``(C, H, W)`` of one image.
@@ -100,7 +100,7 @@ class CNNGPKernel(Kernel):
         self.tied = bool(tied)
         self.tile_size, self.memory_budget, self.compile = tile_size, memory_budget, compile
         self.num_evaluations = 0
-        self._cache: tuple | None = None
+        self._cache: list[tuple] = []  # recent (x1, x2, diag, values, result), newest last
 
         convs = self._weight_layers()
         if not convs:
@@ -130,7 +130,7 @@ class CNNGPKernel(Kernel):
             if not isinstance(var_weight_prior, Prior):
                 raise TypeError(f"var_weight_prior must be a gpytorch Prior, got {type(var_weight_prior).__name__}")
             self.register_prior("var_weight_prior", var_weight_prior, self._var_weight_param, self._var_weight_closure)
-        self.var_weight = torch.tensor(w0)
+        self.var_weight = torch.tensor(w0, dtype=torch.float64)
         if self._n_bias:
             self.register_parameter("raw_var_bias", torch.nn.Parameter(torch.zeros(*self.batch_shape, len(b0))))
             self.register_constraint("raw_var_bias", var_bias_constraint or Positive())
@@ -138,7 +138,7 @@ class CNNGPKernel(Kernel):
                 if not isinstance(var_bias_prior, Prior):
                     raise TypeError(f"var_bias_prior must be a gpytorch Prior, got {type(var_bias_prior).__name__}")
                 self.register_prior("var_bias_prior", var_bias_prior, self._var_bias_param, self._var_bias_closure)
-            self.var_bias = torch.tensor(b0)
+            self.var_bias = torch.tensor(b0, dtype=torch.float64)
         elif var_bias_prior is not None:
             raise ValueError("var_bias_prior given, but no bias variance is learned (see free_zero_biases)")
 
@@ -156,7 +156,7 @@ class CNNGPKernel(Kernel):
         self._set_var_weight(value)
 
     def _set_var_weight(self, value: float | Tensor) -> None:
-        value = torch.as_tensor(value).to(self.raw_var_weight)
+        value = torch.as_tensor(value, dtype=self.raw_var_weight.dtype, device=self.raw_var_weight.device)
         self.initialize(raw_var_weight=self.raw_var_weight_constraint.inverse_transform(value))
 
     def _var_weight_param(self, module: CNNGPKernel) -> Tensor:
@@ -179,7 +179,7 @@ class CNNGPKernel(Kernel):
     def _set_var_bias(self, value: float | Tensor) -> None:
         if not self._n_bias:
             raise ValueError("this kernel learns no bias variance (all are zero; see free_zero_biases)")
-        value = torch.as_tensor(value).to(self.raw_var_bias)
+        value = torch.as_tensor(value, dtype=self.raw_var_bias.dtype, device=self.raw_var_bias.device)
         self.initialize(raw_var_bias=self.raw_var_bias_constraint.inverse_transform(value))
 
     def _var_bias_param(self, module: CNNGPKernel) -> Tensor:
@@ -228,26 +228,57 @@ class CNNGPKernel(Kernel):
             )
         return x.reshape(*x.shape[:-1], c, h, w)
 
-    def _cache_key(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> tuple:
-        def ident(t: Tensor) -> tuple:
-            return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype, str(t.device))
+    _CACHE_ENTRIES = 3
 
-        return (ident(x1), ident(x2), diag, values.detach().clone())
+    @staticmethod
+    def _squeeze_batch(x: Tensor) -> Tensor:
+        # (1, n, d) and (n, d) hold the same points (GPyTorch adds singleton batch dimensions)
+        while x.dim() > 2 and x.shape[0] == 1:
+            x = x[0]
+        return x
+
+    def _lookup(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> Tensor | None:
+        x1, x2 = self._squeeze_batch(x1), self._squeeze_batch(x2)
+        for c1, c2, c_diag, c_values, result in reversed(self._cache):
+            if (
+                c_diag == diag
+                and c1.shape == x1.shape
+                and c2.shape == x2.shape
+                and c_values.shape == values.shape
+                and c1.dtype == x1.dtype
+                and torch.equal(c_values, values.detach())
+                and torch.equal(c1, x1.detach())
+                and (c2 is c1 and x2 is x1 or torch.equal(c2, x2.detach()))
+            ):
+                return result
+        return None
+
+    def _remember(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor, result: Tensor) -> None:
+        same = x1 is x2
+        x1, x2 = self._squeeze_batch(x1).detach().clone(), self._squeeze_batch(x2).detach()
+        x2 = x1 if same else x2.clone()
+        self._cache.append((x1, x2, diag, values.detach().clone(), result.detach()))
+        del self._cache[: -self._CACHE_ENTRIES]
+
+    def clear_cache(self) -> None:
+        """Forget remembered kernel matrices (they are also dropped on pickling)."""
+        self._cache = []
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
             raise ValueError("CNNGPKernel does not support last_dim_is_batch=True (it would split the image pixels)")
         weights, biases = self._layer_values()
         values = torch.stack([weights, biases], dim=-1)  # (*batch_shape, n_layers, 2)
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], values.shape[:-2])
+        shape = (*batch, x1.shape[-2]) if diag else (*batch, x1.shape[-2], x2.shape[-2])
         needs_grad = torch.is_grad_enabled() and values.requires_grad
-        if not needs_grad and self._cache is not None:
-            key, result = self._cache
-            current = self._cache_key(x1, x2, diag, values)
-            if key[:3] == current[:3] and torch.equal(key[3], current[3]):
-                return result if diag else to_linear_operator(result)
-        result = self._evaluate(x1, x2, diag, values)
-        self.num_evaluations += 1
-        self._cache = (self._cache_key(x1, x2, diag, values), result.detach())
+        result = None if needs_grad else self._lookup(x1, x2, diag, values)
+        if result is None:
+            result = self._evaluate(x1, x2, diag, values)
+            self.num_evaluations += 1
+            self._remember(x1, x2, diag, values, result)
+        elif result.shape != shape:
+            result = result.reshape(shape)
         return result if diag else to_linear_operator(result)
 
     def _evaluate(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> Tensor:
@@ -283,7 +314,7 @@ class CNNGPKernel(Kernel):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"] = []
         return state
 
     def evaluate_dense(self, x1: Tensor, x2: Tensor | None = None) -> Tensor:

@@ -1,0 +1,687 @@
+"""CNNGPKernel as a GPyTorch kernel: GPyTorch's own kernel test case, values against the layer
+model, hyperparameters (tied ratios, zero biases, priors), input errors, exact gradients of the
+marginal log likelihood, the tiled backward, batch-shape kernels and the no-grad result cache.
+
+Every expected value comes from an independent computation: the layer model ``architecture(X)``
+of a copy of the architecture whose variances are set by hand, closed-form marginal log
+likelihoods, central finite differences, or ``torch.distributions`` log densities.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import unittest
+
+import numpy as np
+import pytest
+import torch
+from gpytorch.constraints import GreaterThan
+from gpytorch.distributions import MultivariateNormal
+from gpytorch.likelihoods import GaussianLikelihood
+from gpytorch.means import ZeroMean
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.models import ExactGP
+from gpytorch.priors import GammaPrior, LogNormalPrior
+from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
+
+import gpytorch_cnngp.engine as engine
+from gpytorch_cnngp import CNNGPKernel, Conv2d, ReLU, Sequential, architectures
+
+F64 = torch.float64
+SIZE = 8  # image side of most tests: 8x8, one channel, d = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _convnet(var_weight: float = 2.79, var_bias: float = 7.86):
+    """The paper's ConvNet GP shrunk to 8x8 images: 2 hidden 3x3 convolutions and a dense readout."""
+    return architectures.convnet_gp(image_size=SIZE, var_weight=var_weight, var_bias=var_bias, depth=2, kernel_size=3)
+
+
+def _zero_bias_net():
+    """Per-layer variances with a zero bias in the first convolution (8x8 -> 8x8 -> 4x4 -> 1x1)."""
+    return Sequential(
+        Conv2d(3, var_weight=2.0, var_bias=0.0),
+        ReLU(),
+        Conv2d(2, stride=2, var_weight=1.5, var_bias=0.2),
+        ReLU(),
+        Conv2d(4, padding=0, var_weight=1.2, var_bias=0.05),
+    )
+
+
+def _convs(arch) -> list[Conv2d]:
+    return [m for m in arch.modules() if isinstance(m, Conv2d)]
+
+
+def _with_values(arch, weights, biases):
+    """A copy of ``arch`` whose convolutions get the given variances (python floats, float64 buffers)."""
+    ref = copy.deepcopy(arch)
+    convs = _convs(ref)
+    assert len(convs) == len(weights) == len(biases)
+    for conv, w, b in zip(convs, weights, biases, strict=True):
+        conv.var_weight = float(w)
+        conv.var_bias = float(b)
+    return ref
+
+
+def _reference_from_kernel(arch, kernel: CNNGPKernel):
+    """A copy of ``arch`` with the kernel's effective per-layer variances set by hand."""
+    values = kernel.layer_variances()
+    convs = _convs(arch)
+    assert len(values) == len(convs)
+    for conv, entry in zip(convs, values, strict=True):
+        assert entry["layer"].startswith(f"Conv2d(kernel_size={conv.kernel_size}, stride={conv.stride}")
+    return _with_values(arch, [v["var_weight"] for v in values], [v["var_bias"] for v in values])
+
+
+def _images(n: int, seed: int, c: int = 1, size: int = SIZE, dtype=F64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, size, size, generator=g, dtype=F64).to(dtype)
+
+
+def _flat(images: torch.Tensor) -> torch.Tensor:
+    return images.reshape(images.shape[0], -1)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().to(F64).cpu(), want.detach().to(F64).cpu()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+class _GP(ExactGP):
+    def __init__(self, x, y, likelihood, kernel):
+        super().__init__(x, y, likelihood)
+        self.mean_module = ZeroMean()
+        self.covar_module = kernel
+
+    def forward(self, x):
+        return MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def softplus(raw: torch.Tensor) -> torch.Tensor:
+    """GPyTorch's Positive() transform, written out: log(1 + exp(raw)).
+
+    (``torch.nn.functional.softplus`` switches to the identity above raw = 20, a kink of ~2e-9
+    that finite differences would pick up.)
+    """
+    return torch.log1p(torch.exp(raw))
+
+
+def _closed_form_mll(K: torch.Tensor, y: torch.Tensor, noise: float) -> torch.Tensor:
+    """log N(y; 0, K + noise I) / n, by Cholesky in float64."""
+    n = y.shape[-1]
+    A = K + noise * torch.eye(n, dtype=K.dtype)
+    L = torch.linalg.cholesky(A)
+    alpha = torch.cholesky_solve(y[:, None], L)[:, 0]
+    return (-0.5 * (y @ alpha) - L.diagonal().log().sum() - 0.5 * n * math.log(2 * math.pi)) / n
+
+
+# ---------------------------------------------------------------------------------------------
+# GPyTorch's own kernel test case
+
+
+def _small_arch():
+    """For 1x4x4 images (d = 16): 4x4 -> 4x4 -> 2x2 -> 1x1."""
+    return Sequential(
+        Conv2d(3, var_weight=2.0, var_bias=0.1),
+        ReLU(),
+        Conv2d(2, stride=2, var_weight=1.5, var_bias=0.2),
+        ReLU(),
+        Conv2d(2, padding=0, var_weight=1.2, var_bias=0.05),
+    )
+
+
+class TestCNNGPKernel(BaseKernelTestCase, unittest.TestCase):
+    """``gpytorch.test.base_kernel_test_case.BaseKernelTestCase`` on 1x4x4 images (d = 16)."""
+
+    def create_kernel_no_ard(self, **kwargs):
+        return CNNGPKernel(_small_arch(), input_shape=(1, 4, 4), **kwargs)
+
+    def create_data_no_batch(self):
+        return torch.randn(50, 16)
+
+    def create_data_single_batch(self):
+        return torch.randn(2, 3, 16)
+
+    def create_data_double_batch(self):
+        return torch.randn(3, 2, 20, 16)
+
+    def test_active_dims_list(self):
+        """Overridden: ``active_dims`` would select flat pixel indices, which is meaningless for
+        images (the selected features no longer form a C x H x W image). The kernel refuses it with
+        a clear ValueError instead of computing a wrong kernel."""
+        with self.assertRaisesRegex(ValueError, "active_dims"):
+            self.create_kernel_no_ard(active_dims=[0, 2, 4, 6])
+
+    def test_active_dims_range(self):
+        """Overridden for the same reason as :meth:`test_active_dims_list`: a range of flat pixel
+        indices is not an image, so ``active_dims`` raises a ValueError."""
+        with self.assertRaisesRegex(ValueError, "active_dims"):
+            self.create_kernel_no_ard(active_dims=list(range(3, 9)))
+
+
+# ---------------------------------------------------------------------------------------------
+# values against the layer model
+
+
+def _set_new_values(kernel: CNNGPKernel, tied: bool, dtype) -> None:
+    """Move every hyperparameter away from its initial value, through initialize() and setters."""
+    if tied:
+        kernel.initialize(var_weight=torch.tensor(1.7, dtype=dtype), var_bias=torch.tensor(0.4, dtype=dtype))
+    else:
+        kernel.initialize(var_weight=torch.tensor([12.0, 9.0, 1.8], dtype=dtype))
+        kernel.var_bias = torch.tensor([5.0, 3.0, 0.7], dtype=dtype)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_values_match_layer_model(dtype, tied):
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied).to(dtype)
+    _set_new_values(kernel, tied, dtype)
+    ref = _reference_from_kernel(arch, kernel)
+    # the kernel's values really changed: the reference differs from the original architecture
+    assert [float(c.var_weight) for c in _convs(ref)] != [float(c.var_weight) for c in _convs(arch)]
+
+    X, Z = _images(9, seed=1, dtype=dtype), _images(6, seed=2, dtype=dtype)
+    Z9 = _images(9, seed=3, dtype=dtype)
+    x, z, z9 = _flat(X), _flat(Z), _flat(Z9)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    with torch.no_grad():
+        same, cross = kernel(x).to_dense(), kernel(x, z).to_dense()
+        diag, cross_diag = kernel(x, diag=True), kernel(x, z9, diag=True)
+        assert same.dtype == dtype and same.shape == (9, 9) and cross.shape == (9, 6)
+        assert diag.shape == (9,) and cross_diag.shape == (9,)
+        assert _rel_err(same, ref(X)) < tol
+        assert _rel_err(cross, ref(X, Z)) < tol
+        assert _rel_err(diag, ref(X, diag=True)) < tol
+        assert _rel_err(diag, ref(X).diagonal()) < tol
+        assert _rel_err(cross_diag, ref(X, Z9, diag=True)) < tol
+        assert _rel_err(cross_diag, ref(X, Z9).diagonal()) < tol
+        if dtype == torch.float32:  # and float32 is close to the float64 kernel of the same values
+            assert _rel_err(same, ref(X.double())) < 1e-4
+
+
+def test_values_with_gradients_enabled_match_layer_model():
+    """The differentiable path (hyperparameters require grad) gives the same numbers."""
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=False).double()
+    _set_new_values(kernel, False, F64)
+    ref = _reference_from_kernel(arch, kernel)
+    X, Z = _images(7, seed=4), _images(5, seed=5)
+    same, cross = kernel(_flat(X)).to_dense(), kernel(_flat(X), _flat(Z)).to_dense()
+    assert same.requires_grad and cross.requires_grad
+    assert _rel_err(same, ref(X)) < 1e-12
+    assert _rel_err(cross, ref(X, Z)) < 1e-12
+
+
+def test_multichannel_images_are_flattened_in_c_h_w_order():
+    arch = Sequential(Conv2d(3, var_weight=2.0, var_bias=0.3), ReLU(), Conv2d(6, padding=0, var_weight=1.1))
+    kernel = CNNGPKernel(arch, input_shape=(2, 6, 6)).double()
+    ref = _reference_from_kernel(arch, kernel)
+    X, Z = _images(5, seed=6, c=2, size=6), _images(4, seed=7, c=2, size=6)
+    with torch.no_grad():
+        assert _rel_err(kernel(_flat(X)).to_dense(), ref(X)) < 1e-12
+        assert _rel_err(kernel(_flat(X), _flat(Z)).to_dense(), ref(X, Z)) < 1e-12
+        # a transposed layout (H, W, C) is a different kernel: the reshape really is C, H, W
+        wrong = X.permute(0, 2, 3, 1).reshape(5, -1)
+        assert _rel_err(kernel(wrong).to_dense(), ref(X)) > 1e-3
+
+
+def test_float64_default_dtype_kernel_reproduces_the_architecture():
+    """Built under a float64 default dtype, the untouched kernel is the architecture's own kernel."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        arch = _convnet()
+        kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE))
+        X = _images(6, seed=8)
+        with torch.no_grad():
+            assert _rel_err(kernel(_flat(X)).to_dense(), arch(X)) < 1e-12
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_kernel_leaves_the_users_architecture_alone():
+    arch = _convnet()
+    before = [(float(c.var_weight), float(c.var_bias)) for c in _convs(arch)]
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE))
+    kernel.initialize(var_weight=0.5, var_bias=0.5)
+    kernel(_flat(_images(3, seed=9, dtype=torch.float32)), diag=True)
+    assert [(float(c.var_weight), float(c.var_bias)) for c in _convs(arch)] == before
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameters
+
+
+def test_tied_ratios_of_convnet_gp():
+    """Tied: hidden layers get sigma_w^2 * k^2, the readout sigma_w^2, every bias sigma_b^2."""
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=True).double()
+    assert kernel.var_weight.shape == (1,) and kernel.var_bias.shape == (1,)
+    # initial values: the paper's sigma_w^2 = 2.79 and sigma_b^2 = 7.86 (float32 parameters)
+    assert kernel.var_weight.item() == pytest.approx(2.79, rel=1e-6)
+    assert kernel.var_bias.item() == pytest.approx(7.86, rel=1e-6)
+
+    w, b = 3.3, 0.25
+    kernel.var_weight = torch.tensor(w, dtype=F64)
+    kernel.var_bias = torch.tensor(b, dtype=F64)
+    values = kernel.layer_variances()
+    assert [v["var_weight"] for v in values] == pytest.approx([w * 9, w * 9, w], rel=1e-14)
+    assert [v["var_bias"] for v in values] == pytest.approx([b, b, b], rel=1e-14)
+    # and the kernel is the paper's architecture built from scratch with these sigmas
+    X = _images(6, seed=10)
+    with torch.no_grad():
+        assert _rel_err(kernel(_flat(X)).to_dense(), _convnet(w, b)(X)) < 1e-12
+
+
+def test_setting_python_floats_keeps_float64_precision():
+    """``initialize(var_weight=1.7)`` on a float64 kernel must store 1.7 in float64, not a float32
+    rounding of it (the setters are GPyTorch's documented way to set hyperparameters)."""
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=True).double()
+    kernel.initialize(var_weight=1.7, var_bias=0.4)
+    assert kernel.var_weight.item() == pytest.approx(1.7, rel=1e-14)
+    assert kernel.var_bias.item() == pytest.approx(0.4, rel=1e-14)
+    X = _images(5, seed=11)
+    with torch.no_grad():
+        assert _rel_err(kernel(_flat(X)).to_dense(), _convnet(1.7, 0.4)(X)) < 1e-12
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_zero_biases_stay_zero(tied):
+    arch = _zero_bias_net()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied).double()
+    assert kernel.var_bias.shape == ((1,) if tied else (2,))
+    new_b = torch.tensor([0.9], dtype=F64) if tied else torch.tensor([0.6, 0.3], dtype=F64)
+    kernel.var_bias = new_b
+    kernel.var_weight = torch.tensor([2.5], dtype=F64) if tied else torch.tensor([3.0, 2.0, 0.8], dtype=F64)
+    values = kernel.layer_variances()
+    assert values[0]["var_bias"] == 0.0
+    if tied:  # the learned bias is the readout's; the middle one keeps its ratio 0.2 / 0.05
+        assert [v["var_bias"] for v in values] == pytest.approx([0.0, 0.9 * 4, 0.9], rel=1e-12)
+        assert [v["var_weight"] for v in values] == pytest.approx([2.5 * 2.0 / 1.2, 2.5 * 1.5 / 1.2, 2.5])
+        weights, biases = [2.5 * 2.0 / 1.2, 2.5 * 1.5 / 1.2, 2.5], [0.0, 3.6, 0.9]
+    else:
+        assert [v["var_bias"] for v in values] == pytest.approx([0.0, 0.6, 0.3], rel=1e-14, abs=0.0)
+        weights, biases = [3.0, 2.0, 0.8], [0.0, 0.6, 0.3]
+    ref = _with_values(arch, weights, biases)
+    X = _images(6, seed=12)
+    x = _flat(X)
+    with torch.no_grad():
+        assert _rel_err(kernel(x).to_dense(), ref(X)) < 1e-12
+    # the zero bias gets no parameter: the gradient covers the learned ones only
+    kernel(x).to_dense().sum().backward()
+    assert kernel.raw_var_bias.grad.shape == new_b.shape and bool((kernel.raw_var_bias.grad != 0).all())
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_free_zero_biases_are_learned(tied):
+    arch = _zero_bias_net()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied, free_zero_biases=True, zero_bias_init=1e-3)
+    kernel = kernel.double()
+    assert kernel.layer_variances()[0]["var_bias"] == pytest.approx(1e-3, rel=1e-6)
+    X = _images(6, seed=13)
+    x = _flat(X)
+    if tied:
+        kernel.var_bias = torch.tensor([0.5], dtype=F64)  # readout 0.5; others keep their ratios
+        biases = [0.5 * 1e-3 / 0.05, 0.5 * 0.2 / 0.05, 0.5]
+        assert [v["var_bias"] for v in kernel.layer_variances()] == pytest.approx(biases, rel=1e-5)
+        ref = _reference_from_kernel(arch, kernel)
+    else:
+        assert kernel.var_bias.shape == (3,)
+        kernel.var_bias = torch.tensor([0.5, 0.2, 0.05], dtype=F64)
+        # the weights are untouched (their float32 initial values)
+        for got, want in zip(kernel.layer_variances(), [2.0, 1.5, 1.2], strict=True):
+            assert got["var_weight"] == pytest.approx(want, rel=1e-6)
+        ref = _reference_from_kernel(arch, kernel)
+        assert [v["var_bias"] for v in kernel.layer_variances()] == pytest.approx([0.5, 0.2, 0.05], rel=1e-14)
+    with torch.no_grad():
+        assert _rel_err(kernel(x).to_dense(), ref(X)) < 1e-12
+    kernel(x).to_dense().sum().backward()
+    assert bool((kernel.raw_var_bias.grad != 0).all())
+
+
+def test_architecture_without_biases_learns_weights_only():
+    arch = Sequential(Conv2d(3, var_weight=2.0), ReLU(), Conv2d(SIZE, padding=0, var_weight=1.0))
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=False).double()
+    assert not hasattr(kernel, "raw_var_bias") or "raw_var_bias" not in dict(kernel.named_parameters())
+    assert kernel.var_bias.shape == (0,)
+    with pytest.raises(ValueError, match="bias"):
+        kernel.var_bias = torch.tensor([1.0])
+    with pytest.raises(ValueError, match="var_bias_prior"):
+        CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), var_bias_prior=GammaPrior(2.0, 1.0))
+    kernel.var_weight = torch.tensor([3.0, 0.7], dtype=F64)
+    X = _images(5, seed=14)
+    with torch.no_grad():
+        assert _rel_err(kernel(_flat(X)).to_dense(), _with_values(arch, [3.0, 0.7], [0.0, 0.0])(X)) < 1e-12
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_priors_register_and_enter_the_mll(tied):
+    w_prior, b_prior = GammaPrior(3.0, 0.5), LogNormalPrior(0.0, 1.0)
+    kernels = [
+        CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=tied, **priors).double()
+        for priors in ({}, {"var_weight_prior": w_prior, "var_bias_prior": b_prior})
+    ]
+    plain, with_priors = kernels
+    assert [name for name, *_ in plain.named_priors()] == []
+    assert sorted(name for name, *_ in with_priors.named_priors()) == ["var_bias_prior", "var_weight_prior"]
+    for kernel in kernels:
+        _set_new_values(kernel, tied, F64)
+
+    X, y = _images(8, seed=15), torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    mlls = []
+    for kernel in kernels:
+        likelihood = GaussianLikelihood(noise_constraint=GreaterThan(1e-8)).double()
+        likelihood.noise = torch.tensor(0.1, dtype=F64)
+        model = _GP(_flat(X), y, likelihood, kernel).double()
+        mll = ExactMarginalLogLikelihood(likelihood, model)
+        model.train()
+        with torch.no_grad():
+            mlls.append(float(mll(model(_flat(X)), y)))
+    w = kernels[1].var_weight.detach()
+    b = kernels[1].var_bias.detach()
+    expected = float(
+        torch.distributions.Gamma(torch.tensor(3.0, dtype=F64), torch.tensor(0.5, dtype=F64)).log_prob(w).sum()
+        + torch.distributions.LogNormal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64)).log_prob(b).sum()
+    )
+    assert (mlls[1] - mlls[0]) * 8 == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+    # sampling from a prior goes through the setting closure and keeps the parameter shape
+    shape = with_priors.raw_var_weight.shape
+    with_priors.sample_from_prior("var_weight_prior")
+    assert with_priors.raw_var_weight.shape == shape and bool((with_priors.var_weight > 0).all())
+
+
+def test_non_prior_raises_type_error():
+    arch = _convnet()
+    for bad in (torch.distributions.Gamma(2.0, 1.0), "gamma", 1.0):
+        with pytest.raises(TypeError):
+            CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), var_weight_prior=bad)
+        with pytest.raises(TypeError):
+            CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), var_bias_prior=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# input errors
+
+
+def test_wrong_feature_dimension_raises():
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE))
+    x = torch.rand(5, SIZE * SIZE - 1)
+    with pytest.raises(ValueError, match=r"C\*H\*W = 64"):
+        kernel(x).to_dense()
+    with pytest.raises(ValueError, match=r"C\*H\*W = 64"):
+        kernel(x, diag=True)
+    with pytest.raises(ValueError, match=r"C\*H\*W = 64"):
+        kernel(torch.rand(4, 3 * SIZE * SIZE), torch.rand(2, 3 * SIZE * SIZE)).to_dense()
+
+
+def test_last_dim_is_batch_raises():
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE))
+    x = torch.rand(4, SIZE * SIZE)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        kernel.forward(x, x, last_dim_is_batch=True)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        kernel.forward(x, x, diag=True, last_dim_is_batch=True)
+    with pytest.warns(DeprecationWarning, match="last_dim_is_batch"), pytest.raises(ValueError, match="last_dim"):
+        kernel(x, last_dim_is_batch=True).to_dense()
+    with pytest.warns(DeprecationWarning, match="last_dim_is_batch"), pytest.raises(ValueError, match="last_dim"):
+        kernel(x, diag=True, last_dim_is_batch=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients of the exact marginal log likelihood
+
+N_GRAD = 12
+NOISE = 0.05
+
+
+def _mll_setup(kernel):
+    X = _images(N_GRAD, seed=20)
+    y = torch.randn(N_GRAD, generator=torch.Generator().manual_seed(1), dtype=F64)
+    likelihood = GaussianLikelihood(noise_constraint=GreaterThan(1e-8)).double()
+    likelihood.noise = torch.tensor(NOISE, dtype=F64)
+    model = _GP(_flat(X), y, likelihood, kernel).double()
+    model.train()
+    return X, y, model, ExactMarginalLogLikelihood(likelihood, model)
+
+
+def _mll_grads(kernel):
+    X, y, model, mll = _mll_setup(kernel)
+    loss = mll(model(_flat(X)), y)
+    gw, gb = torch.autograd.grad(loss, [kernel.raw_var_weight, kernel.raw_var_bias])
+    return loss.detach(), gw, gb
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_mll_gradient_matches_finite_differences(tied):
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=tied).double()
+    _set_new_values(kernel, tied, F64)
+    loss, gw, gb = _mll_grads(kernel)
+    X, y = _images(N_GRAD, seed=20), torch.randn(N_GRAD, generator=torch.Generator().manual_seed(1), dtype=F64)
+    raw_w = kernel.raw_var_weight.detach().clone()
+    raw_b = kernel.raw_var_bias.detach().clone()
+
+    def closed_form(rw: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+        """MLL of the layer model whose variances are softplus(raw), built by hand."""
+        w, b = softplus(rw).tolist(), softplus(rb).tolist()
+        ref = _convnet(w[0], b[0]) if tied else _with_values(_convnet(), w, b)
+        with torch.no_grad():
+            return _closed_form_mll(ref(X), y, NOISE)
+
+    assert float(loss) == pytest.approx(float(closed_form(raw_w, raw_b)), rel=1e-10)
+    h = 1e-5
+    for raw, grad, which in ((raw_w, gw, "w"), (raw_b, gb, "b")):
+        assert grad.shape == raw.shape
+        for i in range(raw.numel()):
+            step = torch.zeros_like(raw)
+            step[i] = h
+            plus = closed_form(raw_w + step, raw_b) if which == "w" else closed_form(raw_w, raw_b + step)
+            minus = closed_form(raw_w - step, raw_b) if which == "w" else closed_form(raw_w, raw_b - step)
+            fd = float((plus - minus) / (2 * h))
+            assert float(grad[i]) == pytest.approx(fd, rel=1e-5, abs=1e-9), (which, i)
+
+
+class _BlockRecorder:
+    """Records the sizes of every pair block the engine computes (forward and backward)."""
+
+    def __init__(self, monkeypatch):
+        self.shapes: list[tuple[int, int]] = []
+        original = engine._pair_block
+
+        def recording(model, x, z, *args, **kwargs):
+            self.shapes.append((x.shape[0], z.shape[0]))
+            return original(model, x, z, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "_pair_block", recording)
+
+
+def test_tiled_backward_matches_untiled(monkeypatch):
+    """tile_size=3 (16 tiles of at most 3x3 pairs) gives the gradients of tile_size=100 (one tile)."""
+    recorder = _BlockRecorder(monkeypatch)
+    results = {}
+    for tile in (3, 100):
+        kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=False, tile_size=tile).double()
+        _set_new_values(kernel, False, F64)
+        X, y, model, mll = _mll_setup(kernel)
+        loss = mll(model(_flat(X)), y)
+        n_forward = len(recorder.shapes)
+        gw, gb = torch.autograd.grad(loss, [kernel.raw_var_weight, kernel.raw_var_bias])
+        backward_blocks = recorder.shapes[n_forward:]
+        results[tile] = (loss.detach(), gw, gb, backward_blocks)
+        recorder.shapes.clear()
+    loss3, gw3, gb3, blocks3 = results[3]
+    loss100, gw100, gb100, blocks100 = results[100]
+    # the backward really recomputed one small tile at a time
+    assert len(blocks3) >= 10 and max(max(s) for s in blocks3) <= 3
+    assert blocks100 == [(N_GRAD, N_GRAD)]
+    assert float(loss3) == pytest.approx(float(loss100), rel=1e-13)
+    assert _rel_err(gw3, gw100) < 1e-10
+    assert _rel_err(gb3, gb100) < 1e-10
+
+
+def test_tiled_backward_of_cross_covariance_matches_finite_differences():
+    X, Z = _images(7, seed=21), _images(5, seed=22)
+    W = torch.randn(7, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    grads = {}
+    for tile in (3, 100):
+        kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=False, tile_size=tile).double()
+        _set_new_values(kernel, False, F64)
+        loss = (kernel(_flat(X), _flat(Z)).to_dense() * W).sum()
+        grads[tile] = torch.autograd.grad(loss, [kernel.raw_var_weight, kernel.raw_var_bias])
+    for g3, g100 in zip(grads[3], grads[100], strict=True):
+        assert _rel_err(g3, g100) < 1e-10
+    raw_w, raw_b = kernel.raw_var_weight.detach().clone(), kernel.raw_var_bias.detach().clone()
+
+    def f(rw, rb):
+        ref = _with_values(_convnet(), softplus(rw).tolist(), softplus(rb).tolist())
+        with torch.no_grad():
+            return (ref(X, Z) * W).sum()
+
+    h = 1e-5
+    for i in range(3):
+        e = torch.zeros(3, dtype=F64)
+        e[i] = h
+        fd_w = float((f(raw_w + e, raw_b) - f(raw_w - e, raw_b)) / (2 * h))
+        fd_b = float((f(raw_w, raw_b + e) - f(raw_w, raw_b - e)) / (2 * h))
+        assert float(grads[3][0][i]) == pytest.approx(fd_w, rel=1e-5, abs=1e-9)
+        assert float(grads[3][1][i]) == pytest.approx(fd_b, rel=1e-5, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-shape kernels
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_batch_kernel_equals_separate_kernels(tied):
+    arch = _convnet()
+    if tied:
+        weights = torch.tensor([[1.5], [3.0]], dtype=F64)
+        biases = torch.tensor([[0.2], [0.9]], dtype=F64)
+    else:
+        weights = torch.tensor([[20.0, 14.0, 1.8], [9.0, 30.0, 2.5]], dtype=F64)
+        biases = torch.tensor([[5.0, 3.0, 0.7], [0.1, 1.0, 2.0]], dtype=F64)
+    batched = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied, batch_shape=torch.Size([2])).double()
+    assert batched.raw_var_weight.shape == weights.shape
+    batched.var_weight, batched.var_bias = weights, biases
+    singles = []
+    for i in range(2):
+        kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied).double()
+        kernel.var_weight, kernel.var_bias = weights[i], biases[i]
+        singles.append(kernel)
+
+    X, Z = _images(6, seed=23), _images(4, seed=24)
+    Xb = torch.stack([X, _images(6, seed=25)])  # different inputs per batch
+    x, z, xb = _flat(X), _flat(Z), Xb.reshape(2, 6, -1)
+    with torch.no_grad():
+        full = batched(x).to_dense()
+        cross = batched(x, z).to_dense()
+        diag = batched(x, diag=True)
+        per_batch = batched(xb).to_dense()
+        assert full.shape == (2, 6, 6) and cross.shape == (2, 6, 4) and diag.shape == (2, 6)
+        for i, kernel in enumerate(singles):
+            ref = _reference_from_kernel(arch, kernel)
+            assert _rel_err(full[i], kernel(x).to_dense()) < 1e-12
+            assert _rel_err(full[i], ref(X)) < 1e-12
+            assert _rel_err(cross[i], ref(X, Z)) < 1e-12
+            assert _rel_err(diag[i], ref(X, diag=True)) < 1e-12
+            assert _rel_err(per_batch[i], ref(Xb[i])) < 1e-12
+        assert _rel_err(full[0], full[1]) > 1e-3  # the two batches really differ
+
+    # gradients split by batch element as well
+    G = torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    (batched(x).to_dense() * G).sum().backward()
+    for i, kernel in enumerate(singles):
+        (kernel(x).to_dense() * G[i]).sum().backward()
+        assert _rel_err(batched.raw_var_weight.grad[i], kernel.raw_var_weight.grad) < 1e-10
+        assert _rel_err(batched.raw_var_bias.grad[i], kernel.raw_var_bias.grad) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# the no-grad result cache
+
+
+def test_cache_follows_hyperparameters_and_in_place_changes():
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE)).double()
+    X = _images(5, seed=26)
+    x = _flat(X).clone()
+    with torch.no_grad():
+        kernel(x).to_dense()
+        before = kernel.num_evaluations
+        kernel(x).to_dense()
+        assert kernel.num_evaluations == before  # same inputs and values: reused
+        kernel.var_weight = torch.tensor(1.1, dtype=F64)
+        assert _rel_err(kernel(x).to_dense(), _reference_from_kernel(arch, kernel)(X)) < 1e-12
+        x.mul_(0.5)  # in-place change of the inputs
+        assert _rel_err(kernel(x).to_dense(), _reference_from_kernel(arch, kernel)(X * 0.5)) < 1e-12
+
+
+def test_cache_is_not_fooled_by_reused_memory():
+    """A new batch of images written into the same buffer (here a numpy array reused by a data
+    loader) has the same data_ptr, shape, stride and version counter as the previous one; the
+    kernel must still compute it instead of returning the previous batch's result."""
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE)).double()
+    ref = _reference_from_kernel(arch, kernel)
+    buffer = np.empty((5, SIZE * SIZE))
+    with torch.no_grad():
+        for seed in (27, 28):
+            X = _images(5, seed=seed)
+            buffer[:] = _flat(X).numpy()
+            x = torch.from_numpy(buffer)
+            err = _rel_err(kernel(x).to_dense(), ref(X))
+            assert err < 1e-12, f"stale kernel for batch {seed}"
+
+
+def test_cache_is_not_fooled_by_recycled_allocations():
+    """Fresh tensors often reuse a freed tensor's address (same data_ptr, shape, stride and a new
+    version counter at 0): each one must still get its own kernel."""
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE)).double()
+    ref = _reference_from_kernel(arch, kernel)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for i in range(6):
+            x = torch.rand(5, SIZE * SIZE, generator=generator, dtype=F64)
+            want = ref(x.view(5, 1, SIZE, SIZE))
+            got = kernel(x).to_dense()
+            err = _rel_err(got, want)
+            assert err < 1e-12, f"stale kernel at iteration {i}"
+            del x, got
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "per_layer"])
+def test_values_and_gradients_on_cuda(tied):
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied).to(device="cuda", dtype=F64)
+    _set_new_values(kernel, tied, F64)
+    ref = _reference_from_kernel(arch, kernel)  # evaluated on the CPU
+    X, Z = _images(9, seed=30), _images(6, seed=31)
+    x, z = _flat(X).cuda(), _flat(Z).cuda()
+    with torch.no_grad():
+        same = kernel(x).to_dense()
+        assert same.device.type == "cuda"
+        assert _rel_err(same, ref(X)) < 1e-11
+        assert _rel_err(kernel(x, z).to_dense(), ref(X, Z)) < 1e-11
+        assert _rel_err(kernel(x, diag=True), ref(X, diag=True)) < 1e-11
+    G = torch.randn(9, 9, generator=torch.Generator().manual_seed(5), dtype=F64)
+    (kernel(x).to_dense() * G.cuda()).sum().backward()
+    cpu = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=tied).double()
+    _set_new_values(cpu, tied, F64)
+    (cpu(_flat(X)).to_dense() * G).sum().backward()
+    assert _rel_err(kernel.raw_var_weight.grad, cpu.raw_var_weight.grad) < 1e-10
+    assert _rel_err(kernel.raw_var_bias.grad, cpu.raw_var_bias.grad) < 1e-10
+
+
+if __name__ == "__main__":
+    unittest.main()
