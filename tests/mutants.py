@@ -1,0 +1,189 @@
+"""Deliberately wrong variants of the library's formulas, to prove that the exactness tests can fail.
+
+Each mutant patches the library at the narrowest point (an ``ops`` function, the name a layer module
+imported, one layer method) through a ``pytest.MonkeyPatch``; the source files are never modified.
+``tests/conftest.py`` applies the mutant named by the environment variable ``CNNGP_MUTANT`` for a
+whole session and ``tests/mutation_check.py`` runs the test files once per mutant.
+
+Patches act when a layer computes, not when it is built, so models created at import or collection
+time are mutated as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+import gpytorch_cnngp.engine as engine
+import gpytorch_cnngp.layers.combinators as combinators
+import gpytorch_cnngp.layers.conv as conv
+import gpytorch_cnngp.layers.relu as relu
+import gpytorch_cnngp.ops as ops
+
+
+def _wrap_relu_expectations(mp, transform) -> None:
+    """Replace every ``ops.relu_expectation*`` function, and the names a layer module imported from
+    ops, by ``transform(out, c, s1, s2)`` of the original's output: all ReLU paths (autograd, eager,
+    compiled) get the same wrong formula."""
+    names = [name for name in dir(ops) if name.startswith("relu_expectation") and callable(getattr(ops, name))]
+    if not names:
+        raise RuntimeError("gpytorch_cnngp.ops has no relu_expectation* function to mutate")
+    for name in names:
+        original = getattr(ops, name)
+
+        def wrapped(c, s1, s2, *args, _original=original, **kwargs):
+            return transform(_original(c, s1, s2, *args, **kwargs), c, s1, s2)
+
+        mp.setattr(ops, name, wrapped)
+        if hasattr(relu, name):
+            mp.setattr(relu, name, wrapped)
+
+
+def _relu_factor2(mp):
+    """ReLU pair values E[relu(u) relu(v)] times 2 (the self values stay v / 2)."""
+    _wrap_relu_expectations(mp, lambda out, c, s1, s2: 2.0 * out)
+
+
+def _relu_self_no_half(mp):
+    """ReLU self values v instead of v / 2."""
+    mp.setattr(relu.ReLU, "self_map", lambda self, v, s: v * 1.0)
+
+
+class _TorchWithFlippedAcos:
+    """``torch`` as seen from gpytorch_cnngp.ops, except that ``acos(x)`` computes ``acos(-x)``."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def acos(self, x, *args, **kwargs):
+        return self._real.acos(-x, *args, **kwargs)
+
+
+def _acos_sign(mp):
+    """theta = arccos(-rho) in place of arccos(rho), in every arccos of ops (library and polynomial)."""
+    mp.setattr(ops, "torch", _TorchWithFlippedAcos(torch))
+    acos_poly = ops._acos_poly
+    mp.setattr(ops, "_acos_poly", lambda x: acos_poly(-x))
+
+
+def _relu_no_sqrt_term(mp):
+    """J(rho) without its sqrt(1 - rho^2) term: E - sqrt(v1 v2 - c^2) / (2 pi)."""
+
+    def drop_sqrt(out, c, s1, s2):
+        prod = s1 * s2
+        return out - torch.sqrt((prod * prod - c * c).clamp_min(0.0)) / (2.0 * math.pi)
+
+    _wrap_relu_expectations(mp, drop_sqrt)
+
+
+def _pad_not_counted(mp):
+    """Window sums divided by the number of in-image taps instead of k^2 (padding not counted)."""
+    window_sum = conv.window_sum
+
+    def per_tap_mean_times_k2(m, win_h, win_w, method="matmul"):
+        summed = window_sum(m, win_h, win_w, method)
+        ones = torch.ones(m.shape[-2:], dtype=m.dtype, device=m.device)
+        count = window_sum(ones, win_h, win_w, method).clamp_min(1.0)
+        return summed * (win_h.size * win_w.size) / count
+
+    mp.setattr(conv, "window_sum", per_tap_mean_times_k2)
+
+
+def _even_k_flipped(mp):
+    """Even k under "same" padded mirrored: one more before than after (PyTorch-style, not TF SAME)."""
+    window_sum = conv.window_sum
+
+    def flip(win):
+        if win.pad_before == win.pad_after:
+            return win
+        return dataclasses.replace(win, pad_before=win.pad_after, pad_after=win.pad_before)
+
+    def flipped(m, win_h, win_w, method="matmul"):
+        return window_sum(m, flip(win_h), flip(win_w), method)
+
+    mp.setattr(conv, "window_sum", flipped)
+
+
+def _no_exact_diag(mp):
+    """No exact-diagonal rule anywhere: image-with-itself pairs go through J(rho ~ 1) like any pair.
+
+    Two places implement the rule: the nonlinearity overwrites the diagonal of a same-set block
+    after each ReLU, and the Gram engine copies the self values onto the final diagonal. The mutant
+    disables the first and computes the final diagonal as generic matched pairs instead.
+    """
+    propagate = relu.Nonlinearity.propagate
+
+    def propagate_no_diag(self, m, ctx):
+        same, ctx.same = ctx.same, False
+        try:
+            return propagate(self, m, ctx)
+        finally:
+            ctx.same = same
+
+    mp.setattr(relu.Nonlinearity, "propagate", propagate_no_diag)
+    fill = engine._fill
+
+    def fill_generic_diag(model, x, z, hyper, plan, compiled, progress, self_terms=None):
+        out = fill(model, x, z, hyper, plan, compiled, progress, self_terms)
+        if z is None:
+            trace, _ = engine.self_pass(model, x, hyper)
+            out.diagonal().copy_(engine._paired(model, x, x, trace, trace, hyper, "matmul"))
+        return out
+
+    mp.setattr(engine, "_fill", fill_generic_diag)
+
+
+def _sum_mean(mp):
+    """Sum averages its branches instead of adding them."""
+
+    def mean_propagate(self, m, ctx):
+        total = self.branches[0].propagate(m, ctx)
+        for branch in self.branches[1:]:
+            total = total + branch.propagate(m, ctx)
+        return total / len(self.branches)
+
+    mp.setattr(combinators.Sum, "propagate", mean_propagate)
+
+
+def _channel_sum(mp):
+    """Input kernel summed over channels instead of averaged."""
+    self_in, pair_in = engine._input_self, engine._input_pair
+    mp.setattr(engine, "_input_self", lambda x: self_in(x) * x.shape[1])
+    mp.setattr(engine, "_input_pair", lambda x, z: pair_in(x, z) * x.shape[1])
+
+
+def _bias_over_k2(mp):
+    """var_bias divided by k^2 along with var_weight."""
+    hyper = conv.Conv2d.hyper
+
+    def hyper_bias_scaled(self, ctx, name):
+        value = hyper(self, ctx, name)
+        return value / self.kernel_size**2 if name == "var_bias" else value
+
+    mp.setattr(conv.Conv2d, "hyper", hyper_bias_scaled)
+
+
+MUTANTS = {
+    "relu_factor2": _relu_factor2,
+    "relu_self_no_half": _relu_self_no_half,
+    "acos_sign": _acos_sign,
+    "relu_no_sqrt_term": _relu_no_sqrt_term,
+    "pad_not_counted": _pad_not_counted,
+    "even_k_flipped": _even_k_flipped,
+    "no_exact_diag": _no_exact_diag,
+    "sum_mean": _sum_mean,
+    "channel_sum": _channel_sum,
+    "bias_over_k2": _bias_over_k2,
+}
+
+
+def apply(name: str, mp) -> None:
+    """Apply the mutant ``name`` with the ``pytest.MonkeyPatch`` ``mp``."""
+    if name not in MUTANTS:
+        raise ValueError(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
+    MUTANTS[name](mp)
