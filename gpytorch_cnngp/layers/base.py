@@ -91,6 +91,10 @@ class Layer(nn.Module):
     def children_layers(self) -> Iterator[Layer]:
         return iter(())
 
+    def has_weights(self) -> bool:
+        """Whether the finite network of this layer has weights (and so sets its channel count)."""
+        return bool(self.hyperparameter_names) or any(child.has_weights() for child in self.children_layers())
+
     def hyper(self, ctx: Context, name: str) -> Tensor:
         return ctx.hyper[id(self)][name]
 
@@ -124,7 +128,8 @@ class Layer(nn.Module):
         Weights are drawn from ``N(0, var_weight / (C_in k^2))`` and biases from ``N(0, var_bias)``
         (no bias when ``var_bias == 0``), so that as ``channels`` grows the outputs over random draws
         become Gaussian with covariance ``self(X, Z)`` (except for sums after a nonlinearity, see
-        :class:`~gpytorch_cnngp.Sum`). The first layer takes ``in_channels``, the last gives
+        :class:`~gpytorch_cnngp.Sum`, and nonlinearities applied to the raw input, whose pixels are
+        not Gaussian). The first layer with weights takes ``in_channels``, the last gives
         ``out_channels`` and the others ``channels``, each scaled by the layer's channel multipliers.
         The module maps ``[N, in_channels, H, W]`` to ``[N, out_channels]``.
         """

@@ -59,11 +59,15 @@ class Sequential(Layer):
         return m
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
-        modules, last = [], len(self.layers) - 1
+        # The first layer with weights reads the input channels and the last one writes the output
+        # channels; weightless layers (nonlinearities) before or after them just pass channels on.
+        weighted = [i for i, layer in enumerate(self.layers) if layer.has_weights()]
+        first, last = (weighted[0], weighted[-1]) if weighted else (len(self.layers), -1)
+        modules = []
         for i, layer in enumerate(self.layers):
             module, incoming = layer.build_nn(
-                in_channels if i == 0 else build.channels,
-                out_channels if i == last else build.channels,
+                in_channels if i <= first else build.channels,
+                out_channels if i >= last else build.channels,
                 incoming,
                 build,
             )
