@@ -129,7 +129,7 @@ def _pair_block(
     trace_z: list[Tensor],
     hyper: HyperMap,
     same: bool,
-    fast: bool,
+    compiled: str,
     window_method: str,
 ) -> Tensor:
     """Kernel block ``[n1, n2]`` between images ``x`` and ``z`` given their sliced self traces."""
@@ -139,7 +139,7 @@ def _pair_block(
         trace_x=[t[:, None] for t in trace_x],
         trace_z=[t[None, :] for t in trace_z],
         same=same,
-        fast=fast,
+        compiled=compiled,
         window_method=window_method,
     )
     out = model.propagate(_input_pair(x, z), ctx)
@@ -202,9 +202,9 @@ def _default_budget(device: torch.device) -> int:
 
 
 # Working copies of one pair map that a block holds at once, per path (measured upper bounds).
-_WORKSPACE_FACTOR = {"eager": 8, "compiled": 6}
+_WORKSPACE_FACTOR = {"none": 8, "ops": 8, "full": 6}
 # Default tile edge: small blocks stay in cache on CPU; GPUs want large ones.
-_CPU_TILE = {"eager": 24, "compiled": 40}
+_CPU_TILE = {"none": 24, "ops": 32, "full": 40}
 
 
 @dataclass
@@ -227,7 +227,7 @@ def estimate_tile_size(
     *,
     memory_budget: int | None = None,
     tile_size: int | None = None,
-    path: str = "eager",
+    path: str = "none",
     grad: bool = False,
 ) -> GramPlan:
     """Choose the tile edge so that self traces plus one tile's workspace fit ``memory_budget`` bytes."""
@@ -268,17 +268,30 @@ def _tiles(n1: int, n2: int, tile: int, symmetric: bool) -> Iterator[tuple[int, 
             yield i0, min(i0 + tile, n1), j0, min(j0 + tile, n2)
 
 
-def _use_compile(compile: bool | None, n_pairs: int, grad: bool) -> bool:
-    if grad:
-        return False
+COMPILE_MODES = ("none", "ops", "full")
+# Below this many pairs compiling costs more than it saves (compilation takes seconds).
+_AUTO_COMPILE_PAIRS = 2_000_000
+
+
+def _compile_mode(compile: bool | str | None, n_pairs: int, grad: bool) -> str:
+    """``"none"``, ``"ops"`` (compiled elementwise kernels) or ``"full"`` (whole pair pass compiled)."""
     if compile is None:
         env = os.environ.get("CNNGP_COMPILE", "auto").lower()
-        if env in ("0", "false", "no", "off"):
-            return False
-        if env in ("1", "true", "yes", "on"):
-            return True
-        return n_pairs >= 200_000
-    return bool(compile)
+        if env in ("0", "false", "no", "off", "none"):
+            compile = False
+        elif env in ("1", "true", "yes", "on", "ops"):
+            compile = True
+        elif env == "full":
+            compile = "full"
+        else:
+            compile = n_pairs >= _AUTO_COMPILE_PAIRS
+    if compile is True:
+        compile = "ops"
+    elif compile is False:
+        compile = "none"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False, None or one of {COMPILE_MODES}, got {compile!r}")
+    return "none" if grad else compile
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -305,7 +318,7 @@ def _self_pass_chunked(model, x, hyper, chunk: int, window_method: str) -> tuple
     return traces, torch.cat(finals) if len(finals) > 1 else finals[0]
 
 
-def _fill(model, x, z, hyper, plan: GramPlan, compiled: bool, progress: bool, self_terms=None) -> Tensor:
+def _fill(model, x, z, hyper, plan: GramPlan, compiled: str, progress: bool, self_terms=None) -> Tensor:
     """Forward computation of the Gram matrix; ``z is None`` means the symmetric ``K(x, x)``."""
     symmetric = z is None
     chunk = max(1, plan.tile_size**2 // 4)
@@ -317,8 +330,8 @@ def _fill(model, x, z, hyper, plan: GramPlan, compiled: bool, progress: bool, se
         trace_z, _ = self_terms[1] if self_terms else _self_pass_chunked(model, z, hyper, chunk, "matmul")
     n1, n2 = x.shape[0], zz.shape[0]
     out = torch.empty(n1, n2, dtype=x.dtype, device=x.device)
-    block_fn = _compiled_pair_block() if compiled else _pair_block
-    method = "slices" if compiled else "matmul"
+    block_fn = _compiled_pair_block() if compiled == "full" else _pair_block
+    method = "slices" if compiled == "full" else "matmul"
     bar = _progress(progress, n1 * n2, "kernel")
     try:
         for i0, i1, j0, j1 in _tiles(n1, n2, plan.tile_size, symmetric):
@@ -365,7 +378,7 @@ class _TiledGram(torch.autograd.Function):
         ctx.model, ctx.x, ctx.z, ctx.params, ctx.plan = model, x, z, params, plan
         ctx.save_for_backward(*values)
         with torch.no_grad():
-            return _fill(model, x, z, hyper, plan, compiled=False, progress=progress)
+            return _fill(model, x, z, hyper, plan, compiled="none", progress=progress)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -391,7 +404,7 @@ class _TiledGram(torch.autograd.Function):
                 on_diag = symmetric and i0 == j0
                 tx = [t[i0:i1].detach().requires_grad_(True) for t in trace_x]
                 tz = tx if on_diag else [t[j0:j1].detach().requires_grad_(True) for t in trace_z]
-                block = _pair_block(model, x[i0:i1], zz[j0:j1], tx, tz, hyper, on_diag, False, "matmul")
+                block = _pair_block(model, x[i0:i1], zz[j0:j1], tx, tz, hyper, on_diag, "none", "matmul")
                 if on_diag:
                     # the block fills both triangles of its square; its diagonal comes from the self pass
                     g_block = grad_out[i0:i1, j0:j1] * (1.0 - torch.eye(i1 - i0, dtype=x.dtype, device=x.device))
@@ -450,7 +463,7 @@ def gram(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
     hyper: Mapping | None = None,
 ) -> Tensor:
     """Kernel matrix of ``model`` between images ``X`` ``[N1, C, H, W]`` and ``Z`` ``[N2, C, H, W]``.
@@ -466,9 +479,10 @@ def gram(
     :param device, dtype: where and in which precision to compute (default: those of ``X``); the
         result lives there.
     :param progress: show a progress bar with the rate in kernel entries per second (needs tqdm).
-    :param compile: run the pair pass through ``torch.compile`` (fused C++/OpenMP on CPU, Triton on
-        GPU). ``None`` decides by size and the ``CNNGP_COMPILE`` environment variable; gradients
-        always use the eager path.
+    :param compile: use ``torch.compile`` kernels (C++/OpenMP on CPU, Triton on GPU): ``True`` or
+        ``"ops"`` compiles the elementwise steps, ``"full"`` the whole pair pass (longest to compile).
+        ``None`` compiles for large jobs (or follows the ``CNNGP_COMPILE`` environment variable:
+        ``0``, ``1``/``ops``, ``full``); gradients always use the eager path.
     :param hyper: ``{layer: {"var_weight": tensor, ...}}`` overriding the layers' own values.
     :return: ``[N1, N2]`` tensor. When hyperparameters require grad, the backward pass recomputes
         one tile at a time, so it needs no more memory than the forward.
@@ -480,7 +494,7 @@ def gram(
     n2 = n1 if z is None else z.shape[0]
     grad = torch.is_grad_enabled() and any(v.requires_grad for v in values)
     input_grad = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
-    compiled = _use_compile(compile, n1 * n2, grad or input_grad)
+    compiled = _compile_mode(compile, n1 * n2, grad or input_grad)
     plan = estimate_tile_size(
         model,
         (x.shape[2], x.shape[3]),
@@ -489,14 +503,14 @@ def gram(
         x.device,
         memory_budget=memory_budget,
         tile_size=tile_size,
-        path="compiled" if compiled else "eager",
+        path=compiled,
         grad=grad or input_grad,
     )
     if n1 == 0 or n2 == 0:
         return torch.zeros(n1, n2, dtype=x.dtype, device=x.device)
     if input_grad:
         # Gradients with respect to the images: plain autograd through every tile.
-        return _fill(model, x, z, hmap, plan, compiled=False, progress=progress)
+        return _fill(model, x, z, hmap, plan, compiled="none", progress=progress)
     if grad:
         return _TiledGram.apply(model, x, z, params, plan, progress, *values)
     with torch.no_grad():

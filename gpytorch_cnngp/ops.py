@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Window", "window_sum", "relu_expectation", "safe_sqrt", "arc_cosine_j"]
+__all__ = ["Window", "window_sum", "relu_expectation", "relu_expectation_fast", "safe_sqrt", "arc_cosine_j", "compiled"]
 
 _INV_2PI = 0.5 / math.pi
 
@@ -87,27 +87,32 @@ def _sum_along(m: Tensor, win: Window, dim: int) -> Tensor:
     return total
 
 
-def window_sum(m: Tensor, win_h: Window, win_w: Window, method: str = "matmul") -> Tensor:
-    """Sum of ``m`` over each output's window on the last two axes (no normalisation).
+def window_sum(m: Tensor, win_h: Window, win_w: Window, method: str = "matmul", scale: Tensor | None = None) -> Tensor:
+    """``scale`` times the sum of ``m`` over each output's window on the last two axes.
 
     ``method="matmul"`` writes each axis' window as a 0/1 matrix and applies the two of them as
-    matrix products (fast in eager mode on any device: it runs at GEMM speed and handles stride,
-    dilation, even windows and padding alike). ``method="slices"`` adds shifted strided slices,
-    which ``torch.compile`` fuses into one loop. Both sum exactly the same terms.
+    matrix products, with ``scale`` folded into the last (small) matrix: fast in eager mode on any
+    device, since it runs at GEMM speed and handles stride, dilation, even windows and padding
+    alike. ``method="slices"`` adds shifted strided slices, which ``torch.compile`` fuses into one
+    loop. Both sum exactly the same terms.
     """
     if method == "matmul":
         h, w = m.shape[-2], m.shape[-1]
-        if not win_w.is_identity():
-            m = torch.matmul(m, window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1))
         if not win_h.is_identity():
-            m = torch.matmul(window_matrix(win_h, h, m.dtype, m.device), m)
-        return m
+            if not win_w.is_identity():
+                m = torch.matmul(m, window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1))
+            mat = window_matrix(win_h, h, m.dtype, m.device)
+            return torch.matmul(mat if scale is None else mat * scale, m)
+        if not win_w.is_identity():
+            mat = window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1)
+            return torch.matmul(m, mat if scale is None else mat * scale)
+        return m if scale is None else m * scale
     if method == "slices":
         if not win_w.is_identity():
             m = _sum_along(m, win_w, -1)
         if not win_h.is_identity():
             m = _sum_along(m, win_h, -2)
-        return m
+        return m if scale is None else m * scale
     raise ValueError(f"unknown window_sum method {method!r}; expected 'matmul' or 'slices'")
 
 
@@ -247,3 +252,14 @@ def safe_sqrt(v: Tensor) -> Tensor:
     if torch.is_grad_enabled() and v.requires_grad:
         return _SafeSqrt.apply(v)
     return torch.sqrt(v)
+
+
+_compiled_fns: dict = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn)`` with dynamic shapes, created on first use and shared by all callers."""
+    out = _compiled_fns.get(fn)
+    if out is None:
+        out = _compiled_fns[fn] = torch.compile(fn, dynamic=True)
+    return out

@@ -35,8 +35,9 @@ class Context:
         broadcast against the pair maps (``[n1, 1, h, w]`` and ``[1, n2, h, w]`` for a block).
     :ivar same: pair pass on a square block whose ``(a, a)`` pairs are an image with itself; those
         entries are set exactly to the self values after every nonlinearity.
-    :ivar fast: forward-only code allowed (no autograd), with vectorisable approximations whose
-        error is far below the dtype's resolution.
+    :ivar compiled: ``"none"`` (eager), ``"ops"`` (eager walk with compiled elementwise kernels) or
+        ``"full"`` (the whole pass runs inside ``torch.compile``); compiled paths are forward-only
+        and may use vectorisable approximations whose error is far below the dtype's resolution.
     :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
     """
 
@@ -46,7 +47,7 @@ class Context:
     trace_x: list[Tensor] | None = None
     trace_z: list[Tensor] | None = None
     same: bool = False
-    fast: bool = False
+    compiled: str = "none"
     window_method: str = "matmul"
     _slot: int = field(default=0, repr=False)
 

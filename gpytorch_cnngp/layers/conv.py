@@ -137,9 +137,8 @@ class Conv2d(Layer):
         return h, w
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        summed = window_sum(m, self.window, self.window, ctx.window_method)
         scale = self.hyper(ctx, "var_weight") / (self.kernel_size * self.kernel_size)
-        return summed * scale + self.hyper(ctx, "var_bias")
+        return window_sum(m, self.window, self.window, ctx.window_method, scale) + self.hyper(ctx, "var_bias")
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         c_in = in_channels * self.in_channel_multiplier
