@@ -352,7 +352,7 @@ def data_checksum(array: np.ndarray | torch.Tensor, algorithm: str = "sha256") -
         array = array.detach().cpu().contiguous().numpy()
     data = np.ascontiguousarray(array)
     digest = hashlib.new(algorithm, usedforsecurity=False)
-    digest.update(memoryview(data).cast("B"))
+    digest.update(data.tobytes() if data.size == 0 else memoryview(data).cast("B"))
     return digest.hexdigest()
 
 

@@ -1,0 +1,408 @@
+"""Computing the blocks of a kernel store, in-process or on a Dask cluster.
+
+Three schedulers, one code path:
+
+* ``"sync"`` (the default): blocks are computed one after the other in this process, no Dask needed;
+* ``"local"``: a :class:`dask.distributed.LocalCluster` of worker *processes* on this machine (``n_workers``,
+  one thread each), started and closed for the run;
+* ``"tcp://host:8786"`` (any Dask scheduler address): an existing cluster, possibly across machines. Every worker
+  needs this package installed; give each worker one GPU (e.g. ``CUDA_VISIBLE_DEVICES=k dask worker ADDRESS
+  --nworkers 1 --nthreads 1``).
+
+The image arrays are scattered to the workers once; each task rebuilds the architecture from its configuration
+name and hyperparameters (:class:`ArchitectureSpec`, so nothing unpicklable travels), computes one block with
+:func:`gpytorch_cnngp.gram` (or :func:`gpytorch_cnngp.gram_diag`) and returns it as a NumPy array. Only the
+client writes the HDF5 store, committing each block as it arrives (:meth:`KernelStore.write_block`); a bounded
+number of blocks is in flight at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .architectures import ARCHITECTURES
+from .layers import Layer
+from .store import Block, KernelStore
+
+__all__ = [
+    "ArchitectureSpec",
+    "ComputeReport",
+    "SchedulerUnavailable",
+    "compute_block",
+    "compute_store",
+    "default_tile_size",
+    "open_client",
+    "resolve_device",
+]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# architectures that travel
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A paper architecture by name plus every keyword argument of its factory (picklable, JSON-able).
+
+    :ivar name: a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`.
+    :ivar kwargs: the factory's keyword arguments, defaults included (see :meth:`from_name`).
+    """
+
+    name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ArchitectureSpec:
+        """The spec of configuration ``name`` with its defaults filled in and ``overrides`` applied.
+
+        :raises ValueError: for an unknown name or an argument the factory does not take.
+        """
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown configuration {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+        params = inspect.signature(ARCHITECTURES[name]).parameters
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            raise ValueError(f"{name} takes no argument(s) {', '.join(unknown)}; it takes {', '.join(params)}")
+        kwargs = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        kwargs.update(overrides)
+        return cls(name, kwargs)
+
+    def build(self) -> Layer:
+        """A fresh model of this architecture."""
+        if self.name not in ARCHITECTURES:
+            raise ValueError(f"unknown configuration {self.name!r}; expected one of {', '.join(ARCHITECTURES)}")
+        return ARCHITECTURES[self.name](**dict(self.kwargs))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one block
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or ``None``): a CUDA device when one is present, else the CPU; anything else as given.
+
+    Inside a Dask worker whose name is an integer ``k`` (a local cluster), ``"auto"`` picks GPU ``k`` modulo the
+    number of GPUs, so that the workers of one machine share its GPUs out.
+    """
+    if device is None or str(device) == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        index = 0
+        with contextlib.suppress(Exception):
+            from distributed import get_worker
+
+            name = get_worker().name
+            if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+                index = int(name) % torch.cuda.device_count()
+        return torch.device("cuda", index)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here")
+    return dev
+
+
+def default_tile_size(device: str | torch.device | None) -> int:
+    """The default edge of the stored blocks: 2048 on a GPU, 128 on the CPU.
+
+    A block is the unit of checkpointing and of distribution; inside a block the engine tiles again to fit
+    memory, so a large block costs nothing extra on a GPU.
+    """
+    dev = resolve_device(device) if device is None or str(device) == "auto" else torch.device(device)
+    return 2048 if dev.type == "cuda" else 128
+
+
+def compute_block(
+    spec: ArchitectureSpec,
+    row_images: np.ndarray,
+    rows: tuple[int, int],
+    col_images: np.ndarray | None,
+    cols: tuple[int, int] | None,
+    *,
+    symmetric: bool = False,
+    dtype: str = "float32",
+    device: str = "auto",
+    memory_budget: int | None = None,
+    compile: bool | None = False,
+    threads: int | None = None,
+) -> tuple[np.ndarray, float, str]:
+    """Compute one block where it runs (this process or a Dask worker).
+
+    :param spec: the architecture.
+    :param row_images: the images the rows index, ``[n, C, H, W]`` (the whole part; ``rows`` selects).
+    :param rows: half-open range of row images.
+    :param col_images: the images the columns index; ``None`` for a diagonal block (``k(x, x)``).
+    :param cols: half-open range of column images; ``None`` for a diagonal block.
+    :param symmetric: rows and columns are the same images (an on-diagonal ``Kxx`` tile): computed as ``K(X, X)``,
+        whose diagonal is exactly the self variance.
+    :param dtype: ``"float32"`` or ``"float64"``.
+    :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    :param memory_budget: bytes the engine may use (default: its own).
+    :param compile: use ``torch.compile`` (``None``: on a GPU only).
+    :param threads: set ``torch.set_num_threads`` first (``None`` leaves it).
+    :return: ``(values, seconds, device)``: the block as a NumPy array of ``dtype``, the compute time, and the
+        device it ran on.
+    """
+    from .engine import gram, gram_diag
+
+    started = time.perf_counter()
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(device)
+    tdtype = _DTYPES[dtype]
+    if compile is None:
+        compile = dev.type == "cuda"
+    model = spec.build()
+    x = torch.as_tensor(np.asarray(row_images[rows[0] : rows[1]])).to(device=dev, dtype=tdtype)
+    if cols is None:
+        values = gram_diag(model, x)
+    elif symmetric:
+        values = gram(model, x, memory_budget=memory_budget, compile=compile)
+    else:
+        assert col_images is not None
+        z = torch.as_tensor(np.asarray(col_images[cols[0] : cols[1]])).to(device=dev, dtype=tdtype)
+        values = gram(model, x, z, memory_budget=memory_budget, compile=compile)
+    out = values.detach().to("cpu").numpy()
+    return out, time.perf_counter() - started, str(dev)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schedulers
+
+
+class SchedulerUnavailable(RuntimeError):
+    """The Dask scheduler cannot be reached, or dask.distributed is not installed."""
+
+
+@contextlib.contextmanager
+def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterator[Any]:
+    """A Dask client for ``scheduler``, or ``None`` for in-process work; closes what it started.
+
+    :param scheduler: ``"sync"`` (or ``None``/``"inprocess"``): no Dask; ``"local"``: a new
+        :class:`~dask.distributed.LocalCluster` of ``n_workers`` processes (default: one per CPU core, up to 4)
+        with one thread each; an address such as ``"tcp://host:8786"``: connect to that scheduler; an existing
+        :class:`~dask.distributed.Client`: used as is (not closed).
+    :raises ValueError: for an unknown scheduler string.
+    :raises SchedulerUnavailable: when ``dask.distributed`` is missing or the scheduler cannot be reached.
+    """
+    if scheduler is None or scheduler in ("sync", "inprocess", "in-process"):
+        yield None
+        return
+    if not isinstance(scheduler, str):
+        yield scheduler  # a Client made by the caller
+        return
+    if scheduler != "local" and "://" not in scheduler:
+        raise ValueError(
+            f"unknown scheduler {scheduler!r}: use 'sync' (in-process), 'local' (a local Dask cluster) or a Dask "
+            "scheduler address such as tcp://host:8786"
+        )
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:  # pragma: no cover - dask is in the experiments extra
+        raise SchedulerUnavailable(
+            "this scheduler needs dask.distributed: pip install 'gpytorch-cnngp[experiments]'"
+        ) from err
+    if scheduler == "local":
+        if n_workers is None:
+            n_workers = max(1, min(4, os.cpu_count() or 1))
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be at least 1, got {n_workers}")
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        )
+        try:
+            client = Client(cluster)
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            cluster.close()
+        return
+    try:
+        client = Client(scheduler, timeout="30s")
+    except OSError as exc:
+        raise SchedulerUnavailable(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@dataclass
+class ComputeReport:
+    """What :func:`compute_store` did.
+
+    :ivar blocks: blocks computed and committed in this run.
+    :ivar entries: kernel entries computed in this run.
+    :ivar seconds: wall-clock seconds of this run.
+    :ivar devices: the devices the blocks ran on.
+    :ivar complete: whether the store is now complete.
+    """
+
+    blocks: int = 0
+    entries: int = 0
+    seconds: float = 0.0
+    devices: set[str] = field(default_factory=set)
+    complete: bool = False
+
+
+def _bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
+        return None
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="entries", unit_scale=True, smoothing=0.1, dynamic_ncols=True
+    )
+
+
+def compute_store(
+    store: KernelStore,
+    spec: ArchitectureSpec,
+    images: Mapping[str, np.ndarray],
+    *,
+    scheduler: Any = "sync",
+    n_workers: int | None = None,
+    device: str = "auto",
+    memory_budget: int | None = None,
+    compile: bool | None = None,
+    threads: int | None = None,
+    max_in_flight: int | None = None,
+    progress: bool = True,
+    on_block: Callable[[Block, float], None] | None = None,
+) -> ComputeReport:
+    """Compute every block of ``store`` that is not committed yet, and commit each one as it finishes.
+
+    :param store: a store open for writing (``mode="r+"``).
+    :param spec: the architecture (must be the store's: its name and hyperparameters are checked).
+    :param images: ``{"train": X, "val": X, "test": X}``, arrays ``[n, C, H, W]`` of the store's part sizes.
+    :param scheduler: see :func:`open_client`.
+    :param n_workers: workers of a ``"local"`` cluster.
+    :param device: where blocks run (``"auto"``: the GPU of the worker when it has one).
+    :param memory_budget: bytes the engine may use per block.
+    :param compile: ``torch.compile`` the pair pass (``None``: on GPUs only).
+    :param threads: torch threads in each task (``None``: leave the process default).
+    :param max_in_flight: blocks submitted but not yet written (default: twice the cluster's threads).
+    :param progress: show a progress bar (entries, rate, ETA).
+    :param on_block: called with each committed block and its seconds (e.g. for logging).
+    :return: a :class:`ComputeReport`.
+    :raises NonFiniteTileError: when a block holds NaN/inf (the blocks committed before it stay committed).
+    """
+    if store.mode != "r+":
+        raise ValueError("compute_store needs a store opened for writing (mode='r+')")
+    meta = store.meta
+    if spec.name != meta.architecture or dict(spec.kwargs) != dict(meta.hyperparameters):
+        raise ValueError(
+            f"the architecture {spec.name} {dict(spec.kwargs)} is not the store's "
+            f"{meta.architecture} {dict(meta.hyperparameters)}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for part in ("train", "val", "test"):
+        a = np.ascontiguousarray(np.asarray(images[part]), dtype=meta.dtype)
+        if a.ndim != 4 or a.shape[0] != meta.size(part):
+            raise ValueError(f"images[{part!r}] has shape {a.shape}, expected [{meta.size(part)}, C, H, W]")
+        arrays[part] = a
+    pending = store.pending()
+    done, total = store.entries()
+    report = ComputeReport()
+    started = time.perf_counter()
+    if not pending:
+        report.complete = True
+        return report
+    options = {"dtype": meta.dtype, "device": device, "memory_budget": memory_budget, "compile": compile}
+    bar = _bar(progress, total, done, f"{meta.architecture} kernels")
+
+    def commit(block: Block, values: np.ndarray, seconds: float, dev: str) -> None:
+        store.write_block(block, values, seconds)
+        report.blocks += 1
+        report.entries += block.entries
+        report.devices.add(dev)
+        if bar is not None:
+            bar.update(block.entries)
+        if on_block is not None:
+            on_block(block, seconds)
+
+    try:
+        with open_client(scheduler, n_workers) as client:
+            if client is None:
+                for block in pending:
+                    values, seconds, dev = compute_block(
+                        spec,
+                        arrays[block.row_part],
+                        block.rows,
+                        arrays[block.col_part] if block.col_part else None,
+                        block.cols,
+                        symmetric=block.symmetric,
+                        threads=threads,
+                        **options,
+                    )
+                    commit(block, values, seconds, dev)
+            else:
+                _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - started
+    report.complete = store.is_complete()
+    return report
+
+
+def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit) -> None:
+    from distributed import as_completed
+
+    futures_of = client.scatter(arrays, broadcast=True)  # once: every task reuses the workers' copies
+    if max_in_flight is None:
+        max_in_flight = max(2, 2 * sum(client.nthreads().values()))
+    queue = list(pending)
+    position = 0
+    block_of: dict[Any, Block] = {}
+
+    def submit() -> Any:
+        nonlocal position
+        block = queue[position]
+        position += 1
+        future = client.submit(
+            compute_block,
+            spec,
+            futures_of[block.row_part],
+            block.rows,
+            futures_of[block.col_part] if block.col_part else None,
+            block.cols,
+            symmetric=block.symmetric,
+            threads=threads,
+            pure=False,
+            key=f"cnngp-{block.name}-{'-'.join(map(str, block.index))}-{os.getpid()}-{time.time_ns()}",
+            **options,
+        )
+        block_of[future] = block
+        return future
+
+    running = as_completed([submit() for _ in range(min(max_in_flight, len(queue)))])
+    try:
+        for future in running:
+            block = block_of.pop(future)
+            try:
+                values, seconds, dev = future.result()
+            except Exception as exc:
+                raise RuntimeError(f"computing {block.describe()} failed on a worker: {exc}") from exc
+            commit(block, values, seconds, dev)
+            del values
+            future.release()
+            if position < len(queue):
+                running.add(submit())
+    finally:
+        for future in list(block_of):
+            future.cancel()

@@ -1,0 +1,637 @@
+"""A resumable, crash-safe HDF5 store for the kernel matrices behind a classification run.
+
+One file holds, for a data split of ``n_train`` training, ``n_val`` validation and ``n_test`` test images:
+
+* ``Kxx`` ``[n_train, n_train]``, ``Kvx`` ``[n_val, n_train]`` and ``Ktx`` ``[n_test, n_train]``;
+* the diagonals ``Kvv_diag`` ``[n_val]`` and ``Ktt_diag`` ``[n_test]`` (for predictive variances);
+* the labels ``y_train``, ``y_val`` and ``y_test``;
+* per block of ``tile_size`` rows and columns, a completion record ``done_<name>`` (uint8) and the seconds the
+  block took, ``seconds_<name>`` (float64);
+* attributes recording the architecture, its hyperparameters, the dtype, the data set and split, the sizes,
+  checksums of the images and labels, the tile size and the package version.
+
+Crash safety (a run killed at any moment, ``kill -9`` included, resumes where it stopped):
+
+* the file is built completely under a temporary name and renamed into place, so a store either exists
+  whole or not at all;
+* every dataset is created up front with contiguous, early-allocated storage and no timestamps, so that
+  computing tiles later writes raw data only and never touches HDF5 metadata; the file keeps the default
+  (earliest) format, which has no "file open" status flag, so it reopens after a crash;
+* a tile is committed by writing its values, flushing them to the operating system (and ``fsync``), and only
+  then setting its ``done`` byte and flushing again. A kill between the two leaves the tile marked not done;
+  it is recomputed on resume, and since blocks are computed deterministically the result is the same.
+
+Only one process writes a store at a time (HDF5's file lock refuses a second writer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MATRICES",
+    "DIAGONALS",
+    "Block",
+    "StoreMeta",
+    "StoreError",
+    "StoreMismatch",
+    "StoreIncomplete",
+    "NonFiniteTileError",
+    "KernelStore",
+]
+
+FORMAT = "gpytorch_cnngp.kernel_store"
+"""Value of the ``format`` attribute of every store."""
+
+FORMAT_VERSION = 1
+"""Layout version of the store; stores of another version are refused."""
+
+MATRICES: dict[str, tuple[str, str]] = {"Kxx": ("train", "train"), "Kvx": ("val", "train"), "Ktx": ("test", "train")}
+"""The kernel matrices: name -> (row part, column part)."""
+
+DIAGONALS: dict[str, str] = {"Kvv_diag": "val", "Ktt_diag": "test"}
+"""The stored diagonals: name -> part."""
+
+PARTS: tuple[str, ...] = ("train", "val", "test")
+
+_DTYPES = ("float32", "float64")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# errors
+
+
+class StoreError(RuntimeError):
+    """A kernel store cannot be created, opened or used."""
+
+
+class StoreMismatch(StoreError):
+    """An existing store was made for another architecture, hyperparameters, split, sizes, dtype or data."""
+
+    def __init__(self, path: Path, differences: list[tuple[str, Any, Any]]) -> None:
+        self.path = path
+        self.differences = differences
+        lines = "\n".join(
+            f"  - {key}: the store has {stored!r}, this run wants {wanted!r}" for key, stored, wanted in differences
+        )
+        super().__init__(
+            f"{path} was made for a different run and is not reused:\n{lines}\n"
+            "Choose another output file, or delete this one to start again."
+        )
+
+
+class StoreIncomplete(StoreError):
+    """The store does not hold every block yet (the run computing it was interrupted)."""
+
+
+class NonFiniteTileError(StoreError):
+    """A computed tile contains NaN or infinite values; nothing of it was written."""
+
+    def __init__(self, block: Block, n_bad: int, total: int) -> None:
+        self.block = block
+        super().__init__(
+            f"tile {block.describe()} contains {n_bad} NaN or infinite value(s) out of {total}; it was not written. "
+            "Check the hyperparameters and the dtype (float64 gives more range)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metadata and blocks
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store was computed for; a store is reused only for an identical :class:`StoreMeta`.
+
+    :ivar architecture: the configuration name (a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`).
+    :ivar hyperparameters: the keyword arguments of the architecture factory (every one, defaults included).
+    :ivar dtype: ``"float32"`` or ``"float64"``, the dtype the kernels are computed and stored in.
+    :ivar dataset: ``"mnist"`` or ``"fashion_mnist"``.
+    :ivar split: the split name (see :data:`gpytorch_cnngp.datasets.SPLITS`).
+    :ivar n_train, n_val, n_test: the sizes of the three parts (the first images of each part of the split).
+    :ivar checksums: SHA-256 of the images (as uint8) and labels of each part: keys ``train_images``,
+        ``train_labels``, ``val_images``, ... (see :func:`gpytorch_cnngp.datasets.data_checksum`).
+    """
+
+    architecture: str
+    hyperparameters: Mapping[str, Any]
+    dtype: str
+    dataset: str
+    split: str
+    n_train: int
+    n_val: int
+    n_test: int
+    checksums: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        for part in PARTS:
+            n = getattr(self, f"n_{part}")
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+                raise ValueError(f"n_{part} must be a non-negative integer, got {n!r}")
+        if self.n_train < 1:
+            raise ValueError("n_train must be at least 1")
+
+    def size(self, part: str) -> int:
+        """Number of images of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""
+        return int(getattr(self, f"n_{part}"))
+
+    def items(self) -> dict[str, Any]:
+        """The comparable fields as plain JSON-able values (hyperparameters and checksums as sorted dicts)."""
+        return {
+            "architecture": self.architecture,
+            "hyperparameters": json.loads(json.dumps(dict(self.hyperparameters), sort_keys=True)),
+            "dtype": self.dtype,
+            "dataset": self.dataset,
+            "split": self.split,
+            "n_train": int(self.n_train),
+            "n_val": int(self.n_val),
+            "n_test": int(self.n_test),
+            "checksums": dict(sorted(self.checksums.items())),
+        }
+
+
+@dataclass(frozen=True)
+class Block:
+    """One tile of a stored matrix (or one segment of a stored diagonal).
+
+    :ivar name: the dataset (``"Kxx"``, ``"Kvx"``, ``"Ktx"``, ``"Kvv_diag"`` or ``"Ktt_diag"``).
+    :ivar index: the block's position in the completion record: ``(bi, bj)`` for matrices, ``(bi,)`` for diagonals.
+    :ivar rows: half-open row range.
+    :ivar cols: half-open column range (``None`` for diagonals).
+    :ivar row_part, col_part: the data parts the rows and columns index (``col_part`` ``None`` for diagonals).
+    """
+
+    name: str
+    index: tuple[int, ...]
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None
+    row_part: str
+    col_part: str | None
+
+    @property
+    def is_diagonal(self) -> bool:
+        """A segment of a stored diagonal (``k(x, x)`` for single images)."""
+        return self.cols is None
+
+    @property
+    def symmetric(self) -> bool:
+        """An on-diagonal tile of ``Kxx``: the images of its rows and columns are the same."""
+        return self.name == "Kxx" and self.index[0] == self.index[1]
+
+    @property
+    def mirrored(self) -> bool:
+        """An off-diagonal tile of ``Kxx``, also written transposed below the diagonal."""
+        return self.name == "Kxx" and self.index[0] != self.index[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the block's values."""
+        if self.cols is None:
+            return (self.rows[1] - self.rows[0],)
+        return (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
+
+    @property
+    def entries(self) -> int:
+        """Number of kernel entries computed for this block."""
+        return int(math.prod(self.shape))
+
+    def describe(self) -> str:
+        """E.g. ``Kxx[0:100, 200:300] (block (0, 2))``."""
+        r = f"{self.rows[0]}:{self.rows[1]}"
+        where = f"{self.name}[{r}]" if self.cols is None else f"{self.name}[{r}, {self.cols[0]}:{self.cols[1]}]"
+        return f"{where} (block {self.index if len(self.index) > 1 else self.index[0]})"
+
+
+def _n_blocks(n: int, tile: int) -> int:
+    return -(-n // tile)
+
+
+def _dcpl() -> h5py.h5p.PropDCID:
+    """Contiguous storage, allocated when the dataset is created, never filled: later writes are raw data only."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the store
+
+
+class KernelStore:
+    """An HDF5 kernel store opened for reading (``mode="r"``) or for computing tiles (``mode="r+"``).
+
+    Create one with :meth:`create`, open one with :meth:`open`, or do whichever applies with :meth:`open_or_create`.
+    Use it as a context manager (or call :meth:`close`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str = "r") -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"no kernel store at {self.path}")
+        try:
+            # Readers skip HDF5's file lock: a store's metadata never changes after creation, so reading while a
+            # run is computing tiles is safe (the completion records say which blocks are there).
+            self._file = self._open_h5(mode)
+        except OSError as exc:
+            reason = str(exc)
+            if "lock" in reason.lower():
+                raise StoreError(
+                    f"cannot open {self.path}: another process has it open for writing (only one writer at a time)"
+                ) from exc
+            raise StoreError(f"cannot open {self.path} as an HDF5 kernel store: {reason}") from exc
+        self.mode = mode
+        try:
+            self._check_layout()
+        except BaseException:
+            self._file.close()
+            raise
+        self._done = {name: self._file[f"done_{name}"] for name in (*MATRICES, *DIAGONALS)}
+        self._fd: int | None = None
+        if mode == "r+":
+            with contextlib.suppress(Exception):
+                self._fd = int(self._file.id.get_vfd_handle())
+
+    def _open_h5(self, mode: str) -> h5py.File:
+        if mode == "r":
+            try:
+                return h5py.File(self.path, "r", locking=False)
+            except OSError as exc:
+                if "locking flag" not in str(exc):
+                    raise
+                # this process already has the file open (with HDF5's default locking): share that
+        return h5py.File(self.path, mode)
+
+    # ---- creation and opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        meta: StoreMeta,
+        labels: Mapping[str, np.ndarray],
+        tile_size: int,
+        *,
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> KernelStore:
+        """Create a new, empty store at ``path`` (refused if a file is there) and open it for writing.
+
+        The file is built under ``<path>.incomplete`` and renamed into place once whole.
+
+        :param meta: what the store is for.
+        :param labels: ``{"train": y, "val": y, "test": y}``, integer arrays of the part sizes.
+        :param tile_size: edge of the blocks that are computed and committed at once.
+        :param extra_attrs: more attributes to record (provenance only, never compared), JSON-able values.
+        """
+        path = Path(path)
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 1:
+            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        tile_size = int(tile_size)
+        if path.exists():
+            raise StoreError(f"{path} already exists")
+        for part in PARTS:
+            y = np.asarray(labels[part])
+            if y.shape != (meta.size(part),):
+                raise ValueError(f"labels[{part!r}] has shape {y.shape}, expected ({meta.size(part)},)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".incomplete")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a leftover of a creation that was killed
+        from . import __version__
+
+        items = meta.items()
+        attrs: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": items["architecture"],
+            "hyperparameters": json.dumps(items["hyperparameters"], sort_keys=True),
+            "dtype": items["dtype"],
+            "dataset": items["dataset"],
+            "split": items["split"],
+            "n_train": items["n_train"],
+            "n_val": items["n_val"],
+            "n_test": items["n_test"],
+            "tile_size": tile_size,
+            "checksums": json.dumps(items["checksums"], sort_keys=True),
+            "package_version": __version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        for key, value in items["checksums"].items():
+            attrs[f"checksum_{key}"] = value
+        for key, value in (extra_attrs or {}).items():
+            if key in attrs:
+                raise ValueError(f"extra attribute {key!r} would overwrite a recorded one")
+            if isinstance(value, str):
+                attrs[key] = str(value)  # plain str: h5py cannot store str subclasses such as torch's version
+            elif isinstance(value, bool | int | float):
+                attrs[key] = value
+            else:
+                attrs[key] = json.dumps(value, sort_keys=True)
+        dcpl = _dcpl()
+        try:
+            with h5py.File(tmp, "w") as f:
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+                for name, (rows, cols) in MATRICES.items():
+                    n_r, n_c = meta.size(rows), meta.size(cols)
+                    f.create_dataset(name, shape=(n_r, n_c), dtype=meta.dtype, dcpl=dcpl, track_times=False)
+                    grid = (_n_blocks(n_r, tile_size), _n_blocks(n_c, tile_size))
+                    f.create_dataset(f"done_{name}", shape=grid, dtype="u1", dcpl=dcpl, track_times=False)
+                    f.create_dataset(f"seconds_{name}", shape=grid, dtype="f8", dcpl=dcpl, track_times=False)
+                for name, part in DIAGONALS.items():
+                    n = meta.size(part)
+                    f.create_dataset(name, shape=(n,), dtype=meta.dtype, dcpl=dcpl, track_times=False)
+                    grid = (_n_blocks(n, tile_size),)
+                    f.create_dataset(f"done_{name}", shape=grid, dtype="u1", dcpl=dcpl, track_times=False)
+                    f.create_dataset(f"seconds_{name}", shape=grid, dtype="f8", dcpl=dcpl, track_times=False)
+                for name in (*MATRICES, *DIAGONALS):
+                    done = f[f"done_{name}"]
+                    if done.size:
+                        done[...] = 0  # explicit zeros: the completion record never relies on fill values
+                        f[f"seconds_{name}"][...] = 0.0
+                for part in PARTS:
+                    f.create_dataset(
+                        f"y_{part}", data=np.asarray(labels[part], dtype=np.int64), dcpl=dcpl, track_times=False
+                    )
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if path.exists():
+                raise StoreError(f"{path} appeared while it was being created")
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return cls(path, "r+")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], expected: StoreMeta | None = None, mode: str = "r") -> KernelStore:
+        """Open an existing store; with ``expected``, refuse it (:class:`StoreMismatch`) unless made for that run."""
+        store = cls(path, mode)
+        if expected is not None:
+            try:
+                store.check(expected)
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | os.PathLike[str],
+        meta: StoreMeta,
+        labels: Mapping[str, np.ndarray],
+        tile_size: int,
+        *,
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> KernelStore:
+        """Resume the store at ``path`` if there is one made for ``meta`` (else refuse), or create it.
+
+        A resumed store keeps the tile size recorded in it (see :attr:`tile_size`), whatever ``tile_size`` says.
+        """
+        if Path(path).exists():
+            return cls.open(path, meta, mode="r+")
+        return cls.create(path, meta, labels, tile_size, extra_attrs=extra_attrs)
+
+    def _check_layout(self) -> None:
+        f = self._file
+        if f.attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is an HDF5 file but not a gpytorch_cnngp kernel store")
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has store format version {version}; this version reads {FORMAT_VERSION}")
+        meta, tile = self.meta, self.tile_size
+        expected: dict[str, tuple[int, ...]] = {}
+        for name, (rows, cols) in MATRICES.items():
+            expected[name] = (meta.size(rows), meta.size(cols))
+            expected[f"done_{name}"] = (_n_blocks(meta.size(rows), tile), _n_blocks(meta.size(cols), tile))
+        for name, part in DIAGONALS.items():
+            expected[name] = (meta.size(part),)
+            expected[f"done_{name}"] = (_n_blocks(meta.size(part), tile),)
+        for part in PARTS:
+            expected[f"y_{part}"] = (meta.size(part),)
+        for name, shape in expected.items():
+            if name not in f:
+                raise StoreError(f"{self.path} is damaged: dataset {name!r} is missing")
+            if f[name].shape != shape:
+                raise StoreError(
+                    f"{self.path} is damaged: dataset {name!r} has shape {f[name].shape}, expected {shape}"
+                )
+
+    def check(self, expected: StoreMeta) -> None:
+        """Raise :class:`StoreMismatch` listing every field in which this store differs from ``expected``."""
+        stored, wanted = self.meta.items(), expected.items()
+        differences: list[tuple[str, Any, Any]] = []
+        for key in stored:
+            if key in ("hyperparameters", "checksums"):
+                a, b = stored[key], wanted[key]
+                for sub in sorted(set(a) | set(b)):
+                    if a.get(sub) != b.get(sub):
+                        differences.append((f"{key}.{sub}", a.get(sub), b.get(sub)))
+            elif stored[key] != wanted[key]:
+                differences.append((key, stored[key], wanted[key]))
+        if differences:
+            raise StoreMismatch(self.path, differences)
+
+    # ---- properties
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All recorded attributes as plain Python values."""
+        return {key: _jsonable(value) for key, value in self._file.attrs.items()}
+
+    @property
+    def meta(self) -> StoreMeta:
+        """What the store was made for."""
+        a = self._file.attrs
+        return StoreMeta(
+            architecture=str(_jsonable(a["architecture"])),
+            hyperparameters=json.loads(_jsonable(a["hyperparameters"])),
+            dtype=str(_jsonable(a["dtype"])),
+            dataset=str(_jsonable(a["dataset"])),
+            split=str(_jsonable(a["split"])),
+            n_train=int(a["n_train"]),
+            n_val=int(a["n_val"]),
+            n_test=int(a["n_test"]),
+            checksums=json.loads(_jsonable(a["checksums"])),
+        )
+
+    @property
+    def tile_size(self) -> int:
+        """Edge of the blocks of this store (fixed when it was created)."""
+        return int(self._file.attrs["tile_size"])
+
+    # ---- blocks
+
+    def blocks(self, name: str | None = None) -> Iterator[Block]:
+        """Every block of dataset ``name`` (of all datasets, diagonals first, when ``None``).
+
+        ``Kxx`` has only the blocks on and above the diagonal; each off-diagonal one also fills its mirror.
+        """
+        names = (*DIAGONALS, *MATRICES) if name is None else (name,)
+        meta, t = self.meta, self.tile_size
+        for nm in names:
+            if nm in DIAGONALS:
+                part = DIAGONALS[nm]
+                n = meta.size(part)
+                for bi in range(_n_blocks(n, t)):
+                    yield Block(nm, (bi,), (bi * t, min(n, (bi + 1) * t)), None, part, None)
+            elif nm in MATRICES:
+                rp, cp = MATRICES[nm]
+                n_r, n_c = meta.size(rp), meta.size(cp)
+                for bi in range(_n_blocks(n_r, t)):
+                    for bj in range(bi if nm == "Kxx" else 0, _n_blocks(n_c, t)):
+                        rows = (bi * t, min(n_r, (bi + 1) * t))
+                        cols = (bj * t, min(n_c, (bj + 1) * t))
+                        yield Block(nm, (bi, bj), rows, cols, rp, cp)
+            else:
+                raise ValueError(f"unknown dataset {nm!r}; expected one of {', '.join((*MATRICES, *DIAGONALS))}")
+
+    def done_mask(self, name: str) -> np.ndarray:
+        """The completion record of dataset ``name`` as a boolean array (block grid)."""
+        return self._done[name][...].astype(bool)
+
+    def is_done(self, block: Block) -> bool:
+        """Whether ``block`` is committed."""
+        return bool(self._done[block.name][block.index])
+
+    def pending(self, name: str | None = None) -> list[Block]:
+        """The blocks not committed yet (of ``name``, or of every dataset), in computing order."""
+        masks = {nm: self.done_mask(nm) for nm in (*DIAGONALS, *MATRICES)}
+        return [b for b in self.blocks(name) if not masks[b.name][b.index]]
+
+    def entries(self) -> tuple[int, int]:
+        """``(committed, total)`` kernel entries to compute (off-diagonal ``Kxx`` blocks count once)."""
+        masks = {nm: self.done_mask(nm) for nm in (*DIAGONALS, *MATRICES)}
+        done = total = 0
+        for b in self.blocks():
+            total += b.entries
+            done += b.entries if masks[b.name][b.index] else 0
+        return done, total
+
+    def is_complete(self) -> bool:
+        """Whether every block of every dataset is committed."""
+        return not self.pending()
+
+    def block_seconds(self) -> float:
+        """Total compute seconds recorded for the committed blocks (summed over workers and resumed runs)."""
+        return float(sum(float(self._file[f"seconds_{nm}"][...].sum()) for nm in (*DIAGONALS, *MATRICES)))
+
+    # ---- writing
+
+    def _sync(self) -> None:
+        self._file.flush()
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def write_block(self, block: Block, values: np.ndarray, seconds: float = 0.0) -> None:
+        """Commit one computed block: check it, write it (and its mirror), flush, then mark it done and flush.
+
+        :raises NonFiniteTileError: when ``values`` holds NaN or inf (nothing is written).
+        :raises ValueError: when ``values`` does not have the block's shape.
+        """
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only")
+        values = np.asarray(values)
+        if values.shape != block.shape:
+            raise ValueError(f"values for {block.describe()} have shape {values.shape}, expected {block.shape}")
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise NonFiniteTileError(block, int(values.size - finite.sum()), int(values.size))
+        values = values.astype(self.meta.dtype, copy=False)
+        ds = self._file[block.name]
+        r0, r1 = block.rows
+        if block.cols is None:
+            ds[r0:r1] = values
+        else:
+            c0, c1 = block.cols
+            ds[r0:r1, c0:c1] = values
+            if block.mirrored:
+                ds[c0:c1, r0:r1] = values.T
+        self._file[f"seconds_{block.name}"][block.index] = float(seconds)
+        self._sync()  # the data is in the file before the block is marked done
+        self._done[block.name][block.index] = 1
+        self._sync()
+
+    # ---- reading
+
+    def read(self, name: str, *, require_complete: bool = True) -> np.ndarray:
+        """The whole dataset ``name`` (a matrix, diagonal or ``y_<part>``) as a NumPy array.
+
+        :raises StoreIncomplete: when a kernel dataset still has blocks to compute (unless ``require_complete``
+            is false, in which case those blocks read as zeros).
+        """
+        if name not in self._file:
+            raise KeyError(f"{self.path} has no dataset {name!r}")
+        if require_complete and name in self._done:
+            mask = self.done_mask(name)
+            if name == "Kxx":
+                mask = np.triu(mask) | np.triu(mask).T  # blocks on and above the diagonal fill their mirrors
+            if not mask.all():
+                missing = int((~mask).sum())
+                raise StoreIncomplete(
+                    f"{self.path}: {name} still has {missing} of {mask.size} blocks to compute; "
+                    "run `cnngp kernels` again with the same arguments to finish it"
+                )
+        return self._file[name][...]
+
+    def labels(self, part: str) -> np.ndarray:
+        """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""
+        return self._file[f"y_{part}"][...]
+
+    # ---- closing
+
+    def close(self) -> None:
+        """Close the file (flushing it); idempotent."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> KernelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._file.id.valid else "closed"
+        return f"KernelStore({str(self.path)!r}, mode={self.mode!r}, {state})"

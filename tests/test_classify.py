@@ -1,0 +1,117 @@
+"""The classifier: float64 Cholesky solve against a direct solve, jitter retries, error rates, variances."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from gpytorch_cnngp import classify as cl
+from gpytorch_cnngp import distributed as dist
+from gpytorch_cnngp.store import KernelStore, StoreIncomplete
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store_helpers import tiny_problem  # noqa: E402
+
+
+def _spd(n: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    F = rng.standard_normal((n, n + 5))
+    return scale * (F @ F.T / n)
+
+
+def test_one_hot_targets():
+    Y = cl.one_hot_targets(np.array([2, 0, 9]))
+    assert Y.dtype == torch.float64 and Y.shape == (3, 10)
+    expected = -np.ones((3, 10))
+    expected[0, 2] = expected[1, 0] = expected[2, 9] = 1
+    assert np.array_equal(Y.numpy(), expected)
+    with pytest.raises(ValueError, match="labels must lie in 0..9"):
+        cl.one_hot_targets(np.array([10]))
+
+
+def test_solve_matches_a_direct_float64_solve():
+    K = _spd(40, scale=1e12).astype(np.float32)  # float32 kernels of the ConvNet GP's magnitude
+    y = np.random.default_rng(1).integers(0, 10, 40)
+    Y = cl.one_hot_targets(y).numpy()
+    A, jitter = cl.solve_kernel(K, Y)
+    assert jitter == 0.0 and A.dtype == torch.float64
+    direct = scipy.linalg.solve(K.astype(np.float64), Y, assume_a="pos")
+    np.testing.assert_allclose(A.numpy(), direct, rtol=1e-7, atol=1e-7 * np.abs(direct).max())
+    a, _ = cl.solve_kernel(torch.from_numpy(K), Y[:, 3])
+    np.testing.assert_allclose(a.numpy(), direct[:, 3], rtol=1e-7, atol=1e-7 * np.abs(direct).max())
+
+
+def test_jitter_retry_on_a_singular_matrix_is_reported():
+    rng = np.random.default_rng(0)
+    F = rng.standard_normal((30, 5))
+    K = torch.from_numpy(F @ F.T)  # rank 5: the plain factorisation fails
+    assert int(torch.linalg.cholesky_ex(K).info) > 0
+    before = K.clone()
+    L, jitter = cl.cholesky_with_jitter(K)
+    mean_diag = float(K.diagonal().mean())
+    relative = jitter / mean_diag
+    assert jitter > 0 and np.isclose(np.log10(relative), np.round(np.log10(relative)))
+    assert 1e-10 <= relative <= 1e-3
+    assert torch.equal(K, before), "the caller's matrix must not be modified"
+    np.testing.assert_allclose((L @ L.T).numpy(), (K + jitter * torch.eye(30)).numpy(), atol=1e-9 * mean_diag)
+    A, used = cl.solve_kernel(K, np.ones((30, 2)))
+    assert used == jitter
+    # ill-conditioned (about 1/jitter): compare residuals, not solutions
+    residual = (K.numpy() + jitter * np.eye(30)) @ A.numpy() - np.ones((30, 2))
+    assert np.abs(residual).max() < 1e-4
+    with pytest.raises(cl.CholeskyFailed, match="failed even with a jitter of 0"):
+        cl.cholesky_with_jitter(K, max_tries=0)
+    _, explicit = cl.cholesky_with_jitter(K, jitter=0.5 * mean_diag)
+    assert explicit == 0.5 * mean_diag
+
+
+def test_predict_error_rate_and_variances():
+    K = _spd(25, seed=3)
+    Kxx, Ksx, Kss = K[:20, :20], K[20:, :20], np.diag(K)[20:]
+    y = np.arange(20) % 10
+    A, _ = cl.solve_kernel(Kxx, cl.one_hot_targets(y))
+    pred = cl.predict(Ksx, A, chunk_size=2)
+    assert np.array_equal(pred.numpy(), np.argmax(Ksx @ np.linalg.solve(Kxx, cl.one_hot_targets(y).numpy()), 1))
+    assert cl.error_rate(pred, pred) == 0.0
+    assert cl.error_rate(np.array([1, 2, 3, 4]), np.array([1, 0, 3, 0])) == 0.5
+    assert np.isnan(cl.error_rate(np.array([]), np.array([])))
+    L, _ = cl.cholesky_with_jitter(Kxx)
+    var = cl.predictive_variances(L, Ksx, Kss, chunk_size=2).numpy()
+    direct = Kss - np.einsum("ij,ji->i", Ksx, np.linalg.solve(Kxx, Ksx.T))
+    np.testing.assert_allclose(var, direct, rtol=1e-8, atol=1e-10)
+    # the training points themselves have zero posterior variance
+    np.testing.assert_allclose(cl.predictive_variances(L, Kxx[:3], np.diag(Kxx)[:3]).numpy(), 0, atol=1e-9)
+
+
+def test_classify_store_against_numpy(tmp_path):
+    spec, meta, labels, images = tiny_problem(seed=4, sizes={"n_train": 14, "n_val": 5, "n_test": 6})
+    path = tmp_path / "k.h5"
+    with KernelStore.create(path, meta, labels, 8) as store:
+        with pytest.raises(StoreIncomplete):
+            cl.classify_store(path)
+        dist.compute_store(store, spec, images, progress=False)
+        K = {n: store.read(n).astype(np.float64) for n in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag")}
+    out = cl.classify_store(path, "cpu", variances=True)
+    Y = -np.ones((14, 10))
+    Y[np.arange(14), labels["train"]] = 1
+    A = scipy.linalg.solve(K["Kxx"], Y, assume_a="pos")
+    for part, cross, diag in (("val", "Kvx", "Kvv_diag"), ("test", "Ktx", "Ktt_diag")):
+        pred = np.argmax(K[cross] @ A, 1)
+        assert np.array_equal(out[f"{part}_predictions"], pred)
+        assert out[f"{part}_error"] == pytest.approx(np.mean(pred != labels[part]))
+        var = K[diag] - np.einsum("ij,ji->i", K[cross], np.linalg.solve(K["Kxx"], K[cross].T))
+        np.testing.assert_allclose(out[f"{part}_variances"], var, rtol=1e-6, atol=1e-6 * K[diag].max())
+    assert out["jitter"] == 0.0 and out["device"] == "cpu"
+    assert (out["config"], out["split"], out["n_train"], out["n_val"], out["n_test"]) == (
+        "convnet_gp",
+        "tiny",
+        14,
+        5,
+        6,
+    )
+    assert set(out["seconds"]) == {"load", "solve", "predict"}

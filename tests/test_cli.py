@@ -1,0 +1,178 @@
+"""The `cnngp` command end to end on tiny subsets: offline on synthetic IDX files, and on real MNIST when cached."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpytorch_cnngp import cli
+from gpytorch_cnngp import datasets as ds
+
+SAMPLE = Path(__file__).parent / "data" / "mnist_sample.npz"
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: every configured source fails."""
+
+    def fail(names, scratch, progress):
+        raise OSError("network disabled in tests")
+
+    for name in ds.DATASETS:
+        monkeypatch.setitem(ds.SOURCES, name, [ds.Source("offline", fail)])
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch, offline):
+    """MNIST-shaped IDX files (60000 + 20 images, real digits where the tiny splits look) with patched MD5s."""
+    sample = np.load(SAMPLE)
+    train_x = np.zeros((60000, 28, 28), np.uint8)
+    train_y = np.zeros(60000, np.uint8)
+    # mnist_as_tf: train starts at 5000, validation at 55000, test is the official test file
+    train_x[5000:5020], train_y[5000:5020] = sample["train_images"][:20], sample["train_labels"][:20]
+    train_x[55000:55010], train_y[55000:55010] = sample["train_images"][20:30], sample["train_labels"][20:30]
+    test_x, test_y = sample["test_images"][:16], sample["test_labels"][:16]
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    md5 = {}
+    for name, array in (
+        (ds.TRAIN_IMAGES, train_x),
+        (ds.TRAIN_LABELS, train_y),
+        (ds.TEST_IMAGES, test_x),
+        (ds.TEST_LABELS, test_y),
+    ):
+        raw = _idx(array)
+        md5[name] = hashlib.md5(raw).hexdigest()
+        (folder / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=1))
+    monkeypatch.setitem(ds.MD5, "mnist", md5)
+    return tmp_path / "data"
+
+
+def test_sample_has_the_expected_keys():
+    assert {"train_images", "train_labels", "test_images", "test_labels"} <= set(np.load(SAMPLE).files)
+
+
+def test_table_end_to_end_offline(data_dir, tmp_path, capsys):
+    workdir = tmp_path / "work"
+    argv = ["table", "--n-train", "20", "--n-val", "10", "--n-test", "10", "--workdir", str(workdir)]
+    argv += ["--data-dir", str(data_dir), "--tile-size", "8", "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "estimated kernel time" in out and "validation error" in out
+    if torch.get_num_threads() > 1:
+        assert "torch threads:" in out  # chosen by timing
+    rows = json.loads((workdir / "results.json").read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    for key in ("config", "split", "n_train", "n_val", "n_test", "val_error", "test_error", "device"):
+        assert key in row
+    assert (row["config"], row["split"], row["n_train"], row["n_val"], row["n_test"]) == (
+        "convnet_gp",
+        "mnist_as_tf",
+        20,
+        10,
+        10,
+    )
+    assert 0.0 <= row["val_error"] <= 1.0 and 0.0 <= row["test_error"] <= 1.0
+    assert row["val_error"] < 0.9  # real digits: clearly better than chance even with 20 training images
+    assert (row["paper_val_error"], row["paper_test_error"]) == (0.0071, 0.0103)
+    assert row["kernel_seconds"] > 0 and row["solve_seconds"] >= 0 and row["device"] == "cpu"
+    md = (workdir / "results.md").read_text()
+    assert "ConvNet GP" in md and "0.71%" in md and "1.03%" in md
+    assert md.splitlines()[0] in out  # the table is printed
+    # a second run reuses the complete store and replaces its row
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "is complete; nothing to compute" in out
+    rows2 = json.loads((workdir / "results.json").read_text())
+    assert len(rows2) == 1 and rows2[0]["val_error"] == row["val_error"]
+
+
+def test_kernels_classify_and_clear_errors(data_dir, tmp_path, capsys):
+    store = tmp_path / "k.h5"
+    common = ["--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    sizes = ["--n-train", "12", "--n-val", "4", "--n-test", "3"]
+    assert (
+        cli.main(["kernels", "--config", "convnet_gp", "--out", str(store), "--tile-size", "5", *sizes, *common]) == 0
+    )
+    assert store.exists()
+    capsys.readouterr()
+    assert cli.main(["classify", str(store), "--variances", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["val_predictions"]) == 4 and len(result["test_variances"]) == 3
+    capsys.readouterr()
+    # the same output file for other sizes is refused, with no traceback
+    assert cli.main(["kernels", "--out", str(store), "--n-train", "12", "--n-val", "5", "--n-test", "3", *common]) == 1
+    err = capsys.readouterr().err
+    assert "n_val" in err and "Traceback" not in err and err.startswith("cnngp: error:")
+    # ... and for another architecture
+    assert cli.main(["kernels", "--config", "residual_cnn_gp", "--out", str(store), *sizes, *common]) == 1
+    assert "architecture" in capsys.readouterr().err
+    assert cli.main(["classify", str(tmp_path / "nothing.h5")]) == 1
+    assert "no kernel store" in capsys.readouterr().err
+    assert cli.main(["table", "--full", "--n-train", "5", "--workdir", str(tmp_path)]) == 1
+    assert "--full" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, offline, capsys):
+    empty = tmp_path / "empty"
+    assert cli.main(["data", "--data-dir", str(empty), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "could not obtain MNIST" in err and "Traceback" not in err
+    argv = ["kernels", "--out", str(tmp_path / "k.h5"), "--n-train", "4", "--data-dir", str(empty), "--no-progress"]
+    assert cli.main(argv) == 1
+    assert "could not obtain MNIST" in capsys.readouterr().err
+    assert not (tmp_path / "k.h5").exists()
+
+
+def test_data_command_verifies(data_dir, capsys):
+    assert cli.main(["data", "--data-dir", str(data_dir), "--no-progress"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_help_states_the_default_subset(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["table", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    d = cli.DEFAULT_SUBSET
+    assert f"first {d['n_train']} training, {d['n_val']} validation and {d['n_test']} test images" in text
+    assert cli.main([]) == 2
+
+
+def _real_mnist_cached() -> bool:
+    folder = ds.default_cache_dir() if not os.environ.get(ds.ENV_VAR) else Path(os.environ[ds.ENV_VAR])
+    folder = folder / "mnist"
+    return all((folder / n).exists() or (folder / f"{n}.gz").exists() for n in ds.FILES)
+
+
+@pytest.mark.skipif(not _real_mnist_cached(), reason="real MNIST is not in the data cache (run `cnngp data`)")
+def test_console_script_on_real_mnist(tmp_path):
+    """The installed `cnngp` entry point, as a user runs it, on the first images of the real split."""
+    exe = Path(sys.executable).with_name("cnngp")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "gpytorch_cnngp.cli"]
+    workdir = tmp_path / "work"
+    out = subprocess.run(
+        [*command, "table", "--n-train", "20", "--n-val", "10", "--n-test", "10", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "entries/s" in out.stderr  # the progress bar shows a rate
+    row = json.loads((workdir / "results.json").read_text())[0]
+    assert row["n_train"] == 20 and row["val_error"] <= 0.6

@@ -1,0 +1,117 @@
+"""Tiles on a Dask cluster of two worker processes give the same store as the in-process run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpytorch_cnngp import distributed as dist
+from gpytorch_cnngp.store import KernelStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store_helpers import assert_same_store, one_thread, store_contents, tiny_problem  # noqa: E402
+
+distributed = pytest.importorskip("distributed")
+
+TILE = 5
+SIZES = {"n_train": 12, "n_val": 4, "n_test": 3}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def _run(path, scheduler, **kwargs):
+    spec, meta, labels, images = tiny_problem(sizes=SIZES)
+    with KernelStore.open_or_create(path, meta, labels, TILE) as store, one_thread():
+        report = dist.compute_store(store, spec, images, scheduler=scheduler, progress=False, **kwargs)
+    return report
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sync") / "sync.h5"
+    report = _run(path, "sync")
+    assert report.complete and report.devices == {"cpu"}
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_client():
+    """``scheduler="local"``: a LocalCluster of two single-threaded worker processes, shared by this module."""
+    with dist.open_client("local", n_workers=2) as client:
+        assert len(client.nthreads()) == 2 and set(client.nthreads().values()) == {1}
+        yield client
+
+
+def test_two_worker_processes_equal_the_in_process_run(tmp_path, local_run, local_client):
+    """Blocks sent to the two worker processes through the scheduler's tcp:// address, like a remote cluster."""
+    address = local_client.scheduler.address
+    assert address.startswith("tcp://")
+    path = tmp_path / "dask.h5"
+    # a small in-flight bound exercises the refilling of the queue
+    report = _run(path, address, max_in_flight=2, threads=1)
+    assert report.complete and report.blocks == 3 * 4 // 2 + 1 * 3 + 1 * 3 + 1 + 1
+    data, _ = store_contents(path)
+    ref, _ = store_contents(local_run)
+    for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag"):
+        np.testing.assert_allclose(data[name], ref[name], rtol=1e-6, err_msg=name)
+    # single-threaded workers and the in-process run perform the same float operations: identical bits
+    assert_same_store(path, local_run)
+
+
+def test_cluster_resumes_an_in_process_store(tmp_path, local_run, local_client):
+    """Half the blocks in-process, the rest on the two worker processes (a Client passed as the scheduler)."""
+    spec, meta, labels, images = tiny_problem(sizes=SIZES)
+    path = tmp_path / "mixed.h5"
+    real = dist.compute_block
+    calls = {"n": 0}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise Stop
+        return real(*args, **kwargs)
+
+    with KernelStore.create(path, meta, labels, TILE) as store:
+        dist.compute_block = stop_after_five
+        try:
+            with pytest.raises(Stop):
+                dist.compute_store(store, spec, images, progress=False)
+        finally:
+            dist.compute_block = real
+        assert store.entries()[0] > 0 and not store.is_complete()
+    report = _run(path, local_client)
+    assert report.complete and report.blocks == 14 - 5
+    assert local_client.status == "running"  # a client passed in is not closed
+    assert_same_store(path, local_run)
+
+
+def test_architecture_spec():
+    spec = dist.ArchitectureSpec.from_name("residual_cnn_gp", blocks=2)
+    assert spec.kwargs == {"image_size": 28, "var_weight": 7.27, "var_bias": 4.69, "blocks": 2, "kernel_size": 4}
+    assert spec.build().out_size((28, 28)) == (1, 1)
+    with pytest.raises(ValueError, match="unknown configuration"):
+        dist.ArchitectureSpec.from_name("vgg")
+    with pytest.raises(ValueError, match="takes no argument"):
+        dist.ArchitectureSpec.from_name("convnet_gp", width=3)
+
+
+def test_bad_scheduler_and_wrong_architecture(tmp_path):
+    with pytest.raises(ValueError, match="unknown scheduler"), dist.open_client("slurm"):
+        pass
+    spec, meta, labels, images = tiny_problem(sizes=SIZES)
+    other = dist.ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=3, kernel_size=3)
+    with KernelStore.create(tmp_path / "k.h5", meta, labels, TILE) as store:
+        with pytest.raises(ValueError, match="is not the store's"):
+            dist.compute_store(store, other, images, progress=False)
+        with pytest.raises(ValueError, match="has shape"):
+            dist.compute_store(store, spec, {**images, "val": images["val"][:2]}, progress=False)

@@ -1,0 +1,311 @@
+"""The HDF5 kernel store: layout, attributes, refusal of mismatched stores, NaN tiles, crash safety (kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gpytorch_cnngp import __version__, gram, gram_diag
+from gpytorch_cnngp import distributed as dist
+from gpytorch_cnngp.store import (
+    Block,
+    KernelStore,
+    NonFiniteTileError,
+    StoreError,
+    StoreIncomplete,
+    StoreMeta,
+    StoreMismatch,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store_helpers import assert_same_store, one_thread, store_contents, tiny_problem  # noqa: E402
+
+TILE = 4
+KILL_TILE = 3  # 49 blocks in the tiny problem
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted in-process run of the tiny problem with tile size 3 (the kill test's reference)."""
+    path = tmp_path_factory.mktemp("ref") / "ref.h5"
+    spec, meta, labels, images = tiny_problem()
+    with KernelStore.create(path, meta, labels, KILL_TILE) as store, one_thread():
+        report = dist.compute_store(store, spec, images, progress=False)
+    assert report.complete
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def _computed(tmp_path, tile=TILE, **kw):
+    spec, meta, labels, images = tiny_problem(**kw)
+    path = tmp_path / "k.h5"
+    with KernelStore.create(path, meta, labels, tile) as store:
+        dist.compute_store(store, spec, images, progress=False)
+    return path, spec, meta, labels, images
+
+
+def test_layout_attributes_and_values(tmp_path):
+    path, spec, meta, labels, images = _computed(tmp_path)
+    with h5py.File(path, "r") as f:
+        for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag", "done_Kxx", "done_Kvx"):
+            assert f[name].chunks is None, f"{name} must be contiguous"
+            assert f[name].id.get_offset() is not None, f"{name} must be allocated at creation"
+        assert f["Kxx"].shape == (16, 16) and f["Kvx"].shape == (6, 16) and f["Ktx"].shape == (5, 16)
+        assert f["Kvv_diag"].shape == (6,) and f["Ktt_diag"].shape == (5,)
+        assert f["done_Kxx"].shape == (4, 4) and f["done_Kvx"].shape == (2, 4) and f["done_Ktt_diag"].shape == (2,)
+        assert f.libver[0] == "earliest"
+    with KernelStore.open(path) as store:
+        attrs = store.attrs
+        assert attrs["architecture"] == "convnet_gp"
+        assert attrs["dtype"] == "float32" and attrs["split"] == "tiny" and attrs["dataset"] == "synthetic"
+        assert (attrs["n_train"], attrs["n_val"], attrs["n_test"], attrs["tile_size"]) == (16, 6, 5, TILE)
+        assert attrs["package_version"] == __version__
+        assert attrs["checksum_train_images"] == "sha-0-train"
+        assert store.meta == meta
+        assert store.is_complete() and store.pending() == []
+        assert store.entries() == (347, 347)  # 10 Kxx blocks of 4x4 (on/above the diagonal) + 11x16 + 11
+        model = spec.build()
+        X = {p: torch.from_numpy(images[p]).double() for p in images}
+        np.testing.assert_allclose(store.read("Kxx"), gram(model, X["train"]).numpy(), rtol=2e-5)
+        np.testing.assert_allclose(store.read("Kvx"), gram(model, X["val"], X["train"]).numpy(), rtol=2e-5)
+        np.testing.assert_allclose(store.read("Ktx"), gram(model, X["test"], X["train"]).numpy(), rtol=2e-5)
+        np.testing.assert_allclose(store.read("Kvv_diag"), gram_diag(model, X["val"]).numpy(), rtol=2e-5)
+        np.testing.assert_allclose(store.read("Ktt_diag"), gram_diag(model, X["test"]).numpy(), rtol=2e-5)
+        Kxx = store.read("Kxx")
+        assert np.array_equal(Kxx, Kxx.T)
+        for part in ("train", "val", "test"):
+            assert np.array_equal(store.labels(part), labels[part])
+        assert store.block_seconds() > 0
+
+
+def test_kxx_blocks_are_upper_triangle(tmp_path):
+    _, meta, labels, _ = tiny_problem()
+    with KernelStore.create(tmp_path / "k.h5", meta, labels, 5) as store:
+        kxx = list(store.blocks("Kxx"))
+        assert [b.index for b in kxx] == [(i, j) for i in range(4) for j in range(i, 4)]
+        assert kxx[-1].rows == (15, 16) and kxx[-1].shape == (1, 1)
+        assert [b.name for b in store.pending()][:2] == ["Kvv_diag", "Kvv_diag"]
+        with pytest.raises(StoreIncomplete, match="run `cnngp kernels` again"):
+            store.read("Kxx")
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"split": "other"}, "split"),
+        ({"architecture": "resnet32_gp"}, "architecture"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"n_val": 7}, "n_val"),
+        ({"hyperparameters": "var_bias"}, "hyperparameters.var_bias"),
+        ({"checksums": "train_images"}, "checksums.train_images"),
+    ],
+)
+def test_refuses_a_store_made_for_another_run(tmp_path, change, field):
+    _, meta, labels, _ = tiny_problem()
+    path = tmp_path / "k.h5"
+    KernelStore.create(path, meta, labels, TILE).close()
+    fields = meta.items()
+    key, value = next(iter(change.items()))
+    if key == "hyperparameters":
+        fields[key] = {**fields[key], value: 1.0}
+    elif key == "checksums":
+        fields[key] = {**fields[key], value: "other"}
+    else:
+        fields[key] = value
+    other = StoreMeta(**fields)
+    with pytest.raises(StoreMismatch, match=field.replace(".", r"\.")) as err:
+        KernelStore.open_or_create(path, other, labels, TILE)
+    assert str(path) in str(err.value) and "is not reused" in str(err.value)
+    # the refused store is untouched and still opens for its own run
+    KernelStore.open_or_create(path, meta, labels, TILE).close()
+
+
+def test_not_a_store_and_missing(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["a"] = 1
+    with pytest.raises(StoreError, match="not a gpytorch_cnngp kernel store"):
+        KernelStore.open(tmp_path / "x.h5")
+    (tmp_path / "y.h5").write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="cannot open"):
+        KernelStore.open(tmp_path / "y.h5")
+    with pytest.raises(StoreError, match="no kernel store"):
+        KernelStore.open(tmp_path / "z.h5")
+    _, meta, labels, _ = tiny_problem()
+    KernelStore.create(tmp_path / "k.h5", meta, labels, TILE).close()
+    with pytest.raises(StoreError, match="already exists"):
+        KernelStore.create(tmp_path / "k.h5", meta, labels, TILE)
+
+
+def test_resume_keeps_the_recorded_tile_size(tmp_path):
+    _, meta, labels, _ = tiny_problem()
+    KernelStore.create(tmp_path / "k.h5", meta, labels, TILE).close()
+    with KernelStore.open_or_create(tmp_path / "k.h5", meta, labels, 7) as store:
+        assert store.tile_size == TILE
+
+
+def test_nan_tile_is_an_error_naming_the_tile(tmp_path):
+    _, meta, labels, _ = tiny_problem()
+    with KernelStore.create(tmp_path / "k.h5", meta, labels, TILE) as store:
+        block = next(b for b in store.blocks("Kvx") if b.index == (1, 2))
+        values = np.ones(block.shape, np.float32)
+        values[0, 1] = np.nan
+        values[1, 0] = np.inf
+        with pytest.raises(NonFiniteTileError, match=r"Kvx\[4:6, 8:12\] \(block \(1, 2\)\) contains 2 NaN"):
+            store.write_block(block, values)
+        assert not store.is_done(block)
+        assert not store.read("Kvx", require_complete=False)[4:6, 8:12].any()
+
+
+def test_nan_from_the_kernel_stops_the_run(tmp_path, monkeypatch):
+    spec, meta, labels, images = tiny_problem()
+    real = dist.compute_block
+
+    def poisoned(*args, **kwargs):
+        values, seconds, dev = real(*args, **kwargs)
+        if args[2] == (4, 6) and args[4] == (0, 4):
+            values = values * np.nan
+        return values, seconds, dev
+
+    monkeypatch.setattr(dist, "compute_block", poisoned)
+    with KernelStore.create(tmp_path / "k.h5", meta, labels, TILE) as store:
+        with pytest.raises(NonFiniteTileError, match=r"Kvx\[4:6, 0:4\] \(block \(1, 0\)\)"):
+            dist.compute_store(store, spec, images, progress=False)
+        done = store.entries()[0]
+    # the blocks committed before the bad one stay committed
+    with KernelStore.open(tmp_path / "k.h5") as store:
+        assert store.entries()[0] == done > 0
+
+
+def test_crash_between_data_write_and_done_flag(tmp_path, reference, monkeypatch):
+    """The data of a tile is written and flushed, then the process dies before its done flag: it is recomputed."""
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    calls = {"n": 0}
+    real_sync = KernelStore._sync
+
+    class Crash(Exception):
+        pass
+
+    def crashing_sync(self):
+        real_sync(self)
+        calls["n"] += 1
+        if calls["n"] == 21:  # the first flush of the 11th block: its data is in the file, its flag is not
+            raise Crash
+
+    monkeypatch.setattr(KernelStore, "_sync", crashing_sync)
+    store = KernelStore.create(path, meta, labels, KILL_TILE)
+    with pytest.raises(Crash), one_thread():
+        dist.compute_store(store, spec, images, progress=False)
+    victim = store.pending()[0]
+    store.close()
+    monkeypatch.setattr(KernelStore, "_sync", real_sync)
+    with KernelStore.open(path) as store:
+        assert store.entries()[0] > 0 and not store.is_done(victim)
+        ref = KernelStore.open(reference)
+        data = store.read(victim.name, require_complete=False)
+        r0, r1 = victim.rows
+        written = data[r0:r1] if victim.cols is None else data[r0:r1, victim.cols[0] : victim.cols[1]]
+        expected = ref.read(victim.name)
+        expected = expected[r0:r1] if victim.cols is None else expected[r0:r1, victim.cols[0] : victim.cols[1]]
+        ref.close()
+        assert np.array_equal(written, expected)  # the data was there, only the flag was missing
+    with KernelStore.open_or_create(path, meta, labels, KILL_TILE) as store, one_thread():
+        pending = len(store.pending())
+        report = dist.compute_store(store, spec, images, progress=False)
+        assert report.blocks == pending and report.complete
+    assert_same_store(path, reference)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from store_helpers import tiny_problem
+    import gpytorch_cnngp.distributed as dist
+    from gpytorch_cnngp.store import KernelStore
+
+    real = dist.compute_block
+
+    def slow(*args, **kwargs):  # slow enough to be killed mid-way
+        time.sleep(0.03)
+        return real(*args, **kwargs)
+
+    dist.compute_block = slow
+    spec, meta, labels, images = tiny_problem()
+    real(spec, images["train"], (0, 1), images["train"], (0, 1))  # one-time torch set-up before the clock starts
+    print("ready", flush=True)
+    with KernelStore.open_or_create(sys.argv[1], meta, labels, {tile}) as store:
+        dist.compute_store(store, spec, images, progress=False)
+    print("finished", flush=True)
+    """
+)
+
+
+def _check_committed_blocks(path: Path, reference: Path) -> int:
+    """Every block marked done holds exactly the reference values; returns the number of committed entries."""
+    ref_data, _ = store_contents(reference)
+    with KernelStore.open(path) as store:
+        for block in store.blocks():
+            if not store.is_done(block):
+                continue
+            data = store.read(block.name, require_complete=False)
+            r0, r1 = block.rows
+            sl = (slice(r0, r1),) if block.cols is None else (slice(r0, r1), slice(*block.cols))
+            assert np.array_equal(data[sl], ref_data[block.name][sl]), f"{block.describe()} marked done but wrong"
+            if block.mirrored:
+                mirror = (slice(*block.cols), slice(r0, r1))
+                assert np.array_equal(data[mirror], ref_data[block.name][mirror])
+        return store.entries()[0]
+
+
+def test_kill_minus_9_at_random_moments_then_resume(tmp_path, reference):
+    """Kill -9 a run at random moments (one seed per kill), resuming each time; the result is bit-identical."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.format(tests=str(Path(__file__).parent), tile=KILL_TILE))
+    path = tmp_path / "k.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the reference
+    committed, interrupted = 0, 0
+    for seed in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(np.random.default_rng(seed).uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        if path.exists():
+            now = _check_committed_blocks(path, reference)
+            assert now >= committed, "a resumed run lost committed tiles"
+            with KernelStore.open(path) as store:
+                interrupted += not store.is_complete()
+            committed = now
+    # finish without interruption
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "finished" in out.stdout
+    assert not path.with_name(path.name + ".incomplete").exists()
+    # the child sleeps 30 ms in each of its 49 blocks and each kill comes within 0.5 s of its start, so at least
+    # the first three kills land in the middle of the computation
+    assert interrupted >= 3, "kills did not land in the middle of a run; the test proves nothing"
+    assert_same_store(path, reference)
+
+
+def test_block_describe():
+    b = Block("Kxx", (0, 2), (0, 4), (8, 12), "train", "train")
+    assert b.describe() == "Kxx[0:4, 8:12] (block (0, 2))" and b.mirrored and not b.symmetric
+    d = Block("Ktt_diag", (1,), (4, 5), None, "test", None)
+    assert d.describe() == "Ktt_diag[4:5] (block 1)" and d.is_diagonal and d.entries == 1
