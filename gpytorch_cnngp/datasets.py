@@ -53,11 +53,6 @@ from typing import Any
 import numpy as np
 import torch
 
-try:  # optional dependency: progress bars for downloads
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover - exercised only without tqdm
-    _tqdm = None
-
 __all__ = [
     "DATASETS",
     "ENV_VAR",
@@ -461,6 +456,15 @@ def _urlopen(url: str, timeout: float, accept: str | None = None) -> Any:
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
+def _progress_bar_class():
+    """tqdm's bar, imported only when a download shows one (the import warns in some notebooks)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
+        return None
+    return tqdm
+
+
 def _download(url: str, dest: Path, *, timeout: float, progress: bool, sha256: str | None = None) -> Path:
     """Stream ``url`` into ``dest`` (with a tqdm bar when available), checking length and optional SHA-256."""
     digest = hashlib.sha256()
@@ -469,7 +473,8 @@ def _download(url: str, dest: Path, *, timeout: float, progress: bool, sha256: s
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
         bar = None
-        if progress and _tqdm is not None:
+        _tqdm = _progress_bar_class() if progress else None
+        if _tqdm is not None:
             name = urllib.parse.unquote(url.rsplit("/", 1)[-1]) or url
             bar = _tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False)
         received = 0
