@@ -1,8 +1,10 @@
 """Tensor math behind the layers: uniform window sums and the ReLU Gaussian expectation.
 
-Everything here acts on covariance maps of shape ``[..., H, W]`` with any leading dimensions, so the
-same functions serve self terms ``[N, H, W]``, paired terms ``[N, H, W]`` and pair blocks
-``[N1, N2, H, W]``. Nothing here knows about tiles or GPyTorch.
+Covariance maps are laid out spatial dimensions first, ``[H, W, ...]``, with any trailing
+dimensions: self terms ``[H, W, N]``, matched pairs ``[H, W, N]`` and pair blocks ``[H, W, N1, N2]``.
+With the images innermost, elementwise steps vectorise along contiguous runs of pairs, and window
+sums along H and W are plain matrix products or shifts of whole contiguous blocks. Nothing here knows
+about tiles or GPyTorch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Window", "window_sum", "relu_expectation", "relu_expectation_fast", "safe_sqrt", "arc_cosine_j", "compiled"]
+__all__ = ["Window", "window_sum", "relu_expectation", "relu_expectation_fast", "safe_sqrt", "arc_cosine_j"]
 
 _INV_2PI = 0.5 / math.pi
 
@@ -70,48 +72,51 @@ def window_matrix(win: Window, n: int, dtype: torch.dtype, device: torch.device)
 
 
 def _sum_along(m: Tensor, win: Window, dim: int) -> Tensor:
-    """Window sum along ``dim`` (-1 or -2) as padded strided slices: fusable by ``torch.compile``."""
-    n = m.shape[dim]
-    out = win.out_size(n)
+    """Window sum along ``dim`` (0 or 1) as padded strided slices: fusable by ``torch.compile``."""
+    out = win.out_size(m.shape[dim])
     if win.pad_before or win.pad_after:
-        pad = (win.pad_before, win.pad_after) if dim == -1 else (0, 0, win.pad_before, win.pad_after)
+        pad = [0, 0] * (m.dim() - 1 - dim) + [win.pad_before, win.pad_after]
         m = F.pad(m, pad)
     total = None
     last = (out - 1) * win.stride + 1
     for i in range(win.size):
-        start = i * win.dilation
-        part = m.narrow(dim, start, last)
+        part = m.narrow(dim, i * win.dilation, last)
         if win.stride != 1:
-            part = part[..., :: win.stride] if dim == -1 else part[..., :: win.stride, :]
+            part = part[:: win.stride] if dim == 0 else part[:, :: win.stride]
         total = part if total is None else total + part
     return total
 
 
 def window_sum(m: Tensor, win_h: Window, win_w: Window, method: str = "matmul", scale: Tensor | None = None) -> Tensor:
-    """``scale`` times the sum of ``m`` over each output's window on the last two axes.
+    """``scale`` times the sum of ``m`` ``[H, W, ...]`` over each output's window in H and W.
 
-    ``method="matmul"`` writes each axis' window as a 0/1 matrix and applies the two of them as
-    matrix products, with ``scale`` folded into the last (small) matrix: fast in eager mode on any
-    device, since it runs at GEMM speed and handles stride, dilation, even windows and padding
+    ``method="matmul"`` writes each axis' window as a 0/1 matrix and applies them as matrix products
+    (one GEMM over H, a batch of GEMMs over W), with ``scale`` folded into the last (small) matrix:
+    fast in eager mode on any device, and it handles stride, dilation, even windows and padding
     alike. ``method="slices"`` adds shifted strided slices, which ``torch.compile`` fuses into one
     loop. Both sum exactly the same terms.
     """
+    h, w = m.shape[0], m.shape[1]
+    rest = m.shape[2:]
+    size = math.prod(rest)
     if method == "matmul":
-        h, w = m.shape[-2], m.shape[-1]
-        if not win_h.is_identity():
-            if not win_w.is_identity():
-                m = torch.matmul(m, window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1))
-            mat = window_matrix(win_h, h, m.dtype, m.device)
-            return torch.matmul(mat if scale is None else mat * scale, m)
         if not win_w.is_identity():
-            mat = window_matrix(win_w, w, m.dtype, m.device).transpose(0, 1)
-            return torch.matmul(m, mat if scale is None else mat * scale)
+            mat = window_matrix(win_w, w, m.dtype, m.device)
+            if win_h.is_identity() and scale is not None:
+                mat, scale = mat * scale, None
+            m = torch.matmul(mat, m.reshape(h, w, size)).reshape(h, mat.shape[0], *rest)
+            w = mat.shape[0]
+        if not win_h.is_identity():
+            mat = window_matrix(win_h, h, m.dtype, m.device)
+            if scale is not None:
+                mat, scale = mat * scale, None
+            m = torch.matmul(mat, m.reshape(h, w * size)).reshape(mat.shape[0], w, *rest)
         return m if scale is None else m * scale
     if method == "slices":
-        if not win_w.is_identity():
-            m = _sum_along(m, win_w, -1)
         if not win_h.is_identity():
-            m = _sum_along(m, win_h, -2)
+            m = _sum_along(m, win_h, 0)
+        if not win_w.is_identity():
+            m = _sum_along(m, win_w, 1)
         return m if scale is None else m * scale
     raise ValueError(f"unknown window_sum method {method!r}; expected 'matmul' or 'slices'")
 
@@ -183,17 +188,15 @@ def relu_expectation_fast(
 ) -> Tensor:
     """Forward-only :func:`relu_expectation` with the per-image ``1 / s`` precomputed.
 
-    Written for few passes over memory in eager mode (in-place steps on fresh buffers; ``c`` is
-    not modified) and for fusion under ``torch.compile``. Every product pairs the two sides
-    symmetrically (``s1 * s2``, ``inv1 * inv2``), so an image pair and its mirror get bitwise
-    equal values.
+    Written for few, cheap passes over memory in eager mode: one side at a time is broadcast into a
+    fresh buffer (an outer product of two broadcast operands is several times slower), then every
+    step works in place; ``c`` is not modified. Under ``torch.compile`` it fuses into one loop.
     """
-    rho = inv1 * inv2
-    rho = rho.mul_(c).clamp_(-1.0, 1.0)
+    rho = (c * inv1).mul_(inv2).clamp_(-1.0, 1.0)
     angle = _acos_poly(rho) if poly_acos else torch.acos(rho)
     minus_slope = angle.sub_(math.pi).mul_(rho)  # -(pi - arccos rho) rho
     j = rho.mul_(rho).neg_().add_(1.0).clamp_min_(0.0).sqrt_().sub_(minus_slope)
-    return j.mul_(s1 * s2).mul_(_INV_2PI)
+    return j.mul_(s1).mul_(s2).mul_(_INV_2PI)
 
 
 class _ReLUExpectation(torch.autograd.Function):
@@ -252,14 +255,3 @@ def safe_sqrt(v: Tensor) -> Tensor:
     if torch.is_grad_enabled() and v.requires_grad:
         return _SafeSqrt.apply(v)
     return torch.sqrt(v)
-
-
-_compiled_fns: dict = {}
-
-
-def compiled(fn):
-    """``torch.compile(fn)`` with dynamic shapes, created on first use and shared by all callers."""
-    out = _compiled_fns.get(fn)
-    if out is None:
-        out = _compiled_fns[fn] = torch.compile(fn, dynamic=True)
-    return out

@@ -85,10 +85,11 @@ def _pad_not_counted(mp):
     """Window sums divided by the number of in-image taps instead of k^2 (padding not counted)."""
     window_sum = conv.window_sum
 
-    def per_tap_mean_times_k2(m, win_h, win_w, method="matmul"):
-        summed = window_sum(m, win_h, win_w, method)
-        ones = torch.ones(m.shape[-2:], dtype=m.dtype, device=m.device)
+    def per_tap_mean_times_k2(m, win_h, win_w, method="matmul", scale=None):
+        summed = window_sum(m, win_h, win_w, method, scale)
+        ones = torch.ones(m.shape[:2], dtype=m.dtype, device=m.device)  # maps are [H, W, ...]
         count = window_sum(ones, win_h, win_w, method).clamp_min(1.0)
+        count = count.reshape(*count.shape, *([1] * (m.dim() - 2)))
         return summed * (win_h.size * win_w.size) / count
 
     mp.setattr(conv, "window_sum", per_tap_mean_times_k2)
@@ -103,8 +104,8 @@ def _even_k_flipped(mp):
             return win
         return dataclasses.replace(win, pad_before=win.pad_after, pad_after=win.pad_before)
 
-    def flipped(m, win_h, win_w, method="matmul"):
-        return window_sum(m, flip(win_h), flip(win_w), method)
+    def flipped(m, win_h, win_w, method="matmul", scale=None):
+        return window_sum(m, flip(win_h), flip(win_w), method, scale)
 
     mp.setattr(conv, "window_sum", flipped)
 
@@ -128,8 +129,8 @@ def _no_exact_diag(mp):
     mp.setattr(relu.Nonlinearity, "propagate", propagate_no_diag)
     fill = engine._fill
 
-    def fill_generic_diag(model, x, z, hyper, plan, compiled, progress, self_terms=None):
-        out = fill(model, x, z, hyper, plan, compiled, progress, self_terms)
+    def fill_generic_diag(model, x, z, hyper, plan, compiled, progress):
+        out = fill(model, x, z, hyper, plan, compiled, progress)
         if z is None:
             trace, _ = engine.self_pass(model, x, hyper)
             out.diagonal().copy_(engine._paired(model, x, x, trace, trace, hyper, "matmul"))
@@ -153,8 +154,9 @@ def _sum_mean(mp):
 def _channel_sum(mp):
     """Input kernel summed over channels instead of averaged."""
     self_in, pair_in = engine._input_self, engine._input_pair
-    mp.setattr(engine, "_input_self", lambda x: self_in(x) * x.shape[1])
-    mp.setattr(engine, "_input_pair", lambda x, z: pair_in(x, z) * x.shape[1])
+    # the engine holds images as [H, W, C, N]
+    mp.setattr(engine, "_input_self", lambda x: self_in(x) * x.shape[2])
+    mp.setattr(engine, "_input_pair", lambda x, z: pair_in(x, z) * x.shape[2])
 
 
 def _bias_over_k2(mp):

@@ -494,7 +494,7 @@ class _BlockRecorder:
         original = engine._pair_block
 
         def recording(model, x, z, *args, **kwargs):
-            self.shapes.append((x.shape[0], z.shape[0]))
+            self.shapes.append((x.shape[-1], z.shape[-1]))  # image blocks are [H, W, C, n]
             return original(model, x, z, *args, **kwargs)
 
         monkeypatch.setattr(engine, "_pair_block", recording)

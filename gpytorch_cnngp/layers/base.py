@@ -2,11 +2,13 @@
 
 A network's kernel is computed in two passes over the same layer tree:
 
-* the **self pass** propagates each image's own variance map ``v[n, h, w]``; every nonlinearity
+* the **self pass** propagates each image's own variance map ``v[h, w, n]``; every nonlinearity
   records the standard deviation map it sees (``trace``), and the pass ends with ``k(x, x)``;
-* the **pair pass** propagates covariance maps ``c[..., h, w]`` between two images (a block of pairs
-  ``[n1, n2, h, w]`` or matched pairs ``[n, h, w]``); each nonlinearity reads back the recorded
+* the **pair pass** propagates covariance maps ``c[h, w, ...]`` between two images (a block of pairs
+  ``[h, w, n1, n2]`` or matched pairs ``[h, w, n]``); each nonlinearity reads back the recorded
   standard deviations of both sides in the same traversal order.
+
+Maps keep the spatial dimensions first and the images last (see :mod:`gpytorch_cnngp.ops`).
 
 Linear layers apply the same map in both passes. Recording self terms once per image means the pair
 pass never recomputes them, whichever block of pairs it works on.
@@ -32,12 +34,11 @@ class Context:
         through :meth:`Layer.hyper` so that a caller (e.g. the GPyTorch kernel) can substitute them.
     :ivar trace: self pass: list to append each nonlinearity's input standard deviations to.
     :ivar trace_x, trace_z: pair pass: recorded standard deviations of the two sides, shaped to
-        broadcast against the pair maps (``[n1, 1, h, w]`` and ``[1, n2, h, w]`` for a block).
+        broadcast against the pair maps (``[h, w, n1, 1]`` and ``[h, w, 1, n2]`` for a block).
     :ivar same: pair pass on a square block whose ``(a, a)`` pairs are an image with itself; those
         entries are set exactly to the self values after every nonlinearity.
-    :ivar compiled: ``"none"`` (eager), ``"ops"`` (eager walk with compiled elementwise kernels) or
-        ``"full"`` (the whole pass runs inside ``torch.compile``); compiled paths are forward-only
-        and may use vectorisable approximations whose error is far below the dtype's resolution.
+    :ivar compiled: the pass runs inside ``torch.compile`` (forward only); layers may then use
+        vectorisable approximations whose error is far below the dtype's resolution.
     :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
     """
 
@@ -47,7 +48,7 @@ class Context:
     trace_x: list[Tensor] | None = None
     trace_z: list[Tensor] | None = None
     same: bool = False
-    compiled: str = "none"
+    compiled: bool = False
     window_method: str = "matmul"
     _slot: int = field(default=0, repr=False)
 
@@ -86,7 +87,7 @@ class Layer(nn.Module):
         raise NotImplementedError
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        """Map a covariance (pair mode) or variance (self mode) map ``[..., H, W]`` to the next."""
+        """Map a covariance (pair mode) or variance (self mode) map ``[H, W, ...]`` to the next."""
         raise NotImplementedError
 
     def children_layers(self) -> Iterator[Layer]:

@@ -138,7 +138,9 @@ class Conv2d(Layer):
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
         scale = self.hyper(ctx, "var_weight") / (self.kernel_size * self.kernel_size)
-        return window_sum(m, self.window, self.window, ctx.window_method, scale) + self.hyper(ctx, "var_bias")
+        # window_sum returns a fresh tensor when given a scale, and neither matmul nor mul keeps its
+        # output for the backward pass, so the bias can be added in place (one pass, no allocation)
+        return window_sum(m, self.window, self.window, ctx.window_method, scale).add_(self.hyper(ctx, "var_bias"))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         c_in = in_channels * self.in_channel_multiplier

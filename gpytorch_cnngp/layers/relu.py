@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import compiled as compiled_fn
 from ..ops import inverse_std, relu_expectation, relu_expectation_fast, safe_sqrt
 from .base import Context, FiniteBuild, Layer
 
@@ -29,7 +28,7 @@ class Nonlinearity(Layer):
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: str) -> Tensor:
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         raise NotImplementedError
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
@@ -42,8 +41,8 @@ class Nonlinearity(Layer):
         out = self.pair_map(m, s1, s2, ctx.compiled)
         if ctx.same:
             # An image with itself: use the self value instead of J(rho ~ 1), which rounding spoils.
-            s = s1.reshape(s1.shape[0], *s1.shape[2:])
-            out.diagonal(0, 0, 1).copy_(self.self_map(s * s, s).movedim(0, -1))
+            s = s1.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
+            out.diagonal(0, -2, -1).copy_(self.self_map(s * s, s))
         return out
 
 
@@ -61,13 +60,12 @@ class ReLU(Nonlinearity):
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         return v * 0.5
 
-    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: str) -> Tensor:
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
             return relu_expectation(c, s1, s2)
-        poly = compiled != "none" and c.dtype in _POLY_DTYPES
-        # "ops": one fused kernel (C++/OpenMP on CPU, Triton on GPU); "full": already inside one
-        fn = compiled_fn(relu_expectation_fast) if compiled == "ops" else relu_expectation_fast
-        return fn(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=poly)
+        # inside torch.compile a polynomial arccos vectorises and fuses; eager torch.acos is faster alone
+        poly = compiled and c.dtype in _POLY_DTYPES
+        return relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=poly)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.ReLU(), incoming
