@@ -36,6 +36,14 @@ class CNNGPKernel(Kernel):
 
     A bias variance that is exactly zero in ``architecture`` stays zero unless ``free_zero_biases``.
 
+    .. note::
+        The variances set the kernel's shape *and* its overall scale (the ConvNet GP's values are
+        about 1e12 at the paper's values). For marginal-likelihood training on targets of order one,
+        wrap the kernel in :class:`gpytorch.kernels.ScaleKernel` so that the scale has its own
+        parameter; otherwise ML-II shrinks ``var_weight`` to fit the scale. Variances spanning
+        decades are also easier to optimise through a log transform, e.g.
+        ``var_weight_constraint=Positive(transform=torch.exp, inv_transform=torch.log)``.
+
     Inputs follow GPyTorch's convention ``(..., n, d)`` with ``d = C * H * W`` (images flattened in
     C, H, W order); they are reshaped to ``input_shape`` inside. ``active_dims`` and
     ``last_dim_is_batch`` are not supported: they select flat pixels, which breaks the image.

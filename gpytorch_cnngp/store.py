@@ -553,6 +553,10 @@ class KernelStore:
         """Whether every block of every dataset is committed."""
         return not self.pending()
 
+    def seconds(self, name: str) -> np.ndarray:
+        """Compute seconds recorded per block of dataset ``name`` (block grid; 0 where not done)."""
+        return self._file[f"seconds_{name}"][...]
+
     def block_seconds(self) -> float:
         """Total compute seconds recorded for the committed blocks (summed over workers and resumed runs)."""
         return float(sum(float(self._file[f"seconds_{nm}"][...].sum()) for nm in (*DIAGONALS, *MATRICES)))

@@ -10,9 +10,6 @@ from .base import Context, FiniteBuild, Layer
 
 __all__ = ["Nonlinearity", "ReLU"]
 
-# float32 and lower: the polynomial arccos error (< 5e-10) is far below their resolution.
-_POLY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 class Nonlinearity(Layer):
     """A pointwise nonlinearity ``phi``; maps covariances of pre-activations to those of activations.
@@ -64,8 +61,7 @@ class ReLU(Nonlinearity):
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
             return relu_expectation(c, s1, s2)
         # inside torch.compile a polynomial arccos vectorises and fuses; eager torch.acos is faster alone
-        poly = compiled and c.dtype in _POLY_DTYPES
-        return relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=poly)
+        return relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=compiled)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.ReLU(), incoming
