@@ -11,7 +11,19 @@ Write an architecture as layers and get its kernel::
 from . import architectures
 from .engine import gram, gram_diag
 from .kernel import CNNGPKernel
-from .layers import Conv2d, Layer, ReLU, Sequential, Sum, resnet_block
+from .layers import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Erf,
+    GlobalAvgPool2d,
+    Layer,
+    LeakyReLU,
+    ReLU,
+    Sequential,
+    Sum,
+    resnet_block,
+)
 from .models import SharedCovarianceExactGP
 
 __version__ = "0.1.0"
@@ -19,8 +31,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CNNGPKernel",
     "SharedCovarianceExactGP",
+    "AvgPool2d",
     "Conv2d",
+    "Dense",
+    "Erf",
+    "GlobalAvgPool2d",
     "Layer",
+    "LeakyReLU",
     "ReLU",
     "Sequential",
     "Sum",

@@ -6,9 +6,9 @@ readout layer always covers the whole final map.
 
 from __future__ import annotations
 
-from .layers import Conv2d, Layer, ReLU, Sequential, Sum, resnet_block
+from .layers import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d, Layer, ReLU, Sequential, Sum, resnet_block
 
-__all__ = ["convnet_gp", "residual_cnn_gp", "resnet32_gp", "ARCHITECTURES", "PAPER_RESULTS"]
+__all__ = ["convnet_gp", "residual_cnn_gp", "resnet32_gp", "pooled_cnn_gp", "ARCHITECTURES", "PAPER_RESULTS"]
 
 #: Published MNIST errors (validation, test) of the paper's table, as fractions.
 PAPER_RESULTS = {
@@ -77,4 +77,35 @@ def resnet32_gp(image_size: int = 28) -> Layer:
     return Sequential(*layers)
 
 
-ARCHITECTURES = {"convnet_gp": convnet_gp, "residual_cnn_gp": residual_cnn_gp, "resnet32_gp": resnet32_gp}
+def pooled_cnn_gp(
+    image_size: int = 28,
+    var_weight: float = 2.0,
+    var_bias: float = 0.05,
+    global_pool: bool = False,
+) -> Layer:
+    """A pooled CNN-GP (ours, not in the paper).
+
+    ``Conv2d(3, stride=2), ReLU, Conv2d(3), ReLU, AvgPool2d(2), Conv2d(3), ReLU`` and a
+    :class:`~gpytorch_cnngp.Dense` readout; with ``global_pool=True`` a
+    :class:`~gpytorch_cnngp.GlobalAvgPool2d` comes before the readout. Convolutions average their
+    window (``var_weight = 2`` keeps the ReLU's variance scale). The strided first convolution keeps
+    the full spatial covariances, which every layer before the last pool carries, at a quarter of the
+    input's size; their cost is in ``benchmarks/RESULTS.md``.
+    """
+    _check_size(image_size, 4)
+
+    def conv(stride: int = 1) -> Conv2d:
+        return Conv2d(3, stride=stride, var_weight=var_weight, var_bias=var_bias)
+
+    layers: list[Layer] = [conv(2), ReLU(), conv(), ReLU(), AvgPool2d(2), conv(), ReLU()]
+    if global_pool:
+        layers.append(GlobalAvgPool2d())
+    return Sequential(*layers, Dense(var_weight=var_weight, var_bias=var_bias))
+
+
+ARCHITECTURES = {
+    "convnet_gp": convnet_gp,
+    "residual_cnn_gp": residual_cnn_gp,
+    "resnet32_gp": resnet32_gp,
+    "pooled_cnn_gp": pooled_cnn_gp,
+}

@@ -46,7 +46,8 @@ def check_architecture(model: Layer, size: tuple[int, int]) -> None:
     if tuple(out) != (1, 1):
         raise ValueError(
             f"the architecture maps a {size[0]}x{size[1]} input to a {out[0]}x{out[1]} output; its last layer "
-            f"must reduce it to 1x1 (e.g. end with Conv2d(kernel_size={out[0]}, padding=0) as a dense readout)"
+            f"must reduce it to 1x1 (e.g. end with Dense(), GlobalAvgPool2d() or "
+            f"Conv2d(kernel_size={out[0]}, padding=0))"
         )
 
 
@@ -108,13 +109,21 @@ def spatial_first(x: Tensor) -> Tensor:
     return x.permute(2, 3, 1, 0).contiguous()
 
 
-def _input_self(x: Tensor) -> Tensor:
-    # channel mean of x_c[p]^2: [H, W, N]
+def _channel_mean(total: Tensor, channels: int) -> Tensor:
+    return total if channels == 1 else total.div_(channels)  # einsum's fresh output: safe in place
+
+
+def _input_self(x: Tensor, full: bool = False) -> Tensor:
+    # channel mean of x_c[p]^2: [H, W, N]; full: of x_c[p] x_c[q], [H, W, H, W, N]
+    if full:
+        return _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, x), x.shape[2])
     return (x * x).mean(2)
 
 
-def _input_pair(x: Tensor, z: Tensor) -> Tensor:
-    # channel mean of x_c[p] z_c[p] for every pair: [H, W, n1, n2]
+def _input_pair(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
+    # channel mean of x_c[p] z_c[p] for every pair: [H, W, n1, n2]; full: [H, W, H, W, n1, n2]
+    if full:
+        return _channel_mean(torch.einsum("hwca,HWcb->hwHWab", x, z), x.shape[2])
     if x.shape[2] == 1:
         return x[:, :, 0, :, None] * z[:, :, 0, None, :]
     return torch.matmul(x.transpose(2, 3), z) / x.shape[2]
@@ -127,7 +136,7 @@ def self_pass(model: Layer, x: Tensor, hyper: HyperMap, window_method: str = "ma
         ``k(x, x)`` of shape ``[N]``.
     """
     ctx = Context(mode="self", hyper=hyper, trace=[], window_method=window_method)
-    out = model.propagate(_input_self(x), ctx)
+    out = model.propagate(_input_self(x, model.needs_full()), ctx)
     return ctx.trace, out.reshape(x.shape[-1])
 
 
@@ -152,15 +161,20 @@ def _pair_block(
         same=same,
         compiled=compiled,
         window_method=window_method,
+        pair_ndim=2,
     )
-    out = model.propagate(_input_pair(x, z), ctx)
+    out = model.propagate(_input_pair(x, z, model.needs_full()), ctx)
     return out.reshape(x.shape[-1], z.shape[-1])
 
 
 def _paired(model, x, z, trace_x, trace_z, hyper, window_method) -> Tensor:
     """``k(x_i, z_i)`` for matched pairs: maps ``[H, W, N]`` on both sides."""
     ctx = Context(mode="pair", hyper=hyper, trace_x=trace_x, trace_z=trace_z, window_method=window_method)
-    out = model.propagate((x * z).mean(2), ctx)
+    if model.needs_full():
+        start = _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, z), x.shape[2])
+    else:
+        start = (x * z).mean(2)
+    out = model.propagate(start, ctx)
     return out.reshape(x.shape[-1])
 
 
@@ -202,7 +216,10 @@ def _map_sizes(model: Layer, size: tuple[int, int]) -> tuple[int, int]:
     hyper, _ = _hyper_map(model, torch.float32, meta)
     trace, _ = self_pass(model, torch.empty(*size, 1, 1, device=meta), hyper)
     areas = [t.shape[0] * t.shape[1] for t in trace]
-    return max([size[0] * size[1], *areas]), sum(areas)
+    largest = max([size[0] * size[1], *areas])
+    if model.needs_full():  # maps [H, W, H, W] up to the last pooling layer
+        largest = largest * largest
+    return largest, sum(areas)
 
 
 def _default_budget(device: torch.device) -> int:

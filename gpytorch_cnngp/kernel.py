@@ -23,15 +23,16 @@ class CNNGPKernel(Kernel):
     r"""The exact kernel of an infinitely wide CNN, as a GPyTorch kernel.
 
     For an architecture of :class:`~gpytorch_cnngp.Conv2d`, :class:`~gpytorch_cnngp.ReLU`,
-    :class:`~gpytorch_cnngp.Sum`, ... layers, :math:`k(x, x')` is the covariance of the network's
-    output over random weights in the infinite-width limit (Garriga-Alonso et al., 2019). Each
-    convolution's weight and bias variances become GPyTorch hyperparameters:
+    :class:`~gpytorch_cnngp.Sum`, :class:`~gpytorch_cnngp.AvgPool2d`, ... layers, :math:`k(x, x')`
+    is the covariance of the network's output over random weights in the infinite-width limit
+    (Garriga-Alonso et al., 2019). Each weighted layer's (:class:`~gpytorch_cnngp.Conv2d`,
+    :class:`~gpytorch_cnngp.Dense`) weight and bias variances become GPyTorch hyperparameters:
 
     * ``tied=True`` (default): one ``var_weight`` and one ``var_bias`` shared by all layers; every
-      layer keeps the ratio its value has to the readout's (the last convolution's) in
+      layer keeps the ratio its value has to the readout's (the last weighted layer's) in
       ``architecture``. With the paper's configs (hidden ``sigma_w^2 k^2``, readout ``sigma_w^2``)
       the learned ``var_weight`` is exactly the paper's :math:`\sigma_w^2`.
-    * ``tied=False``: one value per convolution, in :func:`~gpytorch_cnngp.engine.hyperparameters`
+    * ``tied=False``: one value per weighted layer, in :func:`~gpytorch_cnngp.engine.hyperparameters`
       order (see :meth:`layer_variances`).
 
     A bias variance that is exactly zero in ``architecture`` stays zero unless ``free_zero_biases``.

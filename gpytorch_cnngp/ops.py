@@ -17,7 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Window", "window_sum", "relu_expectation", "relu_expectation_fast", "safe_sqrt", "arc_cosine_j"]
+__all__ = [
+    "Window",
+    "window_sum",
+    "diagonal_window_sum",
+    "window_sum_both_sides",
+    "position_diagonal",
+    "same_location",
+    "relu_expectation",
+    "relu_expectation_fast",
+    "safe_sqrt",
+    "arc_cosine_j",
+]
 
 _INV_2PI = 0.5 / math.pi
 
@@ -119,6 +130,88 @@ def window_sum(m: Tensor, win_h: Window, win_w: Window, method: str = "matmul", 
             m = _sum_along(m, win_w, 1)
         return m if scale is None else m * scale
     raise ValueError(f"unknown window_sum method {method!r}; expected 'matmul' or 'slices'")
+
+
+# --- full spatial covariances --------------------------------------------------------------------
+#
+# Pooling needs covariances between different positions, K[p, q] for position p of one image and q of
+# the other. Such maps are laid out [H, W, H, W, ...]: the first two dimensions index the first image's
+# positions, the next two the second's.
+
+
+def position_diagonal(m: Tensor) -> Tensor:
+    """View ``[..., H * W]`` of the same-location entries ``m[p, p]`` of a contiguous full map."""
+    h, w = m.shape[0], m.shape[1]
+    return m.view(h * w, h * w, *m.shape[4:]).diagonal(0, 0, 1)
+
+
+def same_location(m: Tensor) -> Tensor:
+    """The same-location map ``[H, W, ...]`` of a full map ``[H, W, H, W, ...]``."""
+    h, w = m.shape[0], m.shape[1]
+    return position_diagonal(m.contiguous()).movedim(-1, 0).reshape(h, w, *m.shape[4:])
+
+
+def _valid_taps(win: Window, n: int) -> list[tuple[int, int, int]]:
+    """Per tap: ``(first output, end output, first input)`` of the outputs whose tap is inside the image."""
+    out, taps = win.out_size(n), []
+    for t in range(win.size):
+        offset = t * win.dilation - win.pad_before  # input index of output o is o * stride + offset
+        lo = max(0, -(offset // win.stride)) if offset < 0 else 0
+        hi = min(out, (n - 1 - offset) // win.stride + 1) if n - 1 - offset >= 0 else 0
+        if lo < hi:
+            taps.append((lo, hi, lo * win.stride + offset))
+    return taps
+
+
+def _joint_sum(m: Tensor, win: Window, a: int, b: int) -> Tensor:
+    """Sum over one window tap shared by dimensions ``a`` and ``b`` (same length, same geometry)."""
+    n = m.shape[a]
+    out_n = win.out_size(n)
+
+    def index(dim_slice: slice) -> tuple[slice, ...]:
+        idx = [slice(None)] * m.dim()
+        idx[a] = idx[b] = dim_slice
+        return tuple(idx)
+
+    def source(lo: int, hi: int, start: int) -> Tensor:
+        return m[index(slice(start, start + (hi - lo - 1) * win.stride + 1, win.stride))]
+
+    taps = _valid_taps(win, n)
+    # start from a tap that covers every output (the centre one when there is one): no zero fill
+    full = next((t for t in taps if t[0] == 0 and t[1] == out_n), None)
+    if full is not None:
+        total = source(*full).clone()
+    else:
+        shape = list(m.shape)
+        shape[a] = shape[b] = out_n
+        total = m.new_zeros(shape)
+    for tap in taps:
+        if tap is not full:
+            total[index(slice(tap[0], tap[1]))] += source(*tap)
+    return total
+
+
+def diagonal_window_sum(m: Tensor, win_h: Window, win_w: Window, scale: Tensor | None = None) -> Tensor:
+    """Convolution window sum of a full map: ``out[p, q] = scale * sum_t m[p + t, q + t]``.
+
+    Both images see the same weight at tap ``t``, so the two positions move together: each offset
+    ``q - p`` is an independent box filter. Summed separably (H taps, then W taps), this costs
+    ``2 k`` additions per output entry rather than the ``k^4`` of a dense 4-D convolution.
+    """
+    if not win_h.is_identity():
+        m = _joint_sum(m, win_h, 0, 2)
+    if not win_w.is_identity():
+        m = _joint_sum(m, win_w, 1, 3)
+    return m if scale is None else m * scale
+
+
+def window_sum_both_sides(
+    m: Tensor, win_h: Window, win_w: Window, method: str = "matmul", scale: Tensor | None = None
+) -> Tensor:
+    """Independent window sums on each image's positions of a full map (pooling): ``A m A^T``."""
+    m = window_sum(m, win_h, win_w, method)
+    m = window_sum(m.movedim((2, 3), (0, 1)), win_h, win_w, method, scale)
+    return m.movedim((0, 1), (2, 3)).contiguous()
 
 
 # --- arc-cosine expectation --------------------------------------------------------------------

@@ -19,6 +19,10 @@ import torch
 import gpytorch_cnngp.engine as engine
 import gpytorch_cnngp.layers.combinators as combinators
 import gpytorch_cnngp.layers.conv as conv
+import gpytorch_cnngp.layers.dense as dense
+import gpytorch_cnngp.layers.erf as erf
+import gpytorch_cnngp.layers.leaky_relu as leaky_relu
+import gpytorch_cnngp.layers.pooling as pooling
 import gpytorch_cnngp.layers.relu as relu
 import gpytorch_cnngp.ops as ops
 
@@ -170,6 +174,57 @@ def _bias_over_k2(mp):
     mp.setattr(conv.Conv2d, "hyper", hyper_bias_scaled)
 
 
+# --- pooling, Dense, Erf, LeakyReLU (killed by tests/test_pooling.py, test_dense.py, test_nonlinearities.py)
+
+
+def _avgpool_same_tap(mp):
+    """AvgPool2d pairs tap t of one image with the *same* tap t of the other (a convolution with
+    weight variance 1), instead of averaging both windows independently."""
+
+    def conv_like(self, m, ctx):
+        return ops.diagonal_window_sum(m, self.window, self.window) / self.kernel_size**2
+
+    mp.setattr(pooling.AvgPool2d, "propagate", conv_like)
+
+
+def _gap_same_location(mp):
+    """GlobalAvgPool2d averages only the same-location entries K[p, p] (as a Dense readout would)."""
+
+    def same_location_mean(self, m, ctx):
+        return ops.same_location(m).mean(dim=(0, 1), keepdim=True)[:, :, None, None]
+
+    mp.setattr(pooling.GlobalAvgPool2d, "propagate", same_location_mean)
+
+
+def _erf_missing_2(mp):
+    """Erf pair values arcsin(c / sqrt((1 + 2 v1)(1 + 2 v2))): the factor 2 of 2c dropped (self values kept)."""
+    pair_map = erf.Erf.pair_map
+    mp.setattr(erf.Erf, "pair_map", lambda self, c, s1, s2, compiled: pair_map(self, c / 2.0, s1, s2, compiled))
+
+
+def _leaky_no_cross_terms(mp):
+    """LeakyReLU pair values (1 - a)^2 J + a^2 c: the cross terms 2 a (1 - a) E[relu(u) v] = a (1 - a) c dropped."""
+    pair_map = leaky_relu.LeakyReLU.pair_map
+
+    def no_cross(self, c, s1, s2, compiled):
+        a = self.negative_slope
+        return pair_map(self, c, s1, s2, compiled) - c * (a * (1.0 - a))
+
+    mp.setattr(leaky_relu.LeakyReLU, "pair_map", no_cross)
+
+
+def _dense_weight_per_position(mp):
+    """Dense sums K[p, p] over the positions instead of averaging them (weights N(0, vw / C))."""
+    propagate = dense.Dense.propagate
+
+    def summed(self, m, ctx):
+        out = propagate(self, m, ctx)
+        h, w = m.shape[0], m.shape[1]
+        return (out - self.hyper(ctx, "var_bias")) * (h * w) + self.hyper(ctx, "var_bias")
+
+    mp.setattr(dense.Dense, "propagate", summed)
+
+
 MUTANTS = {
     "relu_factor2": _relu_factor2,
     "relu_self_no_half": _relu_self_no_half,
@@ -181,6 +236,11 @@ MUTANTS = {
     "sum_mean": _sum_mean,
     "channel_sum": _channel_sum,
     "bias_over_k2": _bias_over_k2,
+    "avgpool_same_tap": _avgpool_same_tap,
+    "gap_same_location": _gap_same_location,
+    "erf_missing_2": _erf_missing_2,
+    "leaky_no_cross_terms": _leaky_no_cross_terms,
+    "dense_weight_per_position": _dense_weight_per_position,
 }
 
 

@@ -22,7 +22,14 @@ sys.path.insert(0, str(HERE))
 
 from mutants import MUTANTS  # noqa: E402
 
-FILES = ["test_reference_agreement.py", "test_conv.py", "test_relu.py"]
+FILES = [
+    "test_reference_agreement.py",
+    "test_conv.py",
+    "test_relu.py",
+    "test_pooling.py",
+    "test_dense.py",
+    "test_nonlinearities.py",
+]
 
 
 def run(mutant: str | None) -> tuple[dict[str, tuple[int, int]], float]:

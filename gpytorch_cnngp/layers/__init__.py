@@ -3,11 +3,20 @@
 from .base import Context, FiniteBuild, Layer
 from .combinators import Sequential, Sum, resnet_block
 from .conv import Conv2d
+from .dense import Dense
+from .erf import Erf
+from .leaky_relu import LeakyReLU
+from .pooling import AvgPool2d, GlobalAvgPool2d
 from .relu import Nonlinearity, ReLU
 
 __all__ = [
+    "AvgPool2d",
     "Context",
     "Conv2d",
+    "Dense",
+    "Erf",
+    "GlobalAvgPool2d",
+    "LeakyReLU",
     "FiniteBuild",
     "Layer",
     "Nonlinearity",

@@ -40,6 +40,11 @@ class Context:
     :ivar compiled: the pass runs inside ``torch.compile`` (forward only); layers may then use
         vectorisable approximations whose error is far below the dtype's resolution.
     :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
+    :ivar pair_ndim: number of trailing image dimensions of the maps (1 for ``[.., n]``, 2 for a block
+        ``[.., n1, n2]``); the leading ones are spatial: 2 on the same-location path ``[H, W, ..]``,
+        4 on the full path ``[H, W, H, W, ..]`` (see :meth:`is_full`).
+    :ivar keep_full: a layer after the current one needs full spatial covariances, so containers
+        must not reduce the map to its same-location part yet.
     """
 
     mode: str
@@ -50,7 +55,13 @@ class Context:
     same: bool = False
     compiled: bool = False
     window_method: str = "matmul"
+    pair_ndim: int = 1
+    keep_full: bool = False
     _slot: int = field(default=0, repr=False)
+
+    def is_full(self, m: Tensor) -> bool:
+        """Whether ``m`` is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``)."""
+        return m.dim() == 4 + self.pair_ndim
 
     def next_slot(self) -> int:
         slot = self._slot
@@ -66,6 +77,8 @@ class FiniteBuild:
     generator: torch.Generator | None = None
     dtype: torch.dtype | None = None
     device: torch.device | str | None = None
+    #: spatial size of the map arriving at the layer being built, when the caller gave the input size
+    size: tuple[int, int] | None = None
 
 
 class Layer(nn.Module):
@@ -92,6 +105,15 @@ class Layer(nn.Module):
 
     def children_layers(self) -> Iterator[Layer]:
         return iter(())
+
+    def needs_full(self) -> bool:
+        """Whether this layer (or one inside it) needs covariances between different positions.
+
+        Pooling does; convolutions and pointwise layers only need same-location terms unless a later
+        layer needs the full covariance. The engine then carries ``[H, W, H, W, ...]`` maps up to the
+        last such layer and the cheap ``[H, W, ...]`` maps after it.
+        """
+        return any(child.needs_full() for child in self.children_layers())
 
     def has_weights(self) -> bool:
         """Whether the finite network of this layer has weights (and so sets its channel count)."""
@@ -124,6 +146,7 @@ class Layer(nn.Module):
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        input_size: int | tuple[int, int] | None = None,
     ) -> nn.Module:
         """A randomly initialised finite network with this architecture.
 
@@ -134,6 +157,11 @@ class Layer(nn.Module):
         not Gaussian). The first layer with weights takes ``in_channels``, the last gives
         ``out_channels`` and the others ``channels``, each scaled by the layer's channel multipliers.
         The module maps ``[N, in_channels, H, W]`` to ``[N, out_channels]``.
+
+        A :class:`~gpytorch_cnngp.Dense` layer's weight shape depends on the image size: with
+        ``input_size=(H, W)`` (or ``H`` for square images) it is created here; without, on the first
+        forward call, from random numbers reserved from ``generator`` at build time (so a seed still
+        fixes the whole network).
         """
         for name, value in (
             ("channels", channels),
@@ -142,7 +170,13 @@ class Layer(nn.Module):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        build = FiniteBuild(channels=channels, generator=generator, dtype=dtype, device=device)
+        if input_size is not None:
+            size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+                raise ValueError(f"input_size must be a positive integer or (H, W), got {input_size!r}")
+            self.out_size(size)  # raises if the architecture does not fit
+            input_size = size
+        build = FiniteBuild(channels=channels, generator=generator, dtype=dtype, device=device, size=input_size)
         module, _ = self.build_nn(in_channels, out_channels, in_channels, build)
         return nn.Sequential(module, nn.Flatten(start_dim=1))
 

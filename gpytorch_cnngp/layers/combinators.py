@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import Tensor, nn
 
+from ..ops import same_location
 from .base import Context, FiniteBuild, Layer
 from .conv import Conv2d
 from .relu import ReLU
@@ -54,9 +55,18 @@ class Sequential(Layer):
         return size
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        for layer in self.layers:
-            m = layer.propagate(m, ctx)
-        return m
+        keep = ctx.keep_full
+        needs = [layer.needs_full() for layer in self.layers]
+        try:
+            for i, layer in enumerate(self.layers):
+                later = keep or any(needs[i + 1 :])
+                if not (needs[i] or later) and ctx.is_full(m):
+                    m = same_location(m)  # nothing from here on needs covariances between positions
+                ctx.keep_full = later
+                m = layer.propagate(m, ctx)
+        finally:
+            ctx.keep_full = keep
+        return m if keep or not ctx.is_full(m) else same_location(m)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         # The first layer with weights reads the input channels and the last one writes the output
@@ -65,12 +75,14 @@ class Sequential(Layer):
         first, last = (weighted[0], weighted[-1]) if weighted else (len(self.layers), -1)
         modules = []
         for i, layer in enumerate(self.layers):
+            size = build.size
             module, incoming = layer.build_nn(
                 in_channels if i <= first else build.channels,
                 out_channels if i >= last else build.channels,
                 incoming,
                 build,
             )
+            build.size = None if size is None else layer.out_size(size)
             modules.append(module)
         return nn.Sequential(*modules), incoming
 
@@ -115,13 +127,20 @@ class Sum(Layer):
         return sizes[0]
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        total = self.branches[0].propagate(m, ctx)
-        for branch in self.branches[1:]:
-            total = total + branch.propagate(m, ctx)
+        total = None
+        for branch in self.branches:
+            out = branch.propagate(m, ctx)
+            if not ctx.keep_full and ctx.is_full(out):
+                out = same_location(out)
+            total = out if total is None else total + out
         return total
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
-        built = [branch.build_nn(in_channels, out_channels, incoming, build) for branch in self.branches]
+        size, built = build.size, []
+        for branch in self.branches:
+            build.size = size
+            built.append(branch.build_nn(in_channels, out_channels, incoming, build))
+        build.size = None if size is None else self.out_size(size)
         counts = sorted({c for _, c in built})
         # A branch with one channel broadcasts (the paper's Residual CNN GP adds its 1-channel input).
         if len(counts) > 2 or (len(counts) == 2 and counts[0] != 1):

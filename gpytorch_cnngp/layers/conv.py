@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from ..ops import Window, window_sum
+from ..ops import Window, diagonal_window_sum, window_sum
 from .base import Context, FiniteBuild, Layer
 
 __all__ = ["Conv2d", "check_variance"]
@@ -42,6 +42,10 @@ class Conv2d(Layer):
 
     .. math::
         K'[p] = \sigma_b^2 + \frac{\sigma_w^2}{k^2} \sum_{q \in \mathrm{window}(p)} K[q].
+
+    On the full spatial path (before a pooling layer) the covariance between positions ``p`` and
+    ``q`` sums the pairs of inputs under the same tap ``t``:
+    :math:`K'[p, q] = \sigma_b^2 + \sigma_w^2 k^{-2} \sum_t K[p + t, q + t]`.
 
     The finite layer draws weights from ``N(0, var_weight / (C_in k^2))`` and biases from
     ``N(0, var_bias)``; the paper's hidden layers therefore use ``var_weight = sigma_w^2 * k^2``.
@@ -138,6 +142,8 @@ class Conv2d(Layer):
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
         scale = self.hyper(ctx, "var_weight") / (self.kernel_size * self.kernel_size)
+        if ctx.is_full(m):  # covariances between positions: both sides share each tap's weight
+            return diagonal_window_sum(m, self.window, self.window, scale).add_(self.hyper(ctx, "var_bias"))
         # window_sum returns a fresh tensor when given a scale, and neither matmul nor mul keeps its
         # output for the backward pass, so the bias can be added in place (one pass, no allocation)
         return window_sum(m, self.window, self.window, ctx.window_method, scale).add_(self.hyper(ctx, "var_bias"))

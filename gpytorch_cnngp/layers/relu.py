@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import inverse_std, relu_expectation, relu_expectation_fast, safe_sqrt
+from ..ops import inverse_std, position_diagonal, relu_expectation, relu_expectation_fast, safe_sqrt, same_location
 from .base import Context, FiniteBuild, Layer
 
 __all__ = ["Nonlinearity", "ReLU"]
@@ -30,16 +30,31 @@ class Nonlinearity(Layer):
 
     def propagate(self, m: Tensor, ctx: Context) -> Tensor:
         slot = ctx.next_slot()
+        full = ctx.is_full(m)
         if ctx.mode == "self":
-            s = safe_sqrt(m)
+            v = same_location(m) if full else m
+            s = safe_sqrt(v)
             ctx.trace.append(s)
-            return self.self_map(m, s)
+            if not full:
+                return self.self_map(v, s)
+            # covariances between the positions of one image; each position with itself is exact
+            out = self.pair_map(m, s[:, :, None, None], s[None, None], ctx.compiled)
+            position_diagonal(out).copy_(self.self_map(v, s).flatten(0, 1).movedim(0, -1))
+            return out
         s1, s2 = ctx.trace_x[slot], ctx.trace_z[slot]
+        if full:
+            s1, s2 = s1[:, :, None, None], s2[None, None]
         out = self.pair_map(m, s1, s2, ctx.compiled)
         if ctx.same:
             # An image with itself: use the self value instead of J(rho ~ 1), which rounding spoils.
-            s = s1.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
-            out.diagonal(0, -2, -1).copy_(self.self_map(s * s, s))
+            s = ctx.trace_x[slot].squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
+            value = self.self_map(s * s, s)
+            if full:  # entries (p, p, a, a): each position of image a with itself, as [n, H * W]
+                hw = s.shape[0] * s.shape[1]
+                target = out.view(hw, hw, *out.shape[4:]).diagonal(0, -2, -1).diagonal(0, 0, 1)
+                target.copy_(value.reshape(hw, -1).t())
+            else:
+                out.diagonal(0, -2, -1).copy_(value)
         return out
 
 
