@@ -52,7 +52,13 @@ DEFAULT_CONFIG = "convnet_gp"
 DEFAULT_SPLIT = "mnist_as_tf"
 DEFAULT_WORKDIR = "cnngp-results"
 
-_PAPER_NAMES = {"convnet_gp": "ConvNet GP", "residual_cnn_gp": "Residual CNN GP", "resnet32_gp": "ResNet GP"}
+_PAPER_NAMES = {
+    "convnet_gp": "ConvNet GP",
+    "residual_cnn_gp": "Residual CNN GP",
+    "resnet32_gp": "ResNet GP",
+    "pooled_cnn_gp": "Pooled CNN GP (ours)",
+}
+_DATA_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
 class UserError(Exception):
@@ -153,8 +159,9 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
     """Set the torch threads of this process: ``--threads``, or on the CPU the faster of 1 and the default.
 
     On a CPU shared with other work, several threads can be many times slower than one (every operation waits
-    for its slowest thread), so "auto" times a small block both ways (a fraction of a second) and keeps the
-    default only when it is more than 1.5 times faster than one thread.
+    for its slowest thread), so unless ``--compile on`` "auto" times a small block both ways (a fraction of a
+    second) and keeps the default only when it is more than 1.5 times faster than one thread. Compiled runs
+    keep the default number of threads.
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -162,6 +169,10 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
         return
     default = torch.get_num_threads()
     if default <= 1 or str(resolve_device(args.device)) != "cpu":
+        return
+    if _compile_flag(args) is True:
+        # compiled loops are split over pairs by OpenMP and scale with threads (about 1.8x on 2 cores),
+        # unlike the eager small block timed below
         return
     X = images["train"]
     edge = min(len(X), 24)
@@ -328,14 +339,15 @@ def _row_key(row: dict[str, Any]) -> tuple:
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| configuration | split | n_train | n_val | n_test | validation error | test error | paper validation "
+        "| configuration | data | split | n_train | n_val | n_test | validation error | test error | paper validation "
         "| paper test | kernel time | solve time | device |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         paper_val, paper_test = r.get("paper_val_error"), r.get("paper_test_error")
         lines.append(
-            f"| {_PAPER_NAMES.get(r['config'], r['config'])} | {r['split']} | {r['n_train']} | {r['n_val']} "
+            f"| {_PAPER_NAMES.get(r['config'], r['config'])} | {_DATA_NAMES.get(r.get('dataset', 'mnist'), '?')} "
+            f"| {r['split']} | {r['n_train']} | {r['n_val']} "
             f"| {r['n_test']} | {_pct(r['val_error'])} | {_pct(r['test_error'])} | {_pct(paper_val)} "
             f"| {_pct(paper_test)} | {_fmt_seconds(r['kernel_compute_seconds'])} | {_fmt_seconds(r['solve_seconds'])} "
             f"| {r['device']} |"

@@ -51,6 +51,9 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # architectures that travel
 
 
+_MODELS: dict[tuple[str, str], Layer] = {}
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """A paper architecture by name plus every keyword argument of its factory (picklable, JSON-able).
@@ -77,6 +80,20 @@ class ArchitectureSpec:
         kwargs = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
         kwargs.update(overrides)
         return cls(name, kwargs)
+
+    def cached(self) -> Layer:
+        """A model of this architecture shared by every block this process computes.
+
+        Reusing one model matters for the compiled path: ``torch.compile`` keys its graphs on the layer
+        objects, so a fresh model per block would be recompiled (seconds) for every block.
+        """
+        key = (self.name, repr(sorted(dict(self.kwargs).items())))
+        model = _MODELS.get(key)
+        if model is None:
+            if len(_MODELS) >= 8:
+                _MODELS.clear()
+            model = _MODELS[key] = self.build()
+        return model
 
     def build(self) -> Layer:
         """A fresh model of this architecture."""
@@ -162,7 +179,7 @@ def compute_block(
     tdtype = _DTYPES[dtype]
     if compile is None:
         compile = dev.type == "cuda"
-    model = spec.build()
+    model = spec.cached()
     x = torch.as_tensor(np.asarray(row_images[rows[0] : rows[1]])).to(device=dev, dtype=tdtype)
     if cols is None:
         values = gram_diag(model, x)

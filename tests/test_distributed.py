@@ -115,3 +115,16 @@ def test_bad_scheduler_and_wrong_architecture(tmp_path):
             dist.compute_store(store, other, images, progress=False)
         with pytest.raises(ValueError, match="has shape"):
             dist.compute_store(store, spec, {**images, "val": images["val"][:2]}, progress=False)
+
+
+def test_blocks_share_one_model_per_architecture():
+    """compute_block reuses one model per spec: torch.compile keys its graphs on the layer objects, so a fresh
+    model per block would recompile every block."""
+    from gpytorch_cnngp.distributed import ArchitectureSpec
+
+    a = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=2)
+    b = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=2)
+    c = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=3)
+    assert a.cached() is b.cached()
+    assert c.cached() is not a.cached()
+    assert a.build() is not a.cached()
