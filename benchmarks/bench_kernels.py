@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))
         return
 
-    default_n = {"naive": 24, "eager": 64, "compiled": 96}
+    default_n = {"naive": 24, "eager": 96, "compiled": 192}
     rows = []
     for arch in args.archs:
         for dtype in args.dtypes:
