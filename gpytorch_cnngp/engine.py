@@ -308,7 +308,7 @@ def _tiles(n1: int, n2: int, tile: int, symmetric: bool) -> Iterator[tuple[int, 
 _AUTO_COMPILE_PAIRS = 4_000_000
 
 
-def _use_compile(compile: bool | None, n_pairs: int, grad: bool) -> bool:
+def _use_compile(compile: bool | None, n_pairs: int, grad: bool, full: bool = False) -> bool:
     if grad:
         return False
     if compile is None:
@@ -317,7 +317,8 @@ def _use_compile(compile: bool | None, n_pairs: int, grad: bool) -> bool:
             return False
         if env in ("1", "true", "yes", "on"):
             return True
-        return n_pairs >= _AUTO_COMPILE_PAIRS
+        # full spatial covariance maps (pooling) run about twice as fast eagerly as compiled
+        return n_pairs >= _AUTO_COMPILE_PAIRS and not full
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None, got {compile!r}")
     return compile
@@ -556,7 +557,8 @@ def gram(
     :param compile: run each tile's pair pass through ``torch.compile`` (fused C++/OpenMP loops on
         CPU, Triton on GPU): 2-3 times faster, after 15-60 s of compilation once per architecture,
         dtype and tile size. ``None`` compiles jobs of 4 million pairs or more (or follows the
-        ``CNNGP_COMPILE`` environment variable, ``0`` or ``1``); gradients always use the eager path.
+        ``CNNGP_COMPILE`` environment variable, ``0`` or ``1``), except for networks with pooling,
+        whose full-covariance maps run faster eagerly; gradients always use the eager path.
     :param hyper: ``{layer: {"var_weight": tensor, ...}}`` overriding the layers' own values.
     :return: ``[N1, N2]`` tensor. When hyperparameters require grad, the backward pass recomputes
         one tile at a time, so it needs no more memory than the forward.
@@ -568,7 +570,7 @@ def gram(
     n2 = n1 if z is None else z.shape[0]
     grad = torch.is_grad_enabled() and any(v.requires_grad for v in values)
     input_grad = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
-    compiled = _use_compile(compile, n1 * n2, grad or input_grad)
+    compiled = _use_compile(compile, n1 * n2, grad or input_grad, model.needs_full())
     plan = estimate_tile_size(
         model,
         (x.shape[2], x.shape[3]),

@@ -727,3 +727,13 @@ def test_cnngp_kernel_with_pooled_architecture():
     assert bool((kernel_module.raw_var_weight.grad != 0).all())
     assert bool((kernel_module.raw_var_bias.grad != 0).all())
     assert all(math.isfinite(float(g)) for g in kernel_module.raw_var_weight.grad)
+
+
+def test_auto_compile_skips_full_covariance_networks(monkeypatch):
+    """compile=None compiles large jobs, but not networks on the full path (slower compiled, see RESULTS.md)."""
+    from gpytorch_cnngp.engine import _AUTO_COMPILE_PAIRS, _use_compile
+
+    monkeypatch.setenv("CNNGP_COMPILE", "auto")
+    assert _use_compile(None, _AUTO_COMPILE_PAIRS, grad=False, full=False)
+    assert not _use_compile(None, _AUTO_COMPILE_PAIRS, grad=False, full=True)
+    assert _use_compile(True, 1, grad=False, full=True)  # an explicit request is honoured
