@@ -14,7 +14,7 @@ runs neural-tangents on them in a subprocess, computes the same kernels here and
   ``--repeats`` calls after a warm-up call, measured in this one run;
 * the largest relative difference, in float64, between the two libraries' kernels for
   architectures made of layers both have: the ConvNet GP, and small pooled networks with
-  AvgPool2d / GlobalAvgPool2d / Dense / Erf / LeakyReLU (stride-1 convolutions only: for strided
+  AvgPool2d / GlobalAvgPool2d / Dense / Erf / LeakyReLU / GELU (stride-1 convolutions only: for strided
   "same" convolutions the paper's padding, which we follow, differs from TensorFlow's). Pooling
   strides are given explicitly to neural-tangents, whose ``AvgPool`` defaults to stride 1 where
   ours defaults to the window, as ``torch.nn.AvgPool2d`` does.
@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Architectures as plain data, built by both sides: ("conv", k, var_weight, var_bias), ("relu",),
-# ("erf",), ("leaky", slope), ("avgpool", k), ("gap",), ("dense", var_weight, var_bias).
+# ("erf",), ("gelu",), ("leaky", slope), ("avgpool", k), ("gap",), ("dense", var_weight, var_bias).
 CONVNET = [("conv", 7, 2.79 * 49, 7.86), ("relu",)] * 7 + [("dense", 2.79, 7.86)]
 VALUE_CASES = {
     "convnet_gp (28x28)": (CONVNET, 28),
@@ -49,6 +49,10 @@ VALUE_CASES = {
     ),
     "conv-leaky-conv-relu-avgpool-dense (8x8)": (
         [("conv", 3, 2.0, 0.0), ("leaky", 0.2), ("conv", 2, 1.7, 0.3), ("relu",), ("avgpool", 2), ("dense", 2.0, 0.5)],
+        8,
+    ),
+    "conv-gelu-avgpool-conv-gelu-dense (8x8)": (
+        [("conv", 3, 2.0, 0.1), ("gelu",), ("avgpool", 2), ("conv", 2, 1.5, 0.0), ("gelu",), ("dense", 1.0, 0.2)],
         8,
     ),
 }
@@ -71,6 +75,8 @@ def _nt_model(spec):
             layers.append(stax.Relu())
         elif kind == "erf":
             layers.append(stax.Erf())
+        elif kind == "gelu":
+            layers.append(stax.Gelu(approximate=False))
         elif kind == "leaky":
             layers.append(stax.LeakyRelu(layer[1]))
         elif kind == "avgpool":
@@ -118,7 +124,7 @@ def nt_worker(path: str, mode: str, repeats: int) -> dict:
 
 
 def _ours(spec):
-    from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, Erf, GlobalAvgPool2d, LeakyReLU, ReLU, Sequential
+    from gpytorch_cnngp import GELU, AvgPool2d, Conv2d, Dense, Erf, GlobalAvgPool2d, LeakyReLU, ReLU, Sequential
 
     layers = []
     for layer in spec:
@@ -129,6 +135,8 @@ def _ours(spec):
             layers.append(ReLU())
         elif kind == "erf":
             layers.append(Erf())
+        elif kind == "gelu":
+            layers.append(GELU())
         elif kind == "leaky":
             layers.append(LeakyReLU(layer[1]))
         elif kind == "avgpool":

@@ -12,6 +12,7 @@ from . import architectures
 from .engine import gram, gram_diag
 from .kernel import CNNGPKernel
 from .layers import (
+    GELU,
     AvgPool2d,
     Conv2d,
     Dense,
@@ -35,6 +36,7 @@ __all__ = [
     "Conv2d",
     "Dense",
     "Erf",
+    "GELU",
     "GlobalAvgPool2d",
     "Layer",
     "LeakyReLU",

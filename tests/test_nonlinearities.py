@@ -29,7 +29,7 @@ from numpy.polynomial.legendre import leggauss
 from reference_full import describe, kernel
 from reference_helpers import entry_rel_err
 
-from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, Erf, GlobalAvgPool2d, LeakyReLU, ReLU, Sequential, Sum
+from gpytorch_cnngp import GELU, AvgPool2d, Conv2d, Dense, Erf, GlobalAvgPool2d, LeakyReLU, ReLU, Sequential, Sum
 
 F64 = torch.float64
 
@@ -255,10 +255,10 @@ def test_nonlinearities_positionwise_path_against_reference():
 # gradients
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pooled", [False, True], ids=["positionwise", "pooled"])
-@pytest.mark.parametrize("name", ["erf", "leaky"])
+@pytest.mark.parametrize("name", ["erf", "leaky", "gelu"])
 @pytest.mark.parametrize("zero_bias", [False, True], ids=["bias", "no_bias"])
 def test_gradients_finite_on_degenerate_images(name, pooled, zero_bias):
-    model = _net(Erf() if name == "erf" else LeakyReLU(0.2), pooled)
+    model = _net({"erf": Erf(), "leaky": LeakyReLU(0.2), "gelu": GELU()}[name], pooled)
     leaves = []
     for layer in model.kernel_layers():
         if isinstance(layer, (Conv2d, Dense)):
@@ -349,3 +349,55 @@ def test_leaky_relu_accepts_real_numbers_and_tensors():
     for slope in (0, 1, -2.5, np.float64(0.3)):
         assert float(LeakyReLU(slope).negative_slope) == pytest.approx(float(slope))
     assert float(LeakyReLU().negative_slope) == 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU
+# ----------------------------------------------------------------------------------------------
+def _gelu(t):
+    return t * 0.5 * (1.0 + erf(t / math.sqrt(2.0)))
+
+
+def test_gelu_pairs_and_self_values_against_gauss_hermite():
+    """GELU is smooth, so 2-D Gauss-Hermite converges fast: the closed form agrees to 1e-10 absolute."""
+    pairs, selfs = _library_on_grid(GELU(), GRID)
+    for (v1, v2, rho), got in zip(GRID, pairs, strict=True):
+        want = _gauss_hermite(_gelu, v1, v2, rho)
+        assert abs(got - want) <= 1e-10, (v1, v2, rho, got, want)
+    for (v1, _, _), got in zip(GRID, selfs, strict=True):
+        want = _gauss_hermite(_gelu, v1, v1, 1.0)
+        assert abs(got - want) <= 1e-10, (v1, got, want)
+
+
+def test_gelu_limits():
+    """Small variances: GELU(u) ~ u / 2, so E ~ c / 4; large ones: GELU ~ ReLU, so E ~ the ReLU kernel."""
+    x, z = _images(3, 2, 4, seed=3), _images(2, 2, 4, seed=4)
+    for scale, other, rtol in ((1e-6, None, 1e-5), (1e6, ReLU(), 1e-5)):
+        g = Sequential(Conv2d(3, var_weight=scale), GELU(), Dense())(x, z)
+        if other is None:
+            ref = Sequential(Conv2d(3, var_weight=scale), Dense(var_weight=0.25))(x, z)
+        else:
+            ref = Sequential(Conv2d(3, var_weight=scale), other, Dense())(x, z)
+        assert entry_rel_err(g.numpy(), ref.numpy()) < rtol
+
+
+def test_gelu_monte_carlo_exact_at_any_width():
+    """Conv -> GELU -> Dense: the GELU's input is exactly Gaussian over random weights, so E[f f'] equals the
+    kernel at any width; every entry within 4 Monte-Carlo standard errors (no allowance)."""
+    from test_monte_carlo import check_against_kernel, make_inputs, second_moment_errors
+
+    model = Sequential(Conv2d(3, var_weight=2.0, var_bias=0.1), GELU(), Dense(var_weight=1.5, var_bias=0.05))
+    x = make_inputs(in_channels=2, size=6)
+    K = model(x)
+    g = torch.Generator().manual_seed(71)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        S = []
+        with torch.no_grad():
+            for _ in range(600):
+                f = model.nn(8, in_channels=2, out_channels=32, generator=g, input_size=6)(x.float()).to(F64)
+                S.append(f @ f.T / 32)
+    finally:
+        torch.set_num_threads(threads)
+    check_against_kernel(second_moment_errors(torch.stack(S), K), torch.zeros(4, 4, dtype=F64), "conv-gelu-dense")

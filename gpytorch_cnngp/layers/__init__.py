@@ -5,6 +5,7 @@ from .combinators import Sequential, Sum, resnet_block
 from .conv import Conv2d
 from .dense import Dense
 from .erf import Erf
+from .gelu import GELU
 from .leaky_relu import LeakyReLU
 from .pooling import AvgPool2d, GlobalAvgPool2d
 from .relu import Nonlinearity, ReLU
@@ -15,6 +16,7 @@ __all__ = [
     "Conv2d",
     "Dense",
     "Erf",
+    "GELU",
     "GlobalAvgPool2d",
     "LeakyReLU",
     "FiniteBuild",
