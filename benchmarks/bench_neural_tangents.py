@@ -12,6 +12,7 @@ runs neural-tangents on them in a subprocess, computes the same kernels here and
 * ConvNet GP (paper hyperparameters) cross kernel ``K(X, Z)`` on 28x28 MNIST digits, float32:
   entries/s of neural-tangents' jitted ``kernel_fn`` and of ours (compiled and eager), medians of
   ``--repeats`` calls after a warm-up call, measured in this one run;
+* a pooled network on the full spatial covariance path (28x28, eager here), timed the same way;
 * the largest relative difference, in float64, between the two libraries' kernels for
   architectures made of layers both have: the ConvNet GP, and small pooled networks with
   AvgPool2d / GlobalAvgPool2d / Dense / Erf / LeakyReLU / GELU (stride-1 convolutions only: for strided
@@ -40,6 +41,9 @@ HERE = Path(__file__).resolve().parent
 # Architectures as plain data, built by both sides: ("conv", k, var_weight, var_bias), ("relu",),
 # ("erf",), ("gelu",), ("leaky", slope), ("avgpool", k), ("gap",), ("dense", var_weight, var_bias).
 CONVNET = [("conv", 7, 2.79 * 49, 7.86), ("relu",)] * 7 + [("dense", 2.79, 7.86)]
+# a pooled network on the full spatial path at 28x28 (timed on both sides; stride-1 convolutions)
+POOLED = [("conv", 3, 2.0, 0.05), ("relu",), ("avgpool", 2), ("conv", 3, 2.0, 0.05), ("relu",), ("gap",)]
+POOLED = POOLED + [("dense", 2.0, 0.05)]
 VALUE_CASES = {
     "convnet_gp (28x28)": (CONVNET, 28),
     "conv-relu-avgpool-conv-erf-gap-dense (8x8)": (
@@ -101,10 +105,11 @@ def nt_worker(path: str, mode: str, repeats: int) -> dict:
     import jax
 
     data = np.load(path)
-    if mode == "time":
-        kernel_fn = jax.jit(_nt_model(CONVNET), static_argnames="get")
-        x = np.transpose(data["x"], (0, 2, 3, 1)).astype(np.float32)  # NHWC
-        z = np.transpose(data["z"], (0, 2, 3, 1)).astype(np.float32)
+    if mode in ("time", "time_pooled"):
+        spec, key = (CONVNET, "") if mode == "time" else (POOLED, "p")
+        kernel_fn = jax.jit(_nt_model(spec), static_argnames="get")
+        x = np.transpose(data[f"x{key}"], (0, 2, 3, 1)).astype(np.float32)  # NHWC
+        z = np.transpose(data[f"z{key}"], (0, 2, 3, 1)).astype(np.float32)
         kernel_fn(x, z, "nngp").block_until_ready()
         times = []
         for _ in range(repeats):
@@ -164,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nt-python", help="Python of an environment with neural-tangents")
     p.add_argument("--n", type=int, default=192, help="images per side of the timed cross kernel")
+    p.add_argument("--n-pooled", type=int, default=12, help="images per side of the timed pooled kernel")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
@@ -188,9 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     small8 = torch.nn.functional.avg_pool2d(small, 3, 3, 1)[:, :, 1:9, 1:9] + 0.05 * torch.rand(6, 1, 8, 8)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.npz")
-        np.savez(path, x=x.numpy(), z=z.numpy(), v28=small.numpy(), v8=small8.numpy())
+        xp, zp = x[: args.n_pooled], z[: args.n_pooled]
+        np.savez(path, x=x.numpy(), z=z.numpy(), xp=xp.numpy(), zp=zp.numpy(), v28=small.numpy(), v8=small8.numpy())
         results = {}
-        for mode in ("time", "values"):
+        for mode in ("time", "time_pooled", "values"):
             cmd = [args.nt_python, __file__, "--nt-worker", path, "--mode", mode, "--repeats", str(args.repeats)]
             run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             if run.returncode:
@@ -203,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     model = _ours(CONVNET)
     compiled = entries / _time_ours(model, x, z, True, args.repeats)
     eager = entries / _time_ours(model, x, z, False, args.repeats)
+    pooled_entries = args.n_pooled**2
+    nt_pooled = pooled_entries / results["time_pooled"]["median_s"]
+    ours_pooled = pooled_entries / _time_ours(_ours(POOLED), xp, zp, False, args.repeats)
     lines = [
         f"### neural-tangents comparison ({time.strftime('%Y-%m-%d')})",
         "",
@@ -216,6 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         f"| neural-tangents (jit) | {nt_rate:,.0f} | 1.0 |",
         f"| ours, compiled | {compiled:,.0f} | {compiled / nt_rate:.1f} |",
         f"| ours, eager | {eager:,.0f} | {eager / nt_rate:.1f} |",
+        "",
+        f"Pooled network on the full spatial path (Conv3-ReLU-AvgPool2-Conv3-ReLU-GlobalAvgPool-Dense, 28x28, "
+        f"{args.n_pooled}x{args.n_pooled} cross kernel, float32):",
+        "",
+        "| pooled, float32 | entries/s | ms per entry | x neural-tangents |",
+        "|---|---|---|---|",
+        f"| neural-tangents (jit) | {nt_pooled:,.1f} | {1e3 / nt_pooled:.1f} | 1.0 |",
+        f"| ours, eager | {ours_pooled:,.1f} | {1e3 / ours_pooled:.1f} | {ours_pooled / nt_pooled:.1f} |",
         "",
         "Kernel values, float64, K(X, X) of 6 images (ours: `model(X)`, neural-tangents: `kernel_fn(x, x, 'nngp')`):",
         "",
