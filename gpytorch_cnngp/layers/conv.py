@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ops import Window, diagonal_window_sum, window_sum
 from .base import Context, FiniteBuild, Layer
 
-__all__ = ["Conv2d", "check_variance"]
+__all__ = ["Conv2d", "WeightedLayer", "check_variance"]
 
 
 def check_variance(name: str, value) -> Tensor:
@@ -34,7 +34,37 @@ def check_variance(name: str, value) -> Tensor:
     return tensor
 
 
-class Conv2d(Layer):
+class WeightedLayer(Layer):
+    """A layer with Gaussian weights and biases: validated ``var_weight``/``var_bias`` tensors.
+
+    They are buffers (they move with ``.to()``); assigning a float or a tensor validates it, and a
+    tensor with ``requires_grad=True`` makes the kernel differentiable with respect to it.
+    """
+
+    hyperparameter_names = ("var_weight", "var_bias")
+
+    def _init_variances(self, var_weight: float | Tensor, var_bias: float | Tensor) -> None:
+        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
+        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
+
+    @property
+    def var_weight(self) -> Tensor:
+        return self._var_weight
+
+    @var_weight.setter
+    def var_weight(self, value: float | Tensor) -> None:
+        self._var_weight = check_variance("var_weight", value)
+
+    @property
+    def var_bias(self) -> Tensor:
+        return self._var_bias
+
+    @var_bias.setter
+    def var_bias(self, value: float | Tensor) -> None:
+        self._var_bias = check_variance("var_bias", value)
+
+
+class Conv2d(WeightedLayer):
     r"""Convolution with i.i.d. Gaussian weights, as a map on covariances.
 
     Each output position averages the covariance over its window (uniform weights, zero padding
@@ -66,8 +96,6 @@ class Conv2d(Layer):
         >>> model(torch.rand(4, 1, 8, 8)).shape
         torch.Size([4, 4])
     """
-
-    hyperparameter_names = ("var_weight", "var_bias")
 
     def __init__(
         self,
@@ -106,24 +134,7 @@ class Conv2d(Layer):
         self.in_channel_multiplier = in_channel_multiplier
         self.out_channel_multiplier = out_channel_multiplier
         self.window = Window(kernel_size, stride, dilation, before, after)
-        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
-        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
-
-    @property
-    def var_weight(self) -> Tensor:
-        return self._var_weight
-
-    @var_weight.setter
-    def var_weight(self, value: float | Tensor) -> None:
-        self._var_weight = check_variance("var_weight", value)
-
-    @property
-    def var_bias(self) -> Tensor:
-        return self._var_bias
-
-    @var_bias.setter
-    def var_bias(self, value: float | Tensor) -> None:
-        self._var_bias = check_variance("var_bias", value)
+        self._init_variances(var_weight, var_bias)
 
     def extra_repr(self) -> str:
         return (

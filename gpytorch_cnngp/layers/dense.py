@@ -8,13 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import same_location
-from .base import Context, FiniteBuild, Layer
-from .conv import check_variance
+from .base import Context, FiniteBuild
+from .conv import WeightedLayer
 
 __all__ = ["Dense"]
 
 
-class Dense(Layer):
+class Dense(WeightedLayer):
     r"""Flattens the ``C x H x W`` map and applies a fully connected layer with Gaussian weights.
 
     Weights are i.i.d. ``N(0, var_weight / (C H W))`` and biases ``N(0, var_bias)``, so only the
@@ -33,28 +33,9 @@ class Dense(Layer):
         torch.Size([4, 4])
     """
 
-    hyperparameter_names = ("var_weight", "var_bias")
-
     def __init__(self, var_weight: float | Tensor = 1.0, var_bias: float | Tensor = 0.0):
         super().__init__()
-        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
-        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
-
-    @property
-    def var_weight(self) -> Tensor:
-        return self._var_weight
-
-    @var_weight.setter
-    def var_weight(self, value: float | Tensor) -> None:
-        self._var_weight = check_variance("var_weight", value)
-
-    @property
-    def var_bias(self) -> Tensor:
-        return self._var_bias
-
-    @var_bias.setter
-    def var_bias(self, value: float | Tensor) -> None:
-        self._var_bias = check_variance("var_bias", value)
+        self._init_variances(var_weight, var_bias)
 
     def extra_repr(self) -> str:
         return f"var_weight={float(self.var_weight):.6g}, var_bias={float(self.var_bias):.6g}"
