@@ -113,11 +113,11 @@ def _channel_mean(total: Tensor, channels: int) -> Tensor:
     return total if channels == 1 else total.div_(channels)  # einsum's fresh output: safe in place
 
 
-def _input_self(x: Tensor, full: bool = False) -> Tensor:
-    # channel mean of x_c[p]^2: [H, W, N]; full: of x_c[p] x_c[q], [H, W, H, W, N]
+def _input_matched(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
+    # channel mean of x_c[p] z_c[p] for matched images: [H, W, N]; full: of x_c[p] z_c[q], [H, W, H, W, N]
     if full:
-        return _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, x), x.shape[2])
-    return (x * x).mean(2)
+        return _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, z), x.shape[2])
+    return (x * z).mean(2)
 
 
 def _input_pair(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
@@ -136,7 +136,7 @@ def self_pass(model: Layer, x: Tensor, hyper: HyperMap, window_method: str = "ma
         ``k(x, x)`` of shape ``[N]``.
     """
     ctx = Context(mode="self", hyper=hyper, trace=[], window_method=window_method)
-    out = model.propagate(_input_self(x, model.needs_full()), ctx)
+    out = model.propagate(_input_matched(x, x, model.needs_full()), ctx)
     return ctx.trace, out.reshape(x.shape[-1])
 
 
@@ -170,11 +170,7 @@ def _pair_block(
 def _paired(model, x, z, trace_x, trace_z, hyper, window_method) -> Tensor:
     """``k(x_i, z_i)`` for matched pairs: maps ``[H, W, N]`` on both sides."""
     ctx = Context(mode="pair", hyper=hyper, trace_x=trace_x, trace_z=trace_z, window_method=window_method)
-    if model.needs_full():
-        start = _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, z), x.shape[2])
-    else:
-        start = (x * z).mean(2)
-    out = model.propagate(start, ctx)
+    out = model.propagate(_input_matched(x, z, model.needs_full()), ctx)
     return out.reshape(x.shape[-1])
 
 

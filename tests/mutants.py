@@ -157,10 +157,10 @@ def _sum_mean(mp):
 
 def _channel_sum(mp):
     """Input kernel summed over channels instead of averaged."""
-    self_in, pair_in = engine._input_self, engine._input_pair
+    matched_in, pair_in = engine._input_matched, engine._input_pair
     # the engine holds images as [H, W, C, N]
-    mp.setattr(engine, "_input_self", lambda x: self_in(x) * x.shape[2])
-    mp.setattr(engine, "_input_pair", lambda x, z: pair_in(x, z) * x.shape[2])
+    mp.setattr(engine, "_input_matched", lambda x, z, *full: matched_in(x, z, *full) * x.shape[2])
+    mp.setattr(engine, "_input_pair", lambda x, z, *full: pair_in(x, z, *full) * x.shape[2])
 
 
 def _bias_over_k2(mp):
