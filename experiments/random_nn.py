@@ -89,6 +89,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from gpytorch_cnngp import architectures, datasets  # noqa: E402
+from gpytorch_cnngp.cli import _positive_int  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -556,16 +557,6 @@ def write_outputs(summary: dict, outputs: dict[int, np.ndarray], out: Path, K: n
 
 # ----------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
