@@ -121,6 +121,15 @@ def machine() -> str:
     )
 
 
+def report(lines: list[str], args: argparse.Namespace) -> None:
+    """Print a results section and append it to ``args.out`` unless ``args.no_write``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        with open(args.out, "a") as fh:
+            fh.write("\n" + text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -180,11 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['arch']} | {r['dtype']} | {r['method']} | {r['n']}x{r['n']} | {r['entries_per_s']:,.0f} | {ratio} "
             f"| {r['peak_rss_mb']:.0f} | {r['first_call_s']:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    report(lines, args)
 
 
 if __name__ == "__main__":

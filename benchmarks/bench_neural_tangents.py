@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from bench_kernels import _images, machine
+    from bench_kernels import _images, machine, report
 
     x, source = _images(args.n, torch.float32, 0)
     z, _ = _images(args.n, torch.float32, 1)
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = _ours(spec)(small if size == 28 else small8).numpy()
         theirs = np.asarray(results["values"][name])
         lines.append(f"| {name} | {np.abs(ours - theirs).max() / np.abs(theirs).max():.1e} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    report(lines, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_kernels import _images, machine  # noqa: E402
+from bench_kernels import _images, machine, report  # noqa: E402
 
 from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, ReLU, Sequential, gram  # noqa: E402
 from gpytorch_cnngp.architectures import pooled_cnn_gp  # noqa: E402
@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['case']} | {r['dtype']} | {r['n']}x{r['n']} | {r['entries_per_s']:,.0f} | {r['ms_per_entry']:.3f} "
             f"| {base['entries_per_s'] / r['entries_per_s']:.0f} | {r['peak_mb']:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    report(lines, args)
 
 
 if __name__ == "__main__":
