@@ -69,10 +69,24 @@ class _TorchWithFlippedAcos:
 
 
 def _acos_sign(mp):
-    """theta = arccos(-rho) in place of arccos(rho), in every arccos of ops (library and polynomial)."""
+    """theta = arccos(-rho) in place of arccos(rho) in ops' library arccos; the compiled path's
+    arccos-free form is evaluated at -rho."""
     mp.setattr(ops, "torch", _TorchWithFlippedAcos(torch))
-    acos_poly = ops._acos_poly
-    mp.setattr(ops, "_acos_poly", lambda x: acos_poly(-x))
+    poly = ops.relu_expectation_poly
+    mp.setattr(ops, "relu_expectation_poly", lambda c, s1, s2, inv1, inv2: poly(-c, s1, s2, inv1, inv2))
+
+
+def _poly_half_power(mp):
+    """The compiled path's ReLU with (1 - a)^(1/2) R(a) in place of (1 - a)^(3/2) R(a)."""
+
+    def poly(c, s1, s2, inv1, inv2):
+        a = (c.abs() * inv1 * inv2).clamp_max(1.0)
+        u = 1.0 - a
+        coefs = ops._R_POLY64 if c.dtype == torch.float64 else ops._R_POLY32
+        r = ops._horner(a, tuple(k / (2 * math.pi) for k in coefs))
+        return c.clamp_min(0.0) * 0.5 + (s1 * s2) * torch.sqrt(u) * r
+
+    mp.setattr(ops, "relu_expectation_poly", poly)
 
 
 def _relu_no_sqrt_term(mp):
@@ -229,6 +243,7 @@ MUTANTS = {
     "relu_factor2": _relu_factor2,
     "relu_self_no_half": _relu_self_no_half,
     "acos_sign": _acos_sign,
+    "poly_half_power": _poly_half_power,
     "relu_no_sqrt_term": _relu_no_sqrt_term,
     "pad_not_counted": _pad_not_counted,
     "even_k_flipped": _even_k_flipped,

@@ -213,3 +213,75 @@ def test_relu_layer_with_bias_before_the_relu():
             v2 = 0.5 + 2 * k0(Z[j], Z[j])
             c = 0.5 + 2 * k0(X[i], Z[j])
             assert abs(got[i, j] - quadrature(v1, v2, c)) <= ATOL * math.sqrt(v1 * v2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the arccos-free form of the compiled path against a 40-digit evaluation of the textbook formula
+# ----------------------------------------------------------------------------------------------
+# ops.relu_expectation_poly writes J(rho) = pi max(rho, 0) + (1 - a)^(3/2) R(a), a = |rho|, with a
+# fitted polynomial R. The reference evaluates s1 s2 (sqrt(1 - rho^2) + (pi - arccos rho) rho) / (2 pi)
+# in mpmath at 40 digits for the exact (float64 or float32) inputs. Tolerance: rtol relative (float64
+# 4e-15, a few ulp, the fit's own error being 1e-16; float32 1e-6, its fit being good to 3e-10) plus
+# what the rounding of rho = c / (s1 s2) itself implies, |dE/drho| 8 eps = s1 s2 (pi - arccos rho) / (2 pi)
+# 8 eps (and s1 s2 (16 eps)^(3/2) at rho = -1): near rho = -1, where E ~ (1 + rho)^(3/2) -> 0, no
+# formula can beat that conditioning.
+
+
+def _poly_cases(dtype):
+    near = [10.0**-k for k in range(1, 16 if dtype == torch.float64 else 8)]
+    rho = sorted({*np.linspace(-1.0, 1.0, 401).tolist(), *[1 - e for e in near], *[-1 + e for e in near]})
+    s1 = torch.tensor([0.3, 1.0, 7.5], dtype=dtype)[:, None, None]
+    s2 = torch.tensor([0.05, 1.0, 2.0], dtype=dtype)[None, :, None]
+    rho_t = torch.tensor(rho, dtype=dtype)[None, None, :]
+    c = rho_t * s1 * s2
+    return c, s1, s2
+
+
+def _mp_reference(c: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> np.ndarray:
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    c, s1, s2 = torch.broadcast_tensors(c.double(), s1.double(), s2.double())
+    out = np.empty(c.shape)
+    for idx in np.ndindex(*c.shape):
+        cc, a, b = (mpmath.mpf(float(t[idx])) for t in (c, s1, s2))
+        rho = max(min(cc / (a * b), mpmath.mpf(1)), mpmath.mpf(-1))  # rounding of c = rho s1 s2 may overshoot
+        j = mpmath.sqrt(1 - rho * rho) + (mpmath.pi - mpmath.acos(rho)) * rho
+        out[idx] = float(a * b * j / (2 * mpmath.pi))
+    return out
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 4e-15), (torch.float32, 1e-6)])
+def test_relu_expectation_poly_against_40_digit_reference(dtype, rtol):
+    c, s1, s2 = _poly_cases(dtype)
+    got = ops.relu_expectation_poly(c, s1, s2, 1.0 / s1, 1.0 / s2).double().numpy()
+    want = _mp_reference(c, s1, s2)
+    rho = (c / (s1 * s2)).double().clamp(-1, 1).numpy()
+    scale = (s1 * s2).double().expand_as(c).numpy()
+    slope = scale * (math.pi - np.arccos(rho)) / (2 * math.pi)
+    err = np.abs(got - want)
+    eps = torch.finfo(dtype).eps
+    # (at rho = -1 the slope vanishes and a rounding of rho by d moves E by about s1 s2 d^(3/2))
+    bad = err > rtol * np.abs(want) + slope * 8 * eps + scale * (16 * eps) ** 1.5
+    assert not bad.any(), (rho[bad][:5], got[bad][:5], want[bad][:5])
+
+
+def test_relu_expectation_poly_zero_variance_and_identical_images():
+    s = torch.tensor([0.0, 1.5, 3.0], dtype=torch.float64)
+    inv = ops.inverse_std(s)
+    nothing = torch.zeros(3, dtype=torch.float64)  # a black image: zero variance, zero covariance
+    assert torch.equal(ops.relu_expectation_poly(nothing, nothing, s, nothing, inv), nothing)
+    same = ops.relu_expectation_poly(s * s, s, s, inv, inv)
+    torch.testing.assert_close(same, s * s / 2, rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("name, degree, max_err", [("_R_POLY32", 8, 3.1e-10), ("_R_POLY64", 16, 1.5e-16)])
+def test_relu_poly_coefficients_are_the_documented_fit(name, degree, max_err):
+    """The stored coefficients are the Chebyshev-node interpolants of tests/relu_poly_fit.py, whose
+    error against a 40-digit R is as stated in ops (so a mistyped coefficient cannot hide)."""
+    pytest.importorskip("mpmath")
+    from relu_poly_fit import fit, max_relative_error
+
+    stored = getattr(ops, name)
+    assert len(stored) == degree + 1
+    np.testing.assert_allclose(stored, fit(degree), rtol=1e-12, atol=0.0)
+    assert max_relative_error(list(stored), points=401) <= max_err

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from ..ops import inverse_std, relu_expectation, relu_expectation_fast
+from ..ops import relu_expectation, relu_expectation_forward
 from .base import FiniteBuild
 from .relu import Nonlinearity
 
@@ -46,7 +46,7 @@ class LeakyReLU(Nonlinearity):
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
             j = relu_expectation(c, s1, s2)
         else:
-            j = relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=compiled)
+            j = relu_expectation_forward(c, s1, s2, compiled)
         return j * (1.0 - alpha) ** 2 + c * alpha
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:

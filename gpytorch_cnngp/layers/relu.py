@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops import inverse_std, position_diagonal, relu_expectation, relu_expectation_fast, safe_sqrt, same_location
+from ..ops import position_diagonal, relu_expectation, relu_expectation_forward, safe_sqrt, same_location
 from .base import Context, FiniteBuild, Layer
 
 __all__ = ["Nonlinearity", "ReLU"]
@@ -75,8 +75,7 @@ class ReLU(Nonlinearity):
     def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
             return relu_expectation(c, s1, s2)
-        # inside torch.compile a polynomial arccos vectorises and fuses; eager torch.acos is faster alone
-        return relu_expectation_fast(c, s1, s2, inverse_std(s1), inverse_std(s2), poly_acos=compiled)
+        return relu_expectation_forward(c, s1, s2, compiled)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.ReLU(), incoming
