@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -185,7 +186,11 @@ def _compiled_pair_block():
         # One graph per architecture, dtype, device and tile shape: static shapes generate much faster
         # loops than dynamic ones, so edge tiles are padded to the full tile size (see _fill).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_block = torch.compile(_pair_block, dynamic=False)
+        # Let the C++ compiler fuse multiply-adds (the ReLU's polynomial is mostly those): about 5%
+        # faster on CPU and, if anything, more accurate. Only this graph is affected.
+        _compiled_block = torch.compile(
+            _pair_block, dynamic=False, options={"cpp.enable_floating_point_contract_flag": "fast"}
+        )
     return _compiled_block
 
 
@@ -203,11 +208,28 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_MAP_SIZES: OrderedDict[tuple, tuple[int, int]] = OrderedDict()
+
+
 def _map_sizes(model: Layer, size: tuple[int, int]) -> tuple[int, int]:
     """(largest map area, total area of the recorded self-trace slots) for one image.
 
-    Found by running the self pass on a shape-only ("meta") tensor.
+    Found by running the self pass on a shape-only ("meta") tensor, which costs about 20 ms for a
+    ResNet-32, so results are remembered per model and layer tree (hyperparameter values do not
+    change shapes; replacing or re-wiring a layer does, and changes the key).
     """
+    key = (tuple(size), tuple((name, id(m), type(m), getattr(m, "window", None)) for name, m in model.named_modules()))
+    if key in _MAP_SIZES:
+        _MAP_SIZES.move_to_end(key)
+        return _MAP_SIZES[key]
+    result = _measure_map_sizes(model, size)
+    _MAP_SIZES[key] = result
+    if len(_MAP_SIZES) > 32:
+        _MAP_SIZES.popitem(last=False)
+    return result
+
+
+def _measure_map_sizes(model: Layer, size: tuple[int, int]) -> tuple[int, int]:
     meta = torch.device("meta")
     hyper, _ = _hyper_map(model, torch.float32, meta)
     trace, _ = self_pass(model, torch.empty(*size, 1, 1, device=meta), hyper)
