@@ -55,26 +55,29 @@ def _images(n: int, dtype, seed: int):
         return torch.rand(n, 1, 28, 28, generator=gen, dtype=dtype), "uniform random"
 
 
+def _runner(model, method: str, n: int, dtype, tile_size):
+    """A no-argument function computing one ``n x n`` cross kernel with ``method``, and the image source."""
+    from gpytorch_cnngp import gram
+
+    x, source = _images(n, dtype, 0)
+    z, _ = _images(n, dtype, 1)
+    if method == "naive":
+        from naive import naive_kernel
+
+        return (lambda: naive_kernel(model, x, z)), source
+    compiled = method == "compiled"
+    return (lambda: gram(model, x, z, compile=compiled, tile_size=tile_size)), source
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One measurement (runs in its own process)."""
     import torch
 
-    from gpytorch_cnngp import architectures, gram
+    from gpytorch_cnngp import architectures
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     model = architectures.ARCHITECTURES[args.arch]()
-    x, source = _images(args.n, dtype, 0)
-    z, _ = _images(args.n, dtype, 1)
-    if args.method == "naive":
-        from naive import naive_kernel
-
-        def run():
-            return naive_kernel(model, x, z)
-    else:
-        compiled = args.method == "compiled"
-
-        def run():
-            return gram(model, x, z, compile=compiled, tile_size=args.tile_size)
+    run, source = _runner(model, args.method, args.n, dtype, args.tile_size)
 
     base_rss = _vm_rss_bytes()
     t0 = time.perf_counter()
@@ -100,6 +103,48 @@ def worker(args: argparse.Namespace) -> dict:
         "images": source,
         "threads": torch.get_num_threads(),
     }
+
+
+def worker_interleaved(args: argparse.Namespace) -> list[dict]:
+    """All methods of one architecture and dtype in one process, timed in alternation.
+
+    Each round calls every method once, so a slow spell of a shared machine hits all of them alike;
+    the ratio to the straightforward path is the median over rounds of the per-round ratios.
+    """
+    import torch
+
+    from gpytorch_cnngp import architectures
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    model = architectures.ARCHITECTURES[args.arch]()
+    runs = {}
+    for method, n in zip(args.methods, args.sizes, strict=True):
+        run, source = _runner(model, method, n, dtype, args.tile_size)
+        t0 = time.perf_counter()
+        run()  # warm-up and compilation
+        runs[method] = (run, n, time.perf_counter() - t0)
+    rates = {m: [] for m in runs}
+    for _ in range(args.repeats):
+        for method, (run, n, _) in runs.items():
+            t0 = time.perf_counter()
+            run()
+            rates[method].append(n * n / (time.perf_counter() - t0))
+    rows = []
+    for method, (_, n, first) in runs.items():
+        ratios = [r / b for r, b in zip(rates[method], rates.get("naive", rates[method]), strict=True)]
+        rows.append(
+            {
+                "arch": args.arch,
+                "dtype": args.dtype,
+                "method": method,
+                "n": n,
+                "entries_per_s": statistics.median(rates[method]),
+                "ratio": statistics.median(ratios) if "naive" in rates else None,
+                "first_call_s": first,
+                "images": source,
+            }
+        )
+    return rows
 
 
 def machine() -> str:
@@ -144,12 +189,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", nargs="+", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time all methods of an architecture in one process, alternating calls (ratios robust to a "
+        "noisy machine; no per-method peak memory)",
+    )
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(worker_interleaved(args) if args.sizes else worker(args)))
         return
 
     default_n = {"naive": 24, "eager": 96, "compiled": 192}
+    if args.interleave:
+        interleaved(args, argv, default_n)
+        return
     rows = []
     for arch in args.archs:
         for dtype in args.dtypes:
@@ -188,6 +243,47 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {r['arch']} | {r['dtype']} | {r['method']} | {r['n']}x{r['n']} | {r['entries_per_s']:,.0f} | {ratio} "
             f"| {r['peak_rss_mb']:.0f} | {r['first_call_s']:.1f} |"
+        )
+    report(lines, args)
+
+
+def interleaved(args: argparse.Namespace, argv: list[str] | None, default_n: dict[str, int]) -> None:
+    rows = []
+    for arch in args.archs:
+        for dtype in args.dtypes:
+            sizes = [str(args.n or default_n[m]) for m in args.methods]
+            cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--dtype", dtype, "--methods", *args.methods]
+            cmd += ["--sizes", *sizes, "--repeats", str(args.repeats)]
+            if args.tile_size:
+                cmd += ["--tile-size", str(args.tile_size)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                raise SystemExit(f"measurement failed: {arch} {dtype}")
+            for row in json.loads(out.stdout.strip().splitlines()[-1]):
+                rows.append(row)
+                ratio = f"{row['ratio']:.1f}x naive" if row["ratio"] is not None else ""
+                print(
+                    f"{arch:16s} {dtype:8s} {row['method']:9s} n={row['n']:4d} {row['entries_per_s']:12,.0f} "
+                    f"entries/s {ratio}",
+                    flush=True,
+                )
+    lines = [
+        f"### Kernel throughput, methods interleaved ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {machine()}. Command: `python benchmarks/bench_kernels.py {' '.join(argv or sys.argv[1:])}`.",
+        f"Cross kernels K(X, Z) on {rows[0]['images']} 28x28 images. One process per architecture and dtype "
+        f"runs {args.repeats} rounds, each calling every method once; entries/s is the median over rounds and "
+        "`x naive` the median of the per-round ratios. `first call` includes compilation.",
+        "",
+        "| architecture | dtype | method | n x n | entries/s | x naive | first call (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio']:.1f}" if r["ratio"] is not None else "-"
+        lines.append(
+            f"| {r['arch']} | {r['dtype']} | {r['method']} | {r['n']}x{r['n']} | {r['entries_per_s']:,.0f} | {ratio} "
+            f"| {r['first_call_s']:.1f} |"
         )
     report(lines, args)
 
