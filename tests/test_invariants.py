@@ -314,3 +314,37 @@ def test_empty_sets(dtype):
     for out, shape in cases:
         assert tuple(out.shape) == shape
         assert out.dtype == dtype
+
+
+def test_gram_leaves_the_garbage_collector_as_it_found_it(monkeypatch):
+    """The tile loop pauses Python's cyclic GC; afterwards it is on again, or still off if it was off,
+    also when a tile fails."""
+    import gc
+
+    from gpytorch_cnngp import engine
+
+    model, size = MODELS["conv_relu"]
+    x = _images(5, 2, size, seed=40)
+    assert gc.isenabled()
+    gram(model, x, tile_size=2)
+    assert gc.isenabled()
+    real_block, calls = engine._pair_block, []
+
+    def failing_block(*args):
+        calls.append(gc.isenabled())
+        if len(calls) == 2:
+            raise RuntimeError("tile failed")
+        return real_block(*args)
+
+    monkeypatch.setattr(engine, "_pair_block", failing_block)
+    with pytest.raises(RuntimeError, match="tile failed"):
+        gram(model, x, tile_size=2)
+    assert calls == [False, False]  # paused inside the loop
+    assert gc.isenabled()
+    monkeypatch.undo()
+    gc.disable()
+    try:
+        gram(model, x, tile_size=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
