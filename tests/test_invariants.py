@@ -268,6 +268,21 @@ def test_compiled_float64_cross_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=0.0)
 
 
+def test_compiled_edge_images_match_eager_float64():
+    """Black images (zero variance) and the same image on both sides (rho = 1) through the compiled
+    path's arccos-free ReLU, against the eager float64 kernel, across a residual network."""
+    model, size = MODELS["resnet_blocks"]
+    x = _images(4, 2, size, seed=41)
+    x[1] = 0.0  # a black image
+    z = torch.cat([x[:2], _images(2, 2, size, seed=42)])  # z[0] = x[0], z[1] = x[1] (black)
+    want = gram(model, x, z, compile=False)
+    got = _compiled_gram(model, x.float(), z.float())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    # the black image's row and column are the bias-only kernel, identical in both paths
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-6, atol=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # dtype, device and empty inputs
 
