@@ -66,7 +66,10 @@ class ReLU(Nonlinearity):
 
     which is exactly :math:`E[\mathrm{relu}(u)\,\mathrm{relu}(u')]` for centred Gaussians (no
     factor 2). Computed through standard deviations so that nothing overflows, with gradients that
-    stay finite for identical images and zero variances.
+    stay finite for identical images and zero variances. Compiled code evaluates the same value
+    without arccos, as :math:`\max(c, 0)/2 + \sqrt{v_1 v_2}\,(1 - a)^{3/2} R(a) / (2\pi)` with
+    :math:`a = |c| / \sqrt{v_1 v_2}` and a fitted polynomial :math:`R`
+    (:func:`gpytorch_cnngp.ops.relu_expectation_poly`).
     """
 
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
