@@ -175,6 +175,18 @@ def report(lines: list[str], args: argparse.Namespace) -> None:
             fh.write("\n" + text)
 
 
+def _run_worker(args: argparse.Namespace, arch: str, dtype: str, extra: list[str]):
+    """Run this script as a worker process for ``arch`` and ``dtype`` and return its JSON result."""
+    cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--dtype", dtype, "--repeats", str(args.repeats)]
+    if args.tile_size:
+        cmd += ["--tile-size", str(args.tile_size)]
+    out = subprocess.run(cmd + extra, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr, file=sys.stderr)
+        raise SystemExit(f"measurement failed: {arch} {dtype} {' '.join(extra)}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
@@ -210,15 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtypes:
             for method in args.methods:
                 n = args.n or default_n[method]
-                cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--dtype", dtype, "--method", method]
-                cmd += ["--n", str(n), "--repeats", str(args.repeats)]
-                if args.tile_size:
-                    cmd += ["--tile-size", str(args.tile_size)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    print(out.stderr, file=sys.stderr)
-                    raise SystemExit(f"measurement failed: {arch} {dtype} {method}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row = _run_worker(args, arch, dtype, ["--method", method, "--n", str(n)])
                 rows.append(row)
                 print(
                     f"{arch:16s} {dtype:8s} {method:9s} n={n:4d} {row['entries_per_s']:12,.0f} entries/s "
@@ -252,15 +256,7 @@ def interleaved(args: argparse.Namespace, argv: list[str] | None, default_n: dic
     for arch in args.archs:
         for dtype in args.dtypes:
             sizes = [str(args.n or default_n[m]) for m in args.methods]
-            cmd = [sys.executable, __file__, "--worker", "--arch", arch, "--dtype", dtype, "--methods", *args.methods]
-            cmd += ["--sizes", *sizes, "--repeats", str(args.repeats)]
-            if args.tile_size:
-                cmd += ["--tile-size", str(args.tile_size)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr, file=sys.stderr)
-                raise SystemExit(f"measurement failed: {arch} {dtype}")
-            for row in json.loads(out.stdout.strip().splitlines()[-1]):
+            for row in _run_worker(args, arch, dtype, ["--methods", *args.methods, "--sizes", *sizes]):
                 rows.append(row)
                 ratio = f"{row['ratio']:.1f}x naive" if row["ratio"] is not None else ""
                 print(
