@@ -1,0 +1,37 @@
+"""Smoke runs of the benchmark scripts: tiny sizes, so CI checks that they run and write their tables.
+
+The figures themselves are measured by running the scripts in full (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_kernels(tmp_path: Path, *extra: str) -> str:
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--archs", "convnet_gp"]
+    cmd += ["--dtypes", "float64", "--methods", "naive", "eager", "--n", "3", "--repeats", "2", "--out", str(out)]
+    proc = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+
+def test_bench_kernels_writes_its_table(tmp_path):
+    text = _bench_kernels(tmp_path)
+    assert "### Kernel throughput (" in text
+    assert "| convnet_gp | float64 | naive | 3x3 |" in text
+    assert "| convnet_gp | float64 | eager | 3x3 |" in text
+
+
+def test_bench_kernels_interleaved_writes_ratios(tmp_path):
+    text = _bench_kernels(tmp_path, "--interleave")
+    assert "methods interleaved" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| convnet_gp")]
+    assert [r[3].strip() for r in rows] == ["naive", "eager"]
+    assert float(rows[0][6]) == 1.0  # the straightforward path against itself
+    assert float(rows[1][6]) > 0.0
