@@ -16,7 +16,7 @@ import pytest
 import torch
 from reference_full import describe, kernel, output_size
 from reference_helpers import entry_rel_err
-from test_monte_carlo import check_against_kernel, make_inputs, second_moment_errors
+from test_monte_carlo import check_against_kernel, make_inputs, sample_second_moments, second_moment_errors
 
 from gpytorch_cnngp import AvgPool2d, CNNGPKernel, Conv2d, Dense, Erf, GlobalAvgPool2d, LeakyReLU, ReLU, Sequential
 
@@ -143,21 +143,10 @@ def test_monte_carlo_dense_readout_exact_at_any_width():
     model = Sequential(Conv2d(3, var_weight=2.0 * 9, var_bias=0.1), ReLU(), Dense(var_weight=1.5, var_bias=0.05))
     x = make_inputs(in_channels=2, size=6)
     K = model(x)
-    g = torch.Generator().manual_seed(70)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        S = []
-        with torch.no_grad():
-            for _ in range(800):
-                f = model.nn(8, in_channels=2, out_channels=32, generator=g)(x.float()).to(F64)
-                S.append(f @ f.T / 32)
-    finally:
-        torch.set_num_threads(threads)
-    S = torch.stack(S)
+    S = sample_second_moments(model, x, channels=8, n_networks=800, out_channels=32, seed=70)
     check_against_kernel(second_moment_errors(S, K), torch.zeros(4, 4, dtype=F64), "conv-relu-dense")
     # the finite readout is a linear layer with a bias: out_channels outputs per image
-    net = model.nn(8, in_channels=2, out_channels=5, generator=g)
+    net = model.nn(8, in_channels=2, out_channels=5, generator=torch.Generator().manual_seed(70))
     with torch.no_grad():
         assert tuple(net(x.float()).shape) == (4, 5)
 

@@ -118,8 +118,15 @@ def _sample_second_moments(model, x, channels, n_networks, out_channels, seed) -
     g = torch.Generator().manual_seed(seed)
     xf = x.to(torch.float32)
 
-    def draw():
-        return model.nn(channels, in_channels=x.shape[1], out_channels=out_channels, generator=g, dtype=torch.float32)
+    def draw():  # input_size builds Dense readouts at once, so the networks can be stacked for vmap
+        return model.nn(
+            channels,
+            in_channels=x.shape[1],
+            out_channels=out_channels,
+            generator=g,
+            dtype=torch.float32,
+            input_size=tuple(x.shape[-2:]),
+        )
 
     out, done = [], 0
     while done < n_networks:

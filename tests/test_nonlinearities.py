@@ -384,20 +384,10 @@ def test_gelu_limits():
 def test_gelu_monte_carlo_exact_at_any_width():
     """Conv -> GELU -> Dense: the GELU's input is exactly Gaussian over random weights, so E[f f'] equals the
     kernel at any width; every entry within 4 Monte-Carlo standard errors (no allowance)."""
-    from test_monte_carlo import check_against_kernel, make_inputs, second_moment_errors
+    from test_monte_carlo import check_against_kernel, make_inputs, sample_second_moments, second_moment_errors
 
     model = Sequential(Conv2d(3, var_weight=2.0, var_bias=0.1), GELU(), Dense(var_weight=1.5, var_bias=0.05))
     x = make_inputs(in_channels=2, size=6)
     K = model(x)
-    g = torch.Generator().manual_seed(71)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        S = []
-        with torch.no_grad():
-            for _ in range(600):
-                f = model.nn(8, in_channels=2, out_channels=32, generator=g, input_size=6)(x.float()).to(F64)
-                S.append(f @ f.T / 32)
-    finally:
-        torch.set_num_threads(threads)
-    check_against_kernel(second_moment_errors(torch.stack(S), K), torch.zeros(4, 4, dtype=F64), "conv-gelu-dense")
+    S = sample_second_moments(model, x, channels=8, n_networks=600, out_channels=32, seed=71)
+    check_against_kernel(second_moment_errors(S, K), torch.zeros(4, 4, dtype=F64), "conv-gelu-dense")

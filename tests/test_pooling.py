@@ -20,7 +20,14 @@ from reference_full import describe, kernel, kernel_diag, output_size, pool_matr
 from reference_helpers import entry_rel_err, max_rel_err, mnist_digits
 from reference_impl import kernel as kernel_positionwise
 from reference_impl import relu_cov
-from test_monte_carlo import Z, allowance, check_against_kernel, make_inputs, second_moment_errors
+from test_monte_carlo import (
+    Z,
+    allowance,
+    check_against_kernel,
+    make_inputs,
+    sample_second_moments,
+    second_moment_errors,
+)
 
 from gpytorch_cnngp import (
     AvgPool2d,
@@ -488,30 +495,6 @@ def test_symmetric_psd_and_float32(name):
 # ----------------------------------------------------------------------------------------------
 # (5) Monte-Carlo: finite networks
 # ----------------------------------------------------------------------------------------------
-def _sample_second_moments(model, x, channels, n_networks, out_channels, seed):
-    """``S_m = f_m(x) f_m(x)^T / out_channels`` for ``n_networks`` draws of ``model.nn``: [M, N, N].
-
-    (A plain loop: the Dense readout's finite layer learns its input size on the first call, so the
-    networks cannot be stacked for vmap beforehand.)
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        g = torch.Generator().manual_seed(seed)
-        xf = x.to(torch.float32)
-        out = []
-        with torch.no_grad():
-            for _ in range(n_networks):
-                net = model.nn(channels, in_channels=x.shape[1], out_channels=out_channels, generator=g)
-                f = net(xf)
-                assert f.shape == (x.shape[0], out_channels)
-                f = f.to(F64)
-                out.append(f @ f.T / out_channels)
-        return torch.stack(out)
-    finally:
-        torch.set_num_threads(threads)
-
-
 #: Exact at every width: a single nonlinearity, acting on a linear function of the images (an exactly
 #: Gaussian pre-activation given nothing), followed by linear layers only (convs, pools, Dense) whose
 #: zero-mean weights are independent of their inputs. So every entry is compared with zero allowance.
@@ -561,7 +544,7 @@ def test_monte_carlo_exact_at_any_width(name):
     model = build()
     x = make_inputs(in_channels=2, size=6)
     K = model(x)
-    S = _sample_second_moments(model, x, channels=8, n_networks=1500, out_channels=32, seed=40)
+    S = sample_second_moments(model, x, channels=8, n_networks=1500, out_channels=32, seed=40)
     e = second_moment_errors(S, K)
     check_against_kernel(e, torch.zeros(4, 4, dtype=F64), name)
     # power: the kernel of "pooling with the same tap on both sides" is rejected by the same samples
@@ -606,7 +589,7 @@ def _check_deep(name, width, n_networks, seed):
     model = DEEP[name]()
     x = make_inputs(in_channels=1, size=6)
     K = model(x)
-    S = _sample_second_moments(model, x, channels=width, n_networks=n_networks, out_channels=32, seed=seed)
+    S = sample_second_moments(model, x, channels=width, n_networks=n_networks, out_channels=32, seed=seed)
     check_against_kernel(second_moment_errors(S, K), allowance(width, exact_diagonal=False), f"{name}, C={width}")
 
 
