@@ -272,6 +272,11 @@ _R_POLY64 = (
 )
 
 
+# R / (2 pi), the form the ReLU uses (scaled once here rather than on every call)
+_R_OVER_2PI32 = tuple(k * _INV_2PI for k in _R_POLY32)
+_R_OVER_2PI64 = tuple(k * _INV_2PI for k in _R_POLY64)
+
+
 def _horner(t: Tensor, coefs: tuple[float, ...]) -> Tensor:
     p = t * coefs[-1] + coefs[-2]
     for coef in reversed(coefs[:-2]):
@@ -286,10 +291,10 @@ def relu_expectation_poly(c: Tensor, s1: Tensor, s2: Tensor, inv1: Tensor, inv2:
     ``inv1, inv2`` are the precomputed ``1 / s`` (0 where ``s = 0``, which makes the second term 0).
     Written for ``torch.compile``: eagerly its polynomial costs one pass over memory per coefficient.
     """
-    coefs = _R_POLY64 if c.dtype == torch.float64 else _R_POLY32
+    coefs = _R_OVER_2PI64 if c.dtype == torch.float64 else _R_OVER_2PI32
     a = (c.abs() * inv1 * inv2).clamp_max(1.0)
     u = 1.0 - a
-    return c.clamp_min(0.0) * 0.5 + (s1 * s2) * (u * u.sqrt()) * _horner(a, tuple(k * _INV_2PI for k in coefs))
+    return c.clamp_min(0.0) * 0.5 + (s1 * s2) * (u * u.sqrt()) * _horner(a, coefs)
 
 
 def _correlation(c: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:

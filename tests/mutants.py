@@ -82,8 +82,7 @@ def _poly_half_power(mp):
     def poly(c, s1, s2, inv1, inv2):
         a = (c.abs() * inv1 * inv2).clamp_max(1.0)
         u = 1.0 - a
-        coefs = ops._R_POLY64 if c.dtype == torch.float64 else ops._R_POLY32
-        r = ops._horner(a, tuple(k / (2 * math.pi) for k in coefs))
+        r = ops._horner(a, ops._R_OVER_2PI64 if c.dtype == torch.float64 else ops._R_OVER_2PI32)
         return c.clamp_min(0.0) * 0.5 + (s1 * s2) * torch.sqrt(u) * r
 
     mp.setattr(ops, "relu_expectation_poly", poly)
