@@ -65,6 +65,22 @@ def _runner(model, method: str, n: int, dtype, tile_size):
         from naive import naive_kernel
 
         return (lambda: naive_kernel(model, x, z)), source
+    if method == "inductor":  # the torch.compile path (what GPUs use) instead of the native CPU kernel
+
+        def run():
+            previous = os.environ.get("CNNGP_NATIVE")
+            os.environ["CNNGP_NATIVE"] = "0"
+            try:
+                return gram(model, x, z, compile=True, tile_size=tile_size)
+            finally:
+                if previous is None:
+                    del os.environ["CNNGP_NATIVE"]
+                else:
+                    os.environ["CNNGP_NATIVE"] = previous
+
+        return run, source
+    if method not in ("eager", "compiled"):
+        raise SystemExit(f"unknown method {method!r}: naive, eager, compiled or inductor")
     compiled = method == "compiled"
     return (lambda: gram(model, x, z, compile=compiled, tile_size=tile_size)), source
 
@@ -191,7 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
-    p.add_argument("--methods", nargs="+", default=["naive", "eager", "compiled"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["naive", "eager", "compiled"],
+        choices=["naive", "eager", "compiled", "inductor"],
+        help="compiled: gram(compile=True), the native kernel on CPU; inductor: the same with CNNGP_NATIVE=0 "
+        "(torch.compile, the GPU path)",
+    )
     p.add_argument("--n", type=int, default=None, help="images per side (default: per method)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tile-size", type=int, default=None)
@@ -213,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker_interleaved(args) if args.sizes else worker(args)))
         return
 
-    default_n = {"naive": 24, "eager": 96, "compiled": 192}
+    default_n = {"naive": 24, "eager": 96, "compiled": 192, "inductor": 192}
     if args.interleave:
         interleaved(args, argv, default_n)
         return

@@ -241,13 +241,33 @@ def _compiled_gram(*args, **kwargs) -> torch.Tensor:
         raise
 
 
+@pytest.fixture(params=["native", "inductor"])
+def compiled_path(request, monkeypatch):
+    """Run a compiled-path test through the native CPU kernel and through torch.compile (the path GPUs
+    take, ``CNNGP_NATIVE=0``); the native run checks that the kernel really ran."""
+    from gpytorch_cnngp import native
+
+    calls = []
+    if request.param == "inductor":
+        monkeypatch.setenv("CNNGP_NATIVE", "0")
+    else:
+        monkeypatch.delenv("CNNGP_NATIVE", raising=False)
+        if native.load_library() is None:  # pragma: no cover - no C++ compiler
+            pytest.skip("the native kernel cannot be built here")
+        original = native.run_block
+        monkeypatch.setattr(native, "run_block", lambda *a, **k: calls.append(1) or original(*a, **k))
+    yield request.param
+    if request.param == "native":
+        assert calls, "the native kernel was not used"
+
+
 def _compile_model():
     return Sequential(
         Conv2d(3, var_weight=2.0, var_bias=0.3), ReLU(), Conv2d(5, padding=0, var_weight=1.5, var_bias=0.2)
     )
 
 
-def test_compiled_float32_same_set_matches_eager():
+def test_compiled_float32_same_set_matches_eager(compiled_path):
     model = _compile_model()
     x = _images(6, 2, 5, seed=18, dtype=torch.float32)
     compiled = _compiled_gram(model, x)
@@ -258,7 +278,7 @@ def test_compiled_float32_same_set_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0.0)
 
 
-def test_compiled_float64_cross_matches_eager():
+def test_compiled_float64_cross_matches_eager(compiled_path):
     model = _compile_model()
     x = _images(5, 2, 5, seed=19)
     z = _images(4, 2, 5, seed=20)
@@ -268,7 +288,7 @@ def test_compiled_float64_cross_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=0.0)
 
 
-def test_compiled_edge_images_match_eager_float64():
+def test_compiled_edge_images_match_eager_float64(compiled_path):
     """Black images (zero variance) and the same image on both sides (rho = 1) through the compiled
     path's arccos-free ReLU, against the eager float64 kernel, across a residual network."""
     model, size = MODELS["resnet_blocks"]

@@ -1,0 +1,446 @@
+"""The native CPU path: a layer tree lowered to a few map instructions, run by a small C++ kernel.
+
+``torch.compile`` fuses each layer into loops over the whole tile, so every layer streams the tile's
+maps through memory and the threads meet at a barrier after each loop. The pair pass of a
+same-location network has a simpler shape that those loops cannot exploit: every pair is
+independent, and one pair's maps are a few kilobytes. This module lowers such a network
+(:class:`~gpytorch_cnngp.Conv2d`, :class:`~gpytorch_cnngp.Dense`, :class:`~gpytorch_cnngp.ReLU`,
+:class:`~gpytorch_cnngp.LeakyReLU`, :class:`~gpytorch_cnngp.Sum`, :class:`~gpytorch_cnngp.Sequential`)
+to instructions on map registers; ``native_kernel.cpp`` runs them for a block of 16 (float32) or 8
+(float64) pairs at a time, one SIMD lane per pair, so a thread keeps all of a block's maps in its
+own cache from the first layer to the last. It computes the same formulas as the compiled
+``torch`` path (:func:`gpytorch_cnngp.ops.relu_expectation_poly`, the same window sums).
+
+The kernel is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``; the same one
+``torch.compile`` needs on CPU) for this machine's instruction set, and cached under
+``$CNNGP_CACHE_DIR`` (default ``~/.cache/gpytorch_cnngp/native``), keyed by the source, the compiler
+flags and the CPU. ``CNNGP_NATIVE=0`` turns the path off; if the compiler is missing or fails, the
+engine warns once and uses ``torch.compile`` instead. Layer math knows nothing of this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .layers.base import Layer
+from .layers.combinators import Sequential, Sum
+from .layers.conv import Conv2d
+from .layers.dense import Dense
+from .layers.leaky_relu import LeakyReLU
+from .layers.relu import ReLU
+from .ops import _R_OVER_2PI32, _R_OVER_2PI64, inverse_std
+
+__all__ = ["NativeProgram", "lower", "native_enabled", "load_library", "LANES"]
+
+_SOURCE = Path(__file__).with_name("native_kernel.cpp")
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-ffp-contract=fast",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+]
+#: pairs per block (one SIMD vector of 512 bits), as compiled into native_kernel.cpp
+LANES = {torch.float32: 16, torch.float64: 8}
+_OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT = range(5)
+_FIELDS = 18
+
+
+class Unsupported(Exception):
+    """The layer tree has a layer the native kernel does not implement."""
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering
+
+
+@dataclass
+class _Instr:
+    op: int
+    dst: int
+    a: int = -1
+    b: int = -1
+    in_hw: tuple[int, int] = (0, 0)
+    out_hw: tuple[int, int] = (0, 0)
+    window: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 0, 0)  # kh, kw, sh, sw, dh, dw, pad top, pad left
+    param: int = -1  # index of the instruction's first value in the parameter vector
+    slot: int = -1  # trace slot of a nonlinearity
+
+
+@dataclass
+class NativeProgram:
+    """A lowered network: instructions with physical registers, and how to fill the parameter vector.
+
+    ``params`` lists, per parameter value, ``(layer, kind)`` where ``kind`` names how the value is
+    computed from the layer's hyperparameters at call time (values are not compiled in, so changing
+    a variance needs no new program).
+    """
+
+    code: Tensor  # int32 [n_instr, 18]
+    n_regs: int
+    reg_area: int
+    tmp_area: int
+    slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
+    params: list[tuple[Layer | None, str | float, int]]
+
+    def parameter_vector(self, hyper, dtype: torch.dtype) -> Tensor:
+        """The per-call parameter values in ``dtype``: ``hyper[id(layer)][name] / divisor`` for each
+        hyperparameter entry ``(layer, name, divisor)``, and ``value`` for each ``(None, value, 1)``."""
+        values = []
+        for layer, name, divisor in self.params:
+            if layer is None:
+                values.append(torch.tensor(name, dtype=dtype))
+            else:
+                value = hyper[id(layer)][name].detach().to(device="cpu", dtype=dtype).reshape(())
+                values.append(value / divisor if divisor != 1 else value)
+        return torch.stack(values) if values else torch.zeros(1, dtype=dtype)
+
+
+class _Lowering:
+    def __init__(self) -> None:
+        self.instrs: list[_Instr] = []
+        self.params: list[tuple[Layer | None, str | float, int]] = []
+        self.n_vregs = 0
+        self.slot_areas: list[int] = []
+        self.areas: list[int] = []
+        self.tmp_area = 0
+
+    def new_reg(self, hw: tuple[int, int]) -> int:
+        self.n_vregs += 1
+        self.areas.append(hw[0] * hw[1])
+        return self.n_vregs - 1
+
+    def param(self, *entries: tuple[Layer | None, str | float, int]) -> int:
+        self.params.extend(entries)
+        return len(self.params) - len(entries)
+
+    def emit(self, layer: Layer, reg: int, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        if isinstance(layer, Sequential):
+            for child in layer.layers:
+                reg, hw = self.emit(child, reg, hw)
+            return reg, hw
+        if isinstance(layer, Sum):
+            outs = [self.emit(branch, reg, hw) for branch in layer.branches]
+            total, out_hw = outs[0]
+            for other, _ in outs[1:]:
+                dst = self.new_reg(out_hw)
+                self.instrs.append(_Instr(_OP_ADD, dst, total, other, out_hw, out_hw))
+                total = dst
+            return total, out_hw
+        if type(layer) is Conv2d:
+            win = layer.window
+            out_hw = layer.out_size(hw)
+            dst = self.new_reg(out_hw)
+            geometry = (
+                win.size,
+                win.size,
+                win.stride,
+                win.stride,
+                win.dilation,
+                win.dilation,
+                win.pad_before,
+                win.pad_before,
+            )
+            self.tmp_area = max(self.tmp_area, hw[0] * out_hw[1])
+            k2 = layer.kernel_size * layer.kernel_size
+            p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
+            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p))
+            return dst, out_hw
+        if type(layer) is Dense:
+            dst = self.new_reg((1, 1))
+            self.tmp_area = max(self.tmp_area, hw[0])
+            p = self.param((layer, "var_weight", hw[0] * hw[1]), (layer, "var_bias", 1))
+            geometry = (hw[0], hw[1], 1, 1, 1, 1, 0, 0)
+            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p))
+            return dst, (1, 1)
+        if type(layer) in (ReLU, LeakyReLU):
+            dst = self.new_reg(hw)
+            if type(layer) is ReLU:
+                p = self.param((None, 1.0, 1), (None, 0.0, 1))
+            else:  # k1 J + k2 c, as LeakyReLU.pair_map
+                alpha = layer.negative_slope
+                p = self.param((None, (1.0 - alpha) ** 2, 1), (None, alpha, 1))
+            self.instrs.append(_Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=len(self.slot_areas)))
+            self.slot_areas.append(hw[0] * hw[1])
+            return dst, hw
+        raise Unsupported(type(layer).__name__)
+
+
+def lower(model: Layer, size: tuple[int, int]) -> NativeProgram | None:
+    """The native program of ``model`` for ``size`` images, or ``None`` if a layer is not supported
+    (pooling, full spatial covariances, or nonlinearities other than (Leaky)ReLU)."""
+    if model.needs_full():
+        return None
+    low = _Lowering()
+    first = low.new_reg(size)
+    low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
+    try:
+        last, hw = low.emit(model, first, tuple(size))
+    except Unsupported:
+        return None
+    if hw != (1, 1):  # pragma: no cover - check_architecture runs first
+        raise ValueError(f"the network's output map is {hw[0]}x{hw[1]}, not 1x1")
+    low.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
+    code, n_regs = _allocate(low)
+    return NativeProgram(code, n_regs, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params)
+
+
+def _allocate(low: _Lowering) -> tuple[Tensor, int]:
+    """Assign physical registers by linear scan: a register is reused once its last reader has run."""
+    last_use: dict[int, int] = {}
+    for k, ins in enumerate(low.instrs):
+        for r in (ins.a, ins.b):
+            if r >= 0:
+                last_use[r] = k
+    phys: dict[int, int] = {}
+    free: list[int] = []
+    n_phys = 0
+    rows = []
+    for k, ins in enumerate(low.instrs):
+        dst = -1
+        if ins.dst >= 0:
+            if free:
+                dst = free.pop()
+            else:
+                dst, n_phys = n_phys, n_phys + 1
+            phys[ins.dst] = dst
+        a = phys[ins.a] if ins.a >= 0 else -1
+        b = phys[ins.b] if ins.b >= 0 else -1
+        for r in {ins.a, ins.b} - {-1}:
+            if last_use.get(r) == k:
+                free.append(phys[r])
+        if ins.dst >= 0 and ins.dst not in last_use and ins.op != _OP_OUTPUT:
+            free.append(dst)  # never read (cannot happen for a connected network)
+        kh, kw, sh, sw, dh, dw, pt, pl = ins.window
+        rows.append([ins.op, dst, a, b, *ins.in_hw, *ins.out_hw, kh, kw, sh, sw, dh, dw, pt, pl, ins.param, ins.slot])
+    return torch.tensor(rows, dtype=torch.int32), max(n_phys, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading the kernel
+
+
+def native_enabled() -> bool:
+    """Whether the native path may be used (``CNNGP_NATIVE`` is not 0/false/off)."""
+    return os.environ.get("CNNGP_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("CNNGP_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpytorch_cnngp"
+    return base / "native"
+
+
+def _cpu_signature() -> str:
+    # -march=native code may not run on another CPU: a cache shared between machines keys on this
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [line for line in fh if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+_LIB: ctypes.CDLL | None = None
+_LIB_ERROR: str | None = None
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernel (building it on first use), or ``None`` with a warning if that fails."""
+    global _LIB, _LIB_ERROR
+    if _LIB is not None or _LIB_ERROR is not None:
+        return _LIB
+    try:
+        lib = _build_and_load()
+        _self_test(lib)
+        _LIB = lib
+    except (OSError, subprocess.SubprocessError, RuntimeError) as err:
+        _LIB_ERROR = str(err)
+        warnings.warn(
+            f"gpytorch_cnngp: the native CPU kernel could not be built ({err}); using torch.compile instead. "
+            "Set CNNGP_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _LIB
+
+
+def _build_and_load() -> ctypes.CDLL:
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CXX", "g++")
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:20]
+    target = _cache_dir() / f"cnngp_native_{key}.so"
+    if not target.exists():
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build under a temporary name and rename: concurrent processes (e.g. Dask workers) never
+        # load a half-written library
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    if lib.cnngp_fields() != _FIELDS:
+        raise RuntimeError("the native kernel's instruction layout does not match this version")
+    for dtype, lanes in LANES.items():
+        if lib.cnngp_lanes(int(dtype == torch.float64)) != lanes:
+            raise RuntimeError("the native kernel's lane count does not match this version")
+    for name in ("cnngp_run_f32", "cnngp_run_f64"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _self_test(lib: ctypes.CDLL) -> None:
+    """Check the freshly loaded kernel against the eager float64 path on a tiny network that uses
+    every instruction (a compiler that miscompiles the kernel must not give wrong kernels)."""
+    from .engine import _hyper_map, _pair_block, self_pass, spatial_first
+
+    model = Sequential(
+        Conv2d(3, stride=2, var_bias=0.2),
+        LeakyReLU(0.1),
+        Sum([Sequential(), Sequential(ReLU(), Conv2d(2, dilation=2, var_weight=1.5))]),
+        ReLU(),
+        Dense(var_weight=2.0, var_bias=0.1),
+    )
+    gen = torch.Generator().manual_seed(0)
+    images = spatial_first(torch.rand(5, 2, 7, 7, generator=gen, dtype=torch.float64))
+    program = lower(model, (7, 7))
+    for dtype in LANES:
+        hyper, _ = _hyper_map(model, dtype, torch.device("cpu"))
+        x = images.to(dtype)
+        with torch.no_grad():
+            trace, _ = self_pass(model, x, hyper)
+            want = _pair_block(
+                model,
+                x[..., :2],
+                x[..., 2:],
+                [t[..., :2] for t in trace],
+                [t[..., 2:] for t in trace],
+                hyper,
+                False,
+                False,
+                "matmul",
+            )
+        got = run_block(
+            lib,
+            program,
+            program.parameter_vector(hyper, dtype),
+            x[..., :2],
+            x[..., 2:],
+            [t[..., :2] for t in trace],
+            [t[..., 2:] for t in trace],
+            2,
+        )
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        if not torch.allclose(got, want, rtol=tol, atol=0.0):
+            raise RuntimeError(
+                f"its self-test failed in {dtype} (largest difference {float((got - want).abs().max()):.3g})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _pack_left(x: Tensor, traces: list[Tensor], areas: list[int]) -> tuple[Tensor, Tensor]:
+    """First set: images ``[n, H, W, C]`` and traces ``[n, positions, 2]`` (s, 1/s), one image per row."""
+    n = x.shape[-1]
+    images = x.permute(3, 0, 1, 2).contiguous()
+    packed = x.new_empty(n, max(sum(areas), 1), 2)
+    offset = 0
+    for t, area in zip(traces, areas, strict=True):
+        s = t.reshape(area, n).t()
+        packed[:, offset : offset + area, 0] = s
+        packed[:, offset : offset + area, 1] = inverse_std(s)
+        offset += area
+    return images, packed
+
+
+def _pack_right(z: Tensor, traces: list[Tensor], areas: list[int], lanes: int) -> tuple[Tensor, Tensor]:
+    """Second set, zero-padded to whole lane groups (black images): images ``[g, H, W, C, lanes]`` and
+    traces ``[g, positions, 2, lanes]``."""
+    n = z.shape[-1]
+    groups = -(-n // lanes)
+    padded = groups * lanes
+    if padded != n:
+        z = torch.nn.functional.pad(z, (0, padded - n))
+    images = z.reshape(*z.shape[:-1], groups, lanes).movedim(-2, 0).contiguous()
+    packed = z.new_zeros(groups, max(sum(areas), 1), 2, lanes)
+    offset = 0
+    for t, area in zip(traces, areas, strict=True):
+        s = t.reshape(area, n)
+        target = packed[:, offset : offset + area].view(groups, area, 2, lanes)
+        if padded != n:  # the padding lanes stay zero: black images
+            s = torch.nn.functional.pad(s, (0, padded - n))
+        s = s.reshape(area, groups, lanes).transpose(0, 1)
+        target[:, :, 0] = s
+        target[:, :, 1] = inverse_std(s)
+        offset += area
+    return images, packed
+
+
+def run_block(
+    lib: ctypes.CDLL,
+    program: NativeProgram,
+    params: Tensor,
+    x: Tensor,
+    z: Tensor,
+    trace_x: list[Tensor],
+    trace_z: list[Tensor],
+    n_threads: int,
+) -> Tensor:
+    """Kernel block ``[n1, n2]`` for images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
+    (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot)."""
+    dtype = x.dtype
+    lanes = LANES[dtype]
+    h, w, c, n1 = x.shape
+    n2 = z.shape[-1]
+    padded = -(-n2 // lanes) * lanes
+    xs, tx = _pack_left(x, trace_x, program.slot_areas)
+    zs, tz = _pack_right(z, trace_z, program.slot_areas, lanes)
+    offsets = torch.tensor([0, *program.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
+    n_trace = sum(program.slot_areas)
+    coefs = torch.tensor(_R_OVER_2PI64 if dtype == torch.float64 else _R_OVER_2PI32, dtype=dtype)
+    out = torch.empty(n1, padded, dtype=dtype)
+    fn = lib.cnngp_run_f64 if dtype == torch.float64 else lib.cnngp_run_f32
+    status = fn(
+        _ptr(program.code), program.code.shape[0], program.reg_area, program.tmp_area, program.n_regs,
+        _ptr(xs), _ptr(zs), h, w, c, n1, padded,
+        _ptr(tx), _ptr(tz), _ptr(offsets), n_trace,
+        _ptr(params), _ptr(coefs), len(coefs), _ptr(out), int(n_threads),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(
+            f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, 4: bad coefficients)"
+        )
+    return out[:, :n2]

@@ -1,0 +1,252 @@
+// Native CPU kernel of the same-location pair pass (see gpytorch_cnngp/native.py).
+//
+// The Python side lowers a layer tree to a short list of instructions on map "registers"
+// ([h][w][VL] arrays); this file runs that list for one block of VL pairs at a time, every block
+// through the whole network before the next, so each thread's maps stay in its own L1/L2 cache and
+// no pass over memory waits for the other threads. Lanes are VL consecutive images of the second
+// set (one SIMD vector), paired with one image of the first set.
+//
+// Compiled once per machine by native.py with the system C++ compiler; plain C++17 loops written
+// for the compiler's auto-vectoriser (no intrinsics), threads from std::thread (no OpenMP runtime
+// next to PyTorch's).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4 };
+
+// one instruction: 18 int32 fields (native.py builds them in this order)
+struct Instr {
+  int32_t op, dst, a, b, in_h, in_w, out_h, out_w, kh, kw, sh, sw, dh, dw, pt, pl, param, slot;
+};
+constexpr int kFields = 18;
+static_assert(sizeof(Instr) == kFields * sizeof(int32_t), "Instr layout");
+
+// Inputs are packed by native.py so that one block reads contiguous memory: the first set per image,
+// the second set per group of VL images with the lanes innermost. The traces of all nonlinearities
+// (slot after slot, each [h][w]) hold the standard deviation s and 1/s (0 where s = 0) side by side.
+template <typename T>
+struct Args {
+  const Instr* prog;
+  int n_instr, reg_area, tmp_area, n_regs;
+  const T* x;  // [n1][H][W][C]
+  const T* z;  // [n2 / VL][H][W][C][VL]
+  int H, W, C, n1, n2;
+  const T* tx;  // [n1][n_trace][2]
+  const T* tz;  // [n2 / VL][n_trace][2][VL]
+  const int32_t* slot_offset;  // first trace position of each slot
+  int n_trace;
+  const T* params;
+  const T* coefs;  // R(a) / (2 pi), lowest degree first
+  int n_coefs;
+  T* out;  // [n1][n2]
+};
+
+template <typename T, int VL>
+void input_map(const Args<T>& g, int i, int jb, T* __restrict dst) {
+  const int area = g.H * g.W, C = g.C;
+  const T* xi = g.x + static_cast<int64_t>(i) * area * C;
+  const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
+  for (int p = 0; p < area; ++p) {
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    for (int v = 0; v < VL; ++v) d[v] = T(0);
+    for (int c = 0; c < C; ++c) {
+      const T xv = xi[static_cast<int64_t>(p) * C + c];
+      const T* __restrict zv = zb + (static_cast<int64_t>(p) * C + c) * VL;
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) d[v] += xv * zv[v];
+    }
+    if (C > 1) {
+      for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
+    }
+  }
+}
+
+// Taps t in [lo, hi) of a window starting at input index `base` that fall inside [0, n).
+inline void valid_taps(int base, int step, int taps, int n, int& lo, int& hi) {
+  lo = 0;
+  while (lo < taps && base + lo * step < 0) ++lo;
+  hi = taps;
+  while (hi > lo && base + (hi - 1) * step >= n) --hi;
+}
+
+// One block's lanes as a GCC/Clang vector type: explicit SIMD without intrinsics.
+template <typename T, int VL>
+struct Lanes {
+  typedef T V __attribute__((vector_size(VL * sizeof(T))));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
+// out-of-range taps are skipped. out = bias + scale * sum.
+template <typename T, int VL>
+void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias) {
+  using L = Lanes<T, VL>;
+  using V = typename L::V;
+  const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
+  for (int ow = 0; ow < out_w; ++ow) {
+    const int base = ow * ins.sw - ins.pl;
+    int lo, hi;
+    valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
+    for (int h = 0; h < in_h; ++h) {
+      const T* row = src + static_cast<int64_t>(h) * in_w * VL;
+      V acc = {};
+      for (int b = lo; b < hi; ++b) acc += L::load(row + static_cast<int64_t>(base + b * ins.dw) * VL);
+      L::store(tmp + (static_cast<int64_t>(h) * out_w + ow) * VL, acc);
+    }
+  }
+  for (int oh = 0; oh < out_h; ++oh) {
+    const int base = oh * ins.sh - ins.pt;
+    int lo, hi;
+    valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
+    for (int ow = 0; ow < out_w; ++ow) {
+      V acc = {};
+      for (int a = lo; a < hi; ++a) acc += L::load(tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
+      L::store(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc * scale + bias);
+    }
+  }
+}
+
+// (Leaky) ReLU expectation, the arccos-free form of ops.relu_expectation_poly:
+//   J = max(c, 0) / 2 + s1 s2 (1 - a)^(3/2) R(a) / (2 pi),  a = min(|c| / (s1 s2), 1);
+// the leaky unit gives k1 J + k2 c with k1 = (1 - alpha)^2, k2 = alpha.
+template <typename T, int VL, int NC>
+void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict src, T* __restrict dst) {
+  const int area = ins.in_h * ins.in_w;
+  const int64_t first = g.slot_offset[ins.slot];
+  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first) * 2;
+  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL;
+  const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
+  T cf[NC];
+  for (int k = 0; k < NC; ++k) cf[k] = g.coefs[k];
+  for (int p = 0; p < area; ++p) {
+    const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
+    const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
+    const T* __restrict i2 = s2 + VL;
+    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) {
+      const T cv = c[v];
+      T a = std::fabs(cv) * i1 * i2[v];
+      a = a < T(1) ? a : T(1);
+      T poly = cf[NC - 1];
+      for (int k = NC - 2; k >= 0; --k) poly = poly * a + cf[k];
+      const T u = T(1) - a;
+      const T pos = cv > T(0) ? cv : T(0);
+      const T j = pos * T(0.5) + (s1 * s2[v]) * (u * std::sqrt(u)) * poly;
+      d[v] = j * k1 + cv * k2;  // ReLU: k1 = 1, k2 = 0 gives j exactly
+    }
+  }
+}
+
+template <typename T, int VL, int NC>
+void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
+  auto reg = [&](int r) { return regs + static_cast<int64_t>(r) * g.reg_area * VL; };
+  for (int k = 0; k < g.n_instr; ++k) {
+    const Instr& ins = g.prog[k];
+    switch (ins.op) {
+      case OP_INPUT:
+        input_map<T, VL>(g, i, jb, reg(ins.dst));
+        break;
+      case OP_CONV:
+        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, g.params[ins.param], g.params[ins.param + 1]);
+        break;
+      case OP_NONLIN:
+        nonlin<T, VL, NC>(g, ins, i, jb, reg(ins.a), reg(ins.dst));
+        break;
+      case OP_ADD: {
+        const int64_t n = static_cast<int64_t>(ins.in_h) * ins.in_w * VL;
+        const T* __restrict a = reg(ins.a);
+        const T* __restrict b = reg(ins.b);
+        T* __restrict d = reg(ins.dst);
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) d[e] = a[e] + b[e];
+        break;
+      }
+      case OP_OUTPUT: {
+        const T* s = reg(ins.a);
+        T* o = g.out + static_cast<int64_t>(i) * g.n2 + static_cast<int64_t>(jb) * VL;
+        for (int v = 0; v < VL; ++v) o[v] = s[v];
+        break;
+      }
+      default:
+        break;
+    }
+  }
+}
+
+template <typename T, int VL, int NC>
+int run(const Args<T>& g, int n_threads) {
+  if (g.n2 % VL != 0) return 2;
+  if (g.n_coefs != NC) return 4;
+  const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
+  std::atomic<int64_t> next{0};
+  std::atomic<int> failed{0};
+  auto worker = [&]() {
+    const size_t bytes = (static_cast<size_t>(g.n_regs) * g.reg_area + g.tmp_area) * VL * sizeof(T);
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    T* mem = static_cast<T*>(std::aligned_alloc(64, rounded));
+    if (mem == nullptr) {
+      failed.store(1);
+      return;
+    }
+    T* tmp = mem + static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+    for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
+      // consecutive blocks share their lane group, whose packed traces then stay in cache
+      run_block<T, VL, NC>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
+    }
+    std::free(mem);
+  };
+  n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_blocks)));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  return failed.load() ? 3 : 0;
+}
+
+template <typename T>
+Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,
+                  int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,
+                  int n_trace, const T* params, const T* coefs, int n_coefs, T* out) {
+  return Args<T>{reinterpret_cast<const Instr*>(prog), n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,
+                 tx, tz, slot_offset, n_trace, params, coefs, n_coefs, out};
+}
+
+}  // namespace
+
+extern "C" {
+
+int cnngp_fields() { return kFields; }
+
+// lanes per block: one 512-bit vector of each type
+int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
+
+#define CNNGP_ENTRY(NAME, T, VL, NC)                                                                              \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
+           int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
+           int n_trace, const T* params, const T* coefs, int n_coefs, T* out, int n_threads) {                \
+    return run<T, VL, NC>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2, tx, \
+                                       tz, slot_offset, n_trace, params, coefs, n_coefs, out),              \
+                      n_threads);                                                                             \
+  }
+
+// lanes: one 512-bit vector; NC: coefficients of R (degree 8 in float32, 16 in float64, see ops.py)
+CNNGP_ENTRY(cnngp_run_f32, float, 16, 9)
+CNNGP_ENTRY(cnngp_run_f64, double, 8, 17)
+
+}  // extern "C"

@@ -1,0 +1,236 @@
+"""The native CPU kernel (gpytorch_cnngp.native): lowering, agreement with the eager float64 path on
+every supported layer geometry, fallbacks, and the edges (black and identical images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpytorch_cnngp import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Erf,
+    LeakyReLU,
+    ReLU,
+    Sequential,
+    Sum,
+    architectures,
+    gram,
+    native,
+)
+from gpytorch_cnngp import engine as engine_module
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch):
+    monkeypatch.delenv("CNNGP_NATIVE", raising=False)
+    if native.load_library() is None:  # pragma: no cover - no C++ compiler on this machine
+        pytest.skip("the native kernel cannot be built here")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    original = native.run_block
+    monkeypatch.setattr(native, "run_block", lambda *a, **k: calls.append(a[3].shape) or original(*a, **k))
+    return calls
+
+
+def _images(n, c, size, seed, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, size, size, generator=gen, dtype=dtype)
+
+
+# every supported layer and geometry: stride, dilation, even k, explicit and asymmetric padding, Sum
+# (with an identity branch and a 3-way sum), LeakyReLU, Dense, Conv readout, multi-channel inputs
+MODELS = {
+    "stride_dilation": (
+        Sequential(
+            Conv2d(3, stride=2, var_bias=0.2),
+            ReLU(),
+            Conv2d(3, dilation=2, padding=1, var_weight=1.7),
+            ReLU(),
+            Dense(var_weight=1.3, var_bias=0.4),
+        ),
+        9,
+    ),
+    "even_same": (
+        Sequential(Conv2d(4, var_weight=2.5, var_bias=0.1), LeakyReLU(0.3), Conv2d(2), ReLU(), Conv2d(8, padding=0)),
+        8,
+    ),
+    "sums": (
+        Sequential(
+            Conv2d(3),
+            Sum([Sequential(), Sequential(ReLU(), Conv2d(3, var_bias=0.5)), Sequential(LeakyReLU(-0.5), Conv2d(1))]),
+            ReLU(),
+            Conv2d(5, stride=2, padding=2),
+            ReLU(),
+            Dense(),
+        ),
+        7,
+    ),
+    "strided_shortcut": (Sequential(Conv2d(3), architectures.resnet_block(stride=2, multiplier=2), Dense()), 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_native_matches_eager_float64_and_float32(name, spy):
+    model, size = MODELS[name]
+    x = _images(7, 3, size, seed=1)
+    z = _images(21, 3, size, seed=2)  # 21 columns: not a whole number of lane groups in either dtype
+    want = gram(model, x, z, compile=False)
+    got = gram(model, x, z, compile=True)
+    assert spy, "the native kernel was not used"
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    got32 = gram(model, x.float(), z.float(), compile=True)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=0.0)
+
+
+def test_native_symmetric_gram_small_tiles(spy):
+    """K(X, X) over several tiles (tile edges not a multiple of the lanes): exactly symmetric, with the
+    exact self variances on the diagonal, and equal to the eager kernel."""
+    model, size = MODELS["sums"]
+    x = _images(23, 2, size, seed=3)
+    want = gram(model, x, compile=False)
+    got = gram(model, x, compile=True, tile_size=10)
+    assert len(spy) == 6  # the 3 x 3 tiles on and above the diagonal
+    assert torch.equal(got, got.T)
+    assert torch.equal(got.diagonal(), model(x, diag=True))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+
+
+def test_paper_architectures_match_eager(spy):
+    for build in (architectures.convnet_gp, architectures.residual_cnn_gp, architectures.resnet32_gp):
+        model = build(image_size=12)
+        x, z = _images(3, 1, 12, seed=4), _images(17, 1, 12, seed=5)
+        torch.testing.assert_close(
+            gram(model, x, z, compile=True), gram(model, x, z, compile=False), rtol=1e-12, atol=0
+        )
+
+
+def test_edge_images_black_and_identical():
+    """A black image (zero variances: 1/s is taken as 0) and the same image on both sides (rho = 1,
+    where the polynomial's (1 - a)^(3/2) factor vanishes) give finite values equal to the eager ones."""
+    model, size = MODELS["sums"]
+    x = _images(4, 2, size, seed=6)
+    x[1] = 0.0
+    z = torch.cat([x[:2], _images(3, 2, size, seed=7)])
+    for dtype, rtol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        want = gram(model, x, z, compile=False)
+        got = gram(model, x.to(dtype), z.to(dtype), compile=True)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6 * float(want.abs().max()))
+        # the black image's entries are the bias-only kernel, the same in both paths
+        torch.testing.assert_close(got[1].double(), want[1], rtol=10 * rtol, atol=0.0)
+
+
+def test_hyperparameters_are_read_at_call_time():
+    model = Sequential(Conv2d(3, var_weight=1.0, var_bias=0.1), ReLU(), Dense())
+    x, z = _images(3, 1, 6, seed=8), _images(5, 1, 6, seed=9)
+    before = gram(model, x, z, compile=True)
+    model[0].var_weight = 3.0
+    after = gram(model, x, z, compile=True)
+    override = gram(model, x, z, compile=True, hyper={model[0]: {"var_weight": torch.tensor(1.0, dtype=F64)}})
+    torch.testing.assert_close(after, gram(model, x, z, compile=False), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(override, before, rtol=1e-12, atol=0.0)
+    assert not torch.allclose(before, after)
+
+
+def test_lowering_supports_only_same_location_relu_networks():
+    assert native.lower(MODELS["sums"][0], (7, 7)) is not None
+    assert native.lower(Sequential(Conv2d(3), Erf(), Dense()), (6, 6)) is None
+    assert native.lower(Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense()), (6, 6)) is None
+
+
+def test_register_allocation_reuses_registers():
+    """A ResNet-32 GP has 70 maps per pair but only a handful live at once."""
+    program = native.lower(architectures.resnet32_gp(), (28, 28))
+    code = program.code
+    assert code.shape[1] == 18
+    assert program.n_regs <= 4
+    assert len(program.slot_areas) == 31  # its nonlinearities, in trace order
+    assert program.reg_area == 28 * 28
+    # every register read was written by an earlier instruction and not overwritten since
+    written = {}
+    for k, row in enumerate(code.tolist()):
+        op, dst, a, b = row[:4]
+        for r in (a, b):
+            if r >= 0:
+                assert r in written, f"instruction {k} reads register {r} before any write"
+        if dst >= 0:
+            written[dst] = k
+
+
+def test_unsupported_networks_and_gradients_do_not_use_it(spy):
+    x = _images(3, 1, 6, seed=10)
+    gram(Sequential(Conv2d(3), Erf(), Dense()), x, compile=False)
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    weight = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    model[0].var_weight = weight
+    gram(model, x, compile=True).sum().backward()  # gradients take the eager path
+    assert weight.grad is not None
+    assert not spy
+
+
+def test_switched_off_by_environment(monkeypatch, spy):
+    monkeypatch.setenv("CNNGP_NATIVE", "0")
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    x = _images(3, 1, 6, seed=11, dtype=torch.float32)
+    torch.testing.assert_close(gram(model, x, compile=True), gram(model, x, compile=False), rtol=1e-5, atol=0.0)
+    assert not spy
+
+
+def test_auto_mode_uses_it_for_large_jobs(monkeypatch, spy):
+    monkeypatch.delenv("CNNGP_COMPILE", raising=False)
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    x = _images(20, 1, 6, seed=12)
+    gram(model, x)
+    assert not spy  # 400 pairs: eager
+    monkeypatch.setattr(engine_module, "_AUTO_NATIVE_PAIRS", 100)
+    gram(model, x)
+    assert spy
+    spy.clear()
+    monkeypatch.setenv("CNNGP_COMPILE", "0")  # compilation switched off: eager
+    gram(model, x)
+    assert not spy
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, spy):
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_LIB_ERROR", None)
+    monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-cnngp")
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    x = _images(3, 1, 6, seed=13)
+    with pytest.warns(RuntimeWarning, match="native CPU kernel could not be built.*no-such-compiler"):
+        out = gram(model, x, compile=True)
+    torch.testing.assert_close(out, gram(model, x, compile=False), rtol=1e-12, atol=0.0)
+    assert not spy
+    assert list(tmp_path.iterdir()) == [] or all(p.suffix != ".so" for p in tmp_path.rglob("*"))
+
+
+def test_a_kernel_that_fails_its_self_test_is_not_used(monkeypatch):
+    """A miscompiled kernel (simulated: it returns wrong values) is rejected when loaded."""
+    lib = native.load_library()
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_LIB_ERROR", None)
+    monkeypatch.setattr(native, "_build_and_load", lambda: lib)
+    original = native.run_block
+    monkeypatch.setattr(native, "run_block", lambda *a, **k: original(*a, **k) * 1.001)
+    with pytest.warns(RuntimeWarning, match="self-test failed"):
+        assert native.load_library() is None
+
+
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    """A fresh cache directory gets one library, built under a temporary name and renamed."""
+    monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path))
+    lib = native._build_and_load()
+    built = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].startswith("cnngp_native_") and built[0].endswith(".so")
+    assert lib.cnngp_fields() == 18
+    native._build_and_load()  # loads the cached file, builds nothing new
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == built
