@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,3 +38,24 @@ def test_bench_kernels_interleaved_writes_ratios(tmp_path):
     assert [r[3].strip() for r in rows] == ["naive", "eager"]
     assert float(rows[0][6]) == 1.0  # the straightforward path against itself
     assert float(rows[1][6]) > 0.0
+
+
+def test_bench_gpu_smoke_on_cpu(tmp_path):
+    # the accelerator benchmark's code path, run on the CPU at a tiny size; its correctness check
+    # against eager float64 runs inside the script and fails it on a mismatch
+    out = tmp_path / "gpu.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--n", "24"]
+    cmd += ["--rows", "24", "8", "--warmup", "8", "--check", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("ConvNet GP", "24 x 24"), ("ResNet-32 GP", "8 x 24")]
+    assert all(float(r[8]) < 1e-4 for r in rows)
+    assert "(measured)" in rows[0][5] and "(projected)" in rows[1][5]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_bench_gpu_refuses_missing_cuda():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--n", "8", "--no-write"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
