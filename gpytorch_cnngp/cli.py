@@ -38,6 +38,7 @@ from .distributed import (
     open_client,
     resolve_device,
 )
+from .engine import native_ready
 from .store import KernelStore, StoreError, StoreMeta
 
 __all__ = ["main", "DEFAULT_SUBSET", "FULL_SUBSET", "build_parser"]
@@ -138,7 +139,10 @@ def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argpa
         return None
     block = next((b for b in pending if not b.symmetric), pending[0])
     device = str(resolve_device(args.device))
-    options = {"dtype": args.dtype, "device": device, "memory_budget": args.memory_budget, "compile": False}
+    # the CPU's native kernel needs no per-shape compilation, so the probe times what the run will use;
+    # torch.compile (GPUs) would time its compilation, so the probe stays eager there
+    native = device == "cpu" and _compile_flag(args) is not False and _native(spec, images, args)
+    options = {"dtype": args.dtype, "device": device, "memory_budget": args.memory_budget, "compile": native}
     compute_block(spec, images[block.row_part], (0, 1), images[block.col_part], (0, 1), **options)  # one-time set-up
     values, seconds, dev = compute_block(
         spec,
@@ -151,7 +155,7 @@ def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argpa
     )
     store.write_block(block, values, seconds)
     compiled = _compile_flag(args) or (_compile_flag(args) is None and dev.startswith("cuda"))
-    note = dev + (", eager; compiled blocks are faster" if compiled else "")
+    note = dev + (", native kernel" if native else ", eager; compiled blocks are faster" if compiled else "")
     return block.entries / max(seconds, 1e-9), block.entries, note
 
 
@@ -174,6 +178,11 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
         # compiled loops are split over pairs by OpenMP and scale with threads (about 1.8x on 2 cores),
         # unlike the eager small block timed below
         return
+    if _compile_flag(args) is None and _native(spec, images, args):
+        # the native kernel hands out blocks of pairs to its threads one at a time, so a thread slowed
+        # by other work delays only its own block: all cores
+        _say(f"torch threads: {default} (native CPU kernel)")
+        return
     X = images["train"]
     edge = min(len(X), 24)
     options = {"dtype": args.dtype, "device": "cpu", "compile": False}
@@ -188,6 +197,12 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
     torch.set_num_threads(best)
     measured = ", ".join(f"{n}: {_fmt_count(r)} entries/s" for n, r in rates.items())
     _say(f"torch threads: {best} (timed {measured}; set --threads to choose)")
+
+
+def _native(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> bool:
+    """Whether this machine's CPU runs the blocks of ``spec`` in the native kernel."""
+    size = tuple(np.shape(images["train"])[-2:])
+    return native_ready(spec.cached(), size, getattr(torch, args.dtype), "cpu")
 
 
 def _compile_flag(args: argparse.Namespace) -> bool | None:
@@ -480,15 +495,18 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "--threads",
             type=_positive_int,
             default=None,
-            help="torch CPU threads of an in-process run (default: all cores if a timed start shows them 1.5 times "
-            "faster than one thread, else 1; on a CPU shared with other work one thread is often much faster)",
+            help="torch CPU threads of an in-process run (default: all cores for the native kernel; otherwise all "
+            "cores if a timed start shows them 1.5 times faster than one thread, else 1, since on a CPU shared with "
+            "other work one eager thread is often much faster)",
         )
         p.add_argument("--memory-budget", type=float, default=None, help="bytes the engine may use per block")
         p.add_argument(
             "--compile",
             default="auto",
             choices=("auto", "on", "off"),
-            help="torch.compile the kernel (auto: on GPUs only)",
+            help="on: compiled everywhere (the native kernel on the CPU where the network allows it, else "
+            "torch.compile); auto (default): the native CPU kernel where it applies and torch.compile on GPUs, "
+            "else eager; off: eager",
         )
     if solve:
         p.add_argument(

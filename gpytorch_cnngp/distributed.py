@@ -165,22 +165,24 @@ def compute_block(
     :param dtype: ``"float32"`` or ``"float64"``.
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     :param memory_budget: bytes the engine may use (default: its own).
-    :param compile: use ``torch.compile`` (``None``: on a GPU only).
+    :param compile: run the pair pass compiled (see :func:`gpytorch_cnngp.gram`). ``None``: on a GPU
+        ``torch.compile``; on the CPU the native kernel when the network allows it (no compilation per
+        shape, so it pays off even for small blocks), else eager.
     :param threads: set ``torch.set_num_threads`` first (``None`` leaves it).
     :return: ``(values, seconds, device)``: the block as a NumPy array of ``dtype``, the compute time, and the
         device it ran on.
     """
-    from .engine import gram, gram_diag
+    from .engine import gram, gram_diag, native_ready
 
     started = time.perf_counter()
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)
     tdtype = _DTYPES[dtype]
-    if compile is None:
-        compile = dev.type == "cuda"
     model = spec.cached()
     x = torch.as_tensor(np.asarray(row_images[rows[0] : rows[1]])).to(device=dev, dtype=tdtype)
+    if compile is None:
+        compile = dev.type == "cuda" or native_ready(model, tuple(x.shape[-2:]), tdtype, dev)
     if cols is None:
         values = gram_diag(model, x)
     elif symmetric:
@@ -310,7 +312,8 @@ def compute_store(
     :param n_workers: workers of a ``"local"`` cluster.
     :param device: where blocks run (``"auto"``: the GPU of the worker when it has one).
     :param memory_budget: bytes the engine may use per block.
-    :param compile: ``torch.compile`` the pair pass (``None``: on GPUs only).
+    :param compile: run the pair pass compiled (``None``: ``torch.compile`` on GPUs, the native kernel on
+        the CPU where the network allows it; see :func:`compute_block`).
     :param threads: torch threads in each task (``None``: leave the process default).
     :param max_in_flight: blocks submitted but not yet written (default: twice the cluster's threads).
     :param progress: show a progress bar (entries, rate, ETA).

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .layers.base import Context, Layer
 
-__all__ = ["gram", "gram_diag", "self_pass", "hyperparameters", "estimate_tile_size", "GramPlan"]
+__all__ = ["gram", "gram_diag", "self_pass", "hyperparameters", "estimate_tile_size", "native_ready", "GramPlan"]
 
 HyperMap = Mapping[int, Mapping[str, Tensor]]
 
@@ -387,6 +387,19 @@ def _native_program(
     if program is None or native.load_library() is None:
         return None
     return program
+
+
+def native_ready(
+    model: Layer, image_size: tuple[int, int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> bool:
+    """Whether ``gram(..., compile=True)`` runs ``model``'s pair pass in the native CPU kernel here.
+
+    True for CPU float32/float64 networks that :mod:`gpytorch_cnngp.native` supports, unless
+    ``CNNGP_NATIVE=0``, once the kernel has been built (or found in the cache) and passed its
+    self-test; this call does that build, so it can take a few seconds the first time on a machine.
+    """
+    dev = torch.device(device)
+    return _native_program(model, tuple(image_size), True, True, 0, False, dev, dtype) is not None
 
 
 _allocator_tuned = False

@@ -234,3 +234,33 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
     assert lib.cnngp_fields() == 18
     native._build_and_load()  # loads the cached file, builds nothing new
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == built
+
+
+def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
+    # the pipeline's blocks are small (128 x 128 by default), below the auto threshold of gram(), but
+    # a long job pays the one-time build back at once, so compute_block(compile=None) asks for it
+    from gpytorch_cnngp.distributed import ArchitectureSpec, compute_block
+    from gpytorch_cnngp.engine import native_ready
+
+    monkeypatch.delenv("CNNGP_COMPILE", raising=False)
+    spec = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=2, kernel_size=3)
+    x = _images(9, 1, 8, seed=13).numpy()
+    assert native_ready(spec.cached(), (8, 8), F64)
+    values, _, dev = compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", compile=None)
+    assert dev == "cpu" and spy
+    reference = gram(spec.cached(), torch.from_numpy(x[:5]), torch.from_numpy(x[3:9]), compile=False)
+    torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
+    spy.clear()
+    compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", compile=False)
+    assert not spy
+    # networks it cannot run stay eager under compile=None (not torch.compile)
+    pooled = ArchitectureSpec.from_name("pooled_cnn_gp", image_size=8)
+    assert not native_ready(pooled.cached(), (8, 8), F64)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    values, _, _ = compute_block(pooled, x, (0, 3), x, (0, 3), dtype="float64", compile=None)
+    reference = gram(pooled.cached(), torch.from_numpy(x[:3]), compile=False)
+    torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
+    assert not spy
+    monkeypatch.setenv("CNNGP_NATIVE", "0")
+    assert not native_ready(spec.cached(), (8, 8), F64)
+    assert not native_ready(spec.cached(), (8, 8), torch.float16)
