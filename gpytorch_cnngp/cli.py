@@ -481,7 +481,7 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "--tile-size",
             type=_positive_int,
             default=None,
-            help="edge of the stored blocks, the unit of checkpointing and distribution (default: 128 on CPU, "
+            help="edge of the stored blocks, the unit of checkpointing and distribution (default: 256 on CPU, "
             "2048 on GPU; a resumed store keeps its own)",
         )
         p.add_argument(

@@ -237,7 +237,7 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path):
 
 
 def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
-    # the pipeline's blocks are small (128 x 128 by default), below the auto threshold of gram(), but
+    # the pipeline's blocks are small (256 x 256 by default on the CPU), below the auto threshold of gram(), but
     # a long job pays the one-time build back at once, so compute_block(compile=None) asks for it
     from gpytorch_cnngp.distributed import ArchitectureSpec, compute_block
     from gpytorch_cnngp.engine import native_ready
