@@ -31,6 +31,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_memory import _status  # noqa: E402
+
 ARCHS = {"convnet_gp": "ConvNet GP", "resnet32_gp": "ResNet-32 GP", "residual_cnn_gp": "Residual CNN GP"}
 
 
@@ -55,11 +59,7 @@ def _sync(device: torch.device) -> None:
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as fh:  # CPU: the process' peak resident memory
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status("VmHWM")  # CPU: the process' peak resident memory
 
 
 def _device_name(device: torch.device) -> str:
