@@ -78,16 +78,48 @@ inline void valid_taps(int base, int step, int taps, int n, int& lo, int& hi) {
   while (hi > lo && base + (hi - 1) * step >= n) --hi;
 }
 
-// One block's lanes as a GCC/Clang vector type: explicit SIMD without intrinsics.
+// One block's lanes (64 bytes) as an array of the machine's own SIMD vectors (GCC/Clang vector types:
+// explicit SIMD without intrinsics). A single 64-byte vector type would be split by the compiler on
+// machines without AVX-512, and it moves such values through the stack, several times slower.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 template <typename T, int VL>
 struct Lanes {
-  typedef T V __attribute__((vector_size(VL * sizeof(T))));
-  static V load(const T* p) {
+  static constexpr int kPer = kVectorBytes / static_cast<int>(sizeof(T));
+  static constexpr int kParts = VL / kPer;
+  static_assert(kParts * kPer == VL, "a block is a whole number of SIMD vectors");
+  typedef T H __attribute__((vector_size(kVectorBytes)));
+  struct V {
+    H p[kParts];
+  };
+  static V zero() {
     V v;
-    std::memcpy(&v, p, sizeof(V));
+    for (int k = 0; k < kParts; ++k) v.p[k] = H{};
     return v;
   }
-  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static void add(V& acc, const T* ptr) {
+    for (int k = 0; k < kParts; ++k) {
+      H h;
+      std::memcpy(&h, ptr + k * kPer, sizeof(H));
+      acc.p[k] += h;
+    }
+  }
+  // ptr = v * scale + bias
+  static void store_affine(T* ptr, const V& v, T scale, T bias) {
+    for (int k = 0; k < kParts; ++k) {
+      const H h = v.p[k] * scale + bias;
+      std::memcpy(ptr + k * kPer, &h, sizeof(H));
+    }
+  }
+  static void store(T* ptr, const V& v) {
+    for (int k = 0; k < kParts; ++k) std::memcpy(ptr + k * kPer, &v.p[k], sizeof(H));
+  }
 };
 
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
@@ -103,8 +135,8 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
     valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
     for (int h = 0; h < in_h; ++h) {
       const T* row = src + static_cast<int64_t>(h) * in_w * VL;
-      V acc = {};
-      for (int b = lo; b < hi; ++b) acc += L::load(row + static_cast<int64_t>(base + b * ins.dw) * VL);
+      V acc = L::zero();
+      for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
       L::store(tmp + (static_cast<int64_t>(h) * out_w + ow) * VL, acc);
     }
   }
@@ -113,9 +145,9 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
     int lo, hi;
     valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
     for (int ow = 0; ow < out_w; ++ow) {
-      V acc = {};
-      for (int a = lo; a < hi; ++a) acc += L::load(tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
-      L::store(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc * scale + bias);
+      V acc = L::zero();
+      for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
+      L::store_affine(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc, scale, bias);
     }
   }
 }
@@ -138,17 +170,36 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
     const T* __restrict i2 = s2 + VL;
     const T* __restrict c = src + static_cast<int64_t>(p) * VL;
     T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    // straight-line loops over the lanes, each simple enough for every vectoriser (one loop with the
+    // polynomial's inner loop and the clamps inside is left scalar by GCC without AVX-512 masks)
+    T a[VL], poly[VL];
 #pragma omp simd
     for (int v = 0; v < VL; ++v) {
-      const T cv = c[v];
-      T a = std::fabs(cv) * i1 * i2[v];
-      a = a < T(1) ? a : T(1);
-      T poly = cf[NC - 1];
-      for (int k = NC - 2; k >= 0; --k) poly = poly * a + cf[k];
-      const T u = T(1) - a;
-      const T pos = cv > T(0) ? cv : T(0);
-      const T j = pos * T(0.5) + (s1 * s2[v]) * (u * std::sqrt(u)) * poly;
-      d[v] = j * k1 + cv * k2;  // ReLU: k1 = 1, k2 = 0 gives j exactly
+      const T x = std::fabs(c[v]) * i1 * i2[v];
+      a[v] = x < T(1) ? x : T(1);
+    }
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) poly[v] = cf[NC - 1];
+    for (int k = NC - 2; k >= 0; --k) {
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) poly[v] = poly[v] * a[v] + cf[k];
+    }
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) {
+      const T u = T(1) - a[v];
+      poly[v] *= (s1 * s2[v]) * (u * std::sqrt(u));
+    }
+    // explicit vectors: GCC leaves this loop scalar ("control flow") without AVX-512
+    using L = Lanes<T, VL>;
+    using H = typename L::H;
+    for (int k = 0; k < L::kParts; ++k) {
+      H cv, pv;
+      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
+      std::memcpy(&pv, poly + k * L::kPer, sizeof(H));
+      const H zero = H{};
+      const H pos = cv > zero ? cv : zero;
+      const H out = (pos * T(0.5) + pv) * k1 + cv * k2;  // ReLU: k1 = 1, k2 = 0 gives J exactly
+      std::memcpy(d + k * L::kPer, &out, sizeof(H));
     }
   }
 }
