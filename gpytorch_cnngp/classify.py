@@ -1,21 +1,35 @@
 """The paper's classifier on stored kernels: noise-free GP regression on one-hot targets, argmax predictions.
 
-``A = Kxx^{-1} Y`` by a float64 Cholesky solve (on the GPU when there is one) with no jitter, as published;
-``Y`` holds -1 everywhere and +1 at each image's class; the prediction for a test image is
-``argmax(K_*x A)``. When the Cholesky factorisation fails, it is retried with a jitter of
-``1e-10, 1e-9, ...`` times the mean of the diagonal, and the jitter used is reported. Optional predictive
-variances ``k(x*, x*) - k*x Kxx^{-1} kx*`` use the stored diagonals.
+``A = Kxx^{-1} Y`` by a float64 Cholesky solve with no jitter, as published; ``Y`` holds -1 everywhere and +1
+at each image's class; the prediction for a test image is ``argmax(K_*x A)``. When the Cholesky factorisation
+fails, it is retried with a jitter of ``1e-10, 1e-9, ...`` times the mean of the diagonal, and the jitter used
+is reported. Optional predictive variances ``k(x*, x*) - k*x Kxx^{-1} kx*`` use the stored diagonals.
+
+:func:`classify_store` works within a memory budget whatever the size of the store: on the CPU it factorises
+with :class:`~gpytorch_cnngp.blocked_cholesky.BlockedCholesky` (panels in memory when they fit, else on disk)
+and reads the cross kernels in row chunks; on a GPU it factorises the dense float64 matrix there.
+:func:`cholesky_with_jitter` and :func:`solve_kernel` are the dense in-memory versions, for matrices at hand.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .blocked_cholesky import (
+    BlockedCholesky,
+    NotPositiveDefinite,
+    default_memory_budget,
+    parse_bytes,
+    scratch_folder,
+    source_key,
+)
 
 __all__ = [
     "CholeskyFailed",
@@ -26,6 +40,7 @@ __all__ = [
     "error_rate",
     "predictive_variances",
     "classify_store",
+    "jitter_schedule",
 ]
 
 
@@ -63,6 +78,7 @@ def cholesky_with_jitter(
     jitter: float = 0.0,
     max_tries: int = 8,
     device: torch.device | str | None = None,
+    _schedule: list[float] | None = None,
 ) -> tuple[Tensor, float]:
     """Lower Cholesky factor of ``Kxx + jitter I`` in float64, retrying with growing jitter when it fails.
 
@@ -82,8 +98,7 @@ def cholesky_with_jitter(
     if not bool(torch.isfinite(K).all()):
         raise ValueError("Kxx contains NaN or infinite values")
     scale = float(K.diagonal().mean()) if K.shape[0] else 1.0
-    candidates = [float(jitter)]
-    candidates += [scale * 10.0 ** (k - 11) for k in range(1, max_tries + 1) if scale * 10.0 ** (k - 11) > jitter]
+    candidates = list(_schedule) if _schedule is not None else jitter_schedule(jitter, max_tries, scale)
     added = 0.0
     for value in candidates:
         if value != added:
@@ -94,11 +109,7 @@ def cholesky_with_jitter(
         L, info = torch.linalg.cholesky_ex(K)
         if int(info) == 0:
             return L, value
-    raise CholeskyFailed(
-        f"the Cholesky factorisation of Kxx ({K.shape[0]}x{K.shape[0]}) failed even with a jitter of "
-        f"{candidates[-1]:.3g} ({candidates[-1] / scale if scale else float('nan'):.0e} times the mean diagonal "
-        f"{scale:.4g})"
-    )
+    raise CholeskyFailed(_failure_message(K.shape[0], candidates, scale))
 
 
 def solve_kernel(
@@ -172,6 +183,30 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def jitter_schedule(jitter: float, max_tries: int, scale: float) -> list[float]:
+    """The jitters tried in order: ``jitter``, then ``10^(k-11) * scale`` for ``k = 1..max_tries`` above it."""
+    out = [float(jitter)]
+    out += [scale * 10.0 ** (k - 11) for k in range(1, max_tries + 1) if scale * 10.0 ** (k - 11) > jitter]
+    return out
+
+
+def _mean_diagonal(store: Any, n: int, step: int = 1024) -> float:
+    """Mean of ``diag(Kxx)``, read in small square blocks."""
+    total = 0.0
+    buf = np.empty((min(step, max(n, 1)),) * 2, dtype=np.float64)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        block = buf[: r1 - r0, : r1 - r0]
+        store.read_into("Kxx", (r0, r1), (r0, r1), block)
+        total += float(np.trace(block))
+    return total / n if n else 0.0
+
+
+def _rows_per_chunk(n: int, budget: int, bytes_per_value: int = 12) -> int:
+    """Rows of an ``[r, n]`` cross-kernel chunk (float32 as read plus float64) within a quarter of ``budget``."""
+    return int(max(1, min(8192, budget // 4 // max(1, n * bytes_per_value))))
+
+
 def classify_store(
     path: str | os.PathLike[str],
     device: torch.device | str | None = None,
@@ -180,59 +215,159 @@ def classify_store(
     max_tries: int = 8,
     variances: bool = False,
     n_classes: int = 10,
+    memory_budget: int | str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the classifier on a complete kernel store.
+    """Run the classifier on a complete kernel store, in float64, within a memory budget.
+
+    On the CPU, ``Kxx`` is factorised by :class:`~gpytorch_cnngp.blocked_cholesky.BlockedCholesky`: in memory
+    when its packed factor fits the budget, else in panels on disk (``scratch_dir``, by default
+    ``<store>.factor`` beside the store; resumed after an interruption, deleted when done). On a GPU the dense
+    float64 matrix is factorised there (it must fit the device). Cross kernels are read in row chunks, so the
+    budget bounds everything but a small fixed overhead.
 
     :param path: the HDF5 store (see :class:`gpytorch_cnngp.store.KernelStore`).
     :param device: where to factorise and predict (default: the GPU when present, else the CPU).
-    :param jitter: first jitter (0 as published).
+    :param jitter: first jitter (0 as published); see :func:`jitter_schedule` for the retries.
     :param max_tries: retries with growing jitter when the factorisation fails.
     :param variances: also compute predictive variances from the stored diagonals.
     :param n_classes: number of classes of the one-hot targets.
+    :param memory_budget: bytes (or text such as ``"2GB"``) the classifier may use; default 60% of the memory
+        available now.
+    :param scratch_dir: folder for factor panels that do not fit the budget.
+    :param progress: progress bars (factorisation in flops, with ETA).
+    :param log: called with one-line notes (resumed factorisation, jitter retries).
     :return: a dict with ``val_error`` and ``test_error`` (fractions; ``None`` for an empty part),
-        ``jitter`` (absolute) and ``jitter_relative`` (to the mean diagonal), the predictions
+        ``jitter`` (absolute) and ``jitter_relative`` (to the mean diagonal), ``jitters_tried``, the dual
+        coefficients ``A`` (``[n_train, n_classes]`` float64 array), the predictions
         ``val_predictions``/``test_predictions`` (int arrays), ``val_variances``/``test_variances`` when asked,
-        the store's metadata (``config``, ``split``, ``n_train``, ...), ``device`` and timings in seconds.
+        the store's metadata (``config``, ``split``, ``n_train``, ...), ``device``, ``memory_budget``,
+        ``factor`` (``"memory"``, ``"disk"`` or ``"dense"``) and timings in seconds.
     :raises StoreIncomplete: when the store still has blocks to compute.
+    :raises CholeskyFailed: when ``Kxx`` is not positive definite even with the largest jitter.
     """
     from .store import KernelStore
 
     dev = _pick_device(device)
+    budget = default_memory_budget() if memory_budget is None else parse_bytes(memory_budget)
+    say = log or (lambda text: None)
+    timings = {"load": 0.0, "solve": 0.0, "predict": 0.0}
     t0 = time.perf_counter()
     with KernelStore.open(path) as store:
         meta = store.meta
-        Kxx = torch.from_numpy(store.read("Kxx"))
-        scale = float(np.mean(np.diagonal(Kxx.numpy()), dtype=np.float64)) if meta.n_train else 0.0
-        cross = {"val": store.read("Kvx"), "test": store.read("Ktx")}
-        diags = {"val": store.read("Kvv_diag"), "test": store.read("Ktt_diag")} if variances else {}
+        n = meta.n_train
+        for name in ("Kxx", "Kvx", "Ktx", *(("Kvv_diag", "Ktt_diag") if variances else ())):
+            store.require_complete(name)
         labels = {part: store.labels(part) for part in ("train", "val", "test")}
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    L, used = cholesky_with_jitter(Kxx, jitter, max_tries, dev)
-    del Kxx
-    Y = one_hot_targets(labels["train"], n_classes).to(L.device)
-    A = torch.cholesky_solve(Y, L)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t_solve = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result: dict[str, Any] = {
-        "config": meta.architecture,
-        "dataset": meta.dataset,
-        "split": meta.split,
-        "n_train": meta.n_train,
-        "n_val": meta.n_val,
-        "n_test": meta.n_test,
-        "dtype": meta.dtype,
-        "jitter": used,
-        "jitter_relative": (used / scale) if scale else 0.0,
-        "device": str(dev),
-    }
-    for part in ("val", "test"):
-        pred = predict(cross[part], A).numpy()
-        result[f"{part}_predictions"] = pred
-        result[f"{part}_error"] = error_rate(pred, labels[part]) if len(pred) else None
-        if variances:
-            result[f"{part}_variances"] = predictive_variances(L, cross[part], diags[part]).numpy()
-    result["seconds"] = {"load": t_load, "solve": t_solve, "predict": time.perf_counter() - t0}
+        diags = {"val": store.read("Kvv_diag"), "test": store.read("Ktt_diag")} if variances else {}
+        scale = _mean_diagonal(store, n)
+        candidates = jitter_schedule(jitter, max_tries, scale)
+        Y = one_hot_targets(labels["train"], n_classes)
+        timings["load"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        fac = None
+        L = None
+        if dev.type == "cuda":
+            K = torch.empty((n, n), dtype=torch.float64, device=dev)
+            rows = _rows_per_chunk(n, budget, 4)
+            buf = np.empty((rows, n), dtype=np.float32)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                store.read_into("Kxx", (r0, r1), (0, n), buf[: r1 - r0])
+                K[r0:r1] = torch.from_numpy(buf[: r1 - r0]).to(dev)
+            del buf
+            try:
+                L, used = cholesky_with_jitter(K, candidates[0], max_tries, dev, _schedule=candidates)
+            finally:
+                del K
+            A = torch.cholesky_solve(Y.to(dev), L)
+            torch.cuda.synchronize(dev)
+            tried, mode = [c for c in candidates if c <= used], "dense"
+        else:
+
+            def read_rows(r0: int, r1: int, c0: int, out: np.ndarray) -> None:
+                store.read_into("Kxx", (r0, r1), (c0, c0 + out.shape[1]), out)
+
+            scratch = scratch_dir if scratch_dir is not None else scratch_folder(path)
+            try:
+                fac = BlockedCholesky.factor(
+                    read_rows,
+                    n,
+                    jitter_candidates=candidates,
+                    memory_budget=int(budget * (0.6 if variances else 1.0)),
+                    scratch_dir=scratch,
+                    source_key=source_key(path, {"dataset": "Kxx"}),
+                    progress=progress,
+                    log=say,
+                )
+            except NotPositiveDefinite:
+                raise CholeskyFailed(_failure_message(n, candidates, scale)) from None
+            A = fac.solve(Y)
+            used, tried, mode = fac.jitter, fac.report.attempts, ("disk" if fac.report.on_disk else "memory")
+        timings["solve"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {
+            "config": meta.architecture,
+            "dataset": meta.dataset,
+            "split": meta.split,
+            "n_train": meta.n_train,
+            "n_val": meta.n_val,
+            "n_test": meta.n_test,
+            "dtype": meta.dtype,
+            "jitter": used,
+            "jitter_relative": (used / scale) if scale else 0.0,
+            "jitters_tried": tried,
+            "device": str(dev),
+            "memory_budget": budget,
+            "factor": mode,
+            "A": A.cpu().numpy(),
+        }
+        if fac is not None and not variances:
+            fac.close()  # predictions need only A
+            fac = None
+        try:
+            for part, name in (("val", "Kvx"), ("test", "Ktx")):
+                m = meta.size(part)
+                # variances hold an [n, rows] float64 solve (and its copy) per chunk
+                rows = _rows_per_chunk(n, budget, 28 if variances else 12)
+                buf = np.empty((min(rows, max(m, 1)), n), dtype=np.float32)
+                preds, var = [], []
+                for r0 in range(0, m, rows):
+                    r1 = min(m, r0 + rows)
+                    block = buf[: r1 - r0]
+                    store.read_into(name, (r0, r1), (0, n), block)
+                    Kb = torch.from_numpy(block).to(device=A.device, dtype=torch.float64)
+                    preds.append((Kb @ A).argmax(1).cpu())
+                    if variances:
+                        if L is not None:
+                            V = torch.linalg.solve_triangular(L, Kb.T, upper=False)
+                        else:
+                            V = fac.forward(Kb.T.cpu())
+                        var.append(torch.from_numpy(diags[part][r0:r1]).double() - (V * V).sum(0).cpu())
+                    del Kb
+                del buf
+                pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+                result[f"{part}_predictions"] = pred
+                result[f"{part}_error"] = error_rate(pred, labels[part]) if len(pred) else None
+                if variances:
+                    result[f"{part}_variances"] = torch.cat(var).numpy() if var else np.zeros(0)
+        finally:
+            if fac is not None:
+                fac.close()
+        timings["predict"] = time.perf_counter() - t0
+    result["seconds"] = timings
     return result
+
+
+def _failure_message(n: int, candidates: list[float], scale: float) -> str:
+    tried = ", ".join(f"{c:.3g}" for c in candidates)
+    return (
+        f"the Cholesky factorisation of Kxx ({n}x{n}) failed even with a jitter of {candidates[-1]:.3g} "
+        f"({candidates[-1] / scale if scale else float('nan'):.0e} times the mean diagonal {scale:.4g}); jitters "
+        f"tried: {tried}. Kxx is not positive definite: check the store (`cnngp kernels` recomputes damaged "
+        "tiles), or allow larger jitter with --max-tries"
+    )

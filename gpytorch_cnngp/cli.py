@@ -27,6 +27,7 @@ import torch
 
 from . import __version__
 from .architectures import ARCHITECTURES, PAPER_RESULTS
+from .blocked_cholesky import available_memory, default_memory_budget, format_bytes, parse_bytes, plan_panel_width
 from .classify import CholeskyFailed, classify_store
 from .datasets import DATASETS, MD5, SPLITS, DatasetError, data_checksum, fetch, load_split
 from .distributed import (
@@ -48,6 +49,15 @@ DEFAULT_SUBSET = {"n_train": 1500, "n_val": 500, "n_test": 1000}
 
 FULL_SUBSET = {"n_train": 50000, "n_val": 10000, "n_test": 10000}
 """The paper's setting (``--full``)."""
+
+PAPER_CONFIGS = ("convnet_gp", "residual_cnn_gp", "resnet32_gp")
+"""The paper's three configurations (``--paper-scale``)."""
+
+
+def paper_store_dir() -> Path:
+    """Where ``--paper-scale`` keeps its stores: ``$CNNGP_STORE_DIR`` or ``~/.cache/gpytorch_cnngp/paper_table``."""
+    return Path(os.environ.get("CNNGP_STORE_DIR") or Path.home() / ".cache" / "gpytorch_cnngp" / "paper_table")
+
 
 DEFAULT_CONFIG = "convnet_gp"
 DEFAULT_SPLIT = "mnist_as_tf"
@@ -286,8 +296,25 @@ def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: 
 
 def _classify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.solve_device)
-    _say(f"classifier: float64 Cholesky of Kxx on {device}, jitter {args.jitter:g}")
-    result = classify_store(path, device, jitter=args.jitter, max_tries=args.max_tries, variances=args.variances)
+    budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
+    where = "dense on the GPU" if device.type == "cuda" else "blocked, within the memory budget"
+    _say(
+        f"classifier: float64 Cholesky of Kxx on {device} ({where}), jitter {args.jitter:g}, "
+        f"memory budget {format_bytes(budget)}"
+    )
+    result = classify_store(
+        path,
+        device,
+        jitter=args.jitter,
+        max_tries=args.max_tries,
+        variances=args.variances,
+        memory_budget=budget,
+        scratch_dir=getattr(args, "scratch_dir", None),
+        progress=args.progress,
+        log=lambda text: _say(f"note: {text}"),
+    )
+    if result["factor"] == "disk":
+        _say("note: the factor did not fit the memory budget; its panels were kept on disk beside the store")
     if result["jitter"] != args.jitter:
         _say(
             f"note: the Cholesky factorisation needed a jitter of {result['jitter']:.3g} "
@@ -318,9 +345,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _sizes(args: argparse.Namespace) -> dict[str, int]:
     given = {k: getattr(args, k) for k in ("n_train", "n_val", "n_test")}
-    if getattr(args, "full", False):
+    if getattr(args, "full", False) or getattr(args, "paper_scale", False):
+        flag = "--paper-scale" if getattr(args, "paper_scale", False) else "--full"
         if any(v is not None for v in given.values()):
-            raise UserError("--full sets --n-train, --n-val and --n-test to the paper's sizes; give one or the other")
+            raise UserError(f"{flag} sets --n-train, --n-val and --n-test to the paper's sizes; give one or the other")
         return dict(FULL_SUBSET)
     return {k: (DEFAULT_SUBSET[k] if v is None else v) for k, v in given.items()}
 
@@ -337,10 +365,20 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         raise UserError(f"no kernel store at {path}; make one with `cnngp kernels ... --out {path}`")
     result = _classify(path, args)
     if args.json:
-        row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+        row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "A"}
         Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
         _say(f"wrote {args.json}")
+    if args.dual:
+        _save_dual(Path(args.dual), result)
     return 0
+
+
+def _save_dual(path: Path, result: dict[str, Any]) -> None:
+    """The dual coefficients ``A`` and the predictions, so that predictions are ``argmax(K(test, train) @ A)``."""
+    np.savez_compressed(
+        path, A=result["A"], val_predictions=result["val_predictions"], test_predictions=result["test_predictions"]
+    )
+    _say(f"wrote {path} (dual coefficients A [{result['A'].shape[0]}, {result['A'].shape[1]}] and predictions)")
 
 
 def _store_name(config: str, args: argparse.Namespace, sizes: dict[str, int]) -> str:
@@ -377,22 +415,107 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def _store_bytes(sizes: dict[str, int], dtype: str) -> int:
+    """Bytes of a complete store's kernel matrices (the bulk of the file)."""
+    n = sizes["n_train"]
+    return (n * n + (sizes["n_val"] + sizes["n_test"]) * n) * np.dtype(dtype).itemsize
+
+
+def _preflight(configs: Sequence[str], args: argparse.Namespace, sizes: dict[str, int], store_dir: Path) -> None:
+    """Refuse, with the numbers, a run whose stores, factor or memory budget this machine cannot hold."""
+    import shutil
+
+    n = sizes["n_train"]
+    budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
+    avail = available_memory()
+    if avail is not None and args.memory_budget is not None and budget > avail:
+        raise UserError(
+            f"the memory budget {format_bytes(budget)} exceeds the memory available now ({format_bytes(avail)}); "
+            "give a smaller --memory-budget"
+        )
+    try:
+        _, in_memory = plan_panel_width(n, budget)
+    except ValueError as exc:
+        raise UserError(f"{exc}; give a larger --memory-budget") from None
+    need, lines = 0, []
+    for config in configs:
+        path = store_dir / _store_name(config, args, sizes)
+        full = _store_bytes(sizes, args.dtype)
+        # stores are created sparse: what is already written on disk needs no more space
+        have = path.stat().st_blocks * 512 if path.exists() else 0
+        need += max(0, full - have)
+        lines.append(f"  {config}: store {format_bytes(full)}, {format_bytes(max(0, full - have))} still to write")
+    factor = 0 if in_memory or not args.classify_after else 4 * n * (n + 1)
+    if factor:
+        lines.append(f"  classifier factor on disk (the budget cannot hold it): {format_bytes(factor)}")
+    free = shutil.disk_usage(store_dir).free
+    if need + factor > free:
+        raise UserError(
+            f"not enough disk space in {store_dir}: the run needs {format_bytes(need + factor)} more, "
+            f"{format_bytes(free)} is free:\n" + "\n".join(lines) + "\nfree space, or choose --store-dir elsewhere"
+        )
+    mode = "in memory" if in_memory else "in panels on disk"
+    _say(
+        f"checked: disk {format_bytes(need + factor)} needed of {format_bytes(free)} free in {store_dir}; "
+        f"classifier factor {mode} within a memory budget of {format_bytes(budget)}"
+    )
+
+
+def _peak_rss() -> int | None:
+    """Peak resident memory of this process so far, in bytes."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """Earlier rows of ``results.json``; a file that cannot be read as rows is refused, never overwritten."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable results file ({exc}); move it away and run again") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path} does not hold a list of result rows; move it away and run again")
+    return rows
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
     sizes = _sizes(args)
-    workdir = Path(args.workdir)
+    configs = list(PAPER_CONFIGS) if args.paper_scale and args.configs is None else (args.configs or [DEFAULT_CONFIG])
+    if args.paper_scale:
+        if args.dataset != "mnist" or args.split != DEFAULT_SPLIT:
+            raise UserError(f"--paper-scale is the paper's MNIST setting (split {DEFAULT_SPLIT})")
+        workdir = Path(args.workdir or "paper-table")
+        store_dir = Path(args.store_dir) if args.store_dir else paper_store_dir()
+    else:
+        workdir = Path(args.workdir or DEFAULT_WORKDIR)
+        store_dir = Path(args.store_dir) if args.store_dir else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.full:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if args.full or args.paper_scale:
         _say(
-            "--full: the paper's setting (50000 train, 10000 validation, 10000 test images); "
-            "a GPU is strongly recommended"
+            f"the paper's setting: {len(configs)} configuration(s), 50000 train, 10000 validation, 10000 test images; "
+            f"stores in {store_dir}, results in {workdir}. Every step resumes when the same command is run again."
         )
+    args.classify_after = True
+    _preflight(configs, args, sizes, store_dir)
     rows: list[dict[str, Any]] = []
-    for config in args.configs:
+    results_json = workdir / "results.json"
+    previous = _read_results(results_json)
+    for config in configs:
         _say(f"== {config} ==")
         started = time.perf_counter()
-        path = workdir / _store_name(config, args, sizes)
+        path = store_dir / _store_name(config, args, sizes)
         info = _compute(config, args, sizes, path, estimate=True)
         result = _classify(path, args)
+        if args.paper_scale:
+            _save_dual(workdir / f"{config}_dual.npz", result)
         paper = PAPER_RESULTS.get(config, (None, None)) if args.dataset == "mnist" else (None, None)
         rows.append(
             {
@@ -412,6 +535,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 "kernel_compute_seconds": info["kernel_compute_seconds"],
                 "solve_seconds": result["seconds"]["solve"],
                 "predict_seconds": result["seconds"]["predict"],
+                "memory_budget": result["memory_budget"],
+                "factor": result["factor"],
+                "peak_rss": _peak_rss(),
                 "total_seconds": time.perf_counter() - started,
                 "device": info["kernel_device"] or result["device"],
                 "solve_device": result["device"],
@@ -419,13 +545,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 "package_version": __version__,
             }
         )
-    results_json = workdir / "results.json"
-    previous: list[dict[str, Any]] = []
-    if results_json.exists():
-        try:
-            previous = json.loads(results_json.read_text())
-        except (OSError, ValueError):
-            previous = []
     keys = {_row_key(r) for r in rows}
     merged = [r for r in previous if isinstance(r, dict) and _row_key(r) not in keys] + rows
     results_json.write_text(json.dumps(merged, indent=2) + "\n")
@@ -454,6 +573,13 @@ def _int_at_least(minimum: int, what: str):
         return value
 
     return parse
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _positive_int = _int_at_least(1, "positive")
@@ -499,7 +625,6 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "cores if a timed start shows them 1.5 times faster than one thread, else 1, since on a CPU shared with "
             "other work one eager thread is often much faster)",
         )
-        p.add_argument("--memory-budget", type=float, default=None, help="bytes the engine may use per block")
         p.add_argument(
             "--compile",
             default="auto",
@@ -508,7 +633,27 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "torch.compile); auto (default): the native CPU kernel where it applies and torch.compile on GPUs, "
             "else eager; off: eager",
         )
+    if kernels or solve:
+        uses = {
+            (True, False): "the kernel engine's memory per block",
+            (False, True): "the classifier's memory (default: 60%% of the memory available now)",
+            (True, True): "the kernel engine's memory per block and the classifier's (default: 60%% of the memory "
+            "available now)",
+        }[(kernels, solve)]
+        p.add_argument(
+            "--memory-budget",
+            type=_memory_size,
+            default=None,
+            metavar="SIZE",
+            help=f"{uses}; e.g. 2GB, 512MB, 4GiB (B/KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)",
+        )
     if solve:
+        p.add_argument(
+            "--scratch-dir",
+            default=None,
+            help="folder for the classifier's factor when it does not fit the budget (default: STORE.factor beside "
+            "the store; it needs about 4 n^2 bytes of disk and is deleted when done)",
+        )
         p.add_argument(
             "--solve-device", default="auto", help="where the classifier runs: auto (GPU when present), cpu, cuda"
         )
@@ -553,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify with a kernel store", description="The paper's GP classifier.")
     p.add_argument("store", help="an HDF5 store made by `cnngp kernels`")
     p.add_argument("--json", default=None, help="also write the results (with predictions) to this JSON file")
+    p.add_argument(
+        "--dual", default=None, help="also save the dual coefficients A and the predictions to this .npz file"
+    )
     _add_common(p, kernels=False, solve=True)
     p.set_defaults(func=_cmd_classify)
 
@@ -572,16 +720,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         nargs="+",
-        default=[DEFAULT_CONFIG],
+        default=None,
         choices=tuple(ARCHITECTURES),
         metavar="NAME",
-        help=f"configurations ({', '.join(ARCHITECTURES)}; default: %(default)s)",
+        help=f"configurations ({', '.join(ARCHITECTURES)}; default: {DEFAULT_CONFIG}, or the paper's three with "
+        "--paper-scale)",
     )
     _add_sizes(p)
     p.add_argument("--full", action="store_true", help="the paper's sizes: 50000 train, 10000 val, 10000 test")
     p.add_argument(
-        "--workdir", default=DEFAULT_WORKDIR, help="folder for the stores and results (default: %(default)s)"
+        "--paper-scale",
+        action="store_true",
+        help="the paper's table: its three configurations at its sizes (50000/10000/10000, mnist_as_tf), stores "
+        "outside the work tree (--store-dir, default $CNNGP_STORE_DIR or ~/.cache/gpytorch_cnngp/paper_table), "
+        "dual coefficients saved as WORKDIR/<config>_dual.npz; hours of kernels on a CPU, resumable at any moment",
     )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help=f"folder for the results (default: {DEFAULT_WORKDIR}, or paper-table with --paper-scale)",
+    )
+    p.add_argument("--store-dir", default=None, help="folder for the kernel stores (default: the workdir)")
     _add_common(p, kernels=True, solve=True)
     p.set_defaults(func=_cmd_table)
     return parser

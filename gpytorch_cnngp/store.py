@@ -607,17 +607,41 @@ class KernelStore:
         """
         if name not in self._file:
             raise KeyError(f"{self.path} has no dataset {name!r}")
-        if require_complete and name in self._done:
-            mask = self.done_mask(name)
-            if name == "Kxx":
-                mask = np.triu(mask) | np.triu(mask).T  # blocks on and above the diagonal fill their mirrors
-            if not mask.all():
-                missing = int((~mask).sum())
-                raise StoreIncomplete(
-                    f"{self.path}: {name} still has {missing} of {mask.size} blocks to compute; "
-                    "run `cnngp kernels` again with the same arguments to finish it"
-                )
+        if require_complete:
+            self.require_complete(name)
         return self._file[name][...]
+
+    def require_complete(self, name: str) -> None:
+        """Raise :class:`StoreIncomplete` when kernel dataset ``name`` still has blocks to compute."""
+        if name not in self._done:
+            return
+        mask = self.done_mask(name)
+        if name == "Kxx":
+            mask = np.triu(mask) | np.triu(mask).T  # blocks on and above the diagonal fill their mirrors
+        if not mask.all():
+            missing = int((~mask).sum())
+            raise StoreIncomplete(
+                f"{self.path}: {name} still has {missing} of {mask.size} blocks to compute; "
+                "run `cnngp kernels` again with the same arguments to finish it"
+            )
+
+    def read_into(self, name: str, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+        """Copy ``name[r0:r1, c0:c1]`` into ``out`` (any float dtype, converted), without a temporary of its size.
+
+        Completeness is not checked here (see :meth:`require_complete`): this is the classifier's bounded read.
+        """
+        (r0, r1), (c0, c1) = rows, cols
+        dset = self._file[name]
+        if out.shape != (r1 - r0, c1 - c0):
+            raise ValueError(
+                f"out has shape {out.shape}, the block {name}[{r0}:{r1}, {c0}:{c1}] is {(r1 - r0, c1 - c0)}"
+            )
+        if out.size == 0:
+            return
+        if out.dtype == dset.dtype and out.flags.c_contiguous:
+            dset.read_direct(out, np.s_[r0:r1, c0:c1])
+        else:
+            out[...] = dset[r0:r1, c0:c1]
 
     def labels(self, part: str) -> np.ndarray:
         """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""

@@ -71,3 +71,50 @@ def assert_same_store(a: str | Path, b: str | Path) -> None:
     assert aa.keys() == ab.keys()
     for key in aa:
         assert np.array_equal(aa[key], ab[key]), f"attribute {key} differs: {aa[key]!r} vs {ab[key]!r}"
+
+
+def synthetic_kernels(sizes: dict[str, int], seed: int = 0, rank: int | None = None, scale: float = 1.0):
+    """A positive (semi-)definite kernel ``F F^T / d`` of random features, split into Kxx, Kvx, Ktx and diagonals.
+
+    ``rank`` (default ``n_train + 20``) below ``n_train`` gives a singular Kxx. Values are float32-exact float64s.
+    """
+    n, nv, nt = sizes["n_train"], sizes["n_val"], sizes["n_test"]
+    d = rank if rank is not None else n + 20
+    rng = np.random.default_rng(seed)
+    F = rng.standard_normal((n + nv + nt, d)) + 0.3  # a common component, as image kernels have
+    K = (scale * (F @ F.T) / d).astype(np.float32).astype(np.float64)
+    K = (K + K.T) / 2  # exactly symmetric after rounding (float32 products are symmetric already)
+    parts = {
+        "Kxx": K[:n, :n],
+        "Kvx": K[n : n + nv, :n],
+        "Ktx": K[n + nv :, :n],
+        "Kvv_diag": np.diagonal(K)[n : n + nv].copy(),
+        "Ktt_diag": np.diagonal(K)[n + nv :].copy(),
+    }
+    return {k: v.astype(np.float32) for k, v in parts.items()}
+
+
+def write_synthetic_store(path: str | Path, sizes: dict[str, int], tile: int = 512, seed: int = 0, **kw):
+    """A complete store of :func:`synthetic_kernels` with random labels; returns (kernels, labels)."""
+    from gpytorch_cnngp.store import KernelStore
+
+    kernels = synthetic_kernels(sizes, seed, **kw)
+    rng = np.random.default_rng(seed + 1)
+    labels = {p: rng.integers(0, 10, sizes[f"n_{p}"]) for p in ("train", "val", "test")}
+    meta = StoreMeta(
+        architecture="synthetic",
+        hyperparameters={"seed": seed, **kw},
+        dtype="float32",
+        dataset="synthetic",
+        split="random",
+        checksums={},
+        **sizes,
+    )
+    with KernelStore.create(path, meta, labels, tile) as store:
+        for block in store.pending():
+            rows = slice(*block.rows)
+            if block.cols is None:
+                store.write_block(block, kernels[block.name][rows])
+            else:
+                store.write_block(block, kernels[block.name][rows, slice(*block.cols)])
+    return kernels, labels

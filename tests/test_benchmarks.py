@@ -59,3 +59,11 @@ def test_bench_gpu_refuses_missing_cuda():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--n", "8", "--no-write"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_bench_solve_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_solve.py"), "--smoke", "--store-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 600 |")]
+    assert len(set(rows)) == 2 and "| disk |" in rows[0] and "| yes |" in rows[0]  # printed, then in the table

@@ -115,3 +115,121 @@ def test_classify_store_against_numpy(tmp_path):
         6,
     )
     assert set(out["seconds"]) == {"load", "solve", "predict"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the classifier within a memory budget (blocked factorisation, panels in memory or on disk)
+
+BOUNDED_SIZES = {"n_train": 2100, "n_val": 300, "n_test": 257}  # n_train not a multiple of any panel width
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    from store_helpers import write_synthetic_store
+
+    path = tmp_path_factory.mktemp("bounded") / "k.h5"
+    kernels, labels = write_synthetic_store(path, BOUNDED_SIZES, tile=512, seed=7, scale=1e12)
+    return path, kernels, labels
+
+
+def _dense_reference(kernels, labels):
+    """A float64 LAPACK solve of the stored float32 kernel, and its predictions (written independently)."""
+    K = kernels["Kxx"].astype(np.float64)
+    Y = -np.ones((K.shape[0], 10))
+    Y[np.arange(K.shape[0]), labels["train"]] = 1
+    A = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
+    return A, {p: np.argmax(kernels[c].astype(np.float64) @ A, 1) for p, c in (("val", "Kvx"), ("test", "Ktx"))}
+
+
+@pytest.mark.parametrize("budget, mode", [("1GB", "memory"), ("12MB", "disk")])
+def test_bounded_classifier_equals_the_dense_solve(synthetic_store, tmp_path, budget, mode):
+    path, kernels, labels = synthetic_store
+    A, preds = _dense_reference(kernels, labels)
+    out = cl.classify_store(path, "cpu", memory_budget=budget, scratch_dir=tmp_path / "scratch")
+    assert out["factor"] == mode and out["jitter"] == 0.0 and out["jitters_tried"] == [0.0]
+    assert np.abs(out["A"] - A).max() <= 1e-8 * np.abs(A).max()
+    for part in ("val", "test"):
+        assert np.array_equal(out[f"{part}_predictions"], preds[part])
+        assert out[f"{part}_error"] == pytest.approx(np.mean(preds[part] != labels[part]))
+    assert not (tmp_path / "scratch").exists(), "the factor's scratch folder is removed after the solve"
+
+
+def test_bounded_variances_equal_the_dense_ones(synthetic_store, tmp_path):
+    path, kernels, _ = synthetic_store
+    out = cl.classify_store(path, "cpu", memory_budget="16MB", scratch_dir=tmp_path / "s", variances=True)
+    assert out["factor"] == "disk"
+    K = kernels["Kxx"].astype(np.float64)
+    L = np.linalg.cholesky(K)
+    for part, cross, diag in (("val", "Kvx", "Kvv_diag"), ("test", "Ktx", "Ktt_diag")):
+        V = scipy.linalg.solve_triangular(L, kernels[cross].astype(np.float64).T, lower=True)
+        expected = kernels[diag].astype(np.float64) - (V * V).sum(0)
+        np.testing.assert_allclose(out[f"{part}_variances"], expected, rtol=1e-6, atol=1e-6 * kernels[diag].max())
+
+
+def test_bounded_jitter_retries_and_failure(tmp_path):
+    from store_helpers import write_synthetic_store
+
+    sizes = {"n_train": 700, "n_val": 20, "n_test": 20}
+    path = tmp_path / "singular.h5"
+    kernels, _ = write_synthetic_store(path, sizes, tile=256, seed=2, rank=60)  # Kxx of rank 60
+    notes: list[str] = []
+    out = cl.classify_store(path, "cpu", memory_budget="2MB", scratch_dir=tmp_path / "s", log=notes.append)
+    dense_L, dense_jitter = cl.cholesky_with_jitter(kernels["Kxx"])
+    assert out["factor"] == "disk" and out["jitter"] == dense_jitter > 0
+    assert out["jitters_tried"][0] == 0.0 and out["jitters_tried"][-1] == dense_jitter
+    assert any("not positive definite" in n for n in notes)
+    with pytest.raises(cl.CholeskyFailed, match=r"jitters tried: 0, .*not positive definite"):
+        cl.classify_store(path, "cpu", memory_budget="2MB", scratch_dir=tmp_path / "s", max_tries=1)
+    with pytest.raises(cl.CholeskyFailed, match="jitters tried: 0\\. "):
+        cl.classify_store(path, "cpu", memory_budget="1GB", max_tries=0)
+
+
+_KILL_SCRIPT = """
+import sys, time
+from gpytorch_cnngp import classify, store
+read = store.KernelStore.read_into
+def slow(self, *a, **k):  # slow the factorisation down so that the kill lands in the middle of it
+    time.sleep(0.02)
+    return read(self, *a, **k)
+store.KernelStore.read_into = slow
+classify.classify_store(sys.argv[1], "cpu", memory_budget="12MB", scratch_dir=sys.argv[2])
+print("finished")
+"""
+
+
+def test_kill_during_the_solve_leaves_the_store_intact_and_the_next_run_resumes(synthetic_store, tmp_path):
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from store_helpers import assert_same_store
+
+    path, kernels, labels = synthetic_store
+    copy = tmp_path / "copy.h5"
+    shutil.copy(path, copy)
+    scratch = tmp_path / "scratch"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path), str(scratch)], stdout=subprocess.PIPE)
+    progress = scratch / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["done"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the solve finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert b"finished" not in proc.stdout.read()
+    assert_same_store(path, copy)  # the store is only ever read
+    done = json.loads(progress.read_text())["done"]
+    notes: list[str] = []
+    out = cl.classify_store(path, "cpu", memory_budget="12MB", scratch_dir=scratch, log=notes.append)
+    assert any(f"{done} of" in n and "resuming" in n for n in notes)
+    A, preds = _dense_reference(kernels, labels)
+    assert np.abs(out["A"] - A).max() <= 1e-8 * np.abs(A).max()
+    assert np.array_equal(out["test_predictions"], preds["test"])

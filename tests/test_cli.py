@@ -178,3 +178,71 @@ def test_console_script_on_real_mnist(tmp_path):
     assert "entries/s" in out.stderr  # the progress bar shows a rate
     row = json.loads((workdir / "results.json").read_text())[0]
     assert row["n_train"] == 20 and row["val_error"] <= 0.6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the classifier's memory budget and the paper-scale run's checks
+
+
+def test_classify_within_a_memory_budget(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from store_helpers import write_synthetic_store
+
+    sizes = {"n_train": 1200, "n_val": 50, "n_test": 40}
+    path = tmp_path / "k.h5"
+    write_synthetic_store(path, sizes, tile=256, seed=3)
+    out_json = tmp_path / "r.json"
+    status = cli.main(["classify", str(path), "--memory-budget", "6MB", "--no-progress", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert status == 0
+    assert "memory budget 6 MB" in text and "panels were kept on disk" in text
+    row = json.loads(out_json.read_text())
+    assert row["factor"] == "disk" and row["memory_budget"] == 6 * 10**6 and "A" not in row
+    reference = cli.main(["classify", str(path), "--memory-budget", "1GB", "--no-progress", "--json", str(out_json)])
+    assert reference == 0 and json.loads(out_json.read_text())["factor"] == "memory"
+    assert json.loads(out_json.read_text())["test_predictions"] == row["test_predictions"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-5MB", "12 furlongs"])
+def test_bad_memory_budgets_are_refused(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["classify", str(tmp_path / "k.h5"), "--memory-budget", value])
+    assert info.value.code == 2
+    assert "--memory-budget" in capsys.readouterr().err
+
+
+def test_paper_scale_refuses_a_run_the_disk_cannot_hold(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 5 * 10**9, 5 * 10**9))
+    store_dir = tmp_path / "stores"
+    status = cli.main(["table", "--paper-scale", "--store-dir", str(store_dir), "--workdir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "not enough disk space" in err and "5 GB is free" in err
+    # the three stores of 50000 x 70000 float32 entries: 14 GB each
+    for config in cli.PAPER_CONFIGS:
+        assert f"{config}: store 14 GB" in err
+    assert not any(store_dir.glob("*.h5")), "nothing is created before the checks pass"
+
+
+def test_paper_scale_refuses_a_budget_too_small_for_the_factor(tmp_path, capsys):
+    status = cli.main(
+        ["table", "--paper-scale", "--memory-budget", "2MB", "--store-dir", str(tmp_path), "--workdir", str(tmp_path)]
+    )
+    assert status == 1
+    assert "too small for the blocked factorisation of a 50000x50000 matrix" in capsys.readouterr().err
+
+
+def test_paper_scale_sizes_are_fixed(tmp_path, capsys):
+    status = cli.main(["table", "--paper-scale", "--n-train", "100", "--workdir", str(tmp_path)])
+    assert status == 1 and "--paper-scale sets --n-train" in capsys.readouterr().err
+
+
+def test_a_malformed_results_file_is_reported_not_overwritten(tmp_path, capsys, data_dir):
+    (tmp_path / "results.json").write_text("{not json")
+    status = cli.main(["table", "--workdir", str(tmp_path), "--data-dir", str(data_dir), "--n-train", "4"])
+    assert status == 1 and "not a readable results file" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "{not json"
