@@ -41,9 +41,10 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -148,7 +149,7 @@ def plan_panel_width(n: int, memory_budget: int, *, in_memory: bool | None = Non
 
     Kept in memory when the packed factor (about ``n (n + b) / 2`` float64 values) and the working buffers fit
     in the budget. Otherwise panels live on disk and the budget holds the current panel plus the streamed
-    chunks: a bit under half of it for the panel, the rest for chunks.
+    chunks: the panel ``[b, n]`` takes most of it, and ``b`` is the widest that fits with its buffers.
 
     :raises BudgetTooSmall: when the budget cannot hold a panel of width 1 and its buffers.
     """
@@ -156,7 +157,7 @@ def plan_panel_width(n: int, memory_budget: int, *, in_memory: bool | None = Non
     b_mem = int(min(n, max(64, min(2048, n // 8 or 1))))
     packed = _packed_values(n, b_mem) * 8
     buffers = _buffer_bytes(n, b_mem, in_memory=True)
-    fits = packed + buffers <= memory_budget
+    fits = packed + buffers <= _HEADROOM * memory_budget
     if in_memory is None:
         in_memory = fits
     if in_memory:
@@ -169,7 +170,7 @@ def plan_panel_width(n: int, memory_budget: int, *, in_memory: bool | None = Non
     # disk: panel [b, n] float64 plus streamed chunks (see _buffer_bytes); b as wide as the budget allows,
     # at most a quarter of n (keeps the streamed chunks small) and 4096 (wider gains nothing in the products)
     narrowest = min(n, _MIN_PANEL)  # narrower panels would reread the factor too many times
-    need = _buffer_bytes(n, narrowest, in_memory=False)
+    need = int(_buffer_bytes(n, narrowest, in_memory=False) / _HEADROOM)
     if need > memory_budget:
         raise BudgetTooSmall(
             f"a memory budget of {format_bytes(memory_budget)} is too small for the blocked factorisation of a "
@@ -178,7 +179,8 @@ def plan_panel_width(n: int, memory_budget: int, *, in_memory: bool | None = Non
     lo, hi = narrowest, max(narrowest, min(n // 4, 4096))
     while lo < hi:  # the widest panel whose buffers fit
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _buffer_bytes(n, mid, in_memory=False) <= memory_budget else (lo, mid - 1)
+        fit = _buffer_bytes(n, mid, in_memory=False) <= _HEADROOM * memory_budget
+        lo, hi = (mid, hi) if fit else (lo, mid - 1)
     return lo, False
 
 
@@ -195,18 +197,31 @@ def _packed_values(n: int, b: int) -> int:
 
 
 def _chunk_cols(n: int, b: int) -> int:
-    """Columns of the streamed chunks: a fifth of a row (at least 256), and never narrower than a panel."""
-    return int(min(n, max(256, (n + 4) // 5, b)))
+    """Columns of the chunks streamed while factorising: an eighth of a row, at least 128."""
+    return int(min(n, max(128, n // 8)))
+
+
+def _solve_cols(n: int, b: int) -> int:
+    """Columns of the panel chunks read by the solves: never narrower than a panel (its diagonal block)."""
+    return int(min(n, max(b, _chunk_cols(n, b))))
+
+
+_HEADROOM = 0.9  # the planned buffers take at most this share of the budget; the rest is for library temporaries
 
 
 def _buffer_bytes(n: int, b: int, *, in_memory: bool) -> int:
-    """Working memory besides the stored panels: read buffer, update chunk, triangular-solve chunk."""
+    """Working memory besides the stored panels, counted for the widest panel ``b``.
+
+    Factorising: the float32 rows as read (``b x cols``), the product of an update chunk, and the triangular
+    solve's output and its column-major copy (``b x cols`` float64 each). On disk also the panel itself
+    (``b x n``), its rows of an earlier panel (``b x b``) and the earlier panel's chunk (``b x cols``).
+    """
     cols = _chunk_cols(n, b)
-    read = b * cols * 4 + b * cols * 8  # float32 rows as read and their float64 conversion
+    # + the diagonal block: a contiguous copy, its factor and that factor transposed (b x b each)
+    work = b * cols * 4 + 3 * b * cols * 8 + 3 * b * b * 8
     if in_memory:
-        return read + b * cols * 8
-    # panel + one earlier panel's chunk (width <= b) + read buffers + solve output chunk
-    return b * n * 8 + b * cols * 8 + read + b * cols * 8
+        return work
+    return b * n * 8 + b * b * 8 + b * cols * 8 + work
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -434,7 +449,8 @@ class BlockedCholesky:
                     if resumed and log:
                         log(f"resuming the factorisation: {resumed} of {len(shapes)} panels already on disk")
                 try:
-                    _factor_panels(read_rows, n, edges, panels, jitter, progress)
+                    with _freed_memory_returned():
+                        _factor_panels(read_rows, n, edges, panels, jitter, progress)
                 except NotPositiveDefinite as exc:
                     if failed_path is not None:
                         failed.append(jitter)
@@ -464,7 +480,7 @@ class BlockedCholesky:
     def _chunk(self, j: int) -> Iterator[tuple[int, np.ndarray]]:
         """Column chunks of panel ``j`` (all of it in memory; bounded pieces from disk)."""
         rows, cols = self._panels.shapes[j] if self._panels.on_disk else self._panels.work(j).shape
-        step = cols if not self._panels.on_disk else _chunk_cols(self.n, self.b)
+        step = cols if not self._panels.on_disk else _solve_cols(self.n, self.b)
         buf = None
         for s in range(0, cols, step):
             e = min(cols, s + step)
@@ -476,7 +492,7 @@ class BlockedCholesky:
 
     def forward(self, B: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``L^{-1} B`` (float64, ``B`` of shape ``[n]`` or ``[n, k]``; ``B`` is not modified)."""
-        X = torch.as_tensor(np.asarray(B, dtype=np.float64)).clone()
+        X = torch.as_tensor(B, dtype=torch.float64).clone()
         vector = X.ndim == 1
         X = X[:, None] if vector else X
         for j, c0, c1 in self._panels_in_order():
@@ -495,7 +511,7 @@ class BlockedCholesky:
 
     def backward(self, Z: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``L^{-T} Z`` (float64)."""
-        X = torch.as_tensor(np.asarray(Z, dtype=np.float64)).clone()
+        X = torch.as_tensor(Z, dtype=torch.float64).clone()
         vector = X.ndim == 1
         X = X[:, None] if vector else X
         for j, c0, c1 in self._panels_in_order(reverse=True):
@@ -526,6 +542,31 @@ class BlockedCholesky:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """Make glibc return freed blocks of 1 MiB and more to the system at once, for the duration.
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, after which the
+    factorisation's temporaries of a few MiB come from the heap, fragment it, and the resident memory grows
+    well past what is live (measured: 1.7 times the budget). The kernel engine tunes the same allocator the
+    other way (:func:`gpytorch_cnngp.engine._tune_cpu_allocator`); its setting is restored afterwards.
+    """
+    libc = None
+    with suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    try:
+        yield
+    finally:
+        engine = sys.modules.get("gpytorch_cnngp.engine")
+        if libc is not None and engine is not None and getattr(engine, "_allocator_tuned", False):
+            engine._allocator_tuned = False
+            engine._tune_cpu_allocator()
 
 
 def _flops(edges: list[int], n: int) -> list[float]:
@@ -590,7 +631,7 @@ def _factor_panels(
                         part = panels.read(k, off + s, off + e, chunk_buf)
                     else:
                         part = panels.read(k, off + s, off + e)
-                    Pt[:, s:e] -= top.T @ torch.from_numpy(part)
+                    Pt[:, s:e].addmm_(top.T, torch.from_numpy(part), alpha=-1.0)
                 del top
             diag = Pt[:, :width]
             L, info = torch.linalg.cholesky_ex(diag)

@@ -233,3 +233,43 @@ def test_kill_during_the_solve_leaves_the_store_intact_and_the_next_run_resumes(
     A, preds = _dense_reference(kernels, labels)
     assert np.abs(out["A"] - A).max() <= 1e-8 * np.abs(A).max()
     assert np.array_equal(out["test_predictions"], preds["test"])
+
+
+_RSS_SCRIPT = """
+import json, sys
+def status(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+import numpy, torch, h5py
+from gpytorch_cnngp import cli
+base = status("VmRSS")
+code = cli.main(["classify", sys.argv[1], "--memory-budget", sys.argv[2], "--no-progress", "--json", sys.argv[3]])
+print(json.dumps({"code": code, "extra": status("VmHWM") - base}))
+"""
+
+
+def test_peak_memory_stays_within_the_budget(tmp_path):
+    """The issue's check in CI size: peak RSS above the imports <= budget + a small fixed overhead (20 MB)."""
+    import json
+    import subprocess
+
+    from store_helpers import write_synthetic_store
+
+    sizes = {"n_train": 3000, "n_val": 200, "n_test": 200}
+    path = tmp_path / "k.h5"
+    kernels, labels = write_synthetic_store(path, sizes, tile=1024, seed=11)
+    budget = 40 * 10**6  # the float64 matrix alone would be 72 MB
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(path), str(budget), str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert measured["code"] == 0
+    assert measured["extra"] <= budget + 20 * 10**6, f"peak {measured['extra'] / 1e6:.0f} MB above the imports"
+    row = json.loads(out.read_text())
+    assert row["factor"] == "disk"
+    _, preds = _dense_reference(kernels, labels)
+    assert row["test_predictions"] == preds["test"].tolist()
