@@ -109,6 +109,7 @@ class CNNGPKernel(Kernel):
         self.tied = bool(tied)
         self.tile_size, self.memory_budget, self.compile = tile_size, memory_budget, compile
         self.num_evaluations = 0
+        self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (value set, float64; raw after)
         self._cache: list[tuple] = []  # recent (x1, x2, diag, values, result), newest last
 
         convs = self._weight_layers()
@@ -165,8 +166,36 @@ class CNNGPKernel(Kernel):
         self._set_var_weight(value)
 
     def _set_var_weight(self, value: float | Tensor) -> None:
-        value = torch.as_tensor(value, dtype=self.raw_var_weight.dtype, device=self.raw_var_weight.device)
-        self.initialize(raw_var_weight=self.raw_var_weight_constraint.inverse_transform(value))
+        self._set_exact("var_weight", value)
+
+    def _set_exact(self, name: str, value: float | Tensor) -> None:
+        """Set ``raw_<name>`` from ``value``, remembering ``value`` in float64 (see :meth:`_apply`)."""
+        raw = getattr(self, f"raw_{name}")
+        exact = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+        value = torch.as_tensor(value, dtype=raw.dtype, device=raw.device)
+        self.initialize(**{f"raw_{name}": getattr(self, f"raw_{name}_constraint").inverse_transform(value)})
+        self._exact_values[name] = (exact, getattr(self, f"raw_{name}").detach().clone())
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.double()``, ``.to(torch.float64)``, ...: a hyperparameter unchanged since it was last set keeps the
+        value it was set to, not its float32 rounding (``raw`` parameters are created in the default dtype)."""
+        out = super()._apply(fn, *args, **kwargs)
+        for name, (exact, raw_then) in list(getattr(self, "_exact_values", {}).items()):
+            raw = getattr(self, f"raw_{name}")
+            if raw.dtype == raw_then.dtype or raw.shape != raw_then.shape or not raw.dtype.is_floating_point:
+                continue
+            # unchanged since it was set: equal once both are in the narrower of the two dtypes
+            narrower = min(raw.dtype, raw_then.dtype, key=lambda d: d.itemsize)
+            unchanged = torch.equal(raw.detach().cpu().to(narrower), raw_then.cpu().to(narrower))
+            if not unchanged:
+                del self._exact_values[name]
+                continue
+            if raw.dtype.itemsize > raw_then.dtype.itemsize:  # widened: back to the value that was set
+                with torch.no_grad():
+                    value = exact.to(device=raw.device, dtype=raw.dtype)
+                    raw.copy_(getattr(self, f"raw_{name}_constraint").inverse_transform(value))
+            self._exact_values[name] = (exact, raw.detach().clone())
+        return out
 
     def _var_weight_param(self, module: CNNGPKernel) -> Tensor:
         return module.var_weight
@@ -188,8 +217,7 @@ class CNNGPKernel(Kernel):
     def _set_var_bias(self, value: float | Tensor) -> None:
         if not self._n_bias:
             raise ValueError("this kernel learns no bias variance (all are zero; see free_zero_biases)")
-        value = torch.as_tensor(value, dtype=self.raw_var_bias.dtype, device=self.raw_var_bias.device)
-        self.initialize(raw_var_bias=self.raw_var_bias_constraint.inverse_transform(value))
+        self._set_exact("var_bias", value)
 
     def _var_bias_param(self, module: CNNGPKernel) -> Tensor:
         return module.var_bias

@@ -685,3 +685,36 @@ def test_values_and_gradients_on_cuda(tied):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_double_gives_the_architectures_float64_variances():
+    """The raw parameters start in float32; .double() must not keep their rounding (it was 3.8e-7 relative)."""
+    arch = architectures.convnet_gp(depth=2, kernel_size=3, image_size=8)
+    # untied, the first layers' 25.11 goes through torch's softplus, which returns x itself above 20: an
+    # error of exp(-x) (5e-13 relative here) that is GPyTorch's Positive() constraint, not the dtype
+    for kernel, rtol in (
+        (CNNGPKernel(arch, input_shape=(1, 8, 8)).double(), 2e-16),
+        (CNNGPKernel(arch, input_shape=(1, 8, 8), tied=False).to(torch.float64), 1e-12),
+    ):
+        assert kernel.raw_var_weight.dtype == torch.float64
+        want = [(layer["var_weight"], layer["var_bias"]) for layer in kernel.layer_variances()]
+        exact = [(float(c.var_weight), float(c.var_bias)) for c in arch.modules() if isinstance(c, Conv2d)]
+        np.testing.assert_allclose(np.array(want), np.array(exact), rtol=rtol)
+        x = torch.rand(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = kernel(x).to_dense()
+        ref = arch.double()(x.view(5, 1, 8, 8))
+        torch.testing.assert_close(got, ref, rtol=max(rtol, 1e-14), atol=0.0)
+
+
+def test_double_keeps_values_changed_after_construction():
+    arch = architectures.convnet_gp(depth=2, kernel_size=3, image_size=8)
+    kernel = CNNGPKernel(arch, input_shape=(1, 8, 8))
+    with torch.no_grad():
+        kernel.raw_var_weight.add_(0.25)  # an optimiser step
+    raw = kernel.raw_var_weight.detach().clone()
+    kernel.double()
+    assert torch.equal(kernel.raw_var_weight.detach(), raw.double()), "a trained value is converted, not reset"
+    kernel.var_weight = 1.7  # set in float64 now: exact
+    kernel.float().double()
+    assert float(kernel.var_weight.detach()) == pytest.approx(1.7, rel=1e-15)
