@@ -9,7 +9,8 @@ independent, and one pair's maps are a few kilobytes. This module lowers such a 
 to instructions on map registers; ``native_kernel.cpp`` runs them for a block of 16 (float32) or 8
 (float64) pairs at a time, one SIMD lane per pair, so a thread keeps all of a block's maps in its
 own cache from the first layer to the last. It computes the same formulas as the compiled
-``torch`` path (:func:`gpytorch_cnngp.ops.relu_expectation_poly`, the same window sums).
+``torch`` path (:func:`gpytorch_cnngp.ops.relu_expectation_poly`, the same window sums, taken as
+running sums for stride-1 windows of four taps or more).
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``; the same one
 ``torch.compile`` needs on CPU) for this machine's instruction set, and cached under
@@ -56,7 +57,7 @@ _FLAGS = [
     "-fPIC",
     "-pthread",
 ]
-#: pairs per block (one SIMD vector of 512 bits), as compiled into native_kernel.cpp
+#: pairs per block (512 bits of lanes: one AVX-512 vector, or two AVX2 ones), as compiled into native_kernel.cpp
 LANES = {torch.float32: 16, torch.float64: 8}
 _OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT = range(5)
 _FIELDS = 18
@@ -157,14 +158,14 @@ class _Lowering:
                 win.pad_before,
                 win.pad_before,
             )
-            self.tmp_area = max(self.tmp_area, hw[0] * out_hw[1])
+            self.tmp_area = max(self.tmp_area, (hw[0] + 1) * out_hw[1])  # + the running sum's row
             k2 = layer.kernel_size * layer.kernel_size
             p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
             self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p))
             return dst, out_hw
         if type(layer) is Dense:
             dst = self.new_reg((1, 1))
-            self.tmp_area = max(self.tmp_area, hw[0])
+            self.tmp_area = max(self.tmp_area, hw[0] + 1)
             p = self.param((layer, "var_weight", hw[0] * hw[1]), (layer, "var_bias", 1))
             geometry = (hw[0], hw[1], 1, 1, 1, 1, 0, 0)
             self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p))

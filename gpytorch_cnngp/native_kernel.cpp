@@ -110,6 +110,13 @@ struct Lanes {
       acc.p[k] += h;
     }
   }
+  static void sub(V& acc, const T* ptr) {
+    for (int k = 0; k < kParts; ++k) {
+      H h;
+      std::memcpy(&h, ptr + k * kPer, sizeof(H));
+      acc.p[k] -= h;
+    }
+  }
   // ptr = v * scale + bias
   static void store_affine(T* ptr, const V& v, T scale, T bias) {
     for (int k = 0; k < kParts; ++k) {
@@ -122,32 +129,84 @@ struct Lanes {
   }
 };
 
+// Windows of at least this many taps, with stride 1 and no dilation, are summed as running sums: each
+// output adds the tap entering the window and subtracts the one leaving it, two operations whatever the
+// window's size (the ConvNet GP's 7x7 windows: 4 per output instead of 14).
+constexpr int kRunningMin = 4;
+
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
-// out-of-range taps are skipped. out = bias + scale * sum.
+// out-of-range taps are skipped. out = bias + scale * sum. tmp has room for [in_h + 1][out_w]: the
+// extra row holds the running sum along H.
 template <typename T, int VL>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias) {
   using L = Lanes<T, VL>;
   using V = typename L::V;
   const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
-  for (int ow = 0; ow < out_w; ++ow) {
-    const int base = ow * ins.sw - ins.pl;
-    int lo, hi;
-    valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
+  if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     for (int h = 0; h < in_h; ++h) {
       const T* row = src + static_cast<int64_t>(h) * in_w * VL;
+      T* out = tmp + static_cast<int64_t>(h) * out_w * VL;
+      // the window of output ow is [ow - pl, ow - pl + kw), clipped to [0, in_w)
       V acc = L::zero();
-      for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
-      L::store(tmp + (static_cast<int64_t>(h) * out_w + ow) * VL, acc);
+      for (int x = std::max(0, -ins.pl); x < std::min(in_w, ins.kw - ins.pl); ++x) L::add(acc, row + x * VL);
+      L::store(out, acc);
+      for (int ow = 1; ow < out_w; ++ow) {
+        const int enter = ow - ins.pl + ins.kw - 1, leave = ow - 1 - ins.pl;
+        if (enter >= 0 && enter < in_w) L::add(acc, row + static_cast<int64_t>(enter) * VL);
+        if (leave >= 0 && leave < in_w) L::sub(acc, row + static_cast<int64_t>(leave) * VL);
+        L::store(out + static_cast<int64_t>(ow) * VL, acc);
+      }
+    }
+  } else {
+    for (int ow = 0; ow < out_w; ++ow) {
+      const int base = ow * ins.sw - ins.pl;
+      int lo, hi;
+      valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
+      for (int h = 0; h < in_h; ++h) {
+        const T* row = src + static_cast<int64_t>(h) * in_w * VL;
+        V acc = L::zero();
+        for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
+        L::store(tmp + (static_cast<int64_t>(h) * out_w + ow) * VL, acc);
+      }
     }
   }
-  for (int oh = 0; oh < out_h; ++oh) {
-    const int base = oh * ins.sh - ins.pt;
-    int lo, hi;
-    valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
-    for (int ow = 0; ow < out_w; ++ow) {
-      V acc = L::zero();
-      for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
-      L::store_affine(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc, scale, bias);
+  const int64_t width = static_cast<int64_t>(out_w) * VL;  // one row of tmp or dst
+  if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
+    T* __restrict acc = tmp + static_cast<int64_t>(in_h) * width;
+    for (int64_t e = 0; e < width; ++e) acc[e] = T(0);
+    for (int y = std::max(0, -ins.pt); y < std::min(in_h, ins.kh - ins.pt); ++y) {
+      const T* __restrict r = tmp + y * width;
+#pragma omp simd
+      for (int64_t e = 0; e < width; ++e) acc[e] += r[e];
+    }
+    for (int oh = 0; oh < out_h; ++oh) {
+      if (oh > 0) {
+        const int enter = oh - ins.pt + ins.kh - 1, leave = oh - 1 - ins.pt;
+        if (enter >= 0 && enter < in_h) {
+          const T* __restrict r = tmp + enter * width;
+#pragma omp simd
+          for (int64_t e = 0; e < width; ++e) acc[e] += r[e];
+        }
+        if (leave >= 0 && leave < in_h) {
+          const T* __restrict r = tmp + leave * width;
+#pragma omp simd
+          for (int64_t e = 0; e < width; ++e) acc[e] -= r[e];
+        }
+      }
+      T* __restrict d = dst + oh * width;
+#pragma omp simd
+      for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + bias;
+    }
+  } else {
+    for (int oh = 0; oh < out_h; ++oh) {
+      const int base = oh * ins.sh - ins.pt;
+      int lo, hi;
+      valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
+      for (int ow = 0; ow < out_w; ++ow) {
+        V acc = L::zero();
+        for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
+        L::store_affine(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc, scale, bias);
+      }
     }
   }
 }
@@ -284,7 +343,7 @@ extern "C" {
 
 int cnngp_fields() { return kFields; }
 
-// lanes per block: one 512-bit vector of each type
+// lanes per block: 512 bits of each type (one AVX-512 vector, two AVX2 or four SSE vectors)
 int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 
 #define CNNGP_ENTRY(NAME, T, VL, NC)                                                                              \
@@ -296,7 +355,7 @@ int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
                       n_threads);                                                                             \
   }
 
-// lanes: one 512-bit vector; NC: coefficients of R (degree 8 in float32, 16 in float64, see ops.py)
+// lanes: 512 bits; NC: coefficients of R (degree 8 in float32, 16 in float64, see ops.py)
 CNNGP_ENTRY(cnngp_run_f32, float, 16, 9)
 CNNGP_ENTRY(cnngp_run_f64, double, 8, 17)
 

@@ -72,6 +72,11 @@ MODELS = {
         ),
         7,
     ),
+    # running window sums: windows clipped unevenly on both sides, wider than their input, after a signed map
+    "running_windows": (
+        Sequential(Conv2d(5, padding=1), LeakyReLU(-0.5), Conv2d(6, padding=4), ReLU(), Conv2d(11, padding=1), Dense()),
+        12,
+    ),
     "strided_shortcut": (Sequential(Conv2d(3), architectures.resnet_block(stride=2, multiplier=2), Dense()), 8),
 }
 
