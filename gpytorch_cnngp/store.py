@@ -270,9 +270,15 @@ class KernelStore:
             self._file = self._open_h5(mode)
         except OSError as exc:
             reason = str(exc)
-            if "lock" in reason.lower():
+            # HDF5's own wording; a bare "lock" would also match its "sblock" (superblock) of damaged files
+            if "unable to lock file" in reason.lower():
                 raise StoreError(
                     f"cannot open {self.path}: another process has it open for writing (only one writer at a time)"
+                ) from exc
+            if "truncated file" in reason.lower():
+                raise StoreError(
+                    f"{self.path} is truncated ({reason}): a damaged or partly copied store; recompute it (delete "
+                    "it and run the same command again) or copy it again"
                 ) from exc
             raise StoreError(f"cannot open {self.path} as an HDF5 kernel store: {reason}") from exc
         self.mode = mode

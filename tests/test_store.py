@@ -309,3 +309,37 @@ def test_block_describe():
     assert b.describe() == "Kxx[0:4, 8:12] (block (0, 2))" and b.mirrored and not b.symmetric
     d = Block("Ktt_diag", (1,), (4, 5), None, "test", None)
     assert d.describe() == "Ktt_diag[4:5] (block 1)" and d.is_diagonal and d.entries == 1
+
+
+def test_a_truncated_store_is_reported_as_truncated_not_as_locked(tmp_path):
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    KernelStore.create(path, meta, labels, 8).close()
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(StoreError, match="is truncated") as info:
+        KernelStore.open(path)
+    assert "another process" not in str(info.value)
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    KernelStore.create(path, meta, labels, 8).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match="another process has it open for writing"):
+            KernelStore.open(path, mode="r+")
+    finally:
+        holder.kill()
+        holder.wait()
