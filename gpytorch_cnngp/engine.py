@@ -332,9 +332,10 @@ def _tiles(n1: int, n2: int, tile: int, symmetric: bool) -> Iterator[tuple[int, 
 # Below this many pairs compiling costs more than it saves (compiling a network takes 15-60 s on
 # 2 CPU cores, once per architecture, dtype and tile size; it then runs 2-3 times faster).
 _AUTO_COMPILE_PAIRS = 4_000_000
-# The native CPU kernel is built once per machine (a few seconds) and has no per-shape compilation,
-# so it pays off much sooner.
-_AUTO_NATIVE_PAIRS = 65_536
+# The native CPU kernel is built once per machine (a few seconds) and has no per-shape compilation:
+# from 16 pairs on it is as fast as eager or faster (benchmarks/bench_crossover.py), below that both
+# are dominated by the self pass they share.
+_AUTO_NATIVE_PAIRS = 16
 
 
 def _compile_env() -> str:
@@ -678,7 +679,7 @@ def gram(
         in a few seconds; 4-10 times faster than eager). Otherwise, and on GPUs, it is
         ``torch.compile`` (fused C++/OpenMP loops on CPU, Triton on GPU): 2-3 times faster than eager
         after 15-60 s of compilation once per architecture, dtype and tile size. ``None`` uses the
-        native kernel from 65,536 pairs and ``torch.compile`` from 4 million (or follows the
+        native kernel from 16 pairs and ``torch.compile`` from 4 million (or follows the
         ``CNNGP_COMPILE`` environment variable, ``0`` or ``1``), except for networks with pooling,
         whose full-covariance maps run faster eagerly; gradients always use the eager path.
         ``CNNGP_NATIVE=0`` switches the native kernel off.

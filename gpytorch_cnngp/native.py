@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -291,6 +292,12 @@ def _build_and_load() -> ctypes.CDLL:
         if shutil.which(compiler) is None:
             raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
         target.parent.mkdir(parents=True, exist_ok=True)
+        print(
+            f"gpytorch_cnngp: building the native CPU kernel for this machine with {compiler} (once, a few seconds; "
+            f"cached in {target.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
         # build under a temporary name and rename: concurrent processes (e.g. Dask workers) never
         # load a half-written library
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -67,3 +67,12 @@ def test_bench_solve_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 600 |")]
     assert len(set(rows)) == 2 and "| disk |" in rows[0] and "| yes |" in rows[0]  # printed, then in the table
+
+
+def test_bench_crossover_smoke():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_crossover.py"), "--smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line for line in proc.stdout.splitlines() if line.startswith("| convnet_gp | float32 |")}
+    assert len(rows) == 3  # eager against native at 1 x 1 and 2 x 2; the defaults against native at 4 x 4
+    assert any("| 4 x 4 |" in row and "entries/s" in row for row in rows)

@@ -189,12 +189,18 @@ def test_switched_off_by_environment(monkeypatch, spy):
     assert not spy
 
 
-def test_auto_mode_uses_it_for_large_jobs(monkeypatch, spy):
+def test_auto_mode_uses_it_from_a_few_pairs_on(monkeypatch, spy):
     monkeypatch.delenv("CNNGP_COMPILE", raising=False)
     model = Sequential(Conv2d(3), ReLU(), Dense())
     x = _images(20, 1, 6, seed=12)
+    gram(model, x[:3])
+    assert not spy  # 9 pairs: eager (both paths are dominated by the self pass they share)
     gram(model, x)
-    assert not spy  # 400 pairs: eager
+    assert spy  # 400 pairs: native
+    spy.clear()
+    monkeypatch.setattr(engine_module, "_AUTO_NATIVE_PAIRS", 1000)
+    gram(model, x)
+    assert not spy
     monkeypatch.setattr(engine_module, "_AUTO_NATIVE_PAIRS", 100)
     gram(model, x)
     assert spy
@@ -230,20 +236,22 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(monkeypatch):
         assert native.load_library() is None
 
 
-def test_build_is_cached_per_source(monkeypatch, tmp_path):
-    """A fresh cache directory gets one library, built under a temporary name and renamed."""
+def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
+    """A fresh cache directory gets one library, built under a temporary name and renamed, with one line said."""
     monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path))
     lib = native._build_and_load()
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].startswith("cnngp_native_") and built[0].endswith(".so")
     assert lib.cnngp_fields() == 18
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "building the native CPU kernel" in said[0] and str(tmp_path) in said[0]
     native._build_and_load()  # loads the cached file, builds nothing new
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == built
+    assert capsys.readouterr().err == ""
 
 
 def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
-    # the pipeline's blocks are small (256 x 256 by default on the CPU), below the auto threshold of gram(), but
-    # a long job pays the one-time build back at once, so compute_block(compile=None) asks for it
+    # the pipeline's blocks ask for the native kernel explicitly (compute_block(compile=None) checks native_ready)
     from gpytorch_cnngp.distributed import ArchitectureSpec, compute_block
     from gpytorch_cnngp.engine import native_ready
 
