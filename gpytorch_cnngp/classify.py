@@ -30,6 +30,7 @@ from .blocked_cholesky import (
     scratch_folder,
     source_key,
 )
+from .devices import parse_device
 
 __all__ = [
     "CholeskyFailed",
@@ -177,10 +178,7 @@ def predictive_variances(
 def _pick_device(device: torch.device | str | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here")
-    return dev
+    return parse_device(device)
 
 
 def jitter_schedule(jitter: float, max_tries: int, scale: float) -> list[float]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .architectures import ARCHITECTURES
+from .devices import parse_device
 from .layers import Layer
 from .store import Block, KernelStore
 
@@ -123,10 +124,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
                 index = int(name) % torch.cuda.device_count()
         return torch.device("cuda", index)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here")
-    return dev
+    return parse_device(device)
 
 
 def default_tile_size(device: str | torch.device | None) -> int:

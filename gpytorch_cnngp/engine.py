@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .devices import parse_device
 from .layers.base import Context, Layer
 
 __all__ = ["gram", "gram_diag", "self_pass", "hyperparameters", "estimate_tile_size", "native_ready", "GramPlan"]
@@ -66,7 +67,14 @@ def _prepare(model, x, z, dtype, device) -> tuple[Tensor, Tensor | None]:
     dtype = dtype or x.dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    device = torch.device(device) if device is not None else x.device
+    if dtype in (torch.float16, torch.bfloat16):
+        # kernel values span many orders of magnitude (about 1e12 for the paper's networks): half precision
+        # overflows or loses them silently
+        raise ValueError(
+            f"{dtype} is too narrow for CNN-GP kernels (their values overflow or lose precision); compute in "
+            "float32 or float64: pass dtype=torch.float32, or convert the images"
+        )
+    device = parse_device(device) if device is not None else x.device
     x = x.to(device=device, dtype=dtype)
     z = z.to(device=device, dtype=dtype) if z is not None else None
     return x, z

@@ -306,8 +306,13 @@ class CNNGPKernel(Kernel):
             raise ValueError("CNNGPKernel does not support last_dim_is_batch=True (it would split the image pixels)")
         weights, biases = self._layer_values()
         values = torch.stack([weights, biases], dim=-1)  # (*batch_shape, n_layers, 2)
+        # the kernel computes in its own dtype (a float64 model stays float64 whatever the inputs)
+        x1, x2 = (x if x.dtype == values.dtype else x.to(values.dtype) for x in (x1, x2))
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], values.shape[:-2])
         shape = (*batch, x1.shape[-2]) if diag else (*batch, x1.shape[-2], x2.shape[-2])
+        if x1.shape[-2] == 0 or (not diag and x2.shape[-2] == 0):
+            empty = values.new_zeros(shape)
+            return empty if diag else to_linear_operator(empty)
         needs_grad = torch.is_grad_enabled() and values.requires_grad
         result = None if needs_grad else self._lookup(x1, x2, diag, values)
         if result is None:

@@ -718,3 +718,27 @@ def test_double_keeps_values_changed_after_construction():
     kernel.var_weight = 1.7  # set in float64 now: exact
     kernel.float().double()
     assert float(kernel.var_weight.detach()) == pytest.approx(1.7, rel=1e-15)
+
+
+def test_a_float64_kernel_computes_float32_inputs_in_float64():
+    # was: float32 values returned by a float64 model, and a float64 ExactGP then failed at prediction
+    arch = architectures.convnet_gp(depth=1, kernel_size=3, image_size=8)
+    kernel = CNNGPKernel(arch, input_shape=(1, 8, 8)).double()
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = kernel(x).to_dense()
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, kernel(x.double()).to_dense(), rtol=0, atol=0)
+        half = CNNGPKernel(arch, input_shape=(1, 8, 8))(x.half()).to_dense()  # a float32 kernel of float16 images
+    assert half.dtype == torch.float32 and bool(torch.isfinite(half).all())
+
+
+def test_empty_inputs_give_empty_results():
+    # was: "cannot reshape tensor of 0 elements"
+    kernel = CNNGPKernel(architectures.convnet_gp(depth=1, kernel_size=3, image_size=8), input_shape=(1, 8, 8))
+    x, empty = torch.rand(3, 64), torch.zeros(0, 64)
+    with torch.no_grad():
+        assert kernel(empty, x).to_dense().shape == (0, 3)
+        assert kernel(x, empty).to_dense().shape == (3, 0)
+        assert kernel(empty, diag=True).shape == (0,)
+        assert kernel(empty).to_dense().shape == (0, 0)
