@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .devices import parse_device
 from .layers.base import Context, Layer
+from .ops import first_order_only
 
 __all__ = ["gram", "gram_diag", "self_pass", "hyperparameters", "estimate_tile_size", "native_ready", "GramPlan"]
 
@@ -583,7 +584,7 @@ class _TiledGram(torch.autograd.Function):
             return _fill(model, x, z, hyper, plan, compiled=False, progress=progress)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_out):
         model, x, z, params, plan = ctx.model, ctx.x, ctx.z, ctx.params, ctx.plan
         leaves = [v.detach().requires_grad_(True) for v in ctx.saved_tensors]

@@ -313,12 +313,16 @@ class CNNGPKernel(Kernel):
         if x1.shape[-2] == 0 or (not diag and x2.shape[-2] == 0):
             empty = values.new_zeros(shape)
             return empty if diag else to_linear_operator(empty)
-        needs_grad = torch.is_grad_enabled() and values.requires_grad
+        # the cache never changes what autograd sees: a call that needs a graph (hyperparameters or inputs that
+        # require grad) computes afresh, and results with a graph to the inputs are not kept
+        input_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad)
+        needs_grad = input_grad or (torch.is_grad_enabled() and values.requires_grad)
         result = None if needs_grad else self._lookup(x1, x2, diag, values)
         if result is None:
             result = self._evaluate(x1, x2, diag, values)
             self.num_evaluations += 1
-            self._remember(x1, x2, diag, values, result)
+            if not input_grad:
+                self._remember(x1, x2, diag, values, result)
         elif result.shape != shape:
             result = result.reshape(shape)
         return result if diag else to_linear_operator(result)

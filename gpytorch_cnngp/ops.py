@@ -343,6 +343,34 @@ def relu_expectation_forward(c: Tensor, s1: Tensor, s2: Tensor, compiled: bool =
     return fn(c, s1, s2, inverse_std(s1), inverse_std(s2))
 
 
+class SecondDerivativeError(RuntimeError):
+    """A second derivative (``create_graph=True``) was asked through a kernel computation."""
+
+
+def first_order_only(backward):
+    """Like ``torch.autograd.function.once_differentiable``, but a backward asked to build a graph refuses.
+
+    ``once_differentiable`` only traps a second differentiation when the incoming gradient itself requires
+    grad; when it does not (``K.sum()``, a fixed weighting), the first derivative comes back as a constant and a
+    second derivative through it is silently wrong. A backward run with ``create_graph=True`` runs with grad
+    mode on, which is what is checked here.
+    """
+    inner = torch.autograd.function.once_differentiable(backward)
+
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise SecondDerivativeError(
+                "second derivatives (create_graph=True) through CNN-GP kernels are not supported: their backward "
+                "passes give first derivatives only. Use finite differences of the gradient, or leave "
+                "create_graph off"
+            )
+        return inner(ctx, *grads)
+
+    wrapper.__name__ = getattr(backward, "__name__", "backward")
+    wrapper.__doc__ = backward.__doc__
+    return wrapper
+
+
 class _ReLUExpectation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
@@ -350,7 +378,7 @@ class _ReLUExpectation(torch.autograd.Function):
         return relu_expectation_nograd(c, s1, s2)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad: Tensor):
         c, s1, s2 = ctx.saved_tensors
         rho, _ = _correlation(c, s1, s2)
@@ -385,7 +413,7 @@ class _SafeSqrt(torch.autograd.Function):
         return s
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad: Tensor) -> Tensor:
         (s,) = ctx.saved_tensors
         positive = s > 0

@@ -742,3 +742,40 @@ def test_empty_inputs_give_empty_results():
         assert kernel(x, empty).to_dense().shape == (3, 0)
         assert kernel(empty, diag=True).shape == (0,)
         assert kernel(empty).to_dense().shape == (0, 0)
+
+
+def test_the_cache_keeps_gradients_with_respect_to_the_inputs():
+    # was: with frozen hyperparameters the cached result had no graph, so a second saliency step failed
+    arch = architectures.convnet_gp(depth=1, kernel_size=3, image_size=8)
+    kernel = CNNGPKernel(arch, input_shape=(1, 8, 8)).double().requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    x, z = torch.rand(3, 64, dtype=torch.float64, generator=gen), torch.rand(4, 64, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        kernel(x, z).to_dense()  # fills the cache
+    for _step in range(2):
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(kernel(xg, z).to_dense().sum(), xg)
+        # independent check: central differences of the summed kernel along a random direction
+        d = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (
+                arch.double()((x + eps * d).view(3, 1, 8, 8), z.view(4, 1, 8, 8)).sum()
+                - arch.double()((x - eps * d).view(3, 1, 8, 8), z.view(4, 1, 8, 8)).sum()
+            ) / (2 * eps)
+        assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-6)
+        x = x + 0.01 * g.sign()  # the adversarial step; the next one must work as well
+
+
+def test_second_derivatives_raise_instead_of_being_wrong():
+    # was: d2/d(raw_var_weight)2 of 19,560 by autograd against 285,943 by finite differences
+    from gpytorch_cnngp.ops import SecondDerivativeError
+
+    kernel = CNNGPKernel(architectures.convnet_gp(depth=1, kernel_size=3, image_size=8), input_shape=(1, 8, 8))
+    x = torch.rand(4, 64, dtype=torch.float64)
+    kernel = kernel.double()
+    K = kernel(x).to_dense()
+    with pytest.raises(SecondDerivativeError, match="second derivatives"):
+        torch.autograd.grad(K.sum(), kernel.raw_var_weight, create_graph=True)
+    (g,) = torch.autograd.grad(kernel(x).to_dense().sum(), kernel.raw_var_weight)  # first order still works
+    assert bool(torch.isfinite(g).all())
