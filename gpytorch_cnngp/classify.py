@@ -338,6 +338,12 @@ def classify_store(
                     r1 = min(m, r0 + rows)
                     block = buf[: r1 - r0]
                     store.read_into(name, (r0, r1), (0, n), block)
+                    if not np.isfinite(block).all():
+                        row = r0 + int(np.argwhere(~np.isfinite(block))[0][0])
+                        raise ValueError(
+                            f"{path}: {name} holds NaN or infinite values (row {row}): the store is damaged; "
+                            "recompute it"
+                        )
                     Kb = torch.from_numpy(block).to(device=A.device, dtype=torch.float64)
                     preds.append((Kb @ A).argmax(1).cpu())
                     if variances:

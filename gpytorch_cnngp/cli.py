@@ -13,6 +13,7 @@ a crash) is resumed by running the same command again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -232,7 +233,23 @@ def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: 
     images, labels, checksums = _load_data(args, sizes)
     spec, meta = _spec_and_meta(config, args, sizes, checksums)
     tile = args.tile_size or _default_tile(args)
-    store = KernelStore.open_or_create(out, meta, labels, tile, extra_attrs={"torch_version": torch.__version__})
+    # the scheduler is reached before the store is made: a failed connection leaves nothing behind
+    with contextlib.ExitStack() as stack:
+        client = None if args.scheduler == "sync" else stack.enter_context(open_client(args.scheduler, args.workers))
+        store = KernelStore.open_or_create(out, meta, labels, tile, extra_attrs={"torch_version": torch.__version__})
+        return _compute_into(store, client, spec, images, args, out, estimate)
+
+
+def _compute_into(
+    store: KernelStore,
+    client: Any,
+    spec: ArchitectureSpec,
+    images: dict,
+    args: argparse.Namespace,
+    out: Path,
+    estimate: bool,
+) -> dict[str, Any]:
+    """Fill ``store`` (in-process, or on the Dask ``client``); return what the results table needs."""
     started = time.perf_counter()
     entries, devices = 0, set()
     with store:
@@ -246,37 +263,35 @@ def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: 
             _say(f"computing {out}: {_fmt_count(total)} kernel entries in tiles of {store.tile_size}")
         else:
             _say(f"{out} is complete; nothing to compute")
-        with open_client(args.scheduler if remaining else "sync", args.workers) as client:
-            if client is not None:
-                n_threads = sum(client.nthreads().values())
+        if client is not None:
+            n_threads = sum(client.nthreads().values())
+            _say(f"Dask scheduler {client.scheduler.address}: {len(client.nthreads())} workers, {n_threads} threads")
+        if remaining and client is None:
+            _choose_threads(spec, images, args)
+        if remaining and estimate:
+            probe = _probe(store, spec, images, args)
+            if probe is not None:
+                rate, probed, where = probe
+                remaining -= probed
+                entries += probed
+                devices.add(where.split(",")[0])
+                workers = "" if client is None else " for one worker like this machine"
                 _say(
-                    f"Dask scheduler {client.scheduler.address}: {len(client.nthreads())} workers, {n_threads} threads"
+                    f"estimated kernel time: {_fmt_seconds(remaining / rate)}{workers} "
+                    f"({_fmt_count(remaining)} more entries at ~{_fmt_count(rate)} entries/s, timed on the first "
+                    f"tile on {where})"
                 )
-            if remaining and client is None:
-                _choose_threads(spec, images, args)
-            if remaining and estimate:
-                probe = _probe(store, spec, images, args)
-                if probe is not None:
-                    rate, probed, where = probe
-                    remaining -= probed
-                    entries += probed
-                    devices.add(where.split(",")[0])
-                    workers = "" if client is None else " for one worker like this machine"
-                    _say(
-                        f"estimated kernel time: {_fmt_seconds(remaining / rate)}{workers} "
-                        f"({_fmt_count(remaining)} more entries at ~{_fmt_count(rate)} entries/s, timed on the first "
-                        f"tile on {where})"
-                    )
-            report = compute_store(
-                store,
-                spec,
-                images,
-                scheduler=client,
-                device=args.device,
-                memory_budget=args.memory_budget,
-                compile=_compile_flag(args),
-                progress=args.progress,
-            )
+        report = compute_store(
+            store,
+            spec,
+            images,
+            scheduler=client,
+            device=args.device,
+            memory_budget=args.memory_budget,
+            compile=_compile_flag(args),
+            progress=args.progress,
+        )
+        store.check_still_there()  # a store deleted during the run is an error, not a success
         compute_seconds = store.block_seconds()
     seconds = time.perf_counter() - started
     entries += report.entries

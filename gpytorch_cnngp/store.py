@@ -49,6 +49,7 @@ __all__ = [
     "StoreError",
     "StoreMismatch",
     "StoreIncomplete",
+    "StoreExists",
     "NonFiniteTileError",
     "KernelStore",
 ]
@@ -91,6 +92,10 @@ class StoreMismatch(StoreError):
             f"{path} was made for a different run and is not reused:\n{lines}\n"
             "Choose another output file, or delete this one to start again."
         )
+
+
+class StoreExists(StoreError):
+    """Another process created the same store first."""
 
 
 class StoreIncomplete(StoreError):
@@ -289,9 +294,12 @@ class KernelStore:
             raise
         self._done = {name: self._file[f"done_{name}"] for name in (*MATRICES, *DIAGONALS)}
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         if mode == "r+":
             with contextlib.suppress(Exception):
                 self._fd = int(self._file.id.get_vfd_handle())
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
 
     def _open_h5(self, mode: str) -> h5py.File:
         if mode == "r":
@@ -399,9 +407,20 @@ class KernelStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if path.exists():
-                raise StoreError(f"{path} appeared while it was being created")
-            os.replace(tmp, path)
+            # a hard link, unlike a rename, refuses an existing name: of two processes creating the same
+            # store at once exactly one wins, and the other never replaces the file the winner has open
+            try:
+                os.link(tmp, path)
+                tmp.unlink()
+            except FileExistsError:
+                raise StoreExists(
+                    f"{path} was created by another process while this one was creating it; only one run may "
+                    "write a store"
+                ) from None
+            except OSError:  # a file system without hard links: check, then rename (a small race remains)
+                if path.exists():
+                    raise StoreExists(f"{path} was created by another process while this one was creating it") from None
+                os.replace(tmp, path)
             _fsync_dir(path.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -569,6 +588,23 @@ class KernelStore:
 
     # ---- writing
 
+    def check_still_there(self) -> None:
+        """Refuse to write when the file at ``path`` is no longer the one this store has open.
+
+        Writes to a deleted (or replaced) file succeed silently, into an inode nobody will ever read again.
+        """
+        try:
+            st = os.stat(self.path)
+            here = (st.st_dev, st.st_ino)
+        except OSError:
+            here = None
+        if self._identity is not None and here != self._identity:
+            what = "deleted" if here is None else "replaced by another file"
+            raise StoreError(
+                f"{self.path} was {what} while this run was writing to it; nothing more is written. "
+                "Run the same command again to start a new store"
+            )
+
     def _sync(self) -> None:
         self._file.flush()
         if self._fd is not None:
@@ -582,6 +618,7 @@ class KernelStore:
         """
         if self.mode != "r+":
             raise StoreError(f"{self.path} is open read-only")
+        self.check_still_there()
         values = np.asarray(values)
         if values.shape != block.shape:
             raise ValueError(f"values for {block.describe()} have shape {values.shape}, expected {block.shape}")

@@ -273,3 +273,16 @@ def test_peak_memory_stays_within_the_budget(tmp_path):
     assert row["factor"] == "disk"
     _, preds = _dense_reference(kernels, labels)
     assert row["test_predictions"] == preds["test"].tolist()
+
+
+@pytest.mark.parametrize("name", ["Kxx", "Ktx"])
+def test_non_finite_stored_values_are_refused(tmp_path, name):
+    import h5py
+    from store_helpers import write_synthetic_store
+
+    path = tmp_path / "k.h5"
+    write_synthetic_store(path, {"n_train": 300, "n_val": 20, "n_test": 30}, tile=128, seed=3)
+    with h5py.File(path, "r+") as f:
+        f[name][7, 5] = np.nan  # a damaged value, the completion records untouched
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        cl.classify_store(path, "cpu", memory_budget="1MB", scratch_dir=tmp_path / "s")

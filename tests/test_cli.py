@@ -246,3 +246,37 @@ def test_a_malformed_results_file_is_reported_not_overwritten(tmp_path, capsys, 
     status = cli.main(["table", "--workdir", str(tmp_path), "--data-dir", str(data_dir), "--n-train", "4"])
     assert status == 1 and "not a readable results file" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "{not json"
+
+
+def test_failed_scheduler_connections_leave_nothing_behind(tmp_path, capsys, data_dir, monkeypatch):
+    # was: `--scheduler foo` or a bogus address left an empty store behind
+    out = tmp_path / "k.h5"
+    base = ["kernels", "--data-dir", str(data_dir), "--n-train", "4", "--n-val", "0", "--n-test", "0"]
+    status = cli.main([*base, "--scheduler", "foo", "--out", str(out), "--no-progress"])
+    assert status == 1 and "unknown scheduler 'foo'" in capsys.readouterr().err
+    assert not out.exists()
+
+    def unreachable(address, workers=None):
+        raise cli.SchedulerUnavailable(f"cannot reach the Dask scheduler at {address}: timed out")
+
+    monkeypatch.setattr(cli, "open_client", unreachable)
+    status = cli.main([*base, "--scheduler", "tcp://127.0.0.1:1", "--out", str(out), "--no-progress"])
+    assert status == 1 and "cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert not out.exists() and not any(tmp_path.glob("*.h5*"))
+
+
+def test_a_store_deleted_during_kernels_is_a_failure(tmp_path, capsys, data_dir, monkeypatch):
+    # was: "kernels done", exit 0, and no file
+    out = tmp_path / "k.h5"
+    real = cli.compute_store
+
+    def delete_midway(store, *args, **kwargs):
+        report = real(store, *args, **kwargs)
+        out.unlink()  # the user's `rm` lands during the last tile
+        return report
+
+    monkeypatch.setattr(cli, "compute_store", delete_midway)
+    argv = ["kernels", "--data-dir", str(data_dir), "--n-train", "4", "--n-val", "2", "--n-test", "2"]
+    status = cli.main([*argv, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and "was deleted while this run was writing to it" in err
