@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from .blocked_cholesky import format_bytes
 
 __all__ = [
     "FORMAT",
@@ -235,6 +239,30 @@ def _dcpl() -> h5py.h5p.PropDCID:
     return dcpl
 
 
+def _reserve(fd: int, path: Path) -> None:
+    """Allocate the whole file on disk now (``posix_fallocate``), so that writing tiles can never meet a full disk.
+
+    HDF5 allocates the datasets early but the file system leaves them as holes; a write into a hole on a full
+    disk fails inside HDF5, which then crashed the process on closing (a segmentation fault). Reserving the
+    blocks turns that into one clear error before anything is computed. File systems without the call are
+    left as they are.
+    """
+    size = os.fstat(fd).st_size
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:  # not on this platform
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            return  # not supported here: writes stay sparse
+        have = os.fstat(fd).st_blocks * 512
+        free = shutil.disk_usage(path.parent).free
+        raise StoreError(
+            f"not enough disk space for {path}: the store takes {format_bytes(size)}, of which {format_bytes(have)} "
+            f"is on disk, and {format_bytes(free)} is free on its file system; free space or choose another place"
+        ) from None
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -300,6 +328,12 @@ class KernelStore:
                 self._fd = int(self._file.id.get_vfd_handle())
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
+            if self._fd is not None:
+                try:
+                    _reserve(self._fd, self.path)  # stores made before reservation was added are sparse
+                except BaseException:
+                    self._file.close()
+                    raise
 
     def _open_h5(self, mode: str) -> h5py.File:
         if mode == "r":
@@ -402,8 +436,9 @@ class KernelStore:
                     f.create_dataset(
                         f"y_{part}", data=np.asarray(labels[part], dtype=np.int64), dcpl=dcpl, track_times=False
                     )
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(tmp, os.O_RDWR)
             try:
+                _reserve(fd, path)  # every block the store will ever write is on disk now
                 os.fsync(fd)
             finally:
                 os.close(fd)

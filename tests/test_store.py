@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -391,3 +392,44 @@ def test_concurrent_creation_has_exactly_one_winner(tmp_path, monkeypatch):
         KernelStore.create(path, meta, labels, 8)
     assert path.read_bytes() == b"the winner's store", "the winner's file is left alone"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.h5"], "the loser leaves no temporary file"
+
+
+def _enospc(fd, offset, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_store_that_the_disk_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
+    # was: "No space left on device", a second RuntimeError, then a segmentation fault (exit 139)
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    monkeypatch.setattr(os, "posix_fallocate", _enospc)
+    with pytest.raises(StoreError, match="not enough disk space for .*k.h5: the store takes .* is free"):
+        KernelStore.create(path, meta, labels, 8)
+    assert not any(tmp_path.iterdir()), "nothing is left behind"
+
+
+def test_a_sparse_store_is_reserved_when_resumed(tmp_path, monkeypatch):
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    KernelStore.create(path, meta, labels, 8).close()
+    monkeypatch.setattr(os, "posix_fallocate", _enospc)  # the disk filled up since
+    with pytest.raises(StoreError, match="not enough disk space"):
+        KernelStore.open(path, meta, mode="r+")
+    monkeypatch.undo()  # space freed: the same store resumes
+    with KernelStore.open(path, meta, mode="r+") as store:
+        block = store.pending()[0]
+        store.write_block(block, np.ones(block.shape))
+
+
+def test_created_stores_are_fully_allocated(tmp_path):
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, 1 << 16)
+        except (AttributeError, OSError):
+            pytest.skip("this file system does not support posix_fallocate")
+    spec, meta, labels, images = tiny_problem(sizes={"n_train": 200, "n_val": 50, "n_test": 50})
+    path = tmp_path / "k.h5"
+    KernelStore.create(path, meta, labels, 64).close()
+    st = os.stat(path)
+    assert st.st_blocks * 512 >= st.st_size, "holes in the store could meet a full disk later"
