@@ -41,7 +41,25 @@ class SharedCovarianceExactGP(ExactGP):
             return super().__call__(*args, **kwargs)
         # Keep test covariances lazy even for small problems (GPyTorch densifies below 512 points).
         with settings.max_eager_kernel_size(0):
-            return super().__call__(*args, **kwargs)
+            out = super().__call__(*args, **kwargs)
+        return self._independent_outputs(out)
+
+    @staticmethod
+    def _independent_outputs(out):
+        """The posterior with its shared covariance expanded (lazily) over the outputs' batch.
+
+        The prediction has one mean per output but one covariance for all of them; a distribution built from
+        that broadcasts a single draw to every output (identical samples) and cannot draw sample shapes.
+        Expanding the covariance's batch makes the outputs independent, as the model says they are.
+        """
+        if not isinstance(out, MultivariateNormal):
+            return out
+        batch = out.mean.shape[:-1]
+        covar = out.lazy_covariance_matrix
+        if not batch or covar.shape[:-2] == batch:
+            return out
+        n = out.mean.shape[-1]
+        return out.__class__(out.mean, covar.expand(*batch, n, n))
 
     def _get_train_prior_distribution(self, train_inputs, **kwargs) -> MultivariateNormal:
         prior = self.forward(*train_inputs, **kwargs)

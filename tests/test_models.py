@@ -499,3 +499,23 @@ def test_dirichlet_prediction_without_the_eager_size_workaround():
     X, labels, model, kernel, likelihood = _dirichlet_setup()
     mean, var = _predict(model, _flat(_images(M, seed=12)))
     assert mean.shape == (C, M)
+
+
+def test_posterior_outputs_are_independent_and_draw_sample_shapes():
+    # was: every output got the same draw (deviations from the mean correlated 1), and rsample of a sample shape
+    # raised a size mismatch
+    C, m, draws = 3, 4, 4000
+    X, model, kernel, likelihood = _build(_SharedGP, _targets((C, N), seed=2))
+    model.eval()
+    Xt = _flat(_images(m, seed=9))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        post = model(Xt)
+        assert post.batch_shape == (C,) and post.event_shape == (m,)
+        assert post.sample().shape == (C, m) and post.rsample(torch.Size([4])).shape == (4, C, m)
+        dev = post.rsample(torch.Size([draws])) - post.mean
+        # the correlation of two independent outputs' draws has a standard error of 1/sqrt(draws) = 0.016
+        corr = torch.corrcoef(torch.stack([dev[:, 0, 0], dev[:, 1, 0]]))[0, 1]
+        assert abs(float(corr)) < 0.1
+        # the empirical variance's relative standard error is sqrt(2/draws) = 2.2%
+        torch.testing.assert_close(dev.var(0), post.variance, rtol=0.1, atol=0.0)
