@@ -282,6 +282,18 @@ class _DiskPanels:
         self._fd = os.open(self.data_path, os.O_RDWR)
         self._work = np.empty(max((r * c for r, c in shapes), default=0))
 
+    @staticmethod
+    def recorded_width(folder: Path, n: int, source: dict[str, Any]) -> int | None:
+        """The panel width of finished panels in ``folder`` for this matrix, if there are any."""
+        try:
+            record = json.loads((folder / "progress.json").read_text())
+            key = record["key"]
+            if key["n"] == n and key["source"] == source and int(record["done"]) > 0:
+                return int(key["b"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
     def _load_record(self) -> dict | None:
         try:
             return json.loads(self.record_path.read_text())
@@ -409,6 +421,12 @@ class BlockedCholesky:
         if n == 0:
             return cls(0, 1, _MemoryPanels([]), FactorReport(float(jitter_candidates[0]), [], 0.0, 1, False, 0))
         b, mem = plan_panel_width(n, budget, in_memory=in_memory)
+        if not mem and scratch_dir is not None:
+            # an interrupted factorisation keeps its panel width if this budget can hold it (the default budget
+            # follows the memory available, which changes between runs)
+            earlier = _DiskPanels.recorded_width(Path(scratch_dir), n, source_key or {})
+            if earlier and earlier != b and _buffer_bytes(n, earlier, in_memory=False) <= _HEADROOM * budget:
+                b = earlier
         edges = _edges(n, b)
         shapes = [(c1 - c0, n - c0) for c0, c1 in pairwise(edges)]
         candidates = [float(j) for j in jitter_candidates]

@@ -145,6 +145,11 @@ def test_an_interrupted_factorisation_resumes_from_its_finished_panels(tmp_path)
         assert min(r0 for r0, *_ in calls) == 3 * b, "finished panels are not recomputed"
         direct = np.linalg.solve(K.astype(np.float64), np.ones(n))
         np.testing.assert_allclose(fac.solve(np.ones(n)).numpy(), direct, rtol=1e-8)
+    # a later run with a larger budget keeps the finished panels' width and resumes
+    with pytest.raises(KeyboardInterrupt):
+        BlockedCholesky.factor(crashing, n, memory_budget=budget, scratch_dir=tmp_path, source_key=key)
+    with BlockedCholesky.factor(read, n, memory_budget=2 * budget, scratch_dir=tmp_path, source_key=key) as fac:
+        assert fac.report.on_disk and fac.b == b and fac.report.resumed_panels == 3
     # a different matrix (another key) starts again
     with pytest.raises(KeyboardInterrupt):
         BlockedCholesky.factor(crashing, n, memory_budget=budget, scratch_dir=tmp_path, source_key=key)
