@@ -217,6 +217,7 @@ def classify_store(
     scratch_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    method: str = "auto",
 ) -> dict[str, Any]:
     """Run the classifier on a complete kernel store, in float64, within a memory budget.
 
@@ -237,6 +238,8 @@ def classify_store(
     :param scratch_dir: folder for factor panels that do not fit the budget.
     :param progress: progress bars (factorisation in flops, with ETA).
     :param log: called with one-line notes (resumed factorisation, jitter retries).
+    :param method: ``"auto"`` (blocked on the CPU, dense on a GPU), ``"blocked"`` or ``"dense"`` (the whole
+        float64 matrix on ``device``; it must fit there).
     :return: a dict with ``val_error`` and ``test_error`` (fractions; ``None`` for an empty part),
         ``jitter`` (absolute) and ``jitter_relative`` (to the mean diagonal), ``jitters_tried``, the dual
         coefficients ``A`` (``[n_train, n_classes]`` float64 array), the predictions
@@ -268,7 +271,9 @@ def classify_store(
         t0 = time.perf_counter()
         fac = None
         L = None
-        if dev.type == "cuda":
+        if method not in ("auto", "blocked", "dense"):
+            raise ValueError(f"method must be 'auto', 'blocked' or 'dense', got {method!r}")
+        if method == "dense" or (method == "auto" and dev.type == "cuda"):
             K = torch.empty((n, n), dtype=torch.float64, device=dev)
             rows = _rows_per_chunk(n, budget, 4)
             buf = np.empty((rows, n), dtype=np.float32)
@@ -282,7 +287,8 @@ def classify_store(
             finally:
                 del K
             A = torch.cholesky_solve(Y.to(dev), L)
-            torch.cuda.synchronize(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             tried, mode = [c for c in candidates if c <= used], "dense"
         else:
 

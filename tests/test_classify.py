@@ -286,3 +286,17 @@ def test_non_finite_stored_values_are_refused(tmp_path, name):
         f[name][7, 5] = np.nan  # a damaged value, the completion records untouched
     with pytest.raises(ValueError, match="NaN or infinite values"):
         cl.classify_store(path, "cpu", memory_budget="1MB", scratch_dir=tmp_path / "s")
+
+
+def test_the_dense_path_used_on_gpus_runs_on_the_cpu_too(synthetic_store):
+    """The GPU's dense factorisation (method="dense"), exercised on the CPU against the blocked one."""
+    path, kernels, labels = synthetic_store
+    dense = cl.classify_store(path, "cpu", method="dense", memory_budget="64MB", variances=True)
+    blocked = cl.classify_store(path, "cpu", method="blocked", memory_budget="1GB", variances=True)
+    assert dense["factor"] == "dense" and blocked["factor"] == "memory"
+    assert np.abs(dense["A"] - blocked["A"]).max() <= 1e-8 * np.abs(blocked["A"]).max()
+    for part in ("val", "test"):
+        assert np.array_equal(dense[f"{part}_predictions"], blocked[f"{part}_predictions"])
+        np.testing.assert_allclose(dense[f"{part}_variances"], blocked[f"{part}_variances"], rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="method must be"):
+        cl.classify_store(path, "cpu", method="fast")
