@@ -8,7 +8,7 @@ import gc
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -726,11 +726,54 @@ def gram(
     z = None if z is None else spatial_first(z)
     if input_grad:
         # Gradients with respect to the images: plain autograd through every tile.
-        return _fill(model, x, z, hmap, plan, compiled=False, progress=progress)
-    if grad:
-        return _TiledGram.apply(model, x, z, params, plan, progress, *values)
-    with torch.no_grad():
-        return _fill(model, x, z, hmap, plan, compiled=compiled, progress=progress, program=program)
+        out = _fill(model, x, z, hmap, plan, compiled=False, progress=progress)
+    elif grad:
+        out = _TiledGram.apply(model, x, z, params, plan, progress, *values)
+    else:
+        with torch.no_grad():
+            out = _fill(model, x, z, hmap, plan, compiled=compiled, progress=progress, program=program)
+
+    def wide() -> Tensor:
+        return gram(
+            model,
+            X,
+            Z,
+            tile_size=tile_size,
+            memory_budget=memory_budget,
+            device=x.device,
+            dtype=torch.float64,
+            progress=progress,
+            compile=compile,
+            hyper=hyper,
+        )
+
+    return _in_range(out, wide)
+
+
+def _in_range(out: Tensor, wide: Callable[[], Tensor]) -> Tensor:
+    """``out`` when it is finite; else the same kernel computed in float64 (``wide``) and, if it fits, cast back.
+
+    Deep float32 networks overflow inside (a window sum is its window's size times larger than the values it
+    gives) although their kernel values fit float32: those are computed in float64 instead. Values that do not
+    fit the dtype are an error, never infinities.
+    """
+    if out.numel() == 0 or bool(torch.isfinite(out).all()):
+        return out
+    if out.dtype != torch.float64:
+        values = wide()
+        limit = torch.finfo(out.dtype).max
+        if bool(torch.isfinite(values).all()):
+            peak = float(values.detach().abs().max())
+            if peak <= limit:
+                return values.to(out.dtype)
+            raise ValueError(
+                f"kernel values reach {peak:.3g}, beyond the range of {out.dtype} ({limit:.3g}): compute in "
+                "float64 (dtype=torch.float64, or .double() the images)"
+            )
+    raise ValueError(
+        "kernel values overflow even float64 (they grow about like the product of the layers' var_weight): "
+        "use fewer layers or smaller var_weight"
+    )
 
 
 def gram_diag(
@@ -763,4 +806,9 @@ def gram_diag(
         zi = spatial_first(z[i0 : i0 + chunk_size])
         trace_z, _ = self_pass(model, zi, hmap)
         outs.append(_paired(model, xi, zi, trace_x, trace_z, hmap, "matmul"))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def wide() -> Tensor:
+        return gram_diag(model, X, Z, device=x.device, dtype=torch.float64, hyper=hyper, chunk_size=chunk_size)
+
+    return _in_range(out, wide)

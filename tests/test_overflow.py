@@ -1,0 +1,43 @@
+"""Kernel values that fit the dtype are computed; values that do not are an error, never inf or NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpytorch_cnngp import Conv2d, Dense, ReLU, Sequential, architectures, gram
+
+
+def _images(n: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "native"])
+def test_a_deep_float32_network_whose_values_fit_is_computed(compile):
+    # was: all inf for a 21-layer ConvNet GP in float32, although its values (about 1.2e38) fit float32
+    model = architectures.convnet_gp(depth=21)
+    x = _images(3)
+    got = gram(model, x, compile=compile)
+    want = gram(model.double(), x.double(), compile=False)  # float64 reference
+    assert float(want.max()) < torch.finfo(torch.float32).max < 10 * float(want.max())  # near the edge
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0.0)
+    diag = model(x, diag=True)
+    assert diag.dtype == torch.float32
+    torch.testing.assert_close(diag.double(), want.diagonal(), rtol=1e-5, atol=0.0)
+
+
+def test_values_beyond_float32_are_an_error_that_suggests_float64():
+    # was: all NaN at 22 layers and more
+    model = architectures.convnet_gp(depth=22)
+    with pytest.raises(ValueError, match=r"beyond the range of torch.float32 .*compute in float64"):
+        gram(model, _images(2))
+    with pytest.raises(ValueError, match="beyond the range of torch.float32"):
+        model(_images(2), diag=True)
+    assert bool(torch.isfinite(gram(model.double(), _images(2, torch.float64))).all())
+
+
+def test_values_beyond_float64_are_an_error():
+    model = Sequential(*[m for _ in range(3) for m in (Conv2d(3, var_weight=1e150), ReLU())], Dense())
+    with pytest.raises(ValueError, match="overflow even float64"):
+        gram(model, _images(2, torch.float64))
