@@ -4,6 +4,7 @@ from .base import Context, FiniteBuild, Layer
 from .combinators import Sequential, Sum, resnet_block
 from .conv import Conv2d
 from .dense import Dense
+from .elementwise import Elementwise
 from .erf import Erf
 from .gelu import GELU
 from .leaky_relu import LeakyReLU
@@ -15,6 +16,7 @@ __all__ = [
     "Context",
     "Conv2d",
     "Dense",
+    "Elementwise",
     "Erf",
     "GELU",
     "GlobalAvgPool2d",

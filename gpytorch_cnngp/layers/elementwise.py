@@ -1,0 +1,154 @@
+"""Any elementwise torch function as a nonlinearity, its kernel by Gauss-Hermite quadrature."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..ops import first_order_only
+from .base import FiniteBuild
+from .relu import Nonlinearity
+
+__all__ = ["Elementwise"]
+
+
+class _Apply(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def _derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, order: int) -> Tensor:
+    """``fn``'s ``order``-th derivative at ``x`` (elementwise), by autograd."""
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        y = fn(xr)
+        for k in range(order):
+            (y,) = torch.autograd.grad(y.sum(), xr, create_graph=k + 1 < order)
+    return y.detach()
+
+
+class _Expectation(torch.autograd.Function):
+    """``E[f(u) f(v)]`` for ``(u, v)`` centred Gaussian with covariance ``c`` and standard deviations ``s1, s2``.
+
+    The backward uses Price's theorem, ``dE/dc = E[f'(u) f'(v)]`` and, at fixed ``c``,
+    ``dE/ds1 = s1 E[f''(u) f(v)]``: exact and finite at correlation 1, where differentiating the quadrature
+    through ``sqrt(1 - rho^2)`` would not be.
+    """
+
+    @staticmethod
+    def forward(ctx, c, s1, s2, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(c, s1, s2)
+        return layer._quadrature(c, s1, s2, 0, 0)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad):
+        c, s1, s2 = ctx.saved_tensors
+        q = ctx.layer._quadrature
+        g_c = g_s1 = g_s2 = None
+        if ctx.needs_input_grad[0]:
+            g_c = (grad * q(c, s1, s2, 1, 1)).sum_to_size(c.shape)
+        if ctx.needs_input_grad[1]:
+            g_s1 = (grad * s1 * q(c, s1, s2, 2, 0)).sum_to_size(s1.shape)
+        if ctx.needs_input_grad[2]:
+            g_s2 = (grad * s2 * q(c, s1, s2, 0, 2)).sum_to_size(s2.shape)
+        return g_c, g_s1, g_s2, None
+
+
+class Elementwise(Nonlinearity):
+    r"""``phi = fn`` for any elementwise torch function ``fn`` (``torch.tanh``, ``torch.sin``, a lambda, ...).
+
+    Its kernel is the expectation over the bivariate Gaussian of the two pre-activations, by a product
+    Gauss-Hermite rule of ``degree`` nodes per axis (nodes :math:`t_i`, weights :math:`w_i`):
+
+    .. math::
+        E[f(u) f(v)] \approx \frac{1}{\pi} \sum_{i,j} w_i w_j\,
+            f\big(\sqrt2 s_1 t_i\big)\, f\big(\sqrt2 s_2 (\rho t_i + \sqrt{1-\rho^2}\, t_j)\big),
+        \qquad \rho = \frac{c}{s_1 s_2},
+
+    exact when ``f`` is a polynomial of degree below ``degree``. For other smooth ``f`` the error falls
+    geometrically in the square root of ``degree``, more slowly the larger the variances and the nearer ``f``'s
+    complex singularities: entire functions (``sin``, ``erf``) are exact to rounding at unit variance, while
+    ``tanh`` (poles at :math:`\pm i\pi/2`) at standard deviation 1 is within 7e-6 relative with 32 nodes and
+    7e-9 with the default 64, and at 1.5 within 5e-4 and 5e-6. Raise ``degree`` for large pre-activation
+    variances. Gradients follow Price's theorem (finite and exact at correlation 1, identical images
+    included); ``fn`` must then be twice differentiable by autograd. The finite layer is ``fn`` itself.
+    Cost: ``degree^2`` evaluations of ``fn`` per map entry, so prefer the closed-form layers (``ReLU``, ``Erf``,
+    ``GELU``, ``LeakyReLU``) where they exist.
+
+    Layers that cannot exist exactly this way: max pooling has no closed form for the expectation of a
+    maximum of many correlated Gaussians, and is not a pointwise map.
+
+    Example::
+
+        >>> model = Sequential(Conv2d(3), Elementwise(torch.tanh), Dense())
+        >>> K = model(torch.rand(4, 1, 8, 8))
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], degree: int = 64) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise ValueError(f"fn must be a callable applied elementwise to a tensor, got {type(fn).__name__}")
+        if isinstance(degree, bool) or not isinstance(degree, int) or not 2 <= degree <= 200:
+            raise ValueError(f"degree must be an integer from 2 to 200, got {degree!r}")
+        probe = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+        try:
+            out = fn(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's function is reported as such
+            raise ValueError(f"fn could not be applied to a float64 tensor: {exc}") from exc
+        if not isinstance(out, Tensor) or out.shape != probe.shape:
+            raise ValueError("fn must return a tensor of its input's shape (an elementwise function)")
+        self.fn = fn
+        self.degree = degree
+        t, w = np.polynomial.hermite.hermgauss(degree)
+        self._nodes = [float(x) for x in t]
+        self._weights = [float(x) for x in w]
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__name__', repr(self.fn))}, degree={self.degree}"
+
+    def _f(self, order: int) -> Callable[[Tensor], Tensor]:
+        return self.fn if order == 0 else (lambda x: _derivatives(self.fn, x, order))
+
+    def _quadrature(self, c: Tensor, s1: Tensor, s2: Tensor, order1: int, order2: int) -> Tensor:
+        """``E[f^(order1)(u) f^(order2)(v)]`` by the product rule, one node pair at a time (memory of one map)."""
+        prod = s1 * s2
+        positive = prod > 0
+        rho = torch.where(positive, c / torch.where(positive, prod, 1.0), 0.0).clamp(-1.0, 1.0)
+        q = torch.sqrt(1.0 - rho * rho)
+        f1, f2 = self._f(order1), self._f(order2)
+        root2 = math.sqrt(2.0)
+        out = None
+        for ti, wi in zip(self._nodes, self._weights, strict=True):
+            a = f1(root2 * ti * s1) * wi
+            base = rho * ti
+            for tj, wj in zip(self._nodes, self._weights, strict=True):
+                term = a * f2(root2 * s2 * (base + q * tj)) * wj
+                out = term if out is None else out + term
+        return out / math.pi
+
+    def self_map(self, v: Tensor, s: Tensor) -> Tensor:
+        root2 = math.sqrt(2.0)
+        out = None
+        for t, w in zip(self._nodes, self._weights, strict=True):
+            f = self.fn(root2 * t * s)
+            term = f * f * w
+            out = term if out is None else out + term
+        return out / math.sqrt(math.pi)
+
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
+            return _Expectation.apply(c, s1, s2, self)
+        return self._quadrature(c, s1, s2, 0, 0)
+
+    def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
+        return _Apply(self.fn), incoming

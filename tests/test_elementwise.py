@@ -1,0 +1,118 @@
+"""Elementwise(fn): quadrature kernels against closed forms, independent integration, the Erf layer's closed
+form through whole networks (values and gradients at identical images), and a Monte-Carlo check of ``.nn()``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import torch
+
+from gpytorch_cnngp import Conv2d, Dense, Erf, Sequential, gram
+from gpytorch_cnngp.layers.elementwise import Elementwise
+
+F64 = torch.float64
+
+
+def _points(n: int, seed: int, s_max: float = 2.0):
+    g = torch.Generator().manual_seed(seed)
+    s1 = 0.05 + s_max * torch.rand(n, dtype=F64, generator=g)
+    s2 = 0.05 + s_max * torch.rand(n, dtype=F64, generator=g)
+    rho = 2 * torch.rand(n, dtype=F64, generator=g) - 1
+    rho[:3] = torch.tensor([1.0, -1.0, 0.0], dtype=F64)  # identical, opposite, independent
+    return rho * s1 * s2, s1, s2
+
+
+def test_sin_against_its_closed_form():
+    # E[sin u sin v] = exp(-(s1^2 + s2^2) / 2) sinh(c); E[sin^2 u] = (1 - exp(-2 v)) / 2
+    layer = Elementwise(torch.sin)
+    c, s1, s2 = _points(40, seed=0)
+    want = torch.exp(-(s1**2 + s2**2) / 2) * torch.sinh(c)
+    torch.testing.assert_close(layer.pair_map(c, s1, s2, False), want, rtol=1e-6, atol=1e-12)
+    v = s1 * s1
+    torch.testing.assert_close(layer.self_map(v, s1), (1 - torch.exp(-2 * v)) / 2, rtol=1e-6, atol=1e-12)
+
+
+def _tanh_reference(c: float, s1: float, s2: float) -> float:
+    """Nested adaptive integration: E[tanh(u) E[tanh(v) | u]], with v | u Gaussian (independent of Hermite rules)."""
+    rho = c / (s1 * s2)
+    sd = s2 * math.sqrt(max(1 - rho * rho, 0.0))
+
+    def inner(u: float) -> float:
+        mean = rho * s2 / s1 * u
+        if sd < 1e-12:
+            return math.tanh(mean)
+        f = lambda v: math.tanh(v) * math.exp(-((v - mean) ** 2) / (2 * sd * sd))  # noqa: E731
+        return scipy.integrate.quad(f, mean - 12 * sd, mean + 12 * sd, epsabs=1e-13)[0] / (sd * math.sqrt(2 * math.pi))
+
+    g = lambda u: math.tanh(u) * inner(u) * math.exp(-u * u / (2 * s1 * s1))  # noqa: E731
+    return scipy.integrate.quad(g, -12 * s1, 12 * s1, epsabs=1e-13, limit=200)[0] / (s1 * math.sqrt(2 * math.pi))
+
+
+def test_tanh_against_independent_integration():
+    # tanh's poles at +-i pi / 2 limit the Hermite rule at large variances (see the class docstring): standard
+    # deviations up to 1 with the default 64 nodes
+    layer = Elementwise(torch.tanh)
+    c, s1, s2 = _points(6, seed=1, s_max=0.95)
+    got = layer.pair_map(c, s1, s2, False)
+    want = torch.tensor([_tanh_reference(*map(float, t)) for t in zip(c, s1, s2, strict=True)], dtype=F64)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def _net(nonlinearity) -> Sequential:
+    return Sequential(Conv2d(3, var_weight=1.7, var_bias=0.2), nonlinearity, Conv2d(3), nonlinearity, Dense())
+
+
+def test_erf_through_a_network_equals_the_closed_form_layer():
+    x = torch.rand(4, 2, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    z = torch.cat([x[:2], torch.zeros(1, 2, 8, 8, dtype=F64)])  # shared images and a black one
+    quad, closed = _net(Elementwise(torch.erf)), _net(Erf())
+    # erf is entire: the default rule is accurate to about 1e-13 here
+    torch.testing.assert_close(gram(quad, x), gram(closed, x), rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(gram(quad, x, z), gram(closed, x, z), rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(quad(x, diag=True), closed(x, diag=True), rtol=1e-10, atol=0.0)
+
+
+def test_gradients_at_identical_images_equal_the_closed_forms():
+    x = torch.rand(3, 1, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([x, x[:1]])  # an image twice: correlation 1 between different rows
+    grads = []
+    for nonlinearity in (Elementwise(torch.erf), Erf()):
+        model = _net(nonlinearity)
+        conv = model.layers[0] if hasattr(model, "layers") else next(iter(model.children()))
+        w = torch.tensor(1.7, dtype=F64, requires_grad=True)
+        K = gram(model, x, hyper={conv: {"var_weight": w}})
+        (g,) = torch.autograd.grad(K.sum(), w)
+        grads.append(g)
+    assert bool(torch.isfinite(grads[0]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0.0)
+
+
+def test_monte_carlo_of_the_finite_network():
+    """Conv -> Elementwise(tanh) -> Dense: exact at any width (the tanh's input is Gaussian over the weights)."""
+    from test_monte_carlo import check_against_kernel, make_inputs, sample_second_moments, second_moment_errors
+
+    model = Sequential(Conv2d(3, var_weight=2.0, var_bias=0.1), Elementwise(torch.tanh), Dense(var_weight=1.5))
+    x = make_inputs(in_channels=2, size=6)
+    K = model(x)
+    S = sample_second_moments(model, x, channels=8, n_networks=600, out_channels=32, seed=72)
+    check_against_kernel(second_moment_errors(S, K), torch.zeros(4, 4, dtype=F64), "conv-tanh-dense")
+
+
+@pytest.mark.parametrize(
+    "fn, degree, message",
+    [("tanh", 32, "callable"), (torch.tanh, 1, "degree"), (torch.tanh, True, "degree"), (torch.sum, 8, "shape")],
+)
+def test_bad_arguments_are_refused(fn, degree, message):
+    with pytest.raises(ValueError, match=message):
+        Elementwise(fn, degree=degree)
+
+
+def test_polynomials_are_exact():
+    # f(u) = u^2: E[u^2 v^2] = s1^2 s2^2 + 2 c^2 (Isserlis), exact for any degree >= 3
+    layer = Elementwise(lambda t: t * t, degree=4)
+    c, s1, s2 = _points(10, seed=4)
+    torch.testing.assert_close(layer.pair_map(c, s1, s2, False), s1**2 * s2**2 + 2 * c**2, rtol=1e-12, atol=0.0)
+    assert np.isclose(float(layer.self_map(torch.tensor(2.0, dtype=F64), torch.tensor(math.sqrt(2.0)))), 12.0)
