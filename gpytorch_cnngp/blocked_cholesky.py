@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -196,14 +195,14 @@ def _packed_values(n: int, b: int) -> int:
     return sum((c1 - c0) * (n - c0) for c0, c1 in pairwise(edges))
 
 
-def _chunk_cols(n: int, b: int) -> int:
+def _chunk_cols(n: int) -> int:
     """Columns of the chunks streamed while factorising: an eighth of a row, at least 128."""
     return int(min(n, max(128, n // 8)))
 
 
 def _solve_cols(n: int, b: int) -> int:
     """Columns of the panel chunks read by the solves: never narrower than a panel (its diagonal block)."""
-    return int(min(n, max(b, _chunk_cols(n, b))))
+    return int(min(n, max(b, _chunk_cols(n))))
 
 
 _HEADROOM = 0.9  # the planned buffers take at most this share of the budget; the rest is for library temporaries
@@ -216,7 +215,7 @@ def _buffer_bytes(n: int, b: int, *, in_memory: bool) -> int:
     solve's output and its column-major copy (``b x cols`` float64 each). On disk also the panel itself
     (``b x n``), its rows of an earlier panel (``b x b``) and the earlier panel's chunk (``b x cols``).
     """
-    cols = _chunk_cols(n, b)
+    cols = _chunk_cols(n)
     # + the diagonal block: a contiguous copy, its factor and that factor transposed (b x b each)
     work = b * cols * 4 + 3 * b * cols * 8 + 3 * b * b * 8
     if in_memory:
@@ -234,6 +233,7 @@ class _MemoryPanels:
     on_disk = False
 
     def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        self.shapes = shapes
         self._panels = [np.empty(shape) for shape in shapes]
         self.done = 0
 
@@ -244,7 +244,7 @@ class _MemoryPanels:
         self.done = j + 1
 
     def read(self, j: int, col0: int, col1: int, out: np.ndarray | None = None) -> np.ndarray:
-        return self._panels[j][:, col0:col1]
+        return self._panels[j][:, col0:col1]  # a view: no buffer needed
 
     def reset(self) -> None:
         self.done = 0
@@ -497,16 +497,11 @@ class BlockedCholesky:
 
     def _chunk(self, j: int) -> Iterator[tuple[int, np.ndarray]]:
         """Column chunks of panel ``j`` (all of it in memory; bounded pieces from disk)."""
-        rows, cols = self._panels.shapes[j] if self._panels.on_disk else self._panels.work(j).shape
-        step = cols if not self._panels.on_disk else _solve_cols(self.n, self.b)
-        buf = None
+        rows, cols = self._panels.shapes[j]
+        step = _solve_cols(self.n, self.b) if self._panels.on_disk else cols
+        buf = np.empty(rows * step) if self._panels.on_disk else None
         for s in range(0, cols, step):
-            e = min(cols, s + step)
-            if self._panels.on_disk:
-                buf = np.empty(rows * step) if buf is None else buf
-                yield s, self._panels.read(j, s, e, buf)
-            else:
-                yield s, self._panels.read(j, s, e)
+            yield s, self._panels.read(j, s, min(cols, s + step), buf)
 
     def forward(self, B: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``L^{-1} B`` (float64, ``B`` of shape ``[n]`` or ``[n, k]``; ``B`` is not modified)."""
@@ -619,7 +614,7 @@ def _factor_panels(
             dynamic_ncols=True,
         )
     b_max = max(c1 - c0 for c0, c1 in pairwise(edges))
-    cols = _chunk_cols(n, b_max)
+    cols = _chunk_cols(n)
     read32 = np.empty(b_max * cols, dtype=np.float32)
     chunk_buf = np.empty(b_max * cols) if panels.on_disk else None
     try:
@@ -645,10 +640,7 @@ def _factor_panels(
                 top = torch.from_numpy(panels.read(k, off, off + width))  # a new array from disk, a view in memory
                 for s in range(0, m, cols):
                     e = min(m, s + cols)
-                    if panels.on_disk:
-                        part = panels.read(k, off + s, off + e, chunk_buf)
-                    else:
-                        part = panels.read(k, off + s, off + e)
+                    part = panels.read(k, off + s, off + e, chunk_buf)
                     Pt[:, s:e].addmm_(top.T, torch.from_numpy(part), alpha=-1.0)
                 del top
             diag = Pt[:, :width]
@@ -678,10 +670,7 @@ def source_key(path: str | os.PathLike[str], extra: dict[str, Any] | None = None
     return key
 
 
-def scratch_folder(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path:
-    """The default scratch folder of a store: ``<store>.factor`` beside it, or under ``base`` when given."""
+def scratch_folder(path: str | os.PathLike[str]) -> Path:
+    """The default scratch folder of a store: ``<store>.factor`` beside it."""
     p = Path(path).resolve()
-    if base is None:
-        return p.with_name(p.name + ".factor")
-    digest = hashlib.sha1(str(p).encode()).hexdigest()[:12]
-    return Path(base) / f"{p.stem}-{digest}.factor"
+    return p.with_name(p.name + ".factor")

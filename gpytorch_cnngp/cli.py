@@ -460,7 +460,7 @@ def _preflight(configs: Sequence[str], args: argparse.Namespace, sizes: dict[str
         have = path.stat().st_blocks * 512 if path.exists() else 0
         need += max(0, full - have)
         lines.append(f"  {config}: store {format_bytes(full)}, {format_bytes(max(0, full - have))} still to write")
-    factor = 0 if in_memory or not args.classify_after else 4 * n * (n + 1)
+    factor = 0 if in_memory else 4 * n * (n + 1)
     if factor:
         lines.append(f"  classifier factor on disk (the budget cannot hold it): {format_bytes(factor)}")
     free = shutil.disk_usage(store_dir).free
@@ -518,7 +518,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
             f"the paper's setting: {len(configs)} configuration(s), 50000 train, 10000 validation, 10000 test images; "
             f"stores in {store_dir}, results in {workdir}. Every step resumes when the same command is run again."
         )
-    args.classify_after = True
     _preflight(configs, args, sizes, store_dir)
     rows: list[dict[str, Any]] = []
     results_json = workdir / "results.json"
