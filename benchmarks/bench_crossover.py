@@ -17,7 +17,6 @@ Results are appended to ``benchmarks/RESULTS.md`` unless ``--no-write``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_kernels import report  # noqa: E402
+from bench_kernels import machine, report  # noqa: E402
 
 
 def _time(fn, repeats: int) -> float:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         args.default_sizes = [4]
     lines = [
         f"### bench_crossover: eager against the native kernel on small cross kernels ({time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        f"{machine()})",
         "",
         "| architecture | dtype | n x n images | pairs | eager | native | native / eager speed |",
         "|---|---|---:|---:|---:|---:|---:|",

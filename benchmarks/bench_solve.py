@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,16 +34,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_kernels import report  # noqa: E402
+from bench_kernels import machine, report  # noqa: E402
 
 _WORKER = r"""
 import json, sys, time
-def status(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+sys.path.insert(0, sys.argv[5])
+from bench_memory import _status as status
 import numpy as np, torch, h5py
 from gpytorch_cnngp import cli, classify
 from gpytorch_cnngp.store import KernelStore
@@ -136,7 +130,7 @@ def make_store(path: Path, n: int, n_eval: int, tile: int = 2048, synthetic: boo
 def run(mode: str, store: Path, budget: str, scratch: Path) -> dict:
     """One classifier run in a fresh process: its measurements, dual coefficients and predictions."""
     out = scratch / f"{store.stem}-{mode}"
-    cmd = [sys.executable, "-c", _WORKER, mode, str(store), budget, str(out)]
+    cmd = [sys.executable, "-c", _WORKER, mode, str(store), budget, str(out), str(HERE)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         print(proc.stdout, proc.stderr, file=sys.stderr)
@@ -173,12 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     store_dir = Path(args.store_dir)
     scratch = store_dir / "runs"
     scratch.mkdir(parents=True, exist_ok=True)
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as fh:
-        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     lines = [
-        f"### bench_solve: the classifier on stores of MNIST pixel kernels ({time.strftime('%Y-%m-%d')}, {cpu}, "
-        f"{os.cpu_count()} cores)",
+        f"### bench_solve: the classifier on stores of MNIST pixel kernels ({time.strftime('%Y-%m-%d')}, {machine()})",
         "",
         "Peak RSS is VmHWM above the resident memory after the imports (numpy, torch, h5py, gpytorch_cnngp); "
         "wall is the whole classifier (reads, factorisation, solves, predictions) in a fresh process.",
