@@ -218,6 +218,7 @@ def classify_store(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     method: str = "auto",
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Run the classifier on a complete kernel store, in float64, within a memory budget.
 
@@ -240,6 +241,7 @@ def classify_store(
     :param log: called with one-line notes (resumed factorisation, jitter retries).
     :param method: ``"auto"`` (blocked on the CPU, dense on a GPU), ``"blocked"`` or ``"dense"`` (the whole
         float64 matrix on ``device``; it must fit there).
+    :param verify: first check every tile against its checksum and for NaN/inf (one extra read of the store).
     :return: a dict with ``val_error`` and ``test_error`` (fractions; ``None`` for an empty part),
         ``jitter`` (absolute) and ``jitter_relative`` (to the mean diagonal), ``jitters_tried``, the dual
         coefficients ``A`` (``[n_train, n_classes]`` float64 array), the predictions
@@ -247,6 +249,7 @@ def classify_store(
         the store's metadata (``config``, ``split``, ``n_train``, ...), ``device``, ``memory_budget``,
         ``factor`` (``"memory"``, ``"disk"`` or ``"dense"``) and timings in seconds.
     :raises StoreIncomplete: when the store still has blocks to compute.
+    :raises DamagedStore: when committed tiles fail their checksum or hold NaN/inf.
     :raises CholeskyFailed: when ``Kxx`` is not positive definite even with the largest jitter.
     """
     from .store import KernelStore
@@ -259,8 +262,11 @@ def classify_store(
     with KernelStore.open(path) as store:
         meta = store.meta
         n = meta.n_train
-        for name in ("Kxx", "Kvx", "Ktx", *(("Kvv_diag", "Ktt_diag") if variances else ())):
+        needed = ("Kxx", "Kvx", "Ktx", *(("Kvv_diag", "Ktt_diag") if variances else ()))
+        for name in needed:
             store.require_complete(name)
+        if verify:
+            store.require_intact(needed, progress=progress)
         labels = {part: store.labels(part) for part in ("train", "val", "test")}
         diags = {"val": store.read("Kvv_diag"), "test": store.read("Ktt_diag")} if variances else {}
         scale = _mean_diagonal(store, n)
@@ -378,6 +384,6 @@ def _failure_message(n: int, candidates: list[float], scale: float) -> str:
     return (
         f"the Cholesky factorisation of Kxx ({n}x{n}) failed even with a jitter of {candidates[-1]:.3g} "
         f"({candidates[-1] / scale if scale else float('nan'):.0e} times the mean diagonal {scale:.4g}); jitters "
-        f"tried: {tried}. Kxx is not positive definite: check the store (`cnngp kernels` recomputes damaged "
+        f"tried: {tried}. Kxx is not positive definite: check the store (`cnngp kernels --repair` recomputes damaged "
         "tiles), or allow larger jitter with --max-tries"
     )

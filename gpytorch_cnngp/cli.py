@@ -41,7 +41,7 @@ from .distributed import (
     resolve_device,
 )
 from .engine import native_ready
-from .store import KernelStore, StoreError, StoreMeta
+from .store import DamagedStore, KernelStore, StoreError, StoreMeta
 
 __all__ = ["main", "DEFAULT_SUBSET", "FULL_SUBSET", "build_parser"]
 
@@ -240,6 +240,27 @@ def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: 
         return _compute_into(store, client, spec, images, args, out, estimate)
 
 
+def _check_store(store: KernelStore, args: argparse.Namespace) -> int:
+    """Verify the committed tiles of a resumed store; with --repair make the damaged ones pending again.
+
+    :return: the kernel entries still committed after the check.
+    :raises DamagedStore: when tiles are damaged and --repair was not given.
+    """
+    if not store.has_checksums:
+        _say(f"note: {store.path} was made before tiles had checksums; its tiles are checked for NaN/inf only")
+    damaged = store.verify(progress=args.progress)
+    if damaged and not args.repair:
+        raise DamagedStore(store.path, damaged)
+    if damaged:
+        store.mark_for_recompute(block for block, _ in damaged)
+        listed = "; ".join(f"{block.describe()}: {why}" for block, why in damaged[:5])
+        more = f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        _say(f"repair: {len(damaged)} damaged tile(s) will be computed again ({listed}{more})")
+    elif args.repair:
+        _say("repair: every committed tile is intact")
+    return store.entries()[0]
+
+
 def _compute_into(
     store: KernelStore,
     client: Any,
@@ -256,6 +277,8 @@ def _compute_into(
         if args.tile_size and store.tile_size != args.tile_size:
             _say(f"note: resuming with the store's tile size {store.tile_size} (not --tile-size {args.tile_size})")
         done, total = store.entries()
+        if done:
+            done = _check_store(store, args)
         remaining = total - done
         if remaining and done:
             _say(f"resuming {out}: {_fmt_count(done)} of {_fmt_count(total)} kernel entries already computed")
@@ -290,6 +313,7 @@ def _compute_into(
             memory_budget=args.memory_budget,
             compile=_compile_flag(args),
             progress=args.progress,
+            log=_say,
         )
         store.check_still_there()  # a store deleted during the run is an error, not a success
         compute_seconds = store.block_seconds()
@@ -631,6 +655,12 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "of a running Dask scheduler, e.g. tcp://host:8786 (each worker needs this package; one GPU per worker)",
         )
         p.add_argument("--workers", type=_positive_int, default=None, help="workers of --scheduler local")
+        p.add_argument(
+            "--repair",
+            action="store_true",
+            help="when a resumed store has damaged tiles (checksum mismatch, NaN or inf), compute just those again "
+            "instead of refusing the store",
+        )
         p.add_argument(
             "--threads",
             type=_positive_int,

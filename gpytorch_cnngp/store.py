@@ -2,11 +2,16 @@
 
 One file holds, for a data split of ``n_train`` training, ``n_val`` validation and ``n_test`` test images:
 
-* ``Kxx`` ``[n_train, n_train]``, ``Kvx`` ``[n_val, n_train]`` and ``Ktx`` ``[n_test, n_train]``;
+* ``Kxx`` ``[n_train, n_train]``, ``Kvx`` ``[n_val, n_train]`` and ``Ktx`` ``[n_test, n_train]``. Of ``Kxx`` only
+  the tiles on and above the diagonal are written; :meth:`KernelStore.read` and :meth:`KernelStore.read_into`
+  take the rest from them by symmetry. (Writing each tile's transpose too was a column of scattered small
+  writes per tile, which at 50,000 images made committing tiles cost about half as much as computing them.
+  Stores made when the transposes were written read the same way.);
 * the diagonals ``Kvv_diag`` ``[n_val]`` and ``Ktt_diag`` ``[n_test]`` (for predictive variances);
 * the labels ``y_train``, ``y_val`` and ``y_test``;
-* per block of ``tile_size`` rows and columns, a completion record ``done_<name>`` (uint8) and the seconds the
-  block took, ``seconds_<name>`` (float64);
+* per block of ``tile_size`` rows and columns, a completion record ``done_<name>`` (uint8), the seconds the
+  block took, ``seconds_<name>`` (float64), and the CRC-32 of the block's bytes as committed, ``crc_<name>``
+  (uint32; stores made before checksums were added lack it and are checked for NaN/inf only);
 * attributes recording the architecture, its hyperparameters, the dtype, the data set and split, the sizes,
   checksums of the images and labels, the tile size and the package version.
 
@@ -21,6 +26,11 @@ Crash safety (a run killed at any moment, ``kill -9`` included, resumes where it
   then setting its ``done`` byte and flushing again. A kill between the two leaves the tile marked not done;
   it is recomputed on resume, and since blocks are computed deterministically the result is the same.
 
+Integrity (damage after a tile was committed: a disk error, a stray write, a bad copy): :meth:`KernelStore.verify`
+reads every committed tile and reports those whose bytes no longer match their checksum or that hold NaN/inf;
+:meth:`KernelStore.mark_for_recompute` turns them back into pending tiles, so that only they are computed again
+(``cnngp kernels --repair``).
+
 Only one process writes a store at a time (HDF5's file lock refuses a second writer).
 """
 
@@ -33,7 +43,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +66,7 @@ __all__ = [
     "StoreIncomplete",
     "StoreExists",
     "NonFiniteTileError",
+    "DamagedStore",
     "KernelStore",
 ]
 
@@ -114,6 +126,24 @@ class NonFiniteTileError(StoreError):
         super().__init__(
             f"tile {block.describe()} contains {n_bad} NaN or infinite value(s) out of {total}; it was not written. "
             "Check the hyperparameters and the dtype (float64 gives more range)."
+        )
+
+
+class DamagedStore(StoreError):
+    """Committed tiles no longer hold what was computed (checksum mismatch, NaN or inf).
+
+    :ivar damaged: ``(block, reason)`` for every damaged block.
+    """
+
+    def __init__(self, path: Path, damaged: list[tuple[Block, str]]) -> None:
+        self.path = path
+        self.damaged = damaged
+        shown = "\n".join(f"  - {block.describe()}: {why}" for block, why in damaged[:10])
+        more = f"\n  ... and {len(damaged) - 10} more" if len(damaged) > 10 else ""
+        super().__init__(
+            f"{path} is damaged: {len(damaged)} committed tile(s) no longer hold what was computed:\n{shown}{more}\n"
+            "Run the same `cnngp kernels` (or `cnngp table`) command again with --repair to recompute just those "
+            "tiles."
         )
 
 
@@ -203,11 +233,6 @@ class Block:
         return self.name == "Kxx" and self.index[0] == self.index[1]
 
     @property
-    def mirrored(self) -> bool:
-        """An off-diagonal tile of ``Kxx``, also written transposed below the diagonal."""
-        return self.name == "Kxx" and self.index[0] != self.index[1]
-
-    @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the block's values."""
         if self.cols is None:
@@ -272,6 +297,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _crc(values: np.ndarray) -> int:
+    """CRC-32 of a block's values in C order (the same bytes whether read as a tile or as its transposed mirror)."""
+    return zlib.crc32(np.ascontiguousarray(values)) & 0xFFFFFFFF
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled or total <= 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
+
+
+def _read_region(dset: h5py.Dataset, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
+    (r0, r1), (c0, c1) = rows, cols
+    if out.dtype == dset.dtype and out.flags.c_contiguous:
+        dset.read_direct(out, np.s_[r0:r1, c0:c1])
+    else:
+        out[...] = dset[r0:r1, c0:c1]
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -321,6 +369,7 @@ class KernelStore:
             self._file.close()
             raise
         self._done = {name: self._file[f"done_{name}"] for name in (*MATRICES, *DIAGONALS)}
+        self._has_crc = all(f"crc_{name}" in self._file for name in self._done)
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
         if mode == "r+":
@@ -421,17 +470,20 @@ class KernelStore:
                     grid = (_n_blocks(n_r, tile_size), _n_blocks(n_c, tile_size))
                     f.create_dataset(f"done_{name}", shape=grid, dtype="u1", dcpl=dcpl, track_times=False)
                     f.create_dataset(f"seconds_{name}", shape=grid, dtype="f8", dcpl=dcpl, track_times=False)
+                    f.create_dataset(f"crc_{name}", shape=grid, dtype="u4", dcpl=dcpl, track_times=False)
                 for name, part in DIAGONALS.items():
                     n = meta.size(part)
                     f.create_dataset(name, shape=(n,), dtype=meta.dtype, dcpl=dcpl, track_times=False)
                     grid = (_n_blocks(n, tile_size),)
                     f.create_dataset(f"done_{name}", shape=grid, dtype="u1", dcpl=dcpl, track_times=False)
                     f.create_dataset(f"seconds_{name}", shape=grid, dtype="f8", dcpl=dcpl, track_times=False)
+                    f.create_dataset(f"crc_{name}", shape=grid, dtype="u4", dcpl=dcpl, track_times=False)
                 for name in (*MATRICES, *DIAGONALS):
                     done = f[f"done_{name}"]
                     if done.size:
                         done[...] = 0  # explicit zeros: the completion record never relies on fill values
                         f[f"seconds_{name}"][...] = 0.0
+                        f[f"crc_{name}"][...] = 0
                 for part in PARTS:
                     f.create_dataset(
                         f"y_{part}", data=np.asarray(labels[part], dtype=np.int64), dcpl=dcpl, track_times=False
@@ -510,6 +562,9 @@ class KernelStore:
             expected[f"done_{name}"] = (_n_blocks(meta.size(part), tile),)
         for part in PARTS:
             expected[f"y_{part}"] = (meta.size(part),)
+        for name in (*MATRICES, *DIAGONALS):
+            if f"crc_{name}" in f:  # optional: older stores have no checksums
+                expected[f"crc_{name}"] = expected[f"done_{name}"]
         for name, shape in expected.items():
             if name not in f:
                 raise StoreError(f"{self.path} is damaged: dataset {name!r} is missing")
@@ -561,12 +616,30 @@ class KernelStore:
         """Edge of the blocks of this store (fixed when it was created)."""
         return int(self._file.attrs["tile_size"])
 
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the store records a checksum per committed tile (stores made by older versions do not)."""
+        return self._has_crc
+
     # ---- blocks
+
+    def block(self, name: str, index: tuple[int, ...]) -> Block:
+        """The block of dataset ``name`` at ``index`` in its completion record."""
+        meta, t = self.meta, self.tile_size
+        if name in DIAGONALS:
+            (bi,) = index
+            n = meta.size(DIAGONALS[name])
+            return Block(name, (bi,), (bi * t, min(n, (bi + 1) * t)), None, DIAGONALS[name], None)
+        rp, cp = MATRICES[name]
+        bi, bj = index
+        rows = (bi * t, min(meta.size(rp), (bi + 1) * t))
+        cols = (bj * t, min(meta.size(cp), (bj + 1) * t))
+        return Block(name, (bi, bj), rows, cols, rp, cp)
 
     def blocks(self, name: str | None = None) -> Iterator[Block]:
         """Every block of dataset ``name`` (of all datasets, diagonals first, when ``None``).
 
-        ``Kxx`` has only the blocks on and above the diagonal; each off-diagonal one also fills its mirror.
+        ``Kxx`` has only the blocks on and above the diagonal: the rest is their transpose (see :meth:`read_into`).
         """
         names = (*DIAGONALS, *MATRICES) if name is None else (name,)
         meta, t = self.meta, self.tile_size
@@ -646,7 +719,7 @@ class KernelStore:
             os.fsync(self._fd)
 
     def write_block(self, block: Block, values: np.ndarray, seconds: float = 0.0) -> None:
-        """Commit one computed block: check it, write it (and its mirror), flush, then mark it done and flush.
+        """Commit one computed block: check it, write it and its checksum, flush, then mark it done and flush.
 
         :raises NonFiniteTileError: when ``values`` holds NaN or inf (nothing is written).
         :raises ValueError: when ``values`` does not have the block's shape.
@@ -668,12 +741,87 @@ class KernelStore:
         else:
             c0, c1 = block.cols
             ds[r0:r1, c0:c1] = values
-            if block.mirrored:
-                ds[c0:c1, r0:r1] = values.T
         self._file[f"seconds_{block.name}"][block.index] = float(seconds)
-        self._sync()  # the data is in the file before the block is marked done
+        if self.has_checksums:
+            self._file[f"crc_{block.name}"][block.index] = _crc(values)
+        self._sync()  # the data and its checksum are in the file before the block is marked done
         self._done[block.name][block.index] = 1
         self._sync()
+
+    def mark_for_recompute(self, blocks: Iterable[Block]) -> None:
+        """Turn committed ``blocks`` back into pending ones (e.g. the damaged blocks :meth:`verify` found)."""
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only")
+        self.check_still_there()
+        for block in blocks:
+            self._done[block.name][block.index] = 0
+        self._sync()
+
+    # ---- checking
+
+    def verify(
+        self, names: Iterable[str] | None = None, *, progress: bool = False, desc: str = "checking tiles"
+    ) -> list[tuple[Block, str]]:
+        """Read every committed block of ``names`` (default: all) and return the damaged ones with the reason.
+
+        A block is damaged when its values hold NaN or inf, or (in stores with checksums) when their CRC-32 differs
+        from the one recorded when it was committed. Pending blocks are not read (nor the part of ``Kxx`` below
+        its diagonal tiles, which is never read). Matrices are read in bands of one tile's height, so memory
+        stays at one band.
+        """
+        names = (*DIAGONALS, *MATRICES) if names is None else tuple(names)
+        for name in names:
+            if name not in self._done:
+                raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(self._done)}")
+        t, checksums = self.tile_size, self.has_checksums
+        found: dict[tuple[str, tuple[int, ...]], str] = {}
+        masks = {name: self.done_mask(name) for name in names}
+        total = sum(int(self._file[name].size) * self._file[name].dtype.itemsize for name in names)
+        bar = _progress(progress, total, desc)
+
+        def check(name: str, index: tuple[int, ...], values: np.ndarray, crc: np.ndarray | None) -> None:
+            n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if n_bad:
+                why = f"{n_bad} NaN or infinite value(s)"
+            elif crc is not None and _crc(values) != int(crc[index]):
+                why = "checksum mismatch"
+            else:
+                return
+            found.setdefault((name, index), why)
+
+        try:
+            for name in names:
+                ds, done = self._file[name], masks[name]
+                crc = self._file[f"crc_{name}"][...] if checksums else None
+                if name in DIAGONALS:
+                    values = ds[...]
+                    for bi in np.flatnonzero(done):
+                        check(name, (int(bi),), values[bi * t : (bi + 1) * t], crc)
+                    if bar is not None:
+                        bar.update(values.nbytes)
+                    continue
+                n_r, n_c = ds.shape
+                band = np.empty(min(t, n_r) * n_c, dtype=ds.dtype)
+                for bi in range(done.shape[0]):
+                    r0, r1 = bi * t, min(n_r, (bi + 1) * t)
+                    first = bi if name == "Kxx" else 0  # Kxx stores only the tiles on and above the diagonal
+                    if done[bi, first:].any():
+                        rows = band[: (r1 - r0) * (n_c - first * t)].reshape(r1 - r0, n_c - first * t)
+                        ds.read_direct(rows, np.s_[r0:r1, first * t :])
+                        for bj in np.flatnonzero(done[bi, first:]) + first:
+                            check(name, (bi, int(bj)), rows[:, (bj - first) * t : (bj - first + 1) * t], crc)
+                    if bar is not None:
+                        bar.update((r1 - r0) * n_c * ds.dtype.itemsize)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [(self.block(name, index), why) for (name, index), why in found.items()]
+
+    def require_intact(self, names: Iterable[str] | None = None, *, progress: bool = False) -> None:
+        """Raise :class:`DamagedStore` naming the damaged blocks when :meth:`verify` finds any."""
+        damaged = self.verify(names, progress=progress)
+        if damaged:
+            raise DamagedStore(self.path, damaged)
 
     # ---- reading
 
@@ -687,7 +835,12 @@ class KernelStore:
             raise KeyError(f"{self.path} has no dataset {name!r}")
         if require_complete:
             self.require_complete(name)
-        return self._file[name][...]
+        values = self._file[name][...]
+        if name == "Kxx":
+            t = self.tile_size
+            for r0 in range(t, values.shape[0], t):  # below the diagonal tiles: the transpose of the tiles above
+                values[r0 : r0 + t, :r0] = values[:r0, r0 : r0 + t].T
+        return values
 
     def require_complete(self, name: str) -> None:
         """Raise :class:`StoreIncomplete` when kernel dataset ``name`` still has blocks to compute."""
@@ -706,6 +859,8 @@ class KernelStore:
     def read_into(self, name: str, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Copy ``name[r0:r1, c0:c1]`` into ``out`` (any float dtype, converted), without a temporary of its size.
 
+        ``Kxx`` is assembled from its tiles on and above the diagonal (the part below is never read).
+
         Completeness is not checked here (see :meth:`require_complete`): this is the classifier's bounded read.
         """
         (r0, r1), (c0, c1) = rows, cols
@@ -716,10 +871,24 @@ class KernelStore:
             )
         if out.size == 0:
             return
-        if out.dtype == dset.dtype and out.flags.c_contiguous:
-            dset.read_direct(out, np.s_[r0:r1, c0:c1])
-        else:
-            out[...] = dset[r0:r1, c0:c1]
+        if name != "Kxx":
+            _read_region(dset, (r0, r1), (c0, c1), out)
+            return
+        # Kxx holds entry (r, c) where r's tile is at most c's (on and above the diagonal tiles); the entries below
+        # are read from their transposed place. From column t * (tile of the last row) on, every row is stored.
+        t = self.tile_size
+        split = min(c1, max(c0, (r1 - 1) // t * t))
+        if split < c1:
+            _read_region(dset, (r0, r1), (split, c1), out[:, split - c0 :])
+        a = c0
+        while a < split:  # column tile bands left of the split: rows above e direct, rows below transposed
+            e = (a // t + 1) * t
+            b = min(split, e)
+            if r0 < e:
+                _read_region(dset, (r0, min(r1, e)), (a, b), out[: min(r1, e) - r0, a - c0 : b - c0])
+            if r1 > e:
+                out[max(r0, e) - r0 :, a - c0 : b - c0] = dset[a:b, max(r0, e) : r1].T
+            a = b
 
     def labels(self, part: str) -> np.ndarray:
         """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""

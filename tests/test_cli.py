@@ -280,3 +280,37 @@ def test_a_store_deleted_during_kernels_is_a_failure(tmp_path, capsys, data_dir,
     status = cli.main([*argv, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert status == 1 and "was deleted while this run was writing to it" in err
+
+
+def test_a_damaged_store_is_refused_and_repaired(data_dir, tmp_path, capsys):
+    # was: 4 KB of random bytes written into a finished store's Ktx; `cnngp kernels` said the store was complete
+    # and `cnngp classify` exited 0 with another test error
+    import h5py
+
+    store = tmp_path / "k.h5"
+    common = ["--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    kernels = ["kernels", "--out", str(store), "--n-train", "20", "--n-val", "10", "--n-test", "16", *common]
+    assert cli.main([*kernels, "--tile-size", "4"]) == 0
+    assert cli.main(["classify", str(store), "--json", str(tmp_path / "clean.json")]) == 0
+    clean = json.loads((tmp_path / "clean.json").read_text())
+    capsys.readouterr()
+    with h5py.File(store, "r") as f:
+        start, size = f["Ktx"].id.get_offset(), f["Ktx"].id.get_storage_size()
+    assert size >= 1024
+    with open(store, "r+b") as fh:  # the store's Ktx is 1.25 KB here: 1 KB of it, as the 4 KB of the report
+        fh.seek(start + 128)
+        fh.write(np.random.default_rng(0).bytes(1024))
+    assert cli.main(kernels) == 1
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Ktx[" in err and "--repair" in err and "Traceback" not in err
+    assert cli.main(["classify", str(store)]) == 1
+    assert "is damaged" in capsys.readouterr().err
+    assert cli.main([*kernels, "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "repair:" in out and "damaged tile(s) will be computed again" in out
+    assert cli.main(["classify", str(store), "--json", str(tmp_path / "repaired.json")]) == 0
+    repaired = json.loads((tmp_path / "repaired.json").read_text())
+    assert repaired["test_predictions"] == clean["test_predictions"]
+    assert repaired["val_error"] == clean["val_error"] and repaired["test_error"] == clean["test_error"]
+    assert cli.main([*kernels, "--repair"]) == 0
+    assert "every committed tile is intact" in capsys.readouterr().out

@@ -268,9 +268,6 @@ def _check_committed_blocks(path: Path, reference: Path) -> int:
             r0, r1 = block.rows
             sl = (slice(r0, r1),) if block.cols is None else (slice(r0, r1), slice(*block.cols))
             assert np.array_equal(data[sl], ref_data[block.name][sl]), f"{block.describe()} marked done but wrong"
-            if block.mirrored:
-                mirror = (slice(*block.cols), slice(r0, r1))
-                assert np.array_equal(data[mirror], ref_data[block.name][mirror])
         return store.entries()[0]
 
 
@@ -307,7 +304,7 @@ def test_kill_minus_9_at_random_moments_then_resume(tmp_path, reference):
 
 def test_block_describe():
     b = Block("Kxx", (0, 2), (0, 4), (8, 12), "train", "train")
-    assert b.describe() == "Kxx[0:4, 8:12] (block (0, 2))" and b.mirrored and not b.symmetric
+    assert b.describe() == "Kxx[0:4, 8:12] (block (0, 2))" and not b.symmetric
     d = Block("Ktt_diag", (1,), (4, 5), None, "test", None)
     assert d.describe() == "Ktt_diag[4:5] (block 1)" and d.is_diagonal and d.entries == 1
 
@@ -433,3 +430,121 @@ def test_created_stores_are_fully_allocated(tmp_path):
     KernelStore.create(path, meta, labels, 64).close()
     st = os.stat(path)
     assert st.st_blocks * 512 >= st.st_size, "holes in the store could meet a full disk later"
+
+
+# ---- integrity: per-tile checksums, verification and repair
+
+
+def _damage(path: Path, name: str, offset_values: int, n_bytes: int, seed: int = 0) -> None:
+    """Write random bytes straight into the file, over dataset ``name`` from value ``offset_values`` on."""
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        start = ds.id.get_offset() + offset_values * ds.dtype.itemsize
+        assert offset_values * ds.dtype.itemsize + n_bytes <= ds.id.get_storage_size()
+    with open(path, "r+b") as fh:
+        fh.seek(start)
+        fh.write(np.random.default_rng(seed).bytes(n_bytes))
+
+
+def _blocks_touched(meta_n_cols: int, tile: int, first: int, count: int) -> set[tuple[int, int]]:
+    """The (bi, bj) tiles of a row-major matrix with ``meta_n_cols`` columns that values first..first+count-1 hit."""
+    return {((k // meta_n_cols) // tile, (k % meta_n_cols) // tile) for k in range(first, first + count)}
+
+
+def test_every_committed_tile_has_its_checksum(tmp_path):
+    import zlib
+
+    path, *_ = _computed(tmp_path)
+    with h5py.File(path, "r") as f:
+        n_checked = 0
+        for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag"):
+            values, crc = f[name][...], f[f"crc_{name}"][...]
+            for index in np.ndindex(crc.shape):
+                tile = values[tuple(slice(i * TILE, (i + 1) * TILE) for i in index)]
+                if name == "Kxx" and index[0] > index[1]:
+                    continue  # the mirrors carry no checksum of their own
+                assert int(crc[index]) == zlib.crc32(np.ascontiguousarray(tile).tobytes()), (name, index)
+                n_checked += 1
+    assert n_checked == 10 + 8 + 8 + 2 + 2  # Kxx on and above the diagonal, Kvx, Ktx, the two diagonals
+    with KernelStore.open(path) as store:
+        assert store.has_checksums and store.verify() == []
+
+
+def test_random_bytes_in_ktx_are_found_and_repair_recomputes_only_those_tiles(tmp_path, reference):
+    # was: 4 KB of random bytes in a finished store's Ktx went unnoticed (the store reported complete)
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    with KernelStore.create(path, meta, labels, KILL_TILE) as store:
+        dist.compute_store(store, spec, images, progress=False)
+    first, count = 9, 16  # 64 bytes of float32: 16 values of the 5 x 16 Ktx
+    _damage(path, "Ktx", first, 4 * count)
+    expected = _blocks_touched(meta.n_train, KILL_TILE, first, count)
+    with KernelStore.open(path, mode="r+") as store:
+        assert store.is_complete()  # the completion record cannot see damage ...
+        damaged = store.verify()
+        assert {b.index for b, _ in damaged} == expected and {b.name for b, _ in damaged} == {"Ktx"}
+        assert all("checksum" in why or "NaN" in why for _, why in damaged)
+        with pytest.raises(StoreError, match=r"(?s)damaged: 6 committed tile\(s\).*Ktx\[0:3, 0:3\].*--repair"):
+            store.require_intact()
+        store.mark_for_recompute(b for b, _ in damaged)
+        assert {b.index for b in store.pending()} == expected
+        report = dist.compute_store(store, spec, images, progress=False)
+        assert report.blocks == len(expected)
+        assert store.verify() == []
+    assert_same_store(path, reference)
+
+
+def test_kxx_below_its_diagonal_tiles_is_never_written_nor_read(tmp_path):
+    path, spec, meta, labels, images = _computed(tmp_path)
+    model = spec.build()
+    reference = gram(model, torch.from_numpy(images["train"]).double()).numpy()
+    with h5py.File(path, "r+") as f:
+        raw = f["Kxx"][...]
+        lower = np.tril(np.ones_like(raw, dtype=bool), -1) & (np.arange(16)[:, None] // TILE > np.arange(16) // TILE)
+        assert np.count_nonzero(raw[lower]) == 0  # reserved, never written
+        f["Kxx"][lower] = np.nan  # whatever lies there is not read
+    with KernelStore.open(path) as store:
+        assert store.verify() == []
+        full = store.read("Kxx")
+        np.testing.assert_allclose(full, reference, rtol=2e-5)
+        assert np.array_equal(full, full.T)
+        rng = np.random.default_rng(0)
+        for _ in range(200):  # any rectangle, in float32 or converted to float64
+            (r0, r1), (c0, c1) = np.sort(rng.integers(0, 17, 2)), np.sort(rng.integers(0, 17, 2))
+            out = np.full((r1 - r0, c1 - c0), -1.0, dtype=rng.choice([np.float32, np.float64]))
+            store.read_into("Kxx", (r0, r1), (c0, c1), out)
+            assert np.array_equal(out, full[r0:r1, c0:c1].astype(out.dtype)), (r0, r1, c0, c1)
+
+
+def test_a_nan_in_a_diagonal_is_found(tmp_path):
+    path, *_ = _computed(tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["Kvv_diag"][5] = np.nan
+    with KernelStore.open(path) as store:
+        damaged = store.verify(["Kvv_diag"])
+    assert [(b.name, b.index) for b, _ in damaged] == [("Kvv_diag", (1,))]
+    assert "NaN" in damaged[0][1]
+
+
+def test_stores_without_checksums_are_checked_for_nan_only(tmp_path):
+    path, *_ = _computed(tmp_path)
+    with h5py.File(path, "r+") as f:  # a store made before checksums existed
+        for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag"):
+            del f[f"crc_{name}"]
+        f["Kvx"][0, 0] = f["Kvx"][0, 0] + 1.0  # finite damage: invisible without checksums
+        f["Kvx"][5, 15] = np.inf
+    with KernelStore.open(path) as store:
+        assert not store.has_checksums
+        damaged = store.verify()
+    assert [(b.name, b.index) for b, _ in damaged] == [("Kvx", (1, 3))]
+
+
+def test_pending_tiles_are_not_read(tmp_path):
+    spec, meta, labels, images = tiny_problem()
+    path = tmp_path / "k.h5"
+    with KernelStore.create(path, meta, labels, TILE) as store:
+        pass  # nothing computed: the early-allocated, never-filled data is garbage
+    with h5py.File(path, "r+") as f:
+        f["Kxx"][...] = np.nan
+    with KernelStore.open(path) as store:
+        assert store.verify() == []
