@@ -13,14 +13,19 @@ The image arrays are scattered to the workers once; each task rebuilds the archi
 name and hyperparameters (:class:`ArchitectureSpec`, so nothing unpicklable travels), computes one block with
 :func:`gpytorch_cnngp.gram` (or :func:`gpytorch_cnngp.gram_diag`) and returns it as a NumPy array. Only the
 client writes the HDF5 store, committing each block as it arrives (:meth:`KernelStore.write_block`); a bounded
-number of blocks is in flight at any time.
+number of blocks is in flight at any time. A worker lost mid-run (killed, out of memory, its machine gone) costs
+only the blocks it was computing: they are submitted again, and the images it held are scattered again from the
+client, which keeps them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -237,7 +242,11 @@ def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterat
         if n_workers < 1:
             raise ValueError(f"n_workers must be at least 1, got {n_workers}")
         cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,  # a lost worker is reported once by compute_store, not by every layer
         )
         try:
             client = Client(cluster)
@@ -302,6 +311,7 @@ def compute_store(
     max_in_flight: int | None = None,
     progress: bool = True,
     on_block: Callable[[Block, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ComputeReport:
     """Compute every block of ``store`` that is not committed yet, and commit each one as it finishes.
 
@@ -318,6 +328,7 @@ def compute_store(
     :param max_in_flight: blocks submitted but not yet written (default: twice the cluster's threads).
     :param progress: show a progress bar (entries, rate, ETA).
     :param on_block: called with each committed block and its seconds (e.g. for logging).
+    :param log: called with a line when a lost Dask worker's blocks are submitted again.
     :return: a :class:`ComputeReport`.
     :raises NonFiniteTileError: when a block holds NaN/inf (the blocks committed before it stay committed).
     """
@@ -358,20 +369,26 @@ def compute_store(
     try:
         with open_client(scheduler, n_workers) as client:
             if client is None:
-                for block in pending:
-                    values, seconds, dev = compute_block(
-                        spec,
-                        arrays[block.row_part],
-                        block.rows,
-                        arrays[block.col_part] if block.col_part else None,
-                        block.cols,
-                        symmetric=block.symmetric,
-                        threads=threads,
-                        **options,
-                    )
-                    commit(block, values, seconds, dev)
+                committer = _Committer(commit)
+                try:
+                    for block in pending:
+                        values, seconds, dev = compute_block(
+                            spec,
+                            arrays[block.row_part],
+                            block.rows,
+                            arrays[block.col_part] if block.col_part else None,
+                            block.cols,
+                            symmetric=block.symmetric,
+                            threads=threads,
+                            **options,
+                        )
+                        committer.put(block, values, seconds, dev)
+                except BaseException:
+                    committer.close(reraise=False)  # the blocks computed so far are still committed
+                    raise
+                committer.close()
             else:
-                _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit)
+                _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log)
     finally:
         if bar is not None:
             bar.close()
@@ -380,20 +397,63 @@ def compute_store(
     return report
 
 
-def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit) -> None:
+class _Committer:
+    """Commits computed blocks in a thread of its own, so that writing them (and the ``fsync`` of each) overlaps
+    the computation of the next block; the kernels release the GIL while they compute.
+
+    At most ``depth`` computed blocks wait. The first error of a commit is raised by the next :meth:`put` or by
+    :meth:`close`, and nothing is committed after it.
+    """
+
+    def __init__(self, commit: Callable[..., None], depth: int = 1) -> None:
+        self._commit = commit
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cnngp-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._commit(*item)
+                except BaseException as exc:  # handed to the computing thread
+                    self._error = exc
+
+    def put(self, *item: Any) -> None:
+        """Queue one block for committing (waits while ``depth`` blocks are waiting)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def close(self, reraise: bool = True) -> None:
+        """Wait until every queued block is committed; then raise the first commit error (if ``reraise``)."""
+        self._queue.put(None)
+        self._thread.join()
+        if reraise and self._error is not None:
+            raise self._error
+
+
+def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log=None) -> None:
+    """Run ``pending`` on the Dask ``client``, committing blocks as they arrive; survive the loss of workers.
+
+    The images are scattered once. Dask keeps one copy of scattered data (its memory manager drops the extra
+    replicas of a broadcast), and scattered data that dies with its worker cannot be recomputed: so when a
+    worker is lost, the images it held are scattered again from this process, and the blocks that failed with
+    it are submitted again (at most ``_MAX_ATTEMPTS`` times each). Errors of the computation itself are raised.
+    """
     from distributed import as_completed
 
-    futures_of = client.scatter(arrays, broadcast=True)  # once: every task reuses the workers' copies
+    futures_of = client.scatter(arrays, broadcast=True)
     if max_in_flight is None:
         max_in_flight = max(2, 2 * sum(client.nthreads().values()))
     queue = list(pending)
     position = 0
     block_of: dict[Any, Block] = {}
+    attempts: dict[Block, int] = {}
 
-    def submit() -> Any:
-        nonlocal position
-        block = queue[position]
-        position += 1
+    def submit(block: Block) -> Any:
+        attempts[block] = attempts.get(block, 0) + 1
         future = client.submit(
             compute_block,
             spec,
@@ -410,19 +470,62 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
         block_of[future] = block
         return future
 
-    running = as_completed([submit() for _ in range(min(max_in_flight, len(queue)))])
+    def next_block() -> Any:
+        nonlocal position
+        position += 1
+        return submit(queue[position - 1])
+
+    def rescatter_lost() -> list[str]:
+        lost = [part for part, future in futures_of.items() if future.status != "finished"]
+        for attempt in range(_MAX_ATTEMPTS * 5):
+            if not lost:
+                break
+            try:  # the scheduler may still list the dead worker as a target for a moment
+                futures_of.update(client.scatter({part: arrays[part] for part in lost}))
+                break
+            except OSError:
+                if attempt == _MAX_ATTEMPTS * 5 - 1:
+                    raise
+                time.sleep(0.5)
+        return lost
+
+    running = as_completed([next_block() for _ in range(min(max_in_flight, len(queue)))])
     try:
         for future in running:
             block = block_of.pop(future)
             try:
                 values, seconds, dev = future.result()
             except Exception as exc:
-                raise RuntimeError(f"computing {block.describe()} failed on a worker: {exc}") from exc
+                lost = rescatter_lost()
+                if not (lost or _worker_lost(exc)) or attempts[block] >= _MAX_ATTEMPTS:
+                    tried = f" (attempt {attempts[block]})" if attempts[block] > 1 else ""
+                    raise RuntimeError(f"computing {block.describe()} failed on a worker{tried}: {exc}") from exc
+                future.release()
+                running.add(submit(block))  # a lost worker costs only the blocks it was computing
+                if log is not None:
+                    again = f"; images scattered again: {', '.join(lost)}" if lost else ""
+                    log(f"a Dask worker was lost: {block.describe()} submitted again{again}")
+                continue
             commit(block, values, seconds, dev)
             del values
             future.release()
             if position < len(queue):
-                running.add(submit())
+                running.add(next_block())
     finally:
         for future in list(block_of):
             future.cancel()
+
+
+_MAX_ATTEMPTS = 4
+"""Times one block is submitted before a lost worker's failure is taken as the block's own."""
+
+
+def _worker_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the task died with its worker (or its inputs did), not that it raised."""
+    import asyncio
+    import concurrent.futures
+
+    from distributed import KilledWorker
+    from distributed.comm import CommClosedError
+
+    return isinstance(exc, KilledWorker | CommClosedError | asyncio.CancelledError | concurrent.futures.CancelledError)

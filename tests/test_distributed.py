@@ -128,3 +128,40 @@ def test_blocks_share_one_model_per_architecture():
     assert a.cached() is b.cached()
     assert c.cached() is not a.cached()
     assert a.build() is not a.cached()
+
+
+def _kill_worker_process(client, which: int) -> int:
+    import os
+    import signal
+
+    pids = sorted(client.run(os.getpid).values())
+    victim = pids[which % len(pids)]
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def test_killed_workers_cost_only_their_blocks(tmp_path):
+    # was: `--scheduler local --workers 2` and kill -9 of one worker: "lose scattered data, which can't be
+    # recovered" and a raw traceback. Dask keeps one copy of scattered data, so the images go with the worker.
+    sizes = {"n_train": 24, "n_val": 6, "n_test": 6}
+    spec, meta, labels, images = tiny_problem(sizes=sizes)
+    clean, path = tmp_path / "clean.h5", tmp_path / "dask.h5"
+    with KernelStore.create(clean, meta, labels, 4) as store:
+        dist.compute_store(store, spec, images, progress=False)
+    lines: list[str] = []
+    with dist.open_client("local", n_workers=2) as client, KernelStore.create(path, meta, labels, 4) as store:
+        killed: list[int] = []
+        committed = []
+
+        def kill_some(block, seconds):
+            committed.append(block)
+            if len(killed) < 2 and len(committed) in (5, 25):
+                killed.append(_kill_worker_process(client, len(killed)))
+
+        report = dist.compute_store(
+            store, spec, images, scheduler=client, progress=False, threads=1, on_block=kill_some, log=lines.append
+        )
+        assert len(killed) == 2 and len(set(killed)) == 2  # both of the original workers died
+    assert report.complete
+    assert lines and all("a Dask worker was lost" in line for line in lines)
+    assert_same_store(path, clean)
