@@ -723,6 +723,7 @@ class KernelStore:
 
         :raises NonFiniteTileError: when ``values`` holds NaN or inf (nothing is written).
         :raises ValueError: when ``values`` does not have the block's shape.
+        :raises StoreError: when the file cannot be written (the block stays pending).
         """
         if self.mode != "r+":
             raise StoreError(f"{self.path} is open read-only")
@@ -736,17 +737,23 @@ class KernelStore:
         values = values.astype(self.meta.dtype, copy=False)
         ds = self._file[block.name]
         r0, r1 = block.rows
-        if block.cols is None:
-            ds[r0:r1] = values
-        else:
-            c0, c1 = block.cols
-            ds[r0:r1, c0:c1] = values
-        self._file[f"seconds_{block.name}"][block.index] = float(seconds)
-        if self.has_checksums:
-            self._file[f"crc_{block.name}"][block.index] = _crc(values)
-        self._sync()  # the data and its checksum are in the file before the block is marked done
-        self._done[block.name][block.index] = 1
-        self._sync()
+        try:
+            if block.cols is None:
+                ds[r0:r1] = values
+            else:
+                c0, c1 = block.cols
+                ds[r0:r1, c0:c1] = values
+            self._file[f"seconds_{block.name}"][block.index] = float(seconds)
+            if self.has_checksums:
+                self._file[f"crc_{block.name}"][block.index] = _crc(values)
+            self._sync()  # the data and its checksum are in the file before the block is marked done
+            self._done[block.name][block.index] = 1
+            self._sync()
+        except OSError as exc:
+            raise StoreError(
+                f"writing {block.describe()} to {self.path} failed: {exc}. The tiles committed before it are kept; "
+                "once the disk is writable again, run the same command to resume"
+            ) from exc
 
     def mark_for_recompute(self, blocks: Iterable[Block]) -> None:
         """Turn committed ``blocks`` back into pending ones (e.g. the damaged blocks :meth:`verify` found)."""

@@ -76,3 +76,11 @@ def test_bench_crossover_smoke():
     rows = {line for line in proc.stdout.splitlines() if line.startswith("| convnet_gp | float32 |")}
     assert len(rows) == 3  # eager against native at 1 x 1 and 2 x 2; the defaults against native at 4 x 4
     assert any("| 4 x 4 |" in row and "entries/s" in row for row in rows)
+
+
+def test_bench_store_write_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_store_write.py"), "--smoke", "--no-write"]
+    out = subprocess.run(cmd + ["--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "| upper (now) |" in out.stdout and "| upper+transpose (before) |" in out.stdout
+    assert not list(tmp_path.iterdir())  # the store is removed

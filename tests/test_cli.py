@@ -314,3 +314,38 @@ def test_a_damaged_store_is_refused_and_repaired(data_dir, tmp_path, capsys):
     assert repaired["val_error"] == clean["val_error"] and repaired["test_error"] == clean["test_error"]
     assert cli.main([*kernels, "--repair"]) == 0
     assert "every committed tile is intact" in capsys.readouterr().out
+
+
+def test_a_store_that_becomes_unwritable_stops_the_run_and_resumes(tmp_path, capsys, data_dir, monkeypatch):
+    import errno
+
+    from gpytorch_cnngp.store import KernelStore
+
+    out, clean = tmp_path / "k.h5", tmp_path / "clean.h5"
+    argv = ["kernels", "--data-dir", str(data_dir), "--n-train", "8", "--n-val", "2", "--n-test", "2"]
+    argv += ["--tile-size", "3", "--threads", "1", "--no-progress"]
+    assert cli.main([*argv, "--out", str(clean)]) == 0
+    real, calls = KernelStore._sync, []
+
+    def failing_disk(self):
+        calls.append(1)
+        if len(calls) > 6:
+            raise OSError(errno.EIO, "Input/output error")
+        real(self)
+
+    monkeypatch.setattr(KernelStore, "_sync", failing_disk)
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "failed: [Errno 5] Input/output error" in err and "run the same command to resume" in err
+    monkeypatch.setattr(KernelStore, "_sync", real)
+    with KernelStore.open(out) as store:
+        assert 0 < store.entries()[0] < store.entries()[1]  # the blocks before the failure are kept
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from store_helpers import store_contents
+
+    a, _ = store_contents(out)
+    b, _ = store_contents(clean)
+    for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag", "done_Kxx", "crc_Kxx", "crc_Ktx"):
+        assert np.array_equal(a[name], b[name]), name
