@@ -3,7 +3,7 @@
 For each size ``n`` the cross kernel of ``n`` by ``n`` random 28x28 images is timed eagerly
 (``compile=False``) and in the native kernel (``compile=True``), alternating, and the medians are
 compared. The engine's automatic choice (``compile=None``) uses the native kernel from
-``engine._AUTO_NATIVE_PAIRS`` pairs on; this script is how that threshold was chosen.
+``settings.auto_native_pairs`` pairs on; this script is how that threshold was chosen.
 
     python benchmarks/bench_crossover.py                 # ConvNet GP and ResNet-32 GP, float32 and float64
 

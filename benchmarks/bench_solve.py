@@ -143,7 +143,7 @@ def run(mode: str, store: Path, budget: str, scratch: Path) -> dict:
 
 
 def fits_dense(n: int) -> bool:
-    from gpytorch_cnngp.blocked_cholesky import available_memory
+    from gpytorch_cnngp.memory import available_memory
 
     avail = available_memory() or 0
     return 20 * n * n < 0.9 * avail

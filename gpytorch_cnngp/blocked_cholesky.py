@@ -36,14 +36,11 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -52,10 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .memory import available_memory, format_bytes, freed_memory_returned
+
 __all__ = [
-    "parse_bytes",
-    "format_bytes",
-    "available_memory",
     "default_memory_budget",
     "NotPositiveDefinite",
     "BudgetTooSmall",
@@ -65,59 +61,6 @@ __all__ = [
 
 RowReader = Callable[[int, int, int, np.ndarray], None]
 """``read(r0, r1, c0, out)`` fills ``out`` (``[r1 - r0, w]``, float32) with ``K[r0:r1, c0:c0 + w]``."""
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_bytes(text: str | float | int) -> int:
-    """A byte count from ``"2GB"``, ``"128MB"``, ``"512 MiB"``, ``"1e9"`` or a number (KB = 1000 B, KiB = 1024 B).
-
-    :raises ValueError: for anything that is not a positive, finite size with a known unit.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if match is None:
-            raise ValueError(f"not a memory size: {text!r} (expected e.g. 2GB, 512MB, 4GiB or a number of bytes)")
-        value, unit = float(match.group(1)), match.group(2).upper()
-    if unit not in _UNITS:
-        raise ValueError(f"unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB")
-    size = value * _UNITS[unit]
-    if not math.isfinite(size) or size < 1:
-        raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
-    return int(size)
-
-
-def format_bytes(n: float) -> str:
-    """``1.5 GB``-style text (powers of 1000, as :func:`parse_bytes` reads them)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (``MemAvailable`` on Linux), or ``None`` if unknown."""
-    with suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    with suppress(AttributeError, ValueError, OSError):
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return None
 
 
 def default_memory_budget() -> int:
@@ -467,7 +410,7 @@ class BlockedCholesky:
                     if resumed and log:
                         log(f"resuming the factorisation: {resumed} of {len(shapes)} panels already on disk")
                 try:
-                    with _freed_memory_returned():
+                    with freed_memory_returned():
                         _factor_panels(read_rows, n, edges, panels, jitter, progress)
                 except NotPositiveDefinite as exc:
                     if failed_path is not None:
@@ -555,31 +498,6 @@ class BlockedCholesky:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextmanager
-def _freed_memory_returned() -> Iterator[None]:
-    """Make glibc return freed blocks of 1 MiB and more to the system at once, for the duration.
-
-    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, after which the
-    factorisation's temporaries of a few MiB come from the heap, fragment it, and the resident memory grows
-    well past what is live (measured: 1.7 times the budget). The kernel engine tunes the same allocator the
-    other way (:func:`gpytorch_cnngp.engine._tune_cpu_allocator`); its setting is restored afterwards.
-    """
-    libc = None
-    with suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    try:
-        yield
-    finally:
-        engine = sys.modules.get("gpytorch_cnngp.engine")
-        if libc is not None and engine is not None and getattr(engine, "_allocator_tuned", False):
-            engine._allocator_tuned = False
-            engine._tune_cpu_allocator()
 
 
 def _flops(edges: list[int], n: int) -> list[float]:

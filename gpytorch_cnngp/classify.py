@@ -22,15 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .blocked_cholesky import (
-    BlockedCholesky,
-    NotPositiveDefinite,
-    default_memory_budget,
-    parse_bytes,
-    scratch_folder,
-    source_key,
-)
+from .blocked_cholesky import BlockedCholesky, NotPositiveDefinite, default_memory_budget, scratch_folder, source_key
 from .devices import parse_device
+from .memory import parse_bytes
 
 __all__ = [
     "CholeskyFailed",

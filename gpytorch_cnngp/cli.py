@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, settings
 from .architectures import ARCHITECTURES, PAPER_RESULTS
-from .blocked_cholesky import available_memory, default_memory_budget, format_bytes, parse_bytes, plan_panel_width
+from .blocked_cholesky import default_memory_budget, plan_panel_width
 from .classify import CholeskyFailed, classify_store
 from .datasets import DATASETS, MD5, SPLITS, DatasetError, data_checksum, fetch, load_split
 from .distributed import (
@@ -41,6 +40,7 @@ from .distributed import (
     resolve_device,
 )
 from .engine import native_ready
+from .memory import available_memory, format_bytes, parse_bytes
 from .store import DamagedStore, KernelStore, StoreError, StoreMeta
 
 __all__ = ["main", "DEFAULT_SUBSET", "FULL_SUBSET", "build_parser"]
@@ -57,7 +57,7 @@ PAPER_CONFIGS = ("convnet_gp", "residual_cnn_gp", "resnet32_gp")
 
 def paper_store_dir() -> Path:
     """Where ``--paper-scale`` keeps its stores: ``$CNNGP_STORE_DIR`` or ``~/.cache/gpytorch_cnngp/paper_table``."""
-    return Path(os.environ.get("CNNGP_STORE_DIR") or Path.home() / ".cache" / "gpytorch_cnngp" / "paper_table")
+    return settings.store_dir.value()
 
 
 DEFAULT_CONFIG = "convnet_gp"
@@ -804,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ncnngp: interrupted; finished tiles are saved, run the same command again to resume", file=sys.stderr)
         return 130
     except (UserError, DatasetError, StoreError, CholeskyFailed, SchedulerUnavailable, ValueError, OSError) as exc:
-        if os.environ.get("CNNGP_TRACEBACK"):
+        if settings.traceback.value():
             raise
         print(f"cnngp: error: {exc}", file=sys.stderr)
         return 1

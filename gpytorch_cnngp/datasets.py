@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import settings
+
 __all__ = [
     "DATASETS",
     "ENV_VAR",
@@ -195,9 +197,7 @@ def default_cache_dir() -> Path:
 
     :return: the folder (not created).
     """
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg).expanduser() if xdg.strip() else Path.home() / ".cache"
-    return base / "gpytorch_cnngp"
+    return settings.data_dir.default()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -211,10 +211,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    env = os.environ.get(ENV_VAR, "")
-    if env.strip():
-        return Path(env).expanduser()
-    return default_cache_dir()
+    return settings.data_dir.value()
 
 
 def dataset_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import settings
 from .devices import parse_device
 from .layers.base import Context, Layer
+from .memory import keep_freed_memory
 from .ops import first_order_only
 
 __all__ = ["gram", "gram_diag", "self_pass", "hyperparameters", "estimate_tile_size", "native_ready", "GramPlan"]
@@ -252,9 +254,9 @@ def _measure_map_sizes(model: Layer, size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _default_budget(device: torch.device) -> int:
-    env = os.environ.get("CNNGP_MEMORY_BUDGET")
-    if env:
-        return int(float(env))
+    chosen = settings.memory_budget.value()
+    if chosen is not None:
+        return int(chosen)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.6)
@@ -338,33 +340,15 @@ def _tiles(n1: int, n2: int, tile: int, symmetric: bool) -> Iterator[tuple[int, 
             yield i0, min(i0 + tile, n1), j0, min(j0 + tile, n2)
 
 
-# Below this many pairs compiling costs more than it saves (compiling a network takes 15-60 s on
-# 2 CPU cores, once per architecture, dtype and tile size; it then runs 2-3 times faster).
-_AUTO_COMPILE_PAIRS = 4_000_000
-# The native CPU kernel is built once per machine (a few seconds) and has no per-shape compilation:
-# from 16 pairs on it is as fast as eager or faster (benchmarks/bench_crossover.py), below that both
-# are dominated by the self pass they share.
-_AUTO_NATIVE_PAIRS = 16
-
-
-def _compile_env() -> str:
-    env = os.environ.get("CNNGP_COMPILE", "auto").lower()
-    if env in ("0", "false", "no", "off"):
-        return "off"
-    if env in ("1", "true", "yes", "on"):
-        return "on"
-    return "auto"
-
-
 def _use_compile(compile: bool | None, n_pairs: int, grad: bool, full: bool = False) -> bool:
     if grad:
         return False
     if compile is None:
-        env = _compile_env()
-        if env != "auto":
-            return env == "on"
+        mode = settings.compile_mode.value()
+        if mode != "auto":
+            return mode == "on"
         # full spatial covariance maps (pooling) run about twice as fast eagerly as compiled
-        return n_pairs >= _AUTO_COMPILE_PAIRS and not full
+        return n_pairs >= settings.auto_compile_pairs.value() and not full
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None, got {compile!r}")
     return compile
@@ -383,14 +367,15 @@ def _native_program(
     """The lowered native program when the pair pass should run in the native CPU kernel, else ``None``.
 
     Used for forward computations on CPU in float32/float64 that are compiled (``compile=True``, or
-    ``None`` from ``_AUTO_NATIVE_PAIRS`` pairs on), for networks the kernel supports; otherwise, and
+    ``None`` from ``settings.auto_native_pairs`` pairs on), for networks the kernel supports; otherwise, and
     if the kernel cannot be built, the engine keeps ``torch.compile`` or the eager path.
     """
     from . import native
 
-    if grad or device.type != "cpu" or dtype not in native.LANES or not native.native_enabled():
+    if grad or device.type != "cpu" or dtype not in native.LANES or not settings.native.value():
         return None
-    wanted = compiled or (compile is None and _compile_env() == "auto" and n_pairs >= _AUTO_NATIVE_PAIRS)
+    auto = compile is None and settings.compile_mode.value() == "auto"
+    wanted = compiled or (auto and n_pairs >= settings.auto_native_pairs.value())
     if not wanted:
         return None
     program = native.lower(model, size)
@@ -410,36 +395,6 @@ def native_ready(
     """
     dev = torch.device(device)
     return _native_program(model, tuple(image_size), True, True, 0, False, dev, dtype) is not None
-
-
-_allocator_tuned = False
-
-
-def _tune_cpu_allocator() -> None:
-    """Let glibc's malloc keep freed tile buffers instead of returning them to the kernel.
-
-    The pair pass allocates and frees many same-sized buffers of a few MB. With glibc's defaults each
-    new one is fresh memory from the kernel, and touching it costs more than the arithmetic done on it
-    (measured: simple steps 5-15 times slower, the whole kernel about 1.4 times). Raising the mmap
-    threshold to 64 MiB and the trim threshold to 256 MiB keeps them in the heap. This changes the
-    process-wide allocator once, on the first CPU kernel computation; set ``CNNGP_MALLOPT=0`` to opt
-    out. Nothing happens outside Linux/glibc.
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return
-    _allocator_tuned = True
-    if os.environ.get("CNNGP_MALLOPT", "1").lower() in ("0", "false", "no", "off"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 64 << 20)
-        libc.mallopt(m_trim_threshold, 256 << 20)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 @contextmanager
@@ -687,11 +642,12 @@ def gram(
         among them), that is the native kernel of :mod:`gpytorch_cnngp.native` (built once per machine
         in a few seconds; 4-10 times faster than eager). Otherwise, and on GPUs, it is
         ``torch.compile`` (fused C++/OpenMP loops on CPU, Triton on GPU): 2-3 times faster than eager
-        after 15-60 s of compilation once per architecture, dtype and tile size. ``None`` uses the
-        native kernel from 16 pairs and ``torch.compile`` from 4 million (or follows the
-        ``CNNGP_COMPILE`` environment variable, ``0`` or ``1``), except for networks with pooling,
-        whose full-covariance maps run faster eagerly; gradients always use the eager path.
-        ``CNNGP_NATIVE=0`` switches the native kernel off.
+        after 15-60 s of compilation once per architecture, dtype and tile size. ``None`` follows
+        :class:`gpytorch_cnngp.settings.compile_mode`: by default the native kernel from
+        ``settings.auto_native_pairs`` (16) pairs and ``torch.compile`` from ``settings.auto_compile_pairs``
+        (4 million), except for networks with pooling, whose full-covariance maps run faster eagerly;
+        gradients always use the eager path. ``settings.native(False)`` (``CNNGP_NATIVE=0``) switches the
+        native kernel off.
     :param hyper: ``{layer: {"var_weight": tensor, ...}}`` overriding the layers' own values.
     :return: ``[N1, N2]`` tensor. When hyperparameters require grad, the backward pass recomputes
         one tile at a time, so it needs no more memory than the forward.
@@ -721,7 +677,7 @@ def gram(
     if n1 == 0 or n2 == 0:
         return torch.zeros(n1, n2, dtype=x.dtype, device=x.device)
     if x.device.type == "cpu":
-        _tune_cpu_allocator()
+        keep_freed_memory()
     x = spatial_first(x)
     z = None if z is None else spatial_first(z)
     if input_grad:

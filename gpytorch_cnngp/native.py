@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import settings
 from .layers.base import Layer
 from .layers.combinators import Sequential, Sum
 from .layers.conv import Conv2d
@@ -239,14 +240,12 @@ def _allocate(low: _Lowering) -> tuple[Tensor, int]:
 
 
 def native_enabled() -> bool:
-    """Whether the native path may be used (``CNNGP_NATIVE`` is not 0/false/off)."""
-    return os.environ.get("CNNGP_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+    """Whether the native path may be used (:class:`gpytorch_cnngp.settings.native`, ``CNNGP_NATIVE``)."""
+    return bool(settings.native.value())
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("CNNGP_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpytorch_cnngp"
-    return base / "native"
+    return settings.cache_dir.value() / "native"
 
 
 def _cpu_signature() -> str:

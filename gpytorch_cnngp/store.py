@@ -52,7 +52,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .blocked_cholesky import format_bytes
+from .memory import format_bytes
 
 __all__ = [
     "FORMAT",

@@ -9,14 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from gpytorch_cnngp.blocked_cholesky import (
-    BlockedCholesky,
-    BudgetTooSmall,
-    NotPositiveDefinite,
-    format_bytes,
-    parse_bytes,
-    plan_panel_width,
-)
+from gpytorch_cnngp.blocked_cholesky import BlockedCholesky, BudgetTooSmall, NotPositiveDefinite, plan_panel_width
+from gpytorch_cnngp.memory import format_bytes, parse_bytes
 
 
 def _spd(n: int, seed: int = 0, rank: int | None = None, scale: float = 1.0) -> np.ndarray:

@@ -18,8 +18,8 @@ from gpytorch_cnngp import (
     architectures,
     gram,
     native,
+    settings,
 )
-from gpytorch_cnngp import engine as engine_module
 
 F64 = torch.float64
 
@@ -198,16 +198,19 @@ def test_auto_mode_uses_it_from_a_few_pairs_on(monkeypatch, spy):
     gram(model, x)
     assert spy  # 400 pairs: native
     spy.clear()
-    monkeypatch.setattr(engine_module, "_AUTO_NATIVE_PAIRS", 1000)
-    gram(model, x)
+    with settings.auto_native_pairs(1000):
+        gram(model, x)
     assert not spy
-    monkeypatch.setattr(engine_module, "_AUTO_NATIVE_PAIRS", 100)
-    gram(model, x)
+    with settings.auto_native_pairs(100):
+        gram(model, x)
     assert spy
     spy.clear()
     monkeypatch.setenv("CNNGP_COMPILE", "0")  # compilation switched off: eager
     gram(model, x)
     assert not spy
+    with settings.compile_mode("auto"):  # a context manager overrides the environment
+        gram(model, x)
+    assert spy
 
 
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, spy):

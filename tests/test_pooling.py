@@ -714,9 +714,12 @@ def test_cnngp_kernel_with_pooled_architecture():
 
 def test_auto_compile_skips_full_covariance_networks(monkeypatch):
     """compile=None compiles large jobs, but not networks on the full path (slower compiled, see RESULTS.md)."""
-    from gpytorch_cnngp.engine import _AUTO_COMPILE_PAIRS, _use_compile
+    from gpytorch_cnngp import settings
+    from gpytorch_cnngp.engine import _use_compile
 
     monkeypatch.setenv("CNNGP_COMPILE", "auto")
-    assert _use_compile(None, _AUTO_COMPILE_PAIRS, grad=False, full=False)
-    assert not _use_compile(None, _AUTO_COMPILE_PAIRS, grad=False, full=True)
+    pairs = settings.auto_compile_pairs.value()
+    assert _use_compile(None, pairs, grad=False, full=False)
+    assert not _use_compile(None, pairs - 1, grad=False, full=False)
+    assert not _use_compile(None, pairs, grad=False, full=True)
     assert _use_compile(True, 1, grad=False, full=True)  # an explicit request is honoured
