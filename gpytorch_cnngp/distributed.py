@@ -170,14 +170,14 @@ def compute_block(
     :param dtype: ``"float32"`` or ``"float64"``.
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     :param memory_budget: bytes the engine may use (default: its own).
-    :param compile: run the pair pass compiled (see :func:`gpytorch_cnngp.gram`). ``None``: on a GPU
-        ``torch.compile``; on the CPU the native kernel when the network allows it (no compilation per
-        shape, so it pays off even for small blocks), else eager.
+    :param compile: passed to :func:`gpytorch_cnngp.gram`, whose policy decides for ``None`` (the same for a
+        block as for any call: the native CPU kernel where the network allows it, ``torch.compile`` for large
+        blocks of networks without pooling, else eager; see :mod:`gpytorch_cnngp.settings`).
     :param threads: set ``torch.set_num_threads`` first (``None`` leaves it).
     :return: ``(values, seconds, device)``: the block as a NumPy array of ``dtype``, the compute time, and the
         device it ran on.
     """
-    from .engine import gram, gram_diag, native_ready
+    from .engine import gram, gram_diag
 
     started = time.perf_counter()
     if threads is not None and threads != torch.get_num_threads():
@@ -186,8 +186,6 @@ def compute_block(
     tdtype = _DTYPES[dtype]
     model = spec.cached()
     x = torch.as_tensor(np.asarray(row_images[rows[0] : rows[1]])).to(device=dev, dtype=tdtype)
-    if compile is None:
-        compile = dev.type == "cuda" or native_ready(model, tuple(x.shape[-2:]), tdtype, dev)
     if cols is None:
         values = gram_diag(model, x)
     elif symmetric:
@@ -322,8 +320,7 @@ def compute_store(
     :param n_workers: workers of a ``"local"`` cluster.
     :param device: where blocks run (``"auto"``: the GPU of the worker when it has one).
     :param memory_budget: bytes the engine may use per block.
-    :param compile: run the pair pass compiled (``None``: ``torch.compile`` on GPUs, the native kernel on
-        the CPU where the network allows it; see :func:`compute_block`).
+    :param compile: passed to :func:`gpytorch_cnngp.gram` for every block (``None``: its policy).
     :param threads: torch threads in each task (``None``: leave the process default).
     :param max_in_flight: blocks submitted but not yet written (default: twice the cluster's threads).
     :param progress: show a progress bar (entries, rate, ETA).
@@ -477,15 +474,17 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
 
     def rescatter_lost() -> list[str]:
         lost = [part for part, future in futures_of.items() if future.status != "finished"]
-        for attempt in range(_MAX_ATTEMPTS * 5):
-            if not lost:
+        deadline = time.monotonic() + _RESCATTER_SECONDS
+        while lost:
+            try:  # the scheduler may still list the dead worker, or have none while a nanny restarts one
+                futures_of.update(client.scatter({part: arrays[part] for part in lost}, timeout=10))
                 break
-            try:  # the scheduler may still list the dead worker as a target for a moment
-                futures_of.update(client.scatter({part: arrays[part] for part in lost}))
-                break
-            except OSError:
-                if attempt == _MAX_ATTEMPTS * 5 - 1:
-                    raise
+            except (OSError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the workers lost the images ({', '.join(lost)}) and no worker took them again within "
+                        f"{_RESCATTER_SECONDS} s: {exc}"
+                    ) from exc
                 time.sleep(0.5)
         return lost
 
@@ -518,6 +517,9 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
 
 _MAX_ATTEMPTS = 4
 """Times one block is submitted before a lost worker's failure is taken as the block's own."""
+
+_RESCATTER_SECONDS = 120
+"""How long lost images are offered to the cluster again (workers restarted by their nannies take seconds)."""
 
 
 def _worker_lost(exc: BaseException) -> bool:

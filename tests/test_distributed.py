@@ -130,11 +130,16 @@ def test_blocks_share_one_model_per_architecture():
     assert a.build() is not a.cached()
 
 
-def _kill_worker_process(client, which: int) -> int:
+def _kill_worker_process(client, which: int) -> int | None:
     import os
     import signal
 
-    pids = sorted(client.run(os.getpid).values())
+    try:
+        pids = sorted(client.run(os.getpid).values())
+    except OSError:  # a worker is restarting: try again at the next block
+        return None
+    if not pids:
+        return None
     victim = pids[which % len(pids)]
     os.kill(victim, signal.SIGKILL)
     return victim
@@ -155,13 +160,16 @@ def test_killed_workers_cost_only_their_blocks(tmp_path):
 
         def kill_some(block, seconds):
             committed.append(block)
-            if len(killed) < 2 and len(committed) in (5, 25):
-                killed.append(_kill_worker_process(client, len(killed)))
+            if len(killed) < 2 and len(committed) >= (5, 25)[len(killed)]:
+                victim = _kill_worker_process(client, len(killed))
+                if victim is not None:
+                    killed.append(victim)
 
         report = dist.compute_store(
             store, spec, images, scheduler=client, progress=False, threads=1, on_block=kill_some, log=lines.append
         )
-        assert len(killed) == 2 and len(set(killed)) == 2  # both of the original workers died
+        assert len(killed) == 2 and len(set(killed)) == 2  # two worker processes died mid-run
     assert report.complete
-    assert lines and all("a Dask worker was lost" in line for line in lines)
+    # a worker killed with blocks in flight costs those (resubmitted, with a line each); one caught idle costs none
+    assert all("a Dask worker was lost" in line for line in lines)
     assert_same_store(path, clean)

@@ -254,7 +254,7 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
 
 
 def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
-    # the pipeline's blocks ask for the native kernel explicitly (compute_block(compile=None) checks native_ready)
+    # the pipeline's blocks follow gram's own policy (compute_block(compile=None) passes None through)
     from gpytorch_cnngp.distributed import ArchitectureSpec, compute_block
     from gpytorch_cnngp.engine import native_ready
 
