@@ -347,5 +347,10 @@ def test_a_store_that_becomes_unwritable_stops_the_run_and_resumes(tmp_path, cap
 
     a, _ = store_contents(out)
     b, _ = store_contents(clean)
-    for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag", "done_Kxx", "crc_Kxx", "crc_Ktx"):
+    for name in ("done_Kxx", "done_Kvx", "done_Ktx"):
         assert np.array_equal(a[name], b[name]), name
+    with KernelStore.open(out) as resumed, KernelStore.open(clean) as reference:
+        assert resumed.verify() == []
+        for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag"):
+            # equal to rounding: in the full suite the two runs' blocks have been seen to differ in the last bits
+            np.testing.assert_allclose(resumed.read(name), reference.read(name), rtol=1e-6, err_msg=name)
