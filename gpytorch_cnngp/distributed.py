@@ -37,7 +37,7 @@ import torch
 from .architectures import ARCHITECTURES
 from .devices import parse_device
 from .layers import Layer
-from .store import Block, KernelStore
+from .store import Block, KernelStore, progress_bar
 
 __all__ = [
     "ArchitectureSpec",
@@ -283,18 +283,6 @@ class ComputeReport:
     complete: bool = False
 
 
-def _bar(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
-        return None
-    return tqdm(
-        total=total, initial=initial, desc=desc, unit="entries", unit_scale=True, smoothing=0.1, dynamic_ncols=True
-    )
-
-
 def compute_store(
     store: KernelStore,
     spec: ArchitectureSpec,
@@ -351,7 +339,7 @@ def compute_store(
         report.complete = True
         return report
     options = {"dtype": meta.dtype, "device": device, "memory_budget": memory_budget, "compile": compile}
-    bar = _bar(progress, total, done, f"{meta.architecture} kernels")
+    bar = progress_bar(progress, total, f"{meta.architecture} kernels", "entries", initial=done, smoothing=0.1)
 
     def commit(block: Block, values: np.ndarray, seconds: float, dev: str) -> None:
         store.write_block(block, values, seconds)
@@ -370,14 +358,7 @@ def compute_store(
                 try:
                     for block in pending:
                         values, seconds, dev = compute_block(
-                            spec,
-                            arrays[block.row_part],
-                            block.rows,
-                            arrays[block.col_part] if block.col_part else None,
-                            block.cols,
-                            symmetric=block.symmetric,
-                            threads=threads,
-                            **options,
+                            spec, *_block_inputs(block, arrays), symmetric=block.symmetric, threads=threads, **options
                         )
                         committer.put(block, values, seconds, dev)
                 except BaseException:
@@ -392,6 +373,11 @@ def compute_store(
     report.seconds = time.perf_counter() - started
     report.complete = store.is_complete()
     return report
+
+
+def _block_inputs(block: Block, images: Mapping[str, Any]) -> tuple[Any, tuple[int, int], Any, Any]:
+    """``compute_block``'s row images, rows, column images and columns for ``block`` (images: arrays or futures)."""
+    return images[block.row_part], block.rows, images[block.col_part] if block.col_part else None, block.cols
 
 
 class _Committer:
@@ -454,10 +440,7 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
         future = client.submit(
             compute_block,
             spec,
-            futures_of[block.row_part],
-            block.rows,
-            futures_of[block.col_part] if block.col_part else None,
-            block.cols,
+            *_block_inputs(block, futures_of),
             symmetric=block.symmetric,
             threads=threads,
             pure=False,

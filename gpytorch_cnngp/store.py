@@ -255,6 +255,19 @@ def _n_blocks(n: int, tile: int) -> int:
     return -(-n // tile)
 
 
+def _block(name: str, index: tuple[int, ...], meta: StoreMeta, tile: int) -> Block:
+    """The block of dataset ``name`` at ``index`` (its place in the completion record) for edge ``tile``."""
+    if name in DIAGONALS:
+        (bi,) = index
+        n = meta.size(DIAGONALS[name])
+        return Block(name, (bi,), (bi * tile, min(n, (bi + 1) * tile)), None, DIAGONALS[name], None)
+    rp, cp = MATRICES[name]
+    bi, bj = index
+    rows = (bi * tile, min(meta.size(rp), (bi + 1) * tile))
+    cols = (bj * tile, min(meta.size(cp), (bj + 1) * tile))
+    return Block(name, (bi, bj), rows, cols, rp, cp)
+
+
 def _dcpl() -> h5py.h5p.PropDCID:
     """Contiguous storage, allocated when the dataset is created, never filled: later writes are raw data only."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -298,18 +311,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _crc(values: np.ndarray) -> int:
-    """CRC-32 of a block's values in C order (the same bytes whether read as a tile or as its transposed mirror)."""
+    """CRC-32 of a block's values in C order (a strided view of a band reads as the same bytes as the tile)."""
     return zlib.crc32(np.ascontiguousarray(values)) & 0xFFFFFFFF
 
 
-def _progress(enabled: bool, total: int, desc: str):
+def progress_bar(enabled: bool, total: int, desc: str, unit: str, **options: Any):
+    """A tqdm bar of ``total`` ``unit`` (scaled: k, M, G), or ``None`` when not ``enabled`` or tqdm is missing."""
     if not enabled or total <= 0:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the experiments extra
         return None
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, **options)
 
 
 def _read_region(dset: h5py.Dataset, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
@@ -625,16 +639,7 @@ class KernelStore:
 
     def block(self, name: str, index: tuple[int, ...]) -> Block:
         """The block of dataset ``name`` at ``index`` in its completion record."""
-        meta, t = self.meta, self.tile_size
-        if name in DIAGONALS:
-            (bi,) = index
-            n = meta.size(DIAGONALS[name])
-            return Block(name, (bi,), (bi * t, min(n, (bi + 1) * t)), None, DIAGONALS[name], None)
-        rp, cp = MATRICES[name]
-        bi, bj = index
-        rows = (bi * t, min(meta.size(rp), (bi + 1) * t))
-        cols = (bj * t, min(meta.size(cp), (bj + 1) * t))
-        return Block(name, (bi, bj), rows, cols, rp, cp)
+        return _block(name, index, self.meta, self.tile_size)
 
     def blocks(self, name: str | None = None) -> Iterator[Block]:
         """Every block of dataset ``name`` (of all datasets, diagonals first, when ``None``).
@@ -645,18 +650,13 @@ class KernelStore:
         meta, t = self.meta, self.tile_size
         for nm in names:
             if nm in DIAGONALS:
-                part = DIAGONALS[nm]
-                n = meta.size(part)
-                for bi in range(_n_blocks(n, t)):
-                    yield Block(nm, (bi,), (bi * t, min(n, (bi + 1) * t)), None, part, None)
+                for bi in range(_n_blocks(meta.size(DIAGONALS[nm]), t)):
+                    yield _block(nm, (bi,), meta, t)
             elif nm in MATRICES:
                 rp, cp = MATRICES[nm]
-                n_r, n_c = meta.size(rp), meta.size(cp)
-                for bi in range(_n_blocks(n_r, t)):
-                    for bj in range(bi if nm == "Kxx" else 0, _n_blocks(n_c, t)):
-                        rows = (bi * t, min(n_r, (bi + 1) * t))
-                        cols = (bj * t, min(n_c, (bj + 1) * t))
-                        yield Block(nm, (bi, bj), rows, cols, rp, cp)
+                for bi in range(_n_blocks(meta.size(rp), t)):
+                    for bj in range(bi if nm == "Kxx" else 0, _n_blocks(meta.size(cp), t)):
+                        yield _block(nm, (bi, bj), meta, t)
             else:
                 raise ValueError(f"unknown dataset {nm!r}; expected one of {', '.join((*MATRICES, *DIAGONALS))}")
 
@@ -766,9 +766,7 @@ class KernelStore:
 
     # ---- checking
 
-    def verify(
-        self, names: Iterable[str] | None = None, *, progress: bool = False, desc: str = "checking tiles"
-    ) -> list[tuple[Block, str]]:
+    def verify(self, names: Iterable[str] | None = None, *, progress: bool = False) -> list[tuple[Block, str]]:
         """Read every committed block of ``names`` (default: all) and return the damaged ones with the reason.
 
         A block is damaged when its values hold NaN or inf, or (in stores with checksums) when their CRC-32 differs
@@ -780,11 +778,11 @@ class KernelStore:
         for name in names:
             if name not in self._done:
                 raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(self._done)}")
-        t, checksums = self.tile_size, self.has_checksums
-        found: dict[tuple[str, tuple[int, ...]], str] = {}
+        meta, t, checksums = self.meta, self.tile_size, self.has_checksums
+        damaged: list[tuple[Block, str]] = []
         masks = {name: self.done_mask(name) for name in names}
         total = sum(int(self._file[name].size) * self._file[name].dtype.itemsize for name in names)
-        bar = _progress(progress, total, desc)
+        bar = progress_bar(progress, total, "checking tiles", "B")
 
         def check(name: str, index: tuple[int, ...], values: np.ndarray, crc: np.ndarray | None) -> None:
             n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -794,7 +792,7 @@ class KernelStore:
                 why = "checksum mismatch"
             else:
                 return
-            found.setdefault((name, index), why)
+            damaged.append((_block(name, index, meta, t), why))
 
         try:
             for name in names:
@@ -822,7 +820,7 @@ class KernelStore:
         finally:
             if bar is not None:
                 bar.close()
-        return [(self.block(name, index), why) for (name, index), why in found.items()]
+        return damaged
 
     def require_intact(self, names: Iterable[str] | None = None, *, progress: bool = False) -> None:
         """Raise :class:`DamagedStore` naming the damaged blocks when :meth:`verify` finds any."""
@@ -855,7 +853,7 @@ class KernelStore:
             return
         mask = self.done_mask(name)
         if name == "Kxx":
-            mask = np.triu(mask) | np.triu(mask).T  # blocks on and above the diagonal fill their mirrors
+            mask = np.triu(mask) | np.triu(mask).T  # the blocks on and above the diagonal stand for those below
         if not mask.all():
             missing = int((~mask).sum())
             raise StoreIncomplete(
