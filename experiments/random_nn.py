@@ -63,38 +63,44 @@ the ConvNet GP and for the ResNet GP, and 1.5 minutes for the Residual CNN GP, o
 thread); almost all of it is the widest width, whose cost grows like C^2. Results go to
 ``experiments/output/random_nn/<config>/`` (``--out``); ``summary.json``, ``summary.md`` and the plots
 are rewritten after each width finishes, so an interrupted run keeps every finished width.
+
+Layout
+------
+This file is the command line only (``build_parser``, ``main``); the work lives in the sibling package
+``experiments/random_nn_study/``: ``sampling`` (images, network outputs), ``statistics`` (``analyse``), ``plots``
+(figures, ``data_limits``) and ``report`` (``summary.json``, ``summary.md``, plots on disk). ``experiments/`` is
+not an installed package (only ``gpytorch_cnngp*`` is), so before importing ``random_nn_study`` the script puts
+its own folder first on ``sys.path`` unless it is there already. That finds the package however the script is
+started: ``python experiments/random_nn.py`` from any working directory (Python has then already put the folder
+there) and a load by file location (``importlib.util.spec_from_file_location``, as
+``tests/test_random_nn_script.py`` does), which adds nothing to ``sys.path`` by itself. ``python -m`` would
+instead work only from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import platform
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-from scipy import stats  # noqa: E402
+from gpytorch_cnngp import architectures
+from gpytorch_cnngp.cli import _positive_int
 
-from gpytorch_cnngp import architectures, datasets  # noqa: E402
-from gpytorch_cnngp.cli import _positive_int  # noqa: E402
+# experiments/ is not an installed package: find the sibling package random_nn_study from here (see "Layout" above)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is in the `experiments` extra
-    tqdm = None
+from random_nn_study.report import write_outputs  # noqa: E402
+from random_nn_study.sampling import load_images, sample_outputs  # noqa: E402
+from random_nn_study.statistics import analyse  # noqa: E402
 
 DEFAULT_CONFIG = "convnet_gp"
 DEFAULT_CHANNELS = (3, 10, 30, 100)
@@ -107,453 +113,6 @@ DEFAULT_SEED = 0
 QUICK = {"image_size": 8, "channels": [3, 10], "n_networks": 40, "n_images": 4}
 
 OUTPUT_ROOT = Path(__file__).resolve().parent / "output" / "random_nn"
-MNIST_TEST_OFFSET = 60000  # load_mnist returns the 60k training images, then the 10k test images
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs, kernel and sampling
-
-
-def load_images(n_images: int, image_size: int, images_npz: str | None, data_dir: str | None) -> dict[str, Any]:
-    """The first ``n_images`` MNIST test digits as float64 ``[n, 1, image_size, image_size]`` in [0, 1].
-
-    From the full MNIST (``datasets.load_mnist``, downloaded and verified if missing), or from an ``.npz``
-    holding ``test_images`` (and optionally ``test_labels``), such as ``tests/data/mnist_sample.npz``.
-    Other sizes than 28 are area-downscaled.
-    """
-    if images_npz is not None:
-        with np.load(images_npz) as data:
-            images = data["test_images"]
-            labels = data["test_labels"] if "test_labels" in data else np.full(len(images), -1)
-        source, first = f"{images_npz} (test_images)", 0
-    else:
-        images, labels = datasets.load_mnist(data_dir, progress=True)
-        source, first = "MNIST official test set", MNIST_TEST_OFFSET
-    available = len(images) - first
-    if n_images > available:
-        raise ValueError(f"--n-images {n_images}: only {available} test images in {source}")
-    x = torch.as_tensor(np.asarray(images[first : first + n_images]), dtype=torch.float64)[:, None] / 255.0
-    if image_size != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="area")
-    return {
-        "x": x,
-        "labels": [int(v) for v in labels[first : first + n_images]],
-        "indices": list(range(n_images)),  # within the test set
-        "source": source,
-    }
-
-
-def sample_outputs(
-    model,
-    x: torch.Tensor,
-    channels: int,
-    n_networks: int,
-    out_channels: int,
-    seed: int,
-    device: torch.device,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Outputs of ``n_networks`` random networks ``model.nn(channels)`` on ``x``: float64 ``[M, N, O]`` (CPU).
-
-    The networks are drawn one after the other from one generator seeded with ``seed``. (They are evaluated
-    one at a time: on a batch of a few 28x28 images, batching networks with ``torch.vmap``, as the tests do for
-    tiny images, was 1.5-2x slower here.)
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    xf = x.to(device=device, dtype=torch.float32)
-    out = torch.empty(n_networks, x.shape[0], out_channels, dtype=torch.float64)
-    bar = None
-    if progress and tqdm is not None:
-        bar = tqdm(total=n_networks, desc=f"C={channels}", unit="net", leave=True, dynamic_ncols=True)
-    try:
-        with torch.no_grad():
-            for m in range(n_networks):
-                net = model.nn(
-                    channels,
-                    in_channels=x.shape[1],
-                    out_channels=out_channels,
-                    generator=g,
-                    dtype=torch.float32,
-                    device=device,
-                )
-                f = net(xf)
-                if f.shape != (x.shape[0], out_channels):
-                    raise RuntimeError(f"unexpected network output shape {tuple(f.shape)}")
-                out[m] = f.to(device="cpu", dtype=torch.float64)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# statistics
-
-
-def _corr(a: torch.Tensor) -> torch.Tensor:
-    s = a.diagonal(0, -2, -1).sqrt()
-    return a / (s[..., :, None] * s[..., None, :])
-
-
-def analyse(f: torch.Tensor, K: torch.Tensor) -> dict[str, Any]:
-    """Compare outputs ``f`` [M, N, O] with the kernel ``K`` [N, N]; see the module docstring."""
-    M, N, O = f.shape
-    K = K.to(torch.float64).cpu()
-    S_m = torch.einsum("mio,mjo->mij", f, f) / O
-    S = S_m.mean(0)
-    se = S_m.std(0) / math.sqrt(M)
-    d = K.diagonal().sqrt()
-    scale = d[:, None] * d[None, :]
-    diag = torch.eye(N, dtype=torch.bool)
-    off = ~diag
-
-    rel = (S - K) / scale
-    # heavy tails: at small C a few networks carry most of E[f(x)^2] (the median is far below the mean), and
-    # then the sample mean and its SE are unreliable; these two numbers flag it
-    ratio_diag = S_m.diagonal(0, 1, 2) / K.diagonal()  # [M, N]
-    top_share = ratio_diag.max(0).values / ratio_diag.sum(0)
-    rel_se = se / scale
-    z = (S - K) / se
-
-    # correlations of the pooled second moments; jackknife over networks for their standard errors
-    rho, rho_k = _corr(S), _corr(K)
-    loo = _corr((S_m.sum(0) - S_m) / (M - 1))
-    rho_se = ((M - 1) / M * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
-    corr_err = rho - rho_k
-
-    # Gaussianity of each image's standardised output, first output channel only (independent samples)
-    zs = (f[:, :, 0] / d).numpy()
-    ks = [stats.kstest(zs[:, i], "norm") for i in range(N)]
-    kurt = stats.kurtosis(zs, axis=0, fisher=True, bias=False)
-
-    def fl(t) -> float:
-        return float(t)
-
-    return {
-        "second_moment": {
-            "max_rel_err": fl(rel.abs().max()),
-            "mean_rel_err": fl(rel.abs().mean()),
-            "max_rel_err_diag": fl(rel[diag].abs().max()),
-            "mean_rel_err_diag": fl(rel[diag].abs().mean()),
-            "max_rel_err_offdiag": fl(rel[off].abs().max()) if N > 1 else float("nan"),
-            "mean_rel_err_offdiag": fl(rel[off].abs().mean()) if N > 1 else float("nan"),
-            "mean_rel_err_signed_diag": fl(rel[diag].mean()),
-            "mean_rel_se": fl(rel_se.mean()),
-            "max_abs_z": fl(z.abs().max()),
-            "median_ratio_diag": fl(ratio_diag.median(0).values.mean()),
-            "largest_network_share_diag": fl(top_share.max()),
-        },
-        "correlation": {
-            "max_abs_err": fl(corr_err[off].abs().max()),
-            "mean_abs_err": fl(corr_err[off].abs().mean()),
-            "mean_se": fl(rho_se[off].mean()),
-            "max_abs_z": fl((corr_err[off] / rho_se[off]).abs().max()),
-        },
-        "gaussianity": {
-            "n_samples": M,
-            "ks_statistic_max": max(r.statistic for r in ks),
-            "ks_statistic_mean": float(np.mean([r.statistic for r in ks])),
-            "ks_pvalue_min": min(r.pvalue for r in ks),
-            "ks_critical_5pct": float(stats.kstwo.ppf(0.95, M)),
-            "excess_kurtosis_mean": float(np.mean(kurt)),
-            "excess_kurtosis_per_image": [float(k) for k in kurt],
-            "ks_statistic_per_image": [float(r.statistic) for r in ks],
-        },
-        "matrices": {
-            "empirical_second_moment": S.tolist(),
-            "second_moment_se": se.tolist(),
-            "empirical_correlation": rho.tolist(),
-            "correlation_se": rho_se.tolist(),
-        },
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# plots
-
-
-def data_limits(values: Sequence[np.ndarray], margin: float = 0.05) -> tuple[float, float, bool]:
-    """Axis limits ``(lo, hi, log)`` that contain every finite value, with a margin.
-
-    Log axes only when every value is positive and they span more than a decade; the margin is then
-    multiplicative.
-    """
-    v = np.concatenate([np.asarray(a, dtype=float).ravel() for a in values])
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return 0.0, 1.0, False
-    lo, hi = float(v.min()), float(v.max())
-    if lo > 0 and hi / lo > 10:
-        f = (hi / lo) ** margin
-        return lo / f, hi * f, True
-    span = hi - lo
-    if span <= 0:
-        span = abs(hi) if hi != 0 else 1.0
-    return lo - margin * span, hi + margin * span, False
-
-
-def _scatter_panel(ax, x, y, err, is_diag, title: str) -> None:
-    """Points ``(x, y)`` with error bars ``y +- err``; axes from the points, every point inside them."""
-    # limits from the points (not the error bars, which may run off the panel: at small C they are long and
-    # would squeeze the points into a corner); log axes only when the points are positive and span decades
-    lo, hi, log = data_limits([x, y])
-    yerr = np.vstack([np.minimum(err, y - lo) if log else err, err])  # a log axis cannot draw a bar below 0
-    ax.plot([lo, hi], [lo, hi], color="0.5", lw=1, zorder=0, label="y = x")
-    styles = ((~is_diag, "o", "C0", "off-diagonal"), (is_diag, "s", "C3", "diagonal"))
-    for mask, marker, color, label in styles:
-        if mask.any():
-            ax.errorbar(
-                x[mask], y[mask], yerr=yerr[:, mask], fmt=marker, color=color, ms=4, lw=0.8, capsize=0, label=label
-            )
-    if log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_minor_formatter(NullFormatter())
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.xaxis.get_offset_text().set_fontsize(7)
-    ax.yaxis.get_offset_text().set_fontsize(7)
-    inside = (x >= lo) & (x <= hi) & (y >= lo) & (y <= hi)
-    if not inside.all():
-        raise AssertionError(f"{(~inside).sum()} point(s) outside the axes [{lo}, {hi}] of panel {title!r}")
-
-
-def plot_scatter(results: list[dict], K: np.ndarray, path: Path, config: str) -> None:
-    n = len(results)
-    N = K.shape[0]
-    iu = np.triu_indices(N)
-    is_diag = iu[0] == iu[1]
-    d = np.sqrt(np.diag(K))
-    scale = np.outer(d, d)
-    rho_k = K / scale
-    fig, axes = plt.subplots(3, n, figsize=(3.3 * n + 0.6, 10.2), squeeze=False)
-    for col, r in enumerate(results):
-        m = r["matrices"]
-        S, se = np.asarray(m["empirical_second_moment"]), np.asarray(m["second_moment_se"])
-        rho, rho_se = np.asarray(m["empirical_correlation"]), np.asarray(m["correlation_se"])
-        C, M = r["channels"], r["n_networks"]
-        _scatter_panel(axes[0, col], K[iu], S[iu], 2 * se[iu], is_diag, f"C = {C} ({M} networks)\nsecond moments")
-        _scatter_panel(
-            axes[1, col], rho_k[iu], (S / scale)[iu], 2 * (se / scale)[iu], is_diag, "second moments / sqrt(Kii Kjj)"
-        )
-        off = ~is_diag
-        if off.any():
-            _scatter_panel(
-                axes[2, col],
-                rho_k[iu][off],
-                rho[iu][off],
-                2 * rho_se[iu][off],
-                np.zeros(off.sum(), bool),
-                "correlations (off-diagonal)",
-            )
-        axes[2, col].set_xlabel("kernel", fontsize=8)
-    for row in range(3):
-        axes[row, 0].set_ylabel("random networks (empirical)", fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="best")
-    fig.suptitle(
-        f"{config}: random networks vs kernel ({N} MNIST test digits; error bars: 2 Monte-Carlo SE)", fontsize=11
-    )
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_qq(results: list[dict], outputs: dict[int, np.ndarray], path: Path, config: str, n_show: int) -> None:
-    n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n + 0.6, 3.9), squeeze=False)
-    for col, r in enumerate(results):
-        ax = axes[0, col]
-        z = outputs[r["channels"]]  # [M, N] standardised, first output channel
-        M = z.shape[0]
-        q = stats.norm.ppf((np.arange(1, M + 1) - 0.5) / M)
-        shown = list(range(min(n_show, z.shape[1])))
-        ys = [np.sort(z[:, i]) for i in shown]
-        # x from the normal quantiles, y from the data: a heavy tail stretches y without squeezing x
-        xlo, xhi, _ = data_limits([q])
-        ylo, yhi, _ = data_limits([q, *ys])
-        ax.plot(
-            [min(xlo, ylo), max(xhi, yhi)], [min(xlo, ylo), max(xhi, yhi)], color="0.5", lw=1, zorder=0, label="y = x"
-        )
-        ks = r["gaussianity"]["ks_statistic_per_image"]
-        for i, y in zip(shown, ys, strict=True):
-            ax.plot(q, y, ".", ms=2.5, color=f"C{i}", label=f"image {i}: KS {ks[i]:.3f}")
-        ax.set_xlim(xlo, xhi)
-        ax.set_ylim(ylo, yhi)
-        ax.set_title(f"C = {r['channels']} ({M} networks)", fontsize=9)
-        ax.set_xlabel("standard normal quantile", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="upper left", markerscale=2)
-    axes[0, 0].set_ylabel("f(x) / sqrt(K(x, x)), sorted", fontsize=8)
-    crit = results[-1]["gaussianity"]["ks_critical_5pct"]
-    fig.suptitle(f"{config}: QQ plots of standardised outputs (KS 5% critical value {crit:.3f})", fontsize=11)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_error_vs_width(results: list[dict], path: Path, config: str) -> None:
-    C = np.array([r["channels"] for r in results], dtype=float)
-    series = [
-        ("second moments, diagonal (max)", "C3", [r["second_moment"]["max_rel_err_diag"] for r in results]),
-        ("second moments, off-diagonal (max)", "C0", [r["second_moment"]["max_rel_err_offdiag"] for r in results]),
-        ("correlations (max)", "C2", [r["correlation"]["max_abs_err"] for r in results]),
-        ("KS statistic (mean over images)", "C4", [r["gaussianity"]["ks_statistic_mean"] for r in results]),
-    ]
-    # the max over entries of pure noise is about 2-3 SE: the errors cannot be resolved below this floor
-    noise = [
-        ("2 x MC SE, second moments (mean)", "C0", [2 * r["second_moment"]["mean_rel_se"] for r in results]),
-        ("2 x MC SE, correlations (mean)", "C2", [2 * r["correlation"]["mean_se"] for r in results]),
-        ("KS 5% critical value", "C4", [r["gaussianity"]["ks_critical_5pct"] for r in results]),
-    ]
-    fig, ax = plt.subplots(figsize=(7.0, 5.0))
-    plotted = []
-    for label, color, ys in series:
-        y = np.asarray(ys, dtype=float)
-        ok = np.isfinite(y) & (y > 0)
-        if ok.any():
-            ax.plot(C[ok], y[ok], "o-", color=color, label=label)
-            plotted.append(y[ok])
-    for label, color, ys in noise:
-        y = np.asarray(ys, dtype=float)
-        ok = np.isfinite(y) & (y > 0)
-        if ok.any():
-            ax.plot(C[ok], y[ok], ":", color=color, lw=1.2, label=label)
-            plotted.append(y[ok])
-    # 1/C through the correlation error at the narrowest width
-    y0 = series[2][2][0]
-    if np.isfinite(y0) and y0 > 0:
-        cs = np.geomspace(C.min(), C.max(), 50) if len(C) > 1 else C
-        ref = y0 * C[0] / cs
-        ax.plot(cs, ref, "--", color="0.4", lw=1, label="1/C reference")
-        plotted.append(ref)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    if plotted:
-        lo, hi, _ = data_limits(plotted, margin=0.08)
-        ax.set_ylim(lo, hi)
-    if len(C) > 1:
-        ax.set_xlim(C.min() / 1.3, C.max() * 1.3)
-    ax.set_xticks(C)
-    ax.set_xticklabels([str(int(c)) for c in C])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("channels C")
-    ax.set_ylabel("error (kernel scale)")
-    ax.set_title(f"{config}: distance to the kernel vs width", fontsize=11)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# output files
-
-
-def _clean(obj):
-    """JSON-safe copy: non-finite floats become ``None``."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{v:.{digits}g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.{digits}f}".rstrip("0").rstrip(".")
-
-
-def summary_markdown(summary: dict) -> str:
-    s = summary
-    lines = [
-        f"# Random finite networks vs the kernel: `{s['config']}`",
-        "",
-        f"{s['n_images']} MNIST test digits at {s['image_size']}x{s['image_size']} ({s['image_source']}), "
-        f"{s['out_channels']} outputs per network, seed {s['seed']}, device {s['device']}. "
-        f"Kernel diagonal K(x, x): {_fmt(min(s['kernel_diag']))} to {_fmt(max(s['kernel_diag']))}.",
-        "",
-        "Errors are on the kernel's scale: second moments as |S_ij - K_ij| / sqrt(K_ii K_jj), correlations "
-        "as |rho_ij - rho^K_ij| (off-diagonal). SE: Monte-Carlo standard error (mean over entries). KS: "
-        "Kolmogorov-Smirnov statistic of f(x) / sqrt(K(x, x)) against N(0, 1), first output of each network "
-        "(mean and max over images; the 5% critical value is given). Kurtosis: excess kurtosis of the "
-        "standardised outputs (0 for a Gaussian), mean over images. Heavy tails: the median over networks of "
-        "one network's f(x)^2 / K(x, x) (mean over images; about 1 - 2/(3 O) for Gaussian outputs) and the largest "
-        "share of the sum of f(x)^2 held by a single network (max over images; ~1/M when no network dominates). "
-        "Where the median is far below 1 and one network holds a large share, E[f(x)^2] is carried by rare "
-        "networks: the sample mean then falls short of it and the SE understates the error.",
-        "",
-        "| C | networks | 2nd mom. max err (diag) | 2nd mom. max err (off) | 2nd mom. mean err | 2nd mom. SE | "
-        "max abs z | median f^2/K | top share | corr. max err | corr. mean err | corr. SE | KS mean (max) | "
-        "KS 5% crit. | kurtosis | time (s) |",
-        "|---:" * 16 + "|",
-    ]
-    for r in s["results"]:
-        m, c, g = r["second_moment"], r["correlation"], r["gaussianity"]
-        lines.append(
-            f"| {r['channels']} | {r['n_networks']} | {_fmt(m['max_rel_err_diag'])} | {_fmt(m['max_rel_err_offdiag'])} "
-            f"| {_fmt(m['mean_rel_err'])} | {_fmt(m['mean_rel_se'])} | {_fmt(m['max_abs_z'], 2)} "
-            f"| {_fmt(m['median_ratio_diag'])} | {_fmt(m['largest_network_share_diag'])} "
-            f"| {_fmt(c['max_abs_err'])} | {_fmt(c['mean_abs_err'])} | {_fmt(c['mean_se'])} "
-            f"| {_fmt(g['ks_statistic_mean'])} ({_fmt(g['ks_statistic_max'])}) | {_fmt(g['ks_critical_5pct'])} "
-            f"| {_fmt(g['excess_kurtosis_mean'], 2)} | {r['seconds']:.0f} |"
-        )
-    lines.append("")
-    if s["config"] == "residual_cnn_gp":
-        lines += [
-            "The Residual CNN GP sums branches after a ReLU: its finite network is *not* expected to converge "
-            "to this kernel: its second-moment errors stay of order one and do not shrink with width.",
-            "",
-        ]
-    if not s["complete"]:
-        lines += [f"**Incomplete run**: widths still to do: {s['pending_channels']}.", ""]
-    lines += ["Plots: `scatter.png`, `qq.png`, `error_vs_width.png`.", ""]
-    return "\n".join(lines)
-
-
-def write_outputs(summary: dict, outputs: dict[int, np.ndarray], out: Path, K: np.ndarray, n_qq: int) -> None:
-    """summary.json and summary.md first (they hold the numbers), then the plots."""
-    _write_atomic(out / "summary.json", json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
-    _write_atomic(out / "summary.md", summary_markdown(summary))
-    results = summary["results"]
-    plots = (
-        ("scatter.png", lambda p: plot_scatter(results, K, p, summary["config"])),
-        ("qq.png", lambda p: plot_qq(results, outputs, p, summary["config"], n_qq)),
-        ("error_vs_width.png", lambda p: plot_error_vs_width(results, p, summary["config"])),
-    )
-    errors = []
-    for name, make in plots:
-        try:
-            make(out / name)
-        except Exception:  # a broken plot must not lose the sampling: report it and carry on
-            plt.close("all")
-            msg = traceback.format_exc()
-            print(f"warning: could not draw {name}:\n{msg}", file=sys.stderr)
-            errors.append(f"{name}: {msg.strip().splitlines()[-1]}")
-    if errors != summary.get("plot_errors", []):
-        summary["plot_errors"] = errors
-        _write_atomic(out / "summary.json", json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # command line

@@ -1,4 +1,8 @@
-"""Smoke test of ``experiments/random_nn.py`` (the finite-network convergence study) in ``--quick`` mode."""
+"""Smoke test of ``experiments/random_nn.py`` (the finite-network convergence study) in ``--quick`` mode.
+
+The script is the command line (``main``); it puts ``experiments/`` on ``sys.path`` and imports the sibling package
+``random_nn_study`` (``sampling``, ``statistics``, ``plots``, ``report``), whose modules the tests then import.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,12 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_study_module(name: str):
+    """``random_nn_study.<name>``, found as the script finds it (loading the script puts its folder on sys.path)."""
+    load_script()
+    return importlib.import_module(f"random_nn_study.{name}")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -78,12 +88,12 @@ def test_quick_run_writes_plots_and_summary(tmp_path):
 
 
 def test_limits_contain_the_data():
-    script = load_script()
-    lo, hi, log = script.data_limits([[2e12, 3e12], [2.5e12]])
+    plots = load_study_module("plots")
+    lo, hi, log = plots.data_limits([[2e12, 3e12], [2.5e12]])
     assert not log and lo < 2e12 and hi > 3e12
-    lo, hi, log = script.data_limits([[1e-3, 0.5]])  # below 1 and spanning decades: log axes, nothing clipped
+    lo, hi, log = plots.data_limits([[1e-3, 0.5]])  # below 1 and spanning decades: log axes, nothing clipped
     assert log and 0 < lo < 1e-3 and hi > 0.5
-    lo, hi, log = script.data_limits([[-0.2, 0.7]])
+    lo, hi, log = plots.data_limits([[-0.2, 0.7]])
     assert not log and lo < -0.2 and hi > 0.7
 
 
