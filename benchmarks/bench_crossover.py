@@ -1,8 +1,8 @@
 """Where the native CPU kernel starts to beat the eager path: ``gram(model, X, Z)`` for small cross kernels.
 
 For each size ``n`` the cross kernel of ``n`` by ``n`` random 28x28 images is timed eagerly
-(``compile=False``) and in the native kernel (``compile=True``), alternating, and the medians are
-compared. The engine's automatic choice (``compile=None``) uses the native kernel from
+(``backend="eager"``) and in the native kernel (``backend="native"``), alternating, and the medians are
+compared. The engine's automatic choice (``backend="auto"``) uses the native kernel from
 ``settings.auto_native_pairs`` pairs on; this script is how that threshold was chosen.
 
     python benchmarks/bench_crossover.py                 # ConvNet GP and ResNet-32 GP, float32 and float64
@@ -41,7 +41,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from gpytorch_cnngp import architectures, gram
-    from gpytorch_cnngp.engine import native_ready
+    from gpytorch_cnngp.backends import native_ready
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["convnet_gp", "resnet32_gp"])
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             Z = torch.rand(max(args.sizes), 1, 28, 28, generator=gen, dtype=dtype)
             for n in args.sizes:
                 x, z = X[:n], Z[:n]
-                gram(model, x, z, compile=False), gram(model, x, z, compile=True)  # warm-up
-                eager = _time(lambda m=model, x=x, z=z: gram(m, x, z, compile=False), args.repeats)
-                native = _time(lambda m=model, x=x, z=z: gram(m, x, z, compile=True), args.repeats)
+                gram(model, x, z, backend="eager"), gram(model, x, z, backend="native")  # warm-up
+                eager = _time(lambda m=model, x=x, z=z: gram(m, x, z, backend="eager"), args.repeats)
+                native = _time(lambda m=model, x=x, z=z: gram(m, x, z, backend="native"), args.repeats)
                 lines.append(
                     f"| {arch} | {name} | {n} x {n} | {n * n} | {eager * 1e3:.2f} ms | {native * 1e3:.2f} ms "
                     f"| {eager / native:.2f} |"
@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     # the calls a user types first: model(X, Z) with every default, against the explicit native kernel
     lines += [
         "",
-        "| architecture | dtype | n x n images | `model(X, Z)` (defaults) | `compile=True` (native) "
-        "| default / native |",
+        "| architecture | dtype | n x n images | `model(X, Z)` (defaults) | `backend='native'` | default / native |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for arch in args.archs:
@@ -96,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             for n in args.default_sizes:
                 X = torch.rand(n, 1, 28, 28, generator=gen, dtype=dtype)
                 Z = torch.rand(n, 1, 28, 28, generator=gen, dtype=dtype)
-                model(X, Z), gram(model, X, Z, compile=True)  # warm-up
+                model(X, Z), gram(model, X, Z, backend="native")  # warm-up
                 default = _time(lambda m=model, x=X, z=Z: m(x, z), args.repeats)
-                native = _time(lambda m=model, x=X, z=Z: gram(m, x, z, compile=True), args.repeats)
+                native = _time(lambda m=model, x=X, z=Z: gram(m, x, z, backend="native"), args.repeats)
                 lines.append(
                     f"| {arch} | {name} | {n} x {n} | {n * n / default:,.0f} entries/s | {n * n / native:,.0f} "
                     f"| {native / default:.2f} |"

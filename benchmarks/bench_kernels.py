@@ -65,24 +65,17 @@ def _runner(model, method: str, n: int, dtype, tile_size):
         from naive import naive_kernel
 
         return (lambda: naive_kernel(model, x, z)), source
-    if method == "inductor":  # the torch.compile path (what GPUs use) instead of the native CPU kernel
-
-        def run():
-            previous = os.environ.get("CNNGP_NATIVE")
-            os.environ["CNNGP_NATIVE"] = "0"
-            try:
-                return gram(model, x, z, compile=True, tile_size=tile_size)
-            finally:
-                if previous is None:
-                    del os.environ["CNNGP_NATIVE"]
-                else:
-                    os.environ["CNNGP_NATIVE"] = previous
-
-        return run, source
-    if method not in ("eager", "compiled"):
+    if method not in ("eager", "compiled", "inductor"):
         raise SystemExit(f"unknown method {method!r}: naive, eager, compiled or inductor")
-    compiled = method == "compiled"
-    return (lambda: gram(model, x, z, compile=compiled, tile_size=tile_size)), source
+    # compiled: the native CPU kernel where it runs, else torch.compile; inductor: torch.compile (the GPU path)
+    backend = {"eager": "eager", "inductor": "inductor", "compiled": _compiled_backend(model, x)}[method]
+    return (lambda: gram(model, x, z, backend=backend, tile_size=tile_size)), source
+
+
+def _compiled_backend(model, x) -> str:
+    from gpytorch_cnngp.backends import native_ready
+
+    return "native" if native_ready(model, tuple(x.shape[-2:]), x.dtype, x.device) else "inductor"
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -212,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["naive", "eager", "compiled"],
         choices=["naive", "eager", "compiled", "inductor"],
-        help="compiled: gram(compile=True), the native kernel on CPU; inductor: the same with CNNGP_NATIVE=0 "
-        "(torch.compile, the GPU path)",
+        help="compiled: gram(backend='native') where the native CPU kernel runs the network, else "
+        "backend='inductor'; inductor: torch.compile (the GPU path)",
     )
     p.add_argument("--n", type=int, default=None, help="images per side (default: per method)")
     p.add_argument("--repeats", type=int, default=3)

@@ -58,12 +58,12 @@ def measure(name: str, dtype: torch.dtype, repeats: int, compile: bool, scale: f
     x, _ = _images(n, dtype, 0)
     z, _ = _images(n, dtype, 1)
     t0 = time.perf_counter()
-    gram(model, x, z, compile=compile)
+    gram(model, x, z, backend="inductor" if compile else "eager")
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gram(model, x, z, compile=compile)
+        gram(model, x, z, backend="inductor" if compile else "eager")
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {

@@ -155,7 +155,7 @@ def compute_block(
     dtype: str = "float32",
     device: str = "auto",
     memory_budget: int | None = None,
-    compile: bool | None = False,
+    backend: str = "auto",
     threads: int | None = None,
 ) -> tuple[np.ndarray, float, str]:
     """Compute one block where it runs (this process or a Dask worker).
@@ -170,9 +170,9 @@ def compute_block(
     :param dtype: ``"float32"`` or ``"float64"``.
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     :param memory_budget: bytes the engine may use (default: its own).
-    :param compile: passed to :func:`gpytorch_cnngp.gram`, whose policy decides for ``None`` (the same for a
-        block as for any call: the native CPU kernel where the network allows it, ``torch.compile`` for large
-        blocks of networks without pooling, else eager; see :mod:`gpytorch_cnngp.settings`).
+    :param backend: passed to :func:`gpytorch_cnngp.gram`, whose policy (:func:`gpytorch_cnngp.backends.choose`)
+        decides for ``"auto"`` as for any call: the native CPU kernel where the network allows it,
+        ``torch.compile`` for large blocks of networks without pooling, else eager.
     :param threads: set ``torch.set_num_threads`` first (``None`` leaves it).
     :return: ``(values, seconds, device)``: the block as a NumPy array of ``dtype``, the compute time, and the
         device it ran on.
@@ -189,11 +189,11 @@ def compute_block(
     if cols is None:
         values = gram_diag(model, x)
     elif symmetric:
-        values = gram(model, x, memory_budget=memory_budget, compile=compile)
+        values = gram(model, x, memory_budget=memory_budget, backend=backend)
     else:
         assert col_images is not None
         z = torch.as_tensor(np.asarray(col_images[cols[0] : cols[1]])).to(device=dev, dtype=tdtype)
-        values = gram(model, x, z, memory_budget=memory_budget, compile=compile)
+        values = gram(model, x, z, memory_budget=memory_budget, backend=backend)
     out = values.detach().to("cpu").numpy()
     return out, time.perf_counter() - started, str(dev)
 
@@ -292,7 +292,7 @@ def compute_store(
     n_workers: int | None = None,
     device: str = "auto",
     memory_budget: int | None = None,
-    compile: bool | None = None,
+    backend: str = "auto",
     threads: int | None = None,
     max_in_flight: int | None = None,
     progress: bool = True,
@@ -308,7 +308,7 @@ def compute_store(
     :param n_workers: workers of a ``"local"`` cluster.
     :param device: where blocks run (``"auto"``: the GPU of the worker when it has one).
     :param memory_budget: bytes the engine may use per block.
-    :param compile: passed to :func:`gpytorch_cnngp.gram` for every block (``None``: its policy).
+    :param backend: passed to :func:`gpytorch_cnngp.gram` for every block (``"auto"``: its policy).
     :param threads: torch threads in each task (``None``: leave the process default).
     :param max_in_flight: blocks submitted but not yet written (default: twice the cluster's threads).
     :param progress: show a progress bar (entries, rate, ETA).
@@ -338,7 +338,7 @@ def compute_store(
     if not pending:
         report.complete = True
         return report
-    options = {"dtype": meta.dtype, "device": device, "memory_budget": memory_budget, "compile": compile}
+    options = {"dtype": meta.dtype, "device": device, "memory_budget": memory_budget, "backend": backend}
     bar = progress_bar(progress, total, f"{meta.architecture} kernels", "entries", initial=done, smoothing=0.1)
 
     def commit(block: Block, values: np.ndarray, seconds: float, dev: str) -> None:

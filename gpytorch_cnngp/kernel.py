@@ -13,8 +13,10 @@ from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from .engine import check_architecture, gram, gram_diag, hyperparameters
+from .backends import resolve
+from .engine import check_architecture, gram, gram_diag
 from .layers.base import Layer
+from .state import Hyper, hyperparameters
 
 __all__ = ["CNNGPKernel"]
 
@@ -32,7 +34,7 @@ class CNNGPKernel(Kernel):
       layer keeps the ratio its value has to the readout's (the last weighted layer's) in
       ``architecture``. With the paper's configs (hidden ``sigma_w^2 k^2``, readout ``sigma_w^2``)
       the learned ``var_weight`` is exactly the paper's :math:`\sigma_w^2`.
-    * ``tied=False``: one value per weighted layer, in :func:`~gpytorch_cnngp.engine.hyperparameters`
+    * ``tied=False``: one value per weighted layer, in :func:`~gpytorch_cnngp.state.hyperparameters`
       order (see :meth:`layer_variances`).
 
     A bias variance that is exactly zero in ``architecture`` stays zero unless ``free_zero_biases``.
@@ -61,7 +63,9 @@ class CNNGPKernel(Kernel):
         ``zero_bias_init``).
     :param var_weight_prior, var_bias_prior: optional priors on the (tied or per-layer) variances.
     :param var_weight_constraint, var_bias_constraint: default :class:`~gpytorch.constraints.Positive`.
-    :param tile_size, memory_budget, compile: passed to :func:`~gpytorch_cnngp.gram`.
+    :param tile_size, memory_budget, backend: passed to :func:`~gpytorch_cnngp.gram` (``backend``:
+        ``"auto"``, ``"eager"``, ``"inductor"`` or ``"native"``; gradients always run eagerly).
+    :param compile: deprecated alias of ``backend`` (see :func:`~gpytorch_cnngp.gram`).
 
     Example:
         >>> import gpytorch
@@ -91,6 +95,7 @@ class CNNGPKernel(Kernel):
         var_bias_constraint: Interval | None = None,
         tile_size: int | None = None,
         memory_budget: int | None = None,
+        backend: str = "auto",
         compile: bool | None = None,
         **kwargs,
     ):
@@ -107,7 +112,8 @@ class CNNGPKernel(Kernel):
         self.architecture = copy.deepcopy(architecture)
         self.input_shape = input_shape
         self.tied = bool(tied)
-        self.tile_size, self.memory_budget, self.compile = tile_size, memory_budget, compile
+        self.tile_size, self.memory_budget = tile_size, memory_budget
+        self.backend = resolve(backend, compile)
         self.num_evaluations = 0
         self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (value set, float64; raw after)
         self._cache: list[tuple] = []  # recent (x1, x2, diag, values, result), newest last
@@ -337,7 +343,13 @@ class CNNGPKernel(Kernel):
         layers = self._weight_layers()
         outs = []
         for b in range(im1.shape[0]):
-            hyper = {layer: {"var_weight": vals[b, i, 0], "var_bias": vals[b, i, 1]} for i, layer in enumerate(layers)}
+            # one Hyper from here to the layers: the learned values of this batch entry
+            hyper = Hyper.of(
+                self.architecture,
+                override={
+                    layer: {"var_weight": vals[b, i, 0], "var_bias": vals[b, i, 1]} for i, layer in enumerate(layers)
+                },
+            )
             if diag:
                 outs.append(gram_diag(self.architecture, im1[b], None if same else im2[b], hyper=hyper))
             else:
@@ -349,7 +361,7 @@ class CNNGPKernel(Kernel):
                         hyper=hyper,
                         tile_size=self.tile_size,
                         memory_budget=self.memory_budget,
-                        compile=self.compile,
+                        backend=self.backend,
                     )
                 )
         out = torch.stack(outs) if outs else values.new_zeros(0)

@@ -1,6 +1,7 @@
 """Memory sizes and the process's allocator policy: one place for both.
 
-* :func:`parse_bytes` / :func:`format_bytes`: sizes as people write them (``"2GB"``, ``"512 MiB"``);
+* :func:`parse_bytes` / :func:`format_bytes`: sizes as people write them (``"2GB"``, ``"512 MiB"``), from
+  :mod:`gpytorch_cnngp.units`;
 * :func:`available_memory`: what new allocations can use now;
 * the glibc allocator policy. The kernel engine and the classifier want opposite things from ``malloc``:
 
@@ -19,11 +20,12 @@
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+
+from . import settings
+from .units import format_bytes, parse_bytes  # noqa: F401 - sizes are part of this module's interface
 
 __all__ = [
     "parse_bytes",
@@ -32,47 +34,6 @@ __all__ = [
     "keep_freed_memory",
     "freed_memory_returned",
 ]
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_bytes(text: str | float | int) -> int:
-    """A byte count from ``"2GB"``, ``"128MB"``, ``"512 MiB"``, ``"1e9"`` or a number (KB = 1000 B, KiB = 1024 B).
-
-    :raises ValueError: for anything that is not a positive, finite size with a known unit.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if match is None:
-            raise ValueError(f"not a memory size: {text!r} (expected e.g. 2GB, 512MB, 4GiB or a number of bytes)")
-        value, unit = float(match.group(1)), match.group(2).upper()
-    if unit not in _UNITS:
-        raise ValueError(f"unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB")
-    size = value * _UNITS[unit]
-    if not math.isfinite(size) or size < 1:
-        raise ValueError(f"a memory size must be at least 1 byte, got {text!r}")
-    return int(size)
-
-
-def format_bytes(n: float) -> str:
-    """``1.5 GB``-style text (powers of 1000, as :func:`parse_bytes` reads them)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def available_memory() -> int | None:
@@ -111,7 +72,6 @@ def keep_freed_memory() -> None:
     if _kept:
         return
     _kept = True
-    from . import settings
 
     if settings.tune_allocator.value():
         _mallopt(64 << 20, 256 << 20)
@@ -120,7 +80,6 @@ def keep_freed_memory() -> None:
 @contextmanager
 def freed_memory_returned() -> Iterator[None]:
     """The classifier's policy for the duration: freed blocks of 1 MiB and more go back to the system at once."""
-    from . import settings
 
     changed = settings.tune_allocator.value() and _mallopt(1 << 20, 1 << 20)
     try:

@@ -25,6 +25,7 @@ __all__ = [
     "position_diagonal",
     "same_location",
     "relu_expectation",
+    "relu_poly_coefficients",
     "relu_expectation_fast",
     "relu_expectation_poly",
     "relu_expectation_forward",
@@ -277,6 +278,11 @@ _R_OVER_2PI32 = tuple(k * _INV_2PI for k in _R_POLY32)
 _R_OVER_2PI64 = tuple(k * _INV_2PI for k in _R_POLY64)
 
 
+def relu_poly_coefficients(dtype: torch.dtype) -> tuple[float, ...]:
+    """The coefficients of ``R(a) / (2 pi)`` in :func:`relu_expectation_poly` for ``dtype`` (lowest order first)."""
+    return _R_OVER_2PI64 if dtype == torch.float64 else _R_OVER_2PI32
+
+
 def _horner(t: Tensor, coefs: tuple[float, ...]) -> Tensor:
     p = t * coefs[-1] + coefs[-2]
     for coef in reversed(coefs[:-2]):
@@ -291,7 +297,7 @@ def relu_expectation_poly(c: Tensor, s1: Tensor, s2: Tensor, inv1: Tensor, inv2:
     ``inv1, inv2`` are the precomputed ``1 / s`` (0 where ``s = 0``, which makes the second term 0).
     Written for ``torch.compile``: eagerly its polynomial costs one pass over memory per coefficient.
     """
-    coefs = _R_OVER_2PI64 if c.dtype == torch.float64 else _R_OVER_2PI32
+    coefs = relu_poly_coefficients(c.dtype)
     a = (c.abs() * inv1 * inv2).clamp_max(1.0)
     u = 1.0 - a
     return c.clamp_min(0.0) * 0.5 + (s1 * s2) * (u * u.sqrt()) * _horner(a, coefs)

@@ -40,6 +40,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .units import parse_bytes
+
 __all__ = [
     "compile_mode",
     "native",
@@ -197,7 +199,7 @@ class auto_compile_pairs(_Count):
 class memory_budget(_Setting):
     """Bytes the engine may use per call when the call does not say (``None``: chosen from the device).
 
-    Takes a number of bytes or text such as ``"2GB"`` (see :func:`gpytorch_cnngp.memory.parse_bytes`).
+    Takes a number of bytes or text such as ``"2GB"`` (see :func:`gpytorch_cnngp.units.parse_bytes`).
     """
 
     env = "CNNGP_MEMORY_BUDGET"
@@ -205,7 +207,6 @@ class memory_budget(_Setting):
 
     @classmethod
     def parse(cls, text: str) -> int:
-        from .memory import parse_bytes
 
         try:
             return parse_bytes(text)
@@ -214,7 +215,6 @@ class memory_budget(_Setting):
 
     @classmethod
     def check(cls, value: Any) -> int | None:
-        from .memory import parse_bytes
 
         return None if value is None else parse_bytes(value)
 

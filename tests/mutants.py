@@ -17,6 +17,7 @@ import math
 import torch
 
 import gpytorch_cnngp.engine as engine
+import gpytorch_cnngp.layers.base as base
 import gpytorch_cnngp.layers.combinators as combinators
 import gpytorch_cnngp.layers.conv as conv
 import gpytorch_cnngp.layers.dense as dense
@@ -25,6 +26,7 @@ import gpytorch_cnngp.layers.leaky_relu as leaky_relu
 import gpytorch_cnngp.layers.pooling as pooling
 import gpytorch_cnngp.layers.relu as relu
 import gpytorch_cnngp.ops as ops
+import gpytorch_cnngp.passes as passes
 
 
 def _wrap_relu_expectations(mp, transform) -> None:
@@ -134,23 +136,23 @@ def _no_exact_diag(mp):
     after each ReLU, and the Gram engine copies the self values onto the final diagonal. The mutant
     disables the first and computes the final diagonal as generic matched pairs instead.
     """
-    propagate = relu.Nonlinearity.propagate
+    propagate = base.Nonlinearity.propagate
 
-    def propagate_no_diag(self, m, ctx):
-        same, ctx.same = ctx.same, False
+    def propagate_no_diag(self, state):
+        same, state.run.same = state.run.same, False
         try:
-            return propagate(self, m, ctx)
+            return propagate(self, state)
         finally:
-            ctx.same = same
+            state.run.same = same
 
-    mp.setattr(relu.Nonlinearity, "propagate", propagate_no_diag)
+    mp.setattr(base.Nonlinearity, "propagate", propagate_no_diag)
     fill = engine._fill
 
-    def fill_generic_diag(model, x, z, hyper, plan, compiled, progress):
-        out = fill(model, x, z, hyper, plan, compiled, progress)
+    def fill_generic_diag(model, x, z, hyper, plan, backend, req, progress):
+        out = fill(model, x, z, hyper, plan, backend, req, progress)
         if z is None:
-            trace, _ = engine.self_pass(model, x, hyper)
-            out.diagonal().copy_(engine._paired(model, x, x, trace, trace, hyper, "matmul"))
+            trace, _ = passes.self_pass(model, x, hyper)
+            out.diagonal().copy_(passes.paired(model, x, x, trace, trace, hyper))
         return out
 
     mp.setattr(engine, "_fill", fill_generic_diag)
@@ -159,32 +161,33 @@ def _no_exact_diag(mp):
 def _sum_mean(mp):
     """Sum averages its branches instead of adding them."""
 
-    def mean_propagate(self, m, ctx):
-        total = self.branches[0].propagate(m, ctx)
-        for branch in self.branches[1:]:
-            total = total + branch.propagate(m, ctx)
-        return total / len(self.branches)
+    sum_propagate = combinators.Sum.propagate
+
+    def mean_propagate(self, state):
+        out = sum_propagate(self, state)
+        return out.replace(nngp=out.nngp / len(self.branches))
 
     mp.setattr(combinators.Sum, "propagate", mean_propagate)
 
 
 def _channel_sum(mp):
     """Input kernel summed over channels instead of averaged."""
-    matched_in, pair_in = engine._input_matched, engine._input_pair
-    # the engine holds images as [H, W, C, N]
-    mp.setattr(engine, "_input_matched", lambda x, z, *full: matched_in(x, z, *full) * x.shape[2])
-    mp.setattr(engine, "_input_pair", lambda x, z, *full: pair_in(x, z, *full) * x.shape[2])
+    matched_in, pair_in = passes.input_matched, passes.input_pair
+    # the passes hold images as [H, W, C, N]
+    mp.setattr(passes, "input_matched", lambda x, z, *full: matched_in(x, z, *full) * x.shape[2])
+    mp.setattr(passes, "input_pair", lambda x, z, *full: pair_in(x, z, *full) * x.shape[2])
 
 
 def _bias_over_k2(mp):
     """var_bias divided by k^2 along with var_weight."""
-    hyper = conv.Conv2d.hyper
+    propagate = conv.Conv2d.propagate
 
-    def hyper_bias_scaled(self, ctx, name):
-        value = hyper(self, ctx, name)
-        return value / self.kernel_size**2 if name == "var_bias" else value
+    def bias_scaled(self, state):
+        out = propagate(self, state)
+        bias = state.hyper(self, "var_bias")
+        return out.replace(nngp=out.nngp - bias + bias / self.kernel_size**2)
 
-    mp.setattr(conv.Conv2d, "hyper", hyper_bias_scaled)
+    mp.setattr(conv.Conv2d, "propagate", bias_scaled)
 
 
 # --- pooling, Dense, Erf, LeakyReLU (killed by tests/test_pooling.py, test_dense.py, test_nonlinearities.py)
@@ -194,8 +197,8 @@ def _avgpool_same_tap(mp):
     """AvgPool2d pairs tap t of one image with the *same* tap t of the other (a convolution with
     weight variance 1), instead of averaging both windows independently."""
 
-    def conv_like(self, m, ctx):
-        return ops.diagonal_window_sum(m, self.window, self.window) / self.kernel_size**2
+    def conv_like(self, state):
+        return state.replace(nngp=ops.diagonal_window_sum(state.nngp, self.window, self.window) / self.kernel_size**2)
 
     mp.setattr(pooling.AvgPool2d, "propagate", conv_like)
 
@@ -203,8 +206,8 @@ def _avgpool_same_tap(mp):
 def _gap_same_location(mp):
     """GlobalAvgPool2d averages only the same-location entries K[p, p] (as a Dense readout would)."""
 
-    def same_location_mean(self, m, ctx):
-        return ops.same_location(m).mean(dim=(0, 1), keepdim=True)[:, :, None, None]
+    def same_location_mean(self, state):
+        return state.replace(nngp=ops.same_location(state.nngp).mean(dim=(0, 1), keepdim=True)[:, :, None, None])
 
     mp.setattr(pooling.GlobalAvgPool2d, "propagate", same_location_mean)
 
@@ -230,10 +233,11 @@ def _dense_weight_per_position(mp):
     """Dense sums K[p, p] over the positions instead of averaging them (weights N(0, vw / C))."""
     propagate = dense.Dense.propagate
 
-    def summed(self, m, ctx):
-        out = propagate(self, m, ctx)
-        h, w = m.shape[0], m.shape[1]
-        return (out - self.hyper(ctx, "var_bias")) * (h * w) + self.hyper(ctx, "var_bias")
+    def summed(self, state):
+        out = propagate(self, state)
+        h, w = state.nngp.shape[0], state.nngp.shape[1]
+        bias = state.hyper(self, "var_bias")
+        return out.replace(nngp=(out.nngp - bias) * (h * w) + bias)
 
     mp.setattr(dense.Dense, "propagate", summed)
 

@@ -24,12 +24,14 @@ Written from the semantics document only, and formulated differently from both t
     ``E = ((1 + a) / 2)^2 c + ((1 - a) / 2)^2 E|u||v|`` with
     ``E|u||v| = (2 / pi) (sqrt(v1 v2 - c^2) + c * arctan2(c, sqrt(v1 v2 - c^2)))``; self ``v (1 + a^2) / 2``
   - Erf:           ``(2 / pi) arcsin(2 c / sqrt((1 + 2 v1) (1 + 2 v2)))``; self ``(2 / pi) arcsin(2 v / (1 + 2 v))``
+  - any other function ``fn`` (GELU, Elementwise): :func:`quadrature_cov`, a Gauss-Hermite product rule on the
+    grid turned by the covariance's symmetric square root (the library turns it by the Cholesky factor)
 
 Architectures are plain data::
 
     ("seq", [layer, ...])
     ("conv", {"k": 3, "stride": 1, "padding": "same" | int, "dilation": 1, "vw": 1.0, "vb": 0.0})
-    ("relu",)   ("leaky_relu", alpha)   ("erf",)
+    ("relu",)   ("leaky_relu", alpha)   ("erf",)   ("fn", numpy_function)
     ("avgpool", {"k": 2, "stride": None, "padding": 0})     # stride None means k
     ("gap",)
     ("dense", {"vw": 1.0, "vb": 0.0})
@@ -47,6 +49,7 @@ import math
 from functools import cache
 
 import numpy as np
+import torch
 from reference_impl import conv_taps_1d, relu_cov
 
 __all__ = ["kernel", "kernel_diag", "output_size", "pool_matrix", "tap_matrices", "describe"]
@@ -126,9 +129,53 @@ def erf_cov(c, v1, v2):
     return (2.0 / math.pi) * np.arcsin(2.0 * c / np.sqrt((1.0 + 2.0 * v1) * (1.0 + 2.0 * v2)))
 
 
+def _sqrt_2x2(v1, v2, c):
+    """The symmetric square root ``[[a, b], [b, d]]`` of ``[[v1, c], [c, v2]]`` (positive semi-definite), entrywise:
+    ``sqrt(M) = (M + sqrt(det M) I) / sqrt(tr M + 2 sqrt(det M))``."""
+    root_det = np.sqrt(np.maximum(v1 * v2 - c * c, 0.0))
+    t = np.sqrt(v1 + v2 + 2.0 * root_det)
+    safe = np.where(t > 0, t, 1.0)
+    a = np.where(t > 0, (v1 + root_det) / safe, 0.0)
+    d = np.where(t > 0, (v2 + root_det) / safe, 0.0)
+    b = np.where(t > 0, c / safe, 0.0)
+    return a, b, d
+
+
+def quadrature_cov(fn, c, v1, v2, degree: int = 64):
+    """``E[fn(u) fn(v)]`` over ``(u, v) ~ N(0, [[v1, c], [c, v2]])`` by a Gauss-Hermite product rule on the grid
+    rotated and scaled by the covariance's *symmetric* square root (the library uses its Cholesky factor, in
+    correlation form): ``(u, v) = sqrt(2) sqrt(M) (t_i, t_j)``. ``fn`` maps float64 arrays to arrays."""
+    c, v1, v2 = np.broadcast_arrays(*(np.asarray(t, dtype=np.float64) for t in (c, v1, v2)))
+    a, b, d = _sqrt_2x2(v1, v2, c)
+    t, w = np.polynomial.hermite.hermgauss(degree)
+    out = np.zeros(c.shape)
+    root2 = math.sqrt(2.0)
+    for ti, wi in zip(t, w, strict=True):
+        u_part_a, v_part_b = a * ti, b * ti
+        for tj, wj in zip(t, w, strict=True):
+            u = root2 * (u_part_a + b * tj)
+            v = root2 * (v_part_b + d * tj)
+            out += (wi * wj) * fn(u) * fn(v)
+    return out / math.pi
+
+
+def quadrature_var(fn, v, degree: int = 120):
+    """``E[fn(u)^2]`` for ``u ~ N(0, v)`` by a one-dimensional Gauss-Hermite rule."""
+    t, w = np.polynomial.hermite.hermgauss(degree)
+    s = np.sqrt(np.maximum(np.asarray(v, dtype=np.float64), 0.0))
+    out = np.zeros(s.shape)
+    for ti, wi in zip(t, w, strict=True):
+        f = fn(math.sqrt(2.0) * ti * s)
+        out += wi * f * f
+    return out / math.sqrt(math.pi)
+
+
 def _nonlinearity(layer):
     """(pair function f(c, v1, v2), self function g(v)) of a nonlinearity layer."""
     kind = layer[0]
+    if kind == "fn":  # any elementwise function, by quadrature
+        fn = layer[1]
+        return (lambda c, v1, v2: quadrature_cov(fn, c, v1, v2)), (lambda v: quadrature_var(fn, v))
     if kind == "relu":
         return relu_cov, lambda v: v / 2.0
     if kind == "leaky_relu":
@@ -311,6 +358,11 @@ def describe(layer):
         return ("relu",)
     if isinstance(layer, g.Erf):
         return ("erf",)
+    if isinstance(layer, g.GELU):
+        return ("fn", lambda u: 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0))))
+    if isinstance(layer, g.Elementwise):
+        fn = layer.fn
+        return ("fn", lambda u: fn(torch.from_numpy(np.ascontiguousarray(u))).numpy())
     if isinstance(layer, g.Conv2d):
         return (
             "conv",
@@ -330,3 +382,8 @@ def describe(layer):
     if isinstance(layer, g.Dense):
         return ("dense", {"vw": float(layer.var_weight), "vb": float(layer.var_bias)})
     raise TypeError(f"no reference description for {type(layer).__name__}")
+
+
+def _erf(u):
+    """erf of a float64 array (torch only evaluates the function; the kernel math stays here)."""
+    return torch.special.erf(torch.from_numpy(np.ascontiguousarray(u))).numpy()

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpytorch_cnngp import cli, native
+from gpytorch_cnngp import cli
 from gpytorch_cnngp import datasets as ds
+from gpytorch_cnngp.backends import native
+from gpytorch_cnngp.cli import commands
 
 SAMPLE = Path(__file__).parent / "data" / "mnist_sample.npz"
 
@@ -259,7 +261,7 @@ def test_failed_scheduler_connections_leave_nothing_behind(tmp_path, capsys, dat
     def unreachable(address, workers=None):
         raise cli.SchedulerUnavailable(f"cannot reach the Dask scheduler at {address}: timed out")
 
-    monkeypatch.setattr(cli, "open_client", unreachable)
+    monkeypatch.setattr(commands, "open_client", unreachable)
     status = cli.main([*base, "--scheduler", "tcp://127.0.0.1:1", "--out", str(out), "--no-progress"])
     assert status == 1 and "cannot reach the Dask scheduler" in capsys.readouterr().err
     assert not out.exists() and not any(tmp_path.glob("*.h5*"))
@@ -268,14 +270,14 @@ def test_failed_scheduler_connections_leave_nothing_behind(tmp_path, capsys, dat
 def test_a_store_deleted_during_kernels_is_a_failure(tmp_path, capsys, data_dir, monkeypatch):
     # was: "kernels done", exit 0, and no file
     out = tmp_path / "k.h5"
-    real = cli.compute_store
+    real = commands.compute_store
 
     def delete_midway(store, *args, **kwargs):
         report = real(store, *args, **kwargs)
         out.unlink()  # the user's `rm` lands during the last tile
         return report
 
-    monkeypatch.setattr(cli, "compute_store", delete_midway)
+    monkeypatch.setattr(commands, "compute_store", delete_midway)
     argv = ["kernels", "--data-dir", str(data_dir), "--n-train", "4", "--n-val", "2", "--n-test", "2"]
     status = cli.main([*argv, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err

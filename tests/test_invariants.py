@@ -1,12 +1,15 @@
 """Algebraic invariants of the kernel engine: symmetry, consistency of the entry points, tiling,
 precision, the compiled path, dtypes/devices and empty inputs.
 
-Every check compares two independent ways of computing the same quantity (never a stored number).
+Every check compares two independent ways of computing the same quantity (never a stored number); the entry
+points are checked against the independent float64 reference of ``tests/reference_full.py``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import reference_full
 import torch
 
 from gpytorch_cnngp import Conv2d, ReLU, Sequential, Sum, architectures, gram, gram_diag, resnet_block
@@ -79,11 +82,16 @@ def _assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float)
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
-def test_same_flag_is_exactly_the_same_set_kernel(name):
+def test_every_same_set_entry_point_equals_the_reference(name):
+    """``model(X)``, ``model(X, X, same=True)`` and ``model(X, None, same=True)`` against the independent float64
+    reference of ``tests/reference_full.py`` (full covariances, selection matrices, the exact diagonal)."""
     model, size = MODELS[name]
     x = _images(6, 2, size, seed=1)
-    assert torch.equal(model(x), model(x, x, same=True))
-    assert torch.equal(model(x), model(x, None, same=True))
+    want = reference_full.kernel(reference_full.describe(model), x.numpy())
+    for got in (model(x), model(x, x, same=True), model(x, None, same=True), gram(model, x)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-11, atol=0.0)
+    with pytest.raises(ValueError, match="same=True requires Z to be X"):
+        model(x, x.flip(0), same=True)
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
@@ -100,13 +108,18 @@ def test_same_set_matches_generic_cross_kernel(name):
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
-def test_diag_equals_diagonal_of_full_matrix(name):
+def test_every_diagonal_entry_point_equals_the_reference(name):
+    """``model(X, diag=True)``, ``gram_diag`` and matched pairs ``model(X, Z, diag=True)`` against the
+    independent float64 reference (its own-covariance diagonal, and the diagonal of its cross kernel)."""
     model, size = MODELS[name]
     x = _images(7, 3, size, seed=3)
     z = _images(7, 3, size, seed=4)
-    torch.testing.assert_close(model(x, diag=True), model(x).diagonal(), rtol=1e-13, atol=0.0)
-    torch.testing.assert_close(gram_diag(model, x), model(x).diagonal(), rtol=1e-13, atol=0.0)
-    _assert_rel_close(model(x, z, diag=True), model(x, z).diagonal(), rtol=1e-12)
+    arch = reference_full.describe(model)
+    want = reference_full.kernel_diag(arch, x.numpy())
+    np.testing.assert_allclose(model(x, diag=True).numpy(), want, rtol=1e-11, atol=0.0)
+    np.testing.assert_allclose(gram_diag(model, x).numpy(), want, rtol=1e-11, atol=0.0)
+    matched = np.diagonal(reference_full.kernel(arch, x.numpy(), z.numpy()))
+    np.testing.assert_allclose(model(x, z, diag=True).numpy(), matched, rtol=1e-11, atol=0.0)
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
@@ -225,14 +238,18 @@ def test_bad_tile_size_raises():
 # the compiled path
 
 
+_COMPILED_BACKEND = {"name": "native"}  # set by the compiled_path fixture
+
+
 def _compiled_gram(*args, **kwargs) -> torch.Tensor:
-    """``gram(..., compile=True)``; skips the test where torch.compile cannot run at all on this platform.
+    """``gram(..., backend=...)`` with the compiled_path fixture's backend; skips the test where torch.compile
+    cannot run at all on this platform.
 
     A failure is blamed on the platform only if a trivial function fails to compile too, so that a
     compile error caused by the library still fails the test.
     """
     try:
-        return gram(*args, compile=True, **kwargs)
+        return gram(*args, backend=_COMPILED_BACKEND["name"], **kwargs)
     except Exception as err:
         try:
             torch.compile(lambda t: torch.sqrt(t * t + 1.0))(torch.ones(3))
@@ -244,13 +261,12 @@ def _compiled_gram(*args, **kwargs) -> torch.Tensor:
 @pytest.fixture(params=["native", "inductor"])
 def compiled_path(request, monkeypatch):
     """Run a compiled-path test through the native CPU kernel and through torch.compile (the path GPUs
-    take, ``CNNGP_NATIVE=0``); the native run checks that the kernel really ran."""
-    from gpytorch_cnngp import native
+    take); the native run checks that the kernel really ran."""
+    from gpytorch_cnngp.backends import native
 
     calls = []
-    if request.param == "inductor":
-        monkeypatch.setenv("CNNGP_NATIVE", "0")
-    else:
+    monkeypatch.setitem(_COMPILED_BACKEND, "name", request.param)
+    if request.param == "native":
         monkeypatch.delenv("CNNGP_NATIVE", raising=False)
         if native.load_library() is None:  # pragma: no cover - no C++ compiler
             pytest.skip("the native kernel cannot be built here")
@@ -271,7 +287,7 @@ def test_compiled_float32_same_set_matches_eager(compiled_path):
     model = _compile_model()
     x = _images(6, 2, 5, seed=18, dtype=torch.float32)
     compiled = _compiled_gram(model, x)
-    eager = gram(model, x, compile=False)
+    eager = gram(model, x, backend="eager")
     assert compiled.dtype == torch.float32
     assert torch.equal(compiled, compiled.T)
     assert torch.equal(compiled.diagonal(), eager.diagonal())
@@ -283,7 +299,7 @@ def test_compiled_float64_cross_matches_eager(compiled_path):
     x = _images(5, 2, 5, seed=19)
     z = _images(4, 2, 5, seed=20)
     compiled = _compiled_gram(model, x, z)
-    eager = gram(model, x, z, compile=False)
+    eager = gram(model, x, z, backend="eager")
     assert compiled.dtype == F64
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=0.0)
 
@@ -295,7 +311,7 @@ def test_compiled_edge_images_match_eager_float64(compiled_path):
     x = _images(4, 2, size, seed=41)
     x[1] = 0.0  # a black image
     z = torch.cat([x[:2], _images(2, 2, size, seed=42)])  # z[0] = x[0], z[1] = x[1] (black)
-    want = gram(model, x, z, compile=False)
+    want = gram(model, x, z, backend="eager")
     got = _compiled_gram(model, x.float(), z.float())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
@@ -356,24 +372,24 @@ def test_gram_leaves_the_garbage_collector_as_it_found_it(monkeypatch):
     also when a tile fails."""
     import gc
 
-    from gpytorch_cnngp import engine
+    from gpytorch_cnngp.backends import eager
 
     model, size = MODELS["conv_relu"]
     x = _images(5, 2, size, seed=40)
     assert gc.isenabled()
     gram(model, x, tile_size=2)
     assert gc.isenabled()
-    real_block, calls = engine._pair_block, []  # the eager pair pass (compile=False below)
+    real_block, calls = eager.pair_block, []  # the eager pair pass (backend="eager" below)
 
-    def failing_block(*args):
+    def failing_block(*args, **kwargs):
         calls.append(gc.isenabled())
         if len(calls) == 2:
             raise RuntimeError("tile failed")
-        return real_block(*args)
+        return real_block(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_pair_block", failing_block)
+    monkeypatch.setattr(eager, "pair_block", failing_block)
     with pytest.raises(RuntimeError, match="tile failed"):
-        gram(model, x, tile_size=2, compile=False)
+        gram(model, x, tile_size=2, backend="eager")
     assert calls == [False, False]  # paused inside the loop
     assert gc.isenabled()
     monkeypatch.undo()

@@ -26,7 +26,9 @@ from gpytorch.priors import GammaPrior, LogNormalPrior
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 
 import gpytorch_cnngp.engine as engine
+import gpytorch_cnngp.passes as passes
 from gpytorch_cnngp import CNNGPKernel, Conv2d, ReLU, Sequential, architectures
+from gpytorch_cnngp.backends import eager
 
 F64 = torch.float64
 SIZE = 8  # image side of most tests: 8x8, one channel, d = 64
@@ -491,13 +493,15 @@ class _BlockRecorder:
 
     def __init__(self, monkeypatch):
         self.shapes: list[tuple[int, int]] = []
-        original = engine._pair_block
+        original = passes.pair_block
 
         def recording(model, x, z, *args, **kwargs):
             self.shapes.append((x.shape[-1], z.shape[-1]))  # image blocks are [H, W, C, n]
             return original(model, x, z, *args, **kwargs)
 
-        monkeypatch.setattr(engine, "_pair_block", recording)
+        # the eager backend runs the forward tiles, the engine the backward's
+        monkeypatch.setattr(eager, "pair_block", recording)
+        monkeypatch.setattr(engine, "pair_block", recording)
 
 
 def test_tiled_backward_matches_untiled(monkeypatch):

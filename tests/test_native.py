@@ -1,4 +1,4 @@
-"""The native CPU kernel (gpytorch_cnngp.native): lowering, agreement with the eager float64 path on
+"""The native CPU kernel (gpytorch_cnngp.backends.native): lowering, agreement with the eager float64 path on
 every supported layer geometry, fallbacks, and the edges (black and identical images)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from gpytorch_cnngp import (
     Sum,
     architectures,
     gram,
-    native,
     settings,
 )
+from gpytorch_cnngp.backends import native
 
 F64 = torch.float64
 
@@ -86,11 +86,11 @@ def test_native_matches_eager_float64_and_float32(name, spy):
     model, size = MODELS[name]
     x = _images(7, 3, size, seed=1)
     z = _images(21, 3, size, seed=2)  # 21 columns: not a whole number of lane groups in either dtype
-    want = gram(model, x, z, compile=False)
-    got = gram(model, x, z, compile=True)
+    want = gram(model, x, z, backend="eager")
+    got = gram(model, x, z, backend="native")
     assert spy, "the native kernel was not used"
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
-    got32 = gram(model, x.float(), z.float(), compile=True)
+    got32 = gram(model, x.float(), z.float(), backend="native")
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=0.0)
 
@@ -100,8 +100,8 @@ def test_native_symmetric_gram_small_tiles(spy):
     exact self variances on the diagonal, and equal to the eager kernel."""
     model, size = MODELS["sums"]
     x = _images(23, 2, size, seed=3)
-    want = gram(model, x, compile=False)
-    got = gram(model, x, compile=True, tile_size=10)
+    want = gram(model, x, backend="eager")
+    got = gram(model, x, backend="native", tile_size=10)
     assert len(spy) == 6  # the 3 x 3 tiles on and above the diagonal
     assert torch.equal(got, got.T)
     assert torch.equal(got.diagonal(), model(x, diag=True))
@@ -113,7 +113,7 @@ def test_paper_architectures_match_eager(spy):
         model = build(image_size=12)
         x, z = _images(3, 1, 12, seed=4), _images(17, 1, 12, seed=5)
         torch.testing.assert_close(
-            gram(model, x, z, compile=True), gram(model, x, z, compile=False), rtol=1e-12, atol=0
+            gram(model, x, z, backend="native"), gram(model, x, z, backend="eager"), rtol=1e-12, atol=0
         )
 
 
@@ -125,8 +125,8 @@ def test_edge_images_black_and_identical():
     x[1] = 0.0
     z = torch.cat([x[:2], _images(3, 2, size, seed=7)])
     for dtype, rtol in ((F64, 1e-12), (torch.float32, 1e-5)):
-        want = gram(model, x, z, compile=False)
-        got = gram(model, x.to(dtype), z.to(dtype), compile=True)
+        want = gram(model, x, z, backend="eager")
+        got = gram(model, x.to(dtype), z.to(dtype), backend="native")
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6 * float(want.abs().max()))
         # the black image's entries are the bias-only kernel, the same in both paths
@@ -136,11 +136,11 @@ def test_edge_images_black_and_identical():
 def test_hyperparameters_are_read_at_call_time():
     model = Sequential(Conv2d(3, var_weight=1.0, var_bias=0.1), ReLU(), Dense())
     x, z = _images(3, 1, 6, seed=8), _images(5, 1, 6, seed=9)
-    before = gram(model, x, z, compile=True)
+    before = gram(model, x, z, backend="native")
     model[0].var_weight = 3.0
-    after = gram(model, x, z, compile=True)
-    override = gram(model, x, z, compile=True, hyper={model[0]: {"var_weight": torch.tensor(1.0, dtype=F64)}})
-    torch.testing.assert_close(after, gram(model, x, z, compile=False), rtol=1e-12, atol=0.0)
+    after = gram(model, x, z, backend="native")
+    override = gram(model, x, z, backend="native", hyper={model[0]: {"var_weight": torch.tensor(1.0, dtype=F64)}})
+    torch.testing.assert_close(after, gram(model, x, z, backend="eager"), rtol=1e-12, atol=0.0)
     torch.testing.assert_close(override, before, rtol=1e-12, atol=0.0)
     assert not torch.allclose(before, after)
 
@@ -172,11 +172,11 @@ def test_register_allocation_reuses_registers():
 
 def test_unsupported_networks_and_gradients_do_not_use_it(spy):
     x = _images(3, 1, 6, seed=10)
-    gram(Sequential(Conv2d(3), Erf(), Dense()), x, compile=False)
+    gram(Sequential(Conv2d(3), Erf(), Dense()), x, backend="eager")
     model = Sequential(Conv2d(3), ReLU(), Dense())
     weight = torch.tensor(2.0, dtype=F64, requires_grad=True)
     model[0].var_weight = weight
-    gram(model, x, compile=True).sum().backward()  # gradients take the eager path
+    gram(model, x, backend="native").sum().backward()  # gradients take the eager path
     assert weight.grad is not None
     assert not spy
 
@@ -185,8 +185,11 @@ def test_switched_off_by_environment(monkeypatch, spy):
     monkeypatch.setenv("CNNGP_NATIVE", "0")
     model = Sequential(Conv2d(3), ReLU(), Dense())
     x = _images(3, 1, 6, seed=11, dtype=torch.float32)
-    torch.testing.assert_close(gram(model, x, compile=True), gram(model, x, compile=False), rtol=1e-5, atol=0.0)
+    with settings.auto_native_pairs(1):
+        torch.testing.assert_close(gram(model, x), gram(model, x, backend="eager"), rtol=1e-5, atol=0.0)
     assert not spy
+    with pytest.raises(ValueError, match=r"backend='native' cannot run.*switched off.*CNNGP_NATIVE=0"):
+        gram(model, x, backend="native")
 
 
 def test_auto_mode_uses_it_from_a_few_pairs_on(monkeypatch, spy):
@@ -221,9 +224,12 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, spy):
     model = Sequential(Conv2d(3), ReLU(), Dense())
     x = _images(3, 1, 6, seed=13)
     with pytest.warns(RuntimeWarning, match="native CPU kernel could not be built.*no-such-compiler"):
-        out = gram(model, x, compile=True)
-    torch.testing.assert_close(out, gram(model, x, compile=False), rtol=1e-12, atol=0.0)
+        with settings.auto_native_pairs(1):
+            out = gram(model, x)  # backend="auto": falls back
+    torch.testing.assert_close(out, gram(model, x, backend="eager"), rtol=1e-12, atol=0.0)
     assert not spy
+    with pytest.raises(ValueError, match=r"backend='native' cannot run.*could not be built.*no-such-compiler"):
+        gram(model, x, backend="native")  # an explicit request is not quietly replaced
     assert list(tmp_path.iterdir()) == [] or all(p.suffix != ".so" for p in tmp_path.rglob("*"))
 
 
@@ -254,27 +260,27 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
 
 
 def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
-    # the pipeline's blocks follow gram's own policy (compute_block(compile=None) passes None through)
+    # the pipeline's blocks follow gram's own policy (compute_block(backend="auto") passes it through)
+    from gpytorch_cnngp.backends import native_ready
     from gpytorch_cnngp.distributed import ArchitectureSpec, compute_block
-    from gpytorch_cnngp.engine import native_ready
 
     monkeypatch.delenv("CNNGP_COMPILE", raising=False)
     spec = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=2, kernel_size=3)
     x = _images(9, 1, 8, seed=13).numpy()
     assert native_ready(spec.cached(), (8, 8), F64)
-    values, _, dev = compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", compile=None)
+    values, _, dev = compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", backend="auto")
     assert dev == "cpu" and spy
-    reference = gram(spec.cached(), torch.from_numpy(x[:5]), torch.from_numpy(x[3:9]), compile=False)
+    reference = gram(spec.cached(), torch.from_numpy(x[:5]), torch.from_numpy(x[3:9]), backend="eager")
     torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
     spy.clear()
-    compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", compile=False)
+    compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", backend="eager")
     assert not spy
-    # networks it cannot run stay eager under compile=None (not torch.compile)
+    # networks it cannot run stay eager under backend="auto" (not torch.compile)
     pooled = ArchitectureSpec.from_name("pooled_cnn_gp", image_size=8)
     assert not native_ready(pooled.cached(), (8, 8), F64)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
-    values, _, _ = compute_block(pooled, x, (0, 3), x, (0, 3), dtype="float64", compile=None)
-    reference = gram(pooled.cached(), torch.from_numpy(x[:3]), compile=False)
+    values, _, _ = compute_block(pooled, x, (0, 3), x, (0, 3), dtype="float64", backend="auto")
+    reference = gram(pooled.cached(), torch.from_numpy(x[:3]), backend="eager")
     torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
     assert not spy
     monkeypatch.setenv("CNNGP_NATIVE", "0")

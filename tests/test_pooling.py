@@ -715,11 +715,14 @@ def test_cnngp_kernel_with_pooled_architecture():
 def test_auto_compile_skips_full_covariance_networks(monkeypatch):
     """compile=None compiles large jobs, but not networks on the full path (slower compiled, see RESULTS.md)."""
     from gpytorch_cnngp import settings
-    from gpytorch_cnngp.engine import _use_compile
+    from gpytorch_cnngp.backends import Eager, Inductor, choose
 
     monkeypatch.setenv("CNNGP_COMPILE", "auto")
     pairs = settings.auto_compile_pairs.value()
-    assert _use_compile(None, pairs, grad=False, full=False)
-    assert not _use_compile(None, pairs - 1, grad=False, full=False)
-    assert not _use_compile(None, pairs, grad=False, full=True)
-    assert _use_compile(True, 1, grad=False, full=True)  # an explicit request is honoured
+    cpu, f32 = torch.device("cpu"), torch.float32
+    same_location = Sequential(Conv2d(3), Erf(), Dense())  # not native: torch.compile or eager
+    pooled = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
+    assert choose("auto", same_location, (8, 8), f32, cpu, pairs) is Inductor
+    assert choose("auto", same_location, (8, 8), f32, cpu, pairs - 1) is Eager
+    assert choose("auto", pooled, (8, 8), f32, cpu, pairs) is Eager
+    assert choose("inductor", pooled, (8, 8), f32, cpu, 1) is Inductor  # an explicit request is honoured

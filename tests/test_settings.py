@@ -7,7 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpytorch_cnngp import datasets, engine, memory, native, settings
+from gpytorch_cnngp import datasets, memory, settings, tiling
+from gpytorch_cnngp.architectures import convnet_gp, pooled_cnn_gp
+from gpytorch_cnngp.backends import Eager, Inductor, Native, choose, native
+
+
+def _choose(requested: str, pairs: int, pooled: bool = False):
+    """The backend the one policy picks for a CPU float32 call of ``pairs`` entries on 8x8 images."""
+    model = pooled_cnn_gp(image_size=8) if pooled else convnet_gp(image_size=8, depth=2, kernel_size=3)
+    return choose(requested, model, (8, 8), torch.float32, torch.device("cpu"), pairs)
+
+
+def _auto(pairs: int, pooled: bool = False):
+    return _choose("auto", pairs, pooled)
+
 
 FLAGS = [(settings.native, "CNNGP_NATIVE", True), (settings.tune_allocator, "CNNGP_MALLOPT", True)]
 
@@ -57,16 +70,17 @@ def test_compile_mode(monkeypatch):
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         settings.compile_mode(True)
     monkeypatch.setenv("CNNGP_COMPILE", "0")
-    assert not engine._use_compile(None, 10**9, grad=False)
+    assert _auto(10**9, pooled=True) is Eager and _auto(10**9) is Eager
     with settings.compile_mode("on"):
-        assert engine._use_compile(None, 1, grad=False)
-        assert not engine._use_compile(False, 1, grad=False)  # an explicit argument beats the setting
+        assert _auto(1, pooled=True) is Inductor  # the native kernel cannot run pooling
+        assert _auto(1) in (Native, Inductor)
+        assert _choose("eager", 1) is Eager  # an explicit argument beats the setting
 
 
 def test_thresholds(monkeypatch):
     assert settings.auto_native_pairs.value() == 16 and settings.auto_compile_pairs.value() == 4_000_000
-    with settings.auto_compile_pairs(10):
-        assert engine._use_compile(None, 10, grad=False) and not engine._use_compile(None, 9, grad=False)
+    with settings.auto_compile_pairs(10), settings.native(False):
+        assert _auto(10) is Inductor and _auto(9) is Eager
     for bad in (-1, 2.5, True, "3"):
         with pytest.raises(ValueError, match="non-negative integer"):
             settings.auto_native_pairs(bad)
@@ -74,16 +88,16 @@ def test_thresholds(monkeypatch):
 
 def test_memory_budget_takes_units_everywhere(monkeypatch):
     cpu = torch.device("cpu")
-    machine = engine._default_budget(cpu)
+    machine = tiling.default_budget(cpu)
     assert settings.memory_budget.value() is None and 0 < machine <= 4 << 30
     monkeypatch.setenv("CNNGP_MEMORY_BUDGET", "512MiB")
-    assert settings.memory_budget.value() == 512 * 2**20 == engine._default_budget(cpu)
+    assert settings.memory_budget.value() == 512 * 2**20 == tiling.default_budget(cpu)
     monkeypatch.setenv("CNNGP_MEMORY_BUDGET", "1e9")  # a plain number of bytes, as before
-    assert engine._default_budget(cpu) == 10**9
+    assert tiling.default_budget(cpu) == 10**9
     with settings.memory_budget("2GB"):
-        assert engine._default_budget(cpu) == 2 * 10**9
+        assert tiling.default_budget(cpu) == 2 * 10**9
         with settings.memory_budget(None):  # back to the machine's default
-            assert engine._default_budget(cpu) == machine
+            assert tiling.default_budget(cpu) == machine
     monkeypatch.setenv("CNNGP_MEMORY_BUDGET", "lots")
     with pytest.raises(ValueError, match="CNNGP_MEMORY_BUDGET: not a memory size"):
         settings.memory_budget.value()

@@ -1,6 +1,6 @@
 """Kernel layers: each maps a covariance state to the next and builds its finite torch layer."""
 
-from .base import Context, FiniteBuild, Layer
+from .base import FiniteBuild, Layer, Nonlinearity, WeightedLayer
 from .combinators import Sequential, Sum, resnet_block
 from .conv import Conv2d
 from .dense import Dense
@@ -9,11 +9,10 @@ from .erf import Erf
 from .gelu import GELU
 from .leaky_relu import LeakyReLU
 from .pooling import AvgPool2d, GlobalAvgPool2d
-from .relu import Nonlinearity, ReLU
+from .relu import ReLU
 
 __all__ = [
     "AvgPool2d",
-    "Context",
     "Conv2d",
     "Dense",
     "Elementwise",
@@ -25,6 +24,7 @@ __all__ = [
     "Layer",
     "Nonlinearity",
     "ReLU",
+    "WeightedLayer",
     "Sequential",
     "Sum",
     "resnet_block",

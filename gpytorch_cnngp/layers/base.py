@@ -1,72 +1,40 @@
-"""The layer protocol: how a layer maps one covariance state to the next.
+"""The layer protocol and the shared base classes of the layers.
 
-A network's kernel is computed in two passes over the same layer tree:
+A layer maps one covariance state (:class:`~gpytorch_cnngp.state.CovState`) to the next in the two
+passes of :mod:`gpytorch_cnngp.state` (the self pass records what nonlinearities need; the pair pass
+recalls it), reports its output size, and builds its finite torch layer. It knows nothing of tiles,
+backends or GPyTorch: the kernel engine runs the passes, and :meth:`Layer.forward` is only a facade
+that hands the call to it.
 
-* the **self pass** propagates each image's own variance map ``v[h, w, n]``; every nonlinearity
-  records the standard deviation map it sees (``trace``), and the pass ends with ``k(x, x)``;
-* the **pair pass** propagates covariance maps ``c[h, w, ...]`` between two images (a block of pairs
-  ``[h, w, n1, n2]`` or matched pairs ``[h, w, n]``); each nonlinearity reads back the recorded
-  standard deviations of both sides in the same traversal order.
-
-Maps keep the spatial dimensions first and the images last (see :mod:`gpytorch_cnngp.ops`).
-
-Linear layers apply the same map in both passes. Recording self terms once per image means the pair
-pass never recomputes them, whichever block of pairs it works on.
+Shared bases: :class:`WeightedLayer` (validated ``var_weight``/``var_bias``) and
+:class:`Nonlinearity` (a pointwise map given by its self and pair expectations; the self trace and
+the exact diagonal of same-image pairs are handled here once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Layer", "Context", "FiniteBuild"]
+from ..ops import position_diagonal, safe_sqrt, same_location
+from ..state import CovState
+
+__all__ = ["Layer", "FiniteBuild", "Nonlinearity", "WeightedLayer", "check_variance", "set_evaluator"]
+
+#: The kernel evaluator behind ``model(X, Z)``, installed by :mod:`gpytorch_cnngp.engine` when the
+#: package is imported, so that layer math never imports the engine that runs it.
+_evaluate: Callable[..., Tensor] | None = None
 
 
-@dataclass
-class Context:
-    """What a layer may need besides its input map during one pass.
-
-    :ivar mode: ``"self"`` (variances of single images) or ``"pair"`` (covariances between images).
-    :ivar hyper: hyperparameter tensors per layer, keyed by ``id(layer)``; a layer reads its values
-        through :meth:`Layer.hyper` so that a caller (e.g. the GPyTorch kernel) can substitute them.
-    :ivar trace: self pass: list to append each nonlinearity's input standard deviations to.
-    :ivar trace_x, trace_z: pair pass: recorded standard deviations of the two sides, shaped to
-        broadcast against the pair maps (``[h, w, n1, 1]`` and ``[h, w, 1, n2]`` for a block).
-    :ivar same: pair pass on a square block whose ``(a, a)`` pairs are an image with itself; those
-        entries are set exactly to the self values after every nonlinearity.
-    :ivar compiled: the pass runs inside ``torch.compile`` (forward only); layers may then use
-        vectorisable approximations whose error is far below the dtype's resolution.
-    :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
-    :ivar pair_ndim: number of trailing image dimensions of the maps (1 for ``[.., n]``, 2 for a block
-        ``[.., n1, n2]``); the leading ones are spatial: 2 on the same-location path ``[H, W, ..]``,
-        4 on the full path ``[H, W, H, W, ..]`` (see :meth:`is_full`).
-    :ivar keep_full: a layer after the current one needs full spatial covariances, so containers
-        must not reduce the map to its same-location part yet.
-    """
-
-    mode: str
-    hyper: Mapping[int, Mapping[str, Tensor]]
-    trace: list[Tensor] | None = None
-    trace_x: list[Tensor] | None = None
-    trace_z: list[Tensor] | None = None
-    same: bool = False
-    compiled: bool = False
-    window_method: str = "matmul"
-    pair_ndim: int = 1
-    keep_full: bool = False
-    _slot: int = field(default=0, repr=False)
-
-    def is_full(self, m: Tensor) -> bool:
-        """Whether ``m`` is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``)."""
-        return m.dim() == 4 + self.pair_ndim
-
-    def next_slot(self) -> int:
-        slot = self._slot
-        self._slot += 1
-        return slot
+def set_evaluator(fn: Callable[..., Tensor]) -> None:
+    """Install ``fn(model, x, z, diag)`` as what :meth:`Layer.forward` calls (done by the engine)."""
+    global _evaluate
+    _evaluate = fn
 
 
 @dataclass
@@ -99,8 +67,10 @@ class Layer(nn.Module):
         """Spatial size of this layer's output for an input of ``size = (H, W)``."""
         raise NotImplementedError
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        """Map a covariance (pair mode) or variance (self mode) map ``[H, W, ...]`` to the next."""
+    def propagate(self, state: CovState) -> CovState:
+        """The next covariance state: ``state.nngp`` is a covariance (pair pass) or variance (self pass) map
+        ``[H, W, ...]`` (``[H, W, H, W, ...]`` when ``state.full``); read hyperparameters with
+        ``state.hyper(self, name)`` and return ``state.replace(nngp=...)``."""
         raise NotImplementedError
 
     def children_layers(self) -> Iterator[Layer]:
@@ -118,9 +88,6 @@ class Layer(nn.Module):
     def has_weights(self) -> bool:
         """Whether the finite network of this layer has weights (and so sets its channel count)."""
         return bool(self.hyperparameter_names) or any(child.has_weights() for child in self.children_layers())
-
-    def hyper(self, ctx: Context, name: str) -> Tensor:
-        return ctx.hyper[id(self)][name]
 
     def kernel_layers(self) -> Iterator[Layer]:
         """This layer and every layer below it, depth first (shared instances appear once each time)."""
@@ -186,14 +153,110 @@ class Layer(nn.Module):
 
         ``model(X)`` and ``model(X, X, same=True)`` treat both sides as the same images: the result
         is exactly symmetric and its diagonal is exactly the self variance. ``model(X, Z)`` with
-        ``diag=True`` gives ``k(x_i, z_i)`` for sets of equal length.
+        ``diag=True`` gives ``k(x_i, z_i)`` for sets of equal length. A facade: the work is
+        :func:`gpytorch_cnngp.gram` (or :func:`~gpytorch_cnngp.gram_diag` with ``diag``), with their
+        defaults; call those for tiles, budgets, backends or progress bars.
         """
-        from ..engine import gram, gram_diag
+        if _evaluate is None:  # pragma: no cover - importing gpytorch_cnngp installs the engine
+            raise RuntimeError("no kernel engine installed: import gpytorch_cnngp first")
+        if not diag and same and z is not None and z is not x and not torch.equal(z, x):
+            raise ValueError("same=True requires Z to be X (or None)")
+        if not diag and same:
+            z = None
+        return _evaluate(self, x, z, diag)
 
-        if diag:
-            return gram_diag(self, x, z)
-        if z is None or same:
-            if same and z is not None and z is not x and not torch.equal(z, x):
-                raise ValueError("same=True requires Z to be X (or None)")
-            return gram(self, x)
-        return gram(self, x, z)
+
+def check_variance(name: str, value) -> Tensor:
+    """Validate a variance hyperparameter: a finite non-negative scalar (float or 0-d tensor)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise ValueError(f"{name} must be a real number or a scalar tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            value = value.to(torch.get_default_dtype())
+        tensor = value.reshape(())
+    else:
+        tensor = torch.tensor(float(value), dtype=torch.float64)
+    scalar = float(tensor.detach())
+    if not math.isfinite(scalar):
+        raise ValueError(f"{name} must be finite, got {scalar}")
+    if scalar < 0:
+        raise ValueError(f"{name} must be non-negative, got {scalar}")
+    return tensor
+
+
+class WeightedLayer(Layer):
+    """A layer with Gaussian weights and biases: validated ``var_weight``/``var_bias`` tensors.
+
+    They are buffers (they move with ``.to()``); assigning a float or a tensor validates it, and a
+    tensor with ``requires_grad=True`` makes the kernel differentiable with respect to it.
+    """
+
+    hyperparameter_names = ("var_weight", "var_bias")
+
+    def _init_variances(self, var_weight: float | Tensor, var_bias: float | Tensor) -> None:
+        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
+        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
+
+    @property
+    def var_weight(self) -> Tensor:
+        return self._var_weight
+
+    @var_weight.setter
+    def var_weight(self, value: float | Tensor) -> None:
+        self._var_weight = check_variance("var_weight", value)
+
+    @property
+    def var_bias(self) -> Tensor:
+        return self._var_bias
+
+    @var_bias.setter
+    def var_bias(self, value: float | Tensor) -> None:
+        self._var_bias = check_variance("var_bias", value)
+
+
+class Nonlinearity(Layer):
+    """A pointwise nonlinearity ``phi``; maps covariances of pre-activations to those of activations.
+
+    Subclasses implement :meth:`self_map` (``v -> E[phi(u)^2]`` for ``u ~ N(0, v)``) and
+    :meth:`pair_map` (``E[phi(u) phi(u')]`` from the covariance ``c`` and the standard deviations of
+    both sides), and :meth:`build_nn`. This class records and recalls the standard deviations and sets
+    the exact diagonal of same-image pairs, so a new nonlinearity needs nothing else.
+    """
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size
+
+    def self_map(self, v: Tensor, s: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        raise NotImplementedError
+
+    def propagate(self, state: CovState) -> CovState:
+        m, full, run = state.nngp, state.full, state.run
+        if run.mode == "self":
+            v = same_location(m) if full else m
+            s = safe_sqrt(v)
+            run.record(s)
+            if not full:
+                return state.replace(nngp=self.self_map(v, s))
+            # covariances between the positions of one image; each position with itself is exact
+            out = self.pair_map(m, s[:, :, None, None], s[None, None], run.compiled)
+            position_diagonal(out).copy_(self.self_map(v, s).flatten(0, 1).movedim(0, -1))
+            return state.replace(nngp=out)
+        sx, sz = run.recall()
+        s1, s2 = (sx[:, :, None, None], sz[None, None]) if full else (sx, sz)
+        out = self.pair_map(m, s1, s2, run.compiled)
+        if run.same:
+            # An image with itself: use the self value instead of J(rho ~ 1), which rounding spoils.
+            s = sx.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
+            value = self.self_map(s * s, s)
+            if full:  # entries (p, p, a, a): each position of image a with itself, as [n, H * W]
+                hw = s.shape[0] * s.shape[1]
+                target = out.view(hw, hw, *out.shape[4:]).diagonal(0, -2, -1).diagonal(0, 0, 1)
+                target.copy_(value.reshape(hw, -1).t())
+            else:
+                out.diagonal(0, -2, -1).copy_(value)
+        return state.replace(nngp=out)

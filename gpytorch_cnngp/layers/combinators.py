@@ -7,7 +7,8 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor, nn
 
 from ..ops import same_location
-from .base import Context, FiniteBuild, Layer
+from ..state import CovState
+from .base import FiniteBuild, Layer
 from .conv import Conv2d
 from .relu import ReLU
 
@@ -54,19 +55,16 @@ class Sequential(Layer):
             size = layer.out_size(size)
         return size
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        keep = ctx.keep_full
-        needs = [layer.needs_full() for layer in self.layers]
-        try:
-            for i, layer in enumerate(self.layers):
-                later = keep or any(needs[i + 1 :])
-                if not (needs[i] or later) and ctx.is_full(m):
-                    m = same_location(m)  # nothing from here on needs covariances between positions
-                ctx.keep_full = later
-                m = layer.propagate(m, ctx)
-        finally:
-            ctx.keep_full = keep
-        return m if keep or not ctx.is_full(m) else same_location(m)
+    def propagate(self, state: CovState) -> CovState:
+        keep = state.keep_full
+        needs = [state.run.requirements.needs(layer) for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            later = keep or any(needs[i + 1 :])
+            if not (needs[i] or later) and state.full:
+                state = state.replace(nngp=same_location(state.nngp))  # nothing from here on needs positions
+            state = layer.propagate(state.replace(keep_full=later))
+        state = state.replace(keep_full=keep)
+        return state if keep or not state.full else state.replace(nngp=same_location(state.nngp))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         # The first layer with weights reads the input channels and the last one writes the output
@@ -126,14 +124,14 @@ class Sum(Layer):
             raise ValueError(f"Sum branches give different spatial sizes ({shown}) for a {size[0]}x{size[1]} input")
         return sizes[0]
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
+    def propagate(self, state: CovState) -> CovState:
         total = None
         for branch in self.branches:
-            out = branch.propagate(m, ctx)
-            if not ctx.keep_full and ctx.is_full(out):
-                out = same_location(out)
-            total = out if total is None else total + out
-        return total
+            out = branch.propagate(state)
+            if not state.keep_full and out.full:
+                out = out.replace(nngp=same_location(out.nngp))
+            total = out.nngp if total is None else total + out.nngp
+        return state.replace(nngp=total)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         size, built = build.size, []

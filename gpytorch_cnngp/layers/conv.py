@@ -3,65 +3,15 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import Window, diagonal_window_sum, window_sum
-from .base import Context, FiniteBuild, Layer
+from ..state import CovState
+from .base import FiniteBuild, WeightedLayer, check_variance
 
-__all__ = ["Conv2d", "WeightedLayer", "check_variance"]
-
-
-def check_variance(name: str, value) -> Tensor:
-    """Validate a variance hyperparameter: a finite non-negative scalar (float or 0-d tensor)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise ValueError(f"{name} must be a real number or a scalar tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            value = value.to(torch.get_default_dtype())
-        tensor = value.reshape(())
-    else:
-        tensor = torch.tensor(float(value), dtype=torch.float64)
-    scalar = float(tensor.detach())
-    if not math.isfinite(scalar):
-        raise ValueError(f"{name} must be finite, got {scalar}")
-    if scalar < 0:
-        raise ValueError(f"{name} must be non-negative, got {scalar}")
-    return tensor
-
-
-class WeightedLayer(Layer):
-    """A layer with Gaussian weights and biases: validated ``var_weight``/``var_bias`` tensors.
-
-    They are buffers (they move with ``.to()``); assigning a float or a tensor validates it, and a
-    tensor with ``requires_grad=True`` makes the kernel differentiable with respect to it.
-    """
-
-    hyperparameter_names = ("var_weight", "var_bias")
-
-    def _init_variances(self, var_weight: float | Tensor, var_bias: float | Tensor) -> None:
-        self.register_buffer("_var_weight", check_variance("var_weight", var_weight))
-        self.register_buffer("_var_bias", check_variance("var_bias", var_bias))
-
-    @property
-    def var_weight(self) -> Tensor:
-        return self._var_weight
-
-    @var_weight.setter
-    def var_weight(self, value: float | Tensor) -> None:
-        self._var_weight = check_variance("var_weight", value)
-
-    @property
-    def var_bias(self) -> Tensor:
-        return self._var_bias
-
-    @var_bias.setter
-    def var_bias(self, value: float | Tensor) -> None:
-        self._var_bias = check_variance("var_bias", value)
+__all__ = ["Conv2d", "WeightedLayer", "check_variance"]  # the last two live in .base
 
 
 class Conv2d(WeightedLayer):
@@ -151,13 +101,16 @@ class Conv2d(WeightedLayer):
             )
         return h, w
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        scale = self.hyper(ctx, "var_weight") / (self.kernel_size * self.kernel_size)
-        if ctx.is_full(m):  # covariances between positions: both sides share each tap's weight
-            return diagonal_window_sum(m, self.window, self.window, scale).add_(self.hyper(ctx, "var_bias"))
+    def propagate(self, state: CovState) -> CovState:
+        m = state.nngp
+        scale = state.hyper(self, "var_weight") / (self.kernel_size * self.kernel_size)
+        bias = state.hyper(self, "var_bias")
+        if state.full:  # covariances between positions: both sides share each tap's weight
+            return state.replace(nngp=diagonal_window_sum(m, self.window, self.window, scale).add_(bias))
         # window_sum returns a fresh tensor when given a scale, and neither matmul nor mul keeps its
         # output for the backward pass, so the bias can be added in place (one pass, no allocation)
-        return window_sum(m, self.window, self.window, ctx.window_method, scale).add_(self.hyper(ctx, "var_bias"))
+        method = state.run.window_method
+        return state.replace(nngp=window_sum(m, self.window, self.window, method, scale).add_(bias))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         c_in = in_channels * self.in_channel_multiplier

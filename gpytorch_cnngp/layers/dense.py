@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import same_location
-from .base import Context, FiniteBuild
-from .conv import WeightedLayer
+from ..state import CovState
+from .base import FiniteBuild, WeightedLayer
 
 __all__ = ["Dense"]
 
@@ -43,11 +43,11 @@ class Dense(WeightedLayer):
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return 1, 1
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        full = ctx.is_full(m)
+    def propagate(self, state: CovState) -> CovState:
+        m, full = state.nngp, state.full
         local = same_location(m) if full else m
-        out = local.mean(dim=(0, 1), keepdim=True) * self.hyper(ctx, "var_weight") + self.hyper(ctx, "var_bias")
-        return out[:, :, None, None] if full else out
+        out = local.mean(dim=(0, 1), keepdim=True) * state.hyper(self, "var_weight") + state.hyper(self, "var_bias")
+        return state.replace(nngp=out[:, :, None, None] if full else out)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         var_w = float(self.var_weight.detach())

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import first_order_only
-from .base import FiniteBuild
-from .relu import Nonlinearity
+from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["Elementwise"]
 

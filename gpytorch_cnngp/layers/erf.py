@@ -7,8 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import FiniteBuild
-from .relu import Nonlinearity
+from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["Erf"]
 

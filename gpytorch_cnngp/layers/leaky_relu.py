@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import relu_expectation, relu_expectation_forward
-from .base import FiniteBuild
-from .relu import Nonlinearity
+from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["LeakyReLU"]
 

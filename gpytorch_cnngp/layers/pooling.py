@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..ops import Window, window_sum_both_sides
-from .base import Context, FiniteBuild, Layer
+from ..state import CovState
+from .base import FiniteBuild, Layer
 
 __all__ = ["AvgPool2d", "GlobalAvgPool2d"]
 
 
-def _check_full(layer: Layer, m: Tensor, ctx: Context) -> None:
-    if not ctx.is_full(m):  # the engine starts on the full path whenever a layer needs it
+def _check_full(layer: Layer, state: CovState) -> None:
+    if not state.full:  # the engine starts on the full path whenever a layer needs it
         raise RuntimeError(f"{layer!r} needs full spatial covariances; compute kernels through gpytorch_cnngp.gram")
 
 
@@ -71,10 +72,11 @@ class AvgPool2d(Layer):
             )
         return h, w
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        _check_full(self, m, ctx)
+    def propagate(self, state: CovState) -> CovState:
+        _check_full(self, state)
         scale = 1.0 / self.kernel_size**4
-        return window_sum_both_sides(m, self.window, self.window, ctx.window_method, scale)
+        method = state.run.window_method
+        return state.replace(nngp=window_sum_both_sides(state.nngp, self.window, self.window, method, scale))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, count_include_pad=True), incoming
@@ -95,9 +97,9 @@ class GlobalAvgPool2d(Layer):
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return 1, 1
 
-    def propagate(self, m: Tensor, ctx: Context) -> Tensor:
-        _check_full(self, m, ctx)
-        return m.mean(dim=(0, 1, 2, 3), keepdim=True)
+    def propagate(self, state: CovState) -> CovState:
+        _check_full(self, state)
+        return state.replace(nngp=state.nngp.mean(dim=(0, 1, 2, 3), keepdim=True))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AdaptiveAvgPool2d(1), incoming

@@ -1,0 +1,114 @@
+"""Backends: the ways to run the pair pass of a tile, and the one policy that chooses between them.
+
+=============  ===============================================================================
+``"eager"``    plain torch (:mod:`.eager`): every network, device and dtype; gradients
+``"inductor"`` ``torch.compile`` (:mod:`.inductor`): fused loops, 15-60 s to compile per shape
+``"native"``   the native CPU kernel (:mod:`.native`): same-location networks of Conv2d, Dense,
+               (Leaky)ReLU, Sum and Sequential in float32/float64 on a CPU
+``"auto"``     :func:`choose` decides per call (see there)
+=============  ===============================================================================
+
+Every caller (:func:`gpytorch_cnngp.gram`, :class:`gpytorch_cnngp.CNNGPKernel`, the Dask blocks and the
+``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import settings
+from ..layers.base import Layer
+from ..state import Requirements
+from .base import Backend, BlockFn
+from .eager import Eager
+from .inductor import Inductor
+from .native import Native
+
+__all__ = ["BACKENDS", "Backend", "BlockFn", "Eager", "Inductor", "Native", "choose", "resolve", "native_ready"]
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Eager, Inductor, Native)}
+"""The backends by name."""
+
+_NAMES = ("auto", *BACKENDS)
+_COMPILED = "compiled"  # the deprecated compile=True: native where it runs, else inductor
+
+
+def resolve(backend: str | None, compile: bool | None = None) -> str:
+    """The requested backend name from ``backend`` and the deprecated ``compile`` flag.
+
+    ``compile=False`` is ``backend="eager"``; ``compile=True`` is the native kernel where it runs and
+    ``torch.compile`` elsewhere. Giving both with different meanings is an error.
+    """
+    name = "auto" if backend is None else backend
+    if name not in _NAMES and name != _COMPILED:
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {backend!r}")
+    if compile is None:
+        return name
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None, got {compile!r}")
+    warnings.warn(
+        "compile= is deprecated; use backend='eager', 'inductor', 'native' or 'auto'", DeprecationWarning, stacklevel=3
+    )
+    if name != "auto":
+        raise ValueError(f"give backend={name!r} or compile={compile}, not both")
+    return _COMPILED if compile else "eager"
+
+
+def choose(
+    requested: str,
+    model: Layer,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    n_pairs: int,
+    grad: bool = False,
+    requirements: Requirements | None = None,
+) -> type[Backend]:
+    """The backend that runs a call: the one policy of the package.
+
+    * gradients (with respect to hyperparameters or images) run eagerly, whatever was requested;
+    * an explicit ``"eager"``, ``"inductor"`` or ``"native"`` is used, or raises a ValueError that says
+      why it cannot run this network here (naming the layer);
+    * ``"auto"`` follows :class:`gpytorch_cnngp.settings.compile_mode`: ``"off"`` eager; ``"on"`` native
+      where it runs, else inductor where it runs, else eager; ``"auto"`` (default) native from
+      ``settings.auto_native_pairs`` pairs on where it runs, else inductor from ``settings.auto_compile_pairs``
+      pairs on for same-location networks it can compile (full spatial maps run about twice as fast
+      eagerly), else eager.
+
+    :param requested: a name from :func:`resolve`.
+    :param n_pairs: kernel entries the call computes.
+    """
+    if requested not in _NAMES and requested != _COMPILED:
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {requested!r}")
+    if grad:
+        return Eager
+    device = torch.device(device)
+    if requested in BACKENDS:
+        cls = BACKENDS[requested]
+        reason = cls.unsupported(model, size, dtype, device)
+        if reason is not None:
+            raise ValueError(f"backend={requested!r} cannot run this network here: {reason}; use backend='auto'")
+        return cls
+    mode = "on" if requested == _COMPILED else settings.compile_mode.value()
+    if mode == "off":
+        return Eager
+    native_wanted = mode == "on" or n_pairs >= settings.auto_native_pairs.value()
+    if native_wanted and Native.unsupported(model, size, dtype, device) is None:
+        return Native
+    compilable = Inductor.unsupported(model, size, dtype, device) is None
+    if mode == "on":
+        return Inductor if compilable else Eager
+    full = (requirements or Requirements(model)).full
+    return Inductor if compilable and n_pairs >= settings.auto_compile_pairs.value() and not full else Eager
+
+
+def native_ready(
+    model: Layer, image_size: tuple[int, int], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> bool:
+    """Whether ``backend="native"`` can run ``model`` here: a CPU float32/float64 network that
+    :mod:`gpytorch_cnngp.backends.native` supports, the kernel not switched off (``CNNGP_NATIVE=0``), built
+    (or found in the cache) and past its self-test. This call does that build, so it can take a few
+    seconds the first time on a machine."""
+    return Native.unsupported(model, tuple(image_size), dtype, torch.device(device)) is None

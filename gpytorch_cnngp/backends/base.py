@@ -1,0 +1,48 @@
+"""The interface every backend implements: run the pair pass of one tile of image pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layers.base import Layer
+    from ..state import Hyper, Requirements
+
+__all__ = ["Backend", "BlockFn"]
+
+#: ``block(x, z, trace_x, trace_z, same)``: the kernel block ``[n1, n2]`` of images ``x`` ``[H, W, C, n1]``
+#: and ``z`` ``[H, W, C, n2]`` given their sliced self traces; ``same``: a square block of an image set
+#: with itself, whose diagonal the engine then replaces by the self values.
+BlockFn = Callable[[Tensor, Tensor, list[Tensor], list[Tensor], bool], Tensor]
+
+
+class Backend:
+    """A way to run the pair pass: eager torch, ``torch.compile`` or the native CPU kernel.
+
+    The engine tiles and checks; a backend only says whether it can run a network
+    (:meth:`unsupported`), how much memory a pair of its tile takes (:attr:`workspace_factor`), its
+    preferred CPU tile (:attr:`cpu_tile`), and gives the function that computes one tile
+    (:meth:`block_fn`). :func:`gpytorch_cnngp.backends.choose` picks one for each call.
+    """
+
+    name: ClassVar[str]
+    #: working copies of one pair's largest map that a tile holds at once (measured upper bounds)
+    workspace_factor: ClassVar[int]
+    #: default tile edge on a CPU (GPUs take the largest tile that fits the budget)
+    cpu_tile: ClassVar[int]
+
+    @classmethod
+    def unsupported(cls, model: Layer, size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why this backend cannot run ``model`` on ``size`` images here (naming the layer), or ``None``."""
+        return None
+
+    @classmethod
+    def block_fn(
+        cls, model: Layer, size: tuple[int, int], hyper: Hyper, requirements: Requirements, tile: int
+    ) -> BlockFn:
+        """The function computing one tile of this call (hyperparameters fixed for the call)."""
+        raise NotImplementedError

@@ -1,0 +1,194 @@
+"""The choices ``cnngp`` makes for the user: torch threads (timed), native kernel or compiled or eager blocks,
+the tile size, the stores' file names, the disk and memory checks before a long run, and its peak memory.
+
+``_backend`` is the only reader of ``--backend`` (and of the deprecated ``--compile``): every decision between
+the backends starts from it, and :func:`gpytorch_cnngp.backends.choose` makes the rest, as for any call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends import BACKENDS, native_ready
+from ..blocked_cholesky import default_memory_budget, plan_panel_width
+from ..distributed import ArchitectureSpec, compute_block, default_tile_size, resolve_device
+from ..memory import available_memory, format_bytes
+from ..store import KernelStore
+from .errors import UserError
+from .render import _fmt_count, _say
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """The backend the kernel blocks ask for: ``--backend``, or the deprecated ``--compile``
+    (``on``: the native kernel where it runs, else torch.compile; ``off``: eager)."""
+    if args.compile is None:
+        return args.backend
+    if args.backend != "auto":
+        raise UserError("give --backend or --compile (deprecated), not both")
+    return {"auto": "auto", "on": "compiled", "off": "eager"}[args.compile]
+
+
+def _check_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> None:
+    """Refuse an explicit ``--backend`` that cannot run ``spec`` here before any work, saying why."""
+    name = _backend(args)
+    if name not in BACKENDS:
+        return
+    device = resolve_device(args.device)
+    size = tuple(np.shape(images["train"])[-2:])
+    reason = BACKENDS[name].unsupported(spec.cached(), size, getattr(torch, args.dtype), device)
+    if reason is not None:
+        raise UserError(f"--backend {name} cannot run {spec.name} here: {reason}; use --backend auto")
+
+
+def _native(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> bool:
+    """Whether this machine's CPU runs the blocks of ``spec`` in the native kernel."""
+    size = tuple(np.shape(images["train"])[-2:])
+    return native_ready(spec.cached(), size, getattr(torch, args.dtype), "cpu")
+
+
+def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> tuple | None:
+    """Compute and commit one pending block here, timed: ``(entries/s, its entries, description)`` or ``None``.
+
+    A block that is not on the diagonal of Kxx is preferred (those compute only half their pairs). Nothing is
+    wasted: the block is committed like any other.
+    """
+    pending = [b for b in store.pending() if not b.is_diagonal]
+    if not pending:
+        return None
+    block = next((b for b in pending if not b.symmetric), pending[0])
+    device = str(resolve_device(args.device))
+    # the CPU's native kernel needs no per-shape compilation, so the probe times what the run will use;
+    # torch.compile (GPUs) would time its compilation, so the probe stays eager there
+    backend = _backend(args)
+    native = device == "cpu" and backend in ("auto", "compiled", "native") and _native(spec, images, args)
+    probe_backend = "native" if native else "eager"
+    options = {"dtype": args.dtype, "device": device, "memory_budget": args.memory_budget, "backend": probe_backend}
+    compute_block(spec, images[block.row_part], (0, 1), images[block.col_part], (0, 1), **options)  # one-time set-up
+    values, seconds, dev = compute_block(
+        spec,
+        images[block.row_part],
+        block.rows,
+        images[block.col_part],
+        block.cols,
+        symmetric=block.symmetric,
+        **options,
+    )
+    store.write_block(block, values, seconds)
+    compiled = backend in ("compiled", "inductor") or (backend == "auto" and dev.startswith("cuda"))
+    note = dev + (", native kernel" if native else ", eager; compiled blocks are faster" if compiled else "")
+    return block.entries / max(seconds, 1e-9), block.entries, note
+
+
+def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> None:
+    """Set the torch threads of this process: ``--threads``, or on the CPU the faster of 1 and the default.
+
+    On a CPU shared with other work, several threads can be many times slower than one (every operation waits
+    for its slowest thread), so unless the blocks are compiled "auto" times a small block both ways (a fraction of a
+    second) and keeps the default only when it is more than 1.5 times faster than one thread. Compiled runs
+    keep the default number of threads.
+    """
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        _say(f"torch threads: {args.threads}")
+        return
+    default = torch.get_num_threads()
+    if default <= 1 or str(resolve_device(args.device)) != "cpu":
+        return
+    backend = _backend(args)
+    if backend in ("compiled", "inductor"):
+        # compiled loops are split over pairs by OpenMP and scale with threads (about 1.8x on 2 cores),
+        # unlike the eager small block timed below
+        return
+    if backend in ("auto", "native") and _native(spec, images, args):
+        # the native kernel hands out blocks of pairs to its threads one at a time, so a thread slowed
+        # by other work delays only its own block: all cores
+        _say(f"torch threads: {default} (native CPU kernel)")
+        return
+    X = images["train"]
+    edge = min(len(X), 24)
+    options = {"dtype": args.dtype, "device": "cpu", "backend": "eager"}
+    compute_block(spec, X, (0, 1), X, (0, 1), **options)  # one-time set-up
+    rates = {}
+    for n in (1, default):
+        torch.set_num_threads(n)
+        times = sorted(compute_block(spec, X, (0, edge), X, (0, edge), **options)[1] for _ in range(3))
+        rates[n] = edge * edge / max(times[1], 1e-9)
+    # more threads only for a clear gain: on a shared CPU their advantage can turn into a large loss at any time
+    best = default if rates[default] > 1.5 * rates[1] else 1
+    torch.set_num_threads(best)
+    measured = ", ".join(f"{n}: {_fmt_count(r)} entries/s" for n, r in rates.items())
+    _say(f"torch threads: {best} (timed {measured}; set --threads to choose)")
+
+
+def _default_tile(args: argparse.Namespace) -> int:
+    if args.scheduler in ("sync", "local") or args.device not in ("auto", None):
+        return default_tile_size(args.device)
+    return 512  # workers elsewhere, devices unknown here
+
+
+def _store_name(config: str, args: argparse.Namespace, sizes: dict[str, int]) -> str:
+    ds = "" if args.dataset == "mnist" else f"{args.dataset}_"
+    return f"{ds}{config}_{args.split}_{sizes['n_train']}-{sizes['n_val']}-{sizes['n_test']}_{args.dtype}.h5"
+
+
+def _store_bytes(sizes: dict[str, int], dtype: str) -> int:
+    """Bytes of a complete store's kernel matrices (the bulk of the file)."""
+    n = sizes["n_train"]
+    return (n * n + (sizes["n_val"] + sizes["n_test"]) * n) * np.dtype(dtype).itemsize
+
+
+def _preflight(configs: Sequence[str], args: argparse.Namespace, sizes: dict[str, int], store_dir: Path) -> None:
+    """Refuse, with the numbers, a run whose stores, factor or memory budget this machine cannot hold."""
+    import shutil
+
+    n = sizes["n_train"]
+    budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
+    avail = available_memory()
+    if avail is not None and args.memory_budget is not None and budget > avail:
+        raise UserError(
+            f"the memory budget {format_bytes(budget)} exceeds the memory available now ({format_bytes(avail)}); "
+            "give a smaller --memory-budget"
+        )
+    try:
+        _, in_memory = plan_panel_width(n, budget)
+    except ValueError as exc:
+        raise UserError(f"{exc}; give a larger --memory-budget") from None
+    need, lines = 0, []
+    for config in configs:
+        path = store_dir / _store_name(config, args, sizes)
+        full = _store_bytes(sizes, args.dtype)
+        # stores are created sparse: what is already written on disk needs no more space
+        have = path.stat().st_blocks * 512 if path.exists() else 0
+        need += max(0, full - have)
+        lines.append(f"  {config}: store {format_bytes(full)}, {format_bytes(max(0, full - have))} still to write")
+    factor = 0 if in_memory else 4 * n * (n + 1)
+    if factor:
+        lines.append(f"  classifier factor on disk (the budget cannot hold it): {format_bytes(factor)}")
+    free = shutil.disk_usage(store_dir).free
+    if need + factor > free:
+        raise UserError(
+            f"not enough disk space in {store_dir}: the run needs {format_bytes(need + factor)} more, "
+            f"{format_bytes(free)} is free:\n" + "\n".join(lines) + "\nfree space, or choose --store-dir elsewhere"
+        )
+    mode = "in memory" if in_memory else "in panels on disk"
+    _say(
+        f"checked: disk {format_bytes(need + factor)} needed of {format_bytes(free)} free in {store_dir}; "
+        f"classifier factor {mode} within a memory budget of {format_bytes(budget)}"
+    )
+
+
+def _peak_rss() -> int | None:
+    """Peak resident memory of this process so far, in bytes."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -1,0 +1,123 @@
+"""The pure passes over a layer tree: images in, kernel values out, no tiles, budgets or backends.
+
+* :func:`self_pass`: each image's own variances through the network; records the standard deviations
+  every nonlinearity sees (the *trace*) and gives ``k(x, x)``;
+* :func:`pair_block`: the kernel between two sets of images ``[n1, n2]``, given their traces;
+* :func:`paired`: ``k(x_i, z_i)`` for matched images.
+
+Images are in the passes' layout ``[H, W, C, N]`` (:func:`spatial_first`). The engine
+(:mod:`gpytorch_cnngp.engine`) tiles these calls; the backends (:mod:`gpytorch_cnngp.backends`) run
+:func:`pair_block` eagerly, compiled, or lowered to the native kernel, which checks itself against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .state import CovState, Hyper, Pass, Requirements
+from .state import KernelLayer as Layer
+
+__all__ = ["spatial_first", "self_pass", "pair_block", "paired", "input_matched", "input_pair"]
+
+
+def spatial_first(x: Tensor) -> Tensor:
+    """Images ``[N, C, H, W]`` in the passes' layout ``[H, W, C, N]`` (images innermost)."""
+    return x.permute(2, 3, 1, 0).contiguous()
+
+
+def _channel_mean(total: Tensor, channels: int) -> Tensor:
+    return total if channels == 1 else total.div_(channels)  # einsum's fresh output: safe in place
+
+
+def input_matched(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
+    """Channel mean of ``x_c[p] z_c[p]`` for matched images: ``[H, W, N]``; ``full``: of ``x_c[p] z_c[q]``,
+    ``[H, W, H, W, N]``."""
+    if full:
+        return _channel_mean(torch.einsum("hwcn,HWcn->hwHWn", x, z), x.shape[2])
+    return (x * z).mean(2)
+
+
+def input_pair(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
+    """Channel mean of ``x_c[p] z_c[p]`` for every pair: ``[H, W, n1, n2]``; ``full``: ``[H, W, H, W, n1, n2]``."""
+    if full:
+        return _channel_mean(torch.einsum("hwca,HWcb->hwHWab", x, z), x.shape[2])
+    if x.shape[2] == 1:
+        return x[:, :, 0, :, None] * z[:, :, 0, None, :]
+    return torch.matmul(x.transpose(2, 3), z) / x.shape[2]
+
+
+def _requirements(model: Layer, requirements: Requirements | None) -> Requirements:
+    return requirements if requirements is not None else Requirements(model)
+
+
+def self_pass(
+    model: Layer,
+    x: Tensor,
+    hyper: Hyper,
+    window_method: str = "matmul",
+    requirements: Requirements | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """Variances of single images ``x`` ``[H, W, C, N]`` through ``model``.
+
+    :return: the recorded trace (one ``[h, w, N]`` standard-deviation map per nonlinearity) and
+        ``k(x, x)`` of shape ``[N]``.
+    """
+    req = _requirements(model, requirements)
+    run = Pass(mode="self", hyper=hyper, requirements=req, window_method=window_method)
+    out = model.propagate(CovState(input_matched(x, x, req.full), run))
+    return run.trace, out.nngp.reshape(x.shape[-1])
+
+
+def pair_block(
+    model: Layer,
+    x: Tensor,
+    z: Tensor,
+    trace_x: list[Tensor],
+    trace_z: list[Tensor],
+    hyper: Hyper,
+    same: bool = False,
+    compiled: bool = False,
+    window_method: str = "matmul",
+    requirements: Requirements | None = None,
+) -> Tensor:
+    """Kernel block ``[n1, n2]`` between images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
+    given their sliced self traces (``[h, w, n1]`` and ``[h, w, n2]`` per nonlinearity).
+
+    :param same: ``x`` and ``z`` are the same images (a square block on the diagonal of ``K(X, X)``):
+        each image's entry with itself is set exactly to its self value after every nonlinearity.
+    :param compiled: the call is traced by ``torch.compile`` (see :class:`~gpytorch_cnngp.state.Pass`).
+    """
+    req = _requirements(model, requirements)
+    run = Pass(
+        mode="pair",
+        hyper=hyper,
+        requirements=req,
+        trace_x=[t[..., :, None] for t in trace_x],
+        trace_z=[t[..., None, :] for t in trace_z],
+        same=same,
+        compiled=compiled,
+        window_method=window_method,
+        pair_ndim=2,
+    )
+    out = model.propagate(CovState(input_pair(x, z, req.full), run))
+    return out.nngp.reshape(x.shape[-1], z.shape[-1])
+
+
+def paired(
+    model: Layer,
+    x: Tensor,
+    z: Tensor,
+    trace_x: list[Tensor],
+    trace_z: list[Tensor],
+    hyper: Hyper,
+    window_method: str = "matmul",
+    requirements: Requirements | None = None,
+) -> Tensor:
+    """``k(x_i, z_i)`` for matched images ``[H, W, C, N]`` on both sides, given their traces."""
+    req = _requirements(model, requirements)
+    run = Pass(
+        mode="pair", hyper=hyper, requirements=req, trace_x=trace_x, trace_z=trace_z, window_method=window_method
+    )
+    out = model.propagate(CovState(input_matched(x, z, req.full), run))
+    return out.nngp.reshape(x.shape[-1])
