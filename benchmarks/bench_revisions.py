@@ -6,7 +6,8 @@ each revision (``--no-write``, its own default sizes) runs with that revision's 
 ``PYTHONPATH``, alternating old and new so that a machine that slows down or speeds up during the run
 affects both alike. Each figure is the median over rounds of bench_kernels' own medians; the ratio
 new / old is the median of the per-round ratios. Results are appended to ``benchmarks/RESULTS.md``.
-Meant for refactors that must not change speed.
+Meant for refactors that must not change speed; ``--new REV`` measures a committed revision instead of the
+working tree (so that the tree can change meanwhile).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _run(tree: Path, bench_args: list[str]) -> dict[tuple[str, str, str], float]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", required=True, help="the revision to compare with (a commit, tag or branch)")
+    p.add_argument("--new", default=None, help="the revision to compare (default: this working tree)")
+    p.add_argument("--n", type=int, default=None, help="images per side for every method (bench_kernels' --n)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--archs", nargs="+", default=["convnet_gp", "resnet32_gp"])
     p.add_argument("--dtypes", nargs="+", default=["float32"])
@@ -57,27 +60,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     bench_args = ["--archs", *args.archs, "--dtypes", *args.dtypes, "--methods", *args.methods]
-    bench_args += ["--repeats", str(args.repeats)]
-    new_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    new_name = new_rev.stdout.strip() or "working tree"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    if dirty:
-        new_name += " (with uncommitted changes)"
+    bench_args += ["--repeats", str(args.repeats)] + (["--n", str(args.n)] if args.n else [])
+    if args.new is None:
+        new_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        new_name = new_rev.stdout.strip() or "working tree"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        if dirty.stdout.strip():
+            new_name += " (with uncommitted changes)"
+    else:
+        new_name = args.new
     with tempfile.TemporaryDirectory() as tmp:
-        old_tree = Path(tmp) / "old"
+        old_tree, new_tree = Path(tmp) / "old", Path(tmp) / "new"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old_tree), args.old], cwd=ROOT, check=True)
+        if args.new is None:
+            new_tree = ROOT
+        else:
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(new_tree), args.new], cwd=ROOT, check=True)
         try:
             rounds = []
             for r in range(args.rounds):
                 old = _run(old_tree, bench_args)
-                new = _run(ROOT, bench_args)
+                new = _run(new_tree, bench_args)
                 rounds.append((old, new))
                 for key in sorted(new):
                     if key in old:
                         print(f"round {r + 1}: {' '.join(key):40s} old {old[key]:12,.0f}  new {new[key]:12,.0f}  "
                               f"new/old {new[key] / old[key]:.3f}", flush=True)  # fmt: skip
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, check=False)
+            for tree in {old_tree, new_tree} - {ROOT}:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
     from bench_kernels import machine
 
     lines = [
