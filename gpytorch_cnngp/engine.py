@@ -129,30 +129,44 @@ def _progress(enabled: bool, total: int, desc: str):
 # the tiled computation
 
 
-def _self_pass_chunked(model, x, hyper: Hyper, chunk: int, req: Requirements) -> tuple[list[Tensor], Tensor]:
+def _self_pass_chunked(
+    model, x, hyper: Hyper, chunk: int, req: Requirements, ntk: bool = False
+) -> tuple[list[Tensor], Tensor]:
     """:func:`self_pass` over ``x`` ``[H, W, C, N]`` in chunks of images (bounded memory)."""
-    parts = [self_pass(model, x[..., i0 : i0 + chunk], hyper, requirements=req) for i0 in range(0, x.shape[-1], chunk)]
+    parts = [
+        self_pass(model, x[..., i0 : i0 + chunk], hyper, requirements=req, ntk=ntk)
+        for i0 in range(0, x.shape[-1], chunk)
+    ]
     if len(parts) == 1:
         return parts[0]
     traces = [torch.cat(slot, dim=-1) for slot in zip(*(trace for trace, _ in parts), strict=True)]
-    return traces, torch.cat([final for _, final in parts])
+    return traces, torch.cat([final for _, final in parts], dim=-1)
 
 
 def _fill(
-    model, x, z, hyper: Hyper, plan: GramPlan, backend: type[Backend], req: Requirements, progress: bool
+    model,
+    x,
+    z,
+    hyper: Hyper,
+    plan: GramPlan,
+    backend: type[Backend],
+    req: Requirements,
+    progress: bool,
+    ntk: bool = False,
 ) -> Tensor:
-    """Forward computation of the Gram matrix of images ``[H, W, C, N]``; ``z is None``: ``K(x, x)``."""
+    """Forward computation of the Gram matrix of images ``[H, W, C, N]``; ``z is None``: ``K(x, x)``.
+    With ``ntk``: ``[2, N1, N2]``, the NNGP and the NTK."""
     symmetric = z is None
     chunk = max(1, plan.tile_size**2 // 4)
-    trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req)
+    trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
     if symmetric:
         zz, trace_z = x, trace_x
     else:
         zz = z
-        trace_z, _ = _self_pass_chunked(model, z, hyper, chunk, req)
+        trace_z, _ = _self_pass_chunked(model, z, hyper, chunk, req, ntk)
     n1, n2 = x.shape[-1], zz.shape[-1]
-    out = torch.empty(n1, n2, dtype=x.dtype, device=x.device)
-    block_fn = backend.block_fn(model, (x.shape[0], x.shape[1]), hyper, req, plan.tile_size)
+    out = torch.empty(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device)
+    block_fn = backend.block_fn(model, (x.shape[0], x.shape[1]), hyper, req, plan.tile_size, ntk)
     bar = _progress(progress, n1 * n2, "kernel")
     try:
         with _gc_paused():
@@ -167,18 +181,18 @@ def _fill(
                 )
                 if on_diag:
                     # the formulas are already mirror-symmetric; this guards against any rounding asymmetry
-                    block = block * 0.5 + block.transpose(0, 1) * 0.5
-                out[i0:i1, j0:j1] = block
+                    block = block * 0.5 + block.transpose(-1, -2) * 0.5
+                out[..., i0:i1, j0:j1] = block
                 if symmetric and not on_diag:
-                    out[j0:j1, i0:i1] = block.transpose(0, 1)
+                    out[..., j0:j1, i0:i1] = block.transpose(-1, -2)
                 if bar is not None:
-                    bar.update(block.numel() * (1 if on_diag or not symmetric else 2))
+                    bar.update((i1 - i0) * (j1 - j0) * (1 if on_diag or not symmetric else 2))
     finally:
         if bar is not None:
             bar.close()
     if symmetric:
         # exactly the self variances (backends other than eager leave the same-image rule to this line)
-        out.diagonal().copy_(final_x)
+        out.diagonal(dim1=-2, dim2=-1).copy_(final_x)
     return out
 
 
@@ -192,29 +206,29 @@ class _TiledGram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model, x, z, hyper, plan, req, progress, *values):
-        ctx.model, ctx.x, ctx.z, ctx.hyper, ctx.plan, ctx.req = model, x, z, hyper, plan, req
+    def forward(ctx, model, x, z, hyper, plan, req, progress, ntk, *values):
+        ctx.model, ctx.x, ctx.z, ctx.hyper, ctx.plan, ctx.req, ctx.ntk = model, x, z, hyper, plan, req, ntk
         ctx.save_for_backward(*values)
         with torch.no_grad():
-            return _fill(model, x, z, hyper.with_values(values), plan, Eager, req, progress)
+            return _fill(model, x, z, hyper.with_values(values), plan, Eager, req, progress, ntk)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
-        model, x, z, plan, req = ctx.model, ctx.x, ctx.z, ctx.plan, ctx.req
+        model, x, z, plan, req, ntk = ctx.model, ctx.x, ctx.z, ctx.plan, ctx.req, ctx.ntk
         leaves = [v.detach().requires_grad_(True) for v in ctx.saved_tensors]
         symmetric = z is None
         with torch.enable_grad():
             hyper = ctx.hyper.with_values(leaves)
             chunk = max(1, plan.tile_size**2 // 4)
-            trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req)
+            trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
             if symmetric:
                 zz, trace_z = x, trace_x
                 # the diagonal of K(x, x) is the self pass's final output
-                grad_sym = grad_out + grad_out.transpose(0, 1)
+                grad_sym = grad_out + grad_out.transpose(-1, -2)
             else:
                 zz = z
-                trace_z, _ = _self_pass_chunked(model, z, hyper, chunk, req)
+                trace_z, _ = _self_pass_chunked(model, z, hyper, chunk, req, ntk)
             g_tx = [torch.zeros_like(t) for t in trace_x]
             g_tz = g_tx if symmetric else [torch.zeros_like(t) for t in trace_z]
             g_hyper = [torch.zeros_like(v) for v in leaves]
@@ -222,14 +236,17 @@ class _TiledGram(torch.autograd.Function):
                 on_diag = symmetric and i0 == j0
                 tx = [t[..., i0:i1].detach().requires_grad_(True) for t in trace_x]
                 tz = tx if on_diag else [t[..., j0:j1].detach().requires_grad_(True) for t in trace_z]
-                block = pair_block(model, x[..., i0:i1], zz[..., j0:j1], tx, tz, hyper, on_diag, requirements=req)
+                block = pair_block(
+                    model, x[..., i0:i1], zz[..., j0:j1], tx, tz, hyper, on_diag, requirements=req, ntk=ntk
+                )
                 if on_diag:
                     # the block fills both triangles of its square; its diagonal comes from the self pass
-                    g_block = grad_out[i0:i1, j0:j1] * (1.0 - torch.eye(i1 - i0, dtype=x.dtype, device=x.device))
+                    off = 1.0 - torch.eye(i1 - i0, dtype=x.dtype, device=x.device)
+                    g_block = grad_out[..., i0:i1, j0:j1] * off
                 elif symmetric:
-                    g_block = grad_sym[i0:i1, j0:j1]  # the block and its mirror image
+                    g_block = grad_sym[..., i0:i1, j0:j1]  # the block and its mirror image
                 else:
-                    g_block = grad_out[i0:i1, j0:j1]
+                    g_block = grad_out[..., i0:i1, j0:j1]
                 inputs = leaves + tx + ([] if on_diag else tz)
                 grads = torch.autograd.grad(block, inputs, g_block, allow_unused=True)
                 for k in range(len(leaves)):
@@ -247,7 +264,7 @@ class _TiledGram(torch.autograd.Function):
             outputs, out_grads = list(trace_x), list(g_tx)
             if symmetric:
                 outputs.append(final_x)
-                out_grads.append(grad_out.diagonal())
+                out_grads.append(grad_out.diagonal(dim1=-2, dim2=-1))
             else:
                 outputs += trace_z
                 out_grads += g_tz
@@ -257,7 +274,7 @@ class _TiledGram(torch.autograd.Function):
                 for k, g in enumerate(more):
                     if g is not None:
                         g_hyper[k] += g
-        return (None, None, None, None, None, None, None, *g_hyper)
+        return (None, None, None, None, None, None, None, None, *g_hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +294,8 @@ def gram(
     backend: str = "auto",
     compile: bool | None = None,
     hyper: HyperArg = None,
-) -> Tensor:
+    get: str | tuple[str, ...] = "nngp",
+) -> Tensor | tuple[Tensor, ...]:
     """Kernel matrix of ``model`` between images ``X`` ``[N1, C, H, W]`` and ``Z`` ``[N2, C, H, W]``.
 
     With ``Z=None`` this is the symmetric ``K(X, X)``: only tiles on and above the diagonal are
@@ -305,10 +323,14 @@ def gram(
         else ``torch.compile``.
     :param hyper: a :class:`~gpytorch_cnngp.state.Hyper` or ``{layer: {"var_weight": tensor, ...}}``
         overriding the layers' own values.
-    :return: ``[N1, N2]`` tensor. When hyperparameters require grad, the backward pass recomputes
-        one tile at a time, so it needs no more memory than the forward.
+    :param get: ``"nngp"`` (the CNN-GP kernel), ``"ntk"`` (the neural tangent kernel of the network in the NTK
+        parameterisation), or a tuple of both, computed in one pass and returned in that order. The NTK runs
+        on the eager and ``torch.compile`` backends (the native kernel computes the NNGP only).
+    :return: ``[N1, N2]`` tensor (a tuple of them for a tuple ``get``). When hyperparameters require grad,
+        the backward pass recomputes one tile at a time, so it needs no more memory than the forward.
     """
     requested = resolve(backend, compile)
+    kinds, ntk = _kinds(get)
     x, z = _prepare(model, X, Z, dtype, device)
     hyper_values = Hyper.of(model, x.dtype, x.device, hyper)
     n1 = x.shape[0]
@@ -317,7 +339,7 @@ def gram(
     input_grad = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
     size = (x.shape[2], x.shape[3])
     info = network_info(model, size)
-    chosen = choose(requested, model, size, x.dtype, x.device, n1 * n2, grad or input_grad, info.requirements)
+    chosen = choose(requested, model, size, x.dtype, x.device, n1 * n2, grad or input_grad, info.requirements, ntk)
     plan = estimate_tile_size(
         model,
         size,
@@ -330,7 +352,7 @@ def gram(
         grad=grad or input_grad,
     )
     if n1 == 0 or n2 == 0:
-        return torch.zeros(n1, n2, dtype=x.dtype, device=x.device)
+        return _select(torch.zeros(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device), kinds, ntk)
     if x.device.type == "cpu":
         keep_freed_memory()
     x = spatial_first(x)
@@ -338,28 +360,54 @@ def gram(
     req = info.requirements
     if input_grad:
         # Gradients with respect to the images: plain autograd through every tile.
-        out = _fill(model, x, z, hyper_values, plan, chosen, req, progress)
+        out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)
     elif grad:
-        out = _TiledGram.apply(model, x, z, hyper_values, plan, req, progress, *hyper_values.values)
+        out = _TiledGram.apply(model, x, z, hyper_values, plan, req, progress, ntk, *hyper_values.values)
     else:
         with torch.no_grad():
-            out = _fill(model, x, z, hyper_values, plan, chosen, req, progress)
+            out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)
 
     def wide() -> Tensor:
-        return gram(
-            model,
-            X,
-            Z,
-            tile_size=tile_size,
-            memory_budget=memory_budget,
-            device=x.device,
-            dtype=torch.float64,
-            progress=progress,
-            backend="eager" if requested == "eager" else "auto",
-            hyper=hyper,
+        return _stacked(
+            gram(
+                model,
+                X,
+                Z,
+                tile_size=tile_size,
+                memory_budget=memory_budget,
+                device=x.device,
+                dtype=torch.float64,
+                progress=progress,
+                backend="eager" if requested == "eager" else "auto",
+                hyper=hyper,
+                get=("nngp", "ntk") if ntk else "nngp",
+            )
         )
 
-    return _in_range(out, wide)
+    return _select(_in_range(out, wide), kinds, ntk)
+
+
+_KINDS = ("nngp", "ntk")
+
+
+def _kinds(get) -> tuple[tuple[str, ...] | str, bool]:
+    """``get`` checked, and whether the pass must carry the NTK."""
+    names = (get,) if isinstance(get, str) else tuple(get) if isinstance(get, (tuple, list)) else None
+    if not names or any(name not in _KINDS for name in names):
+        raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
+    return (get if isinstance(get, str) else names), "ntk" in names
+
+
+def _stacked(result) -> Tensor:
+    return torch.stack(result) if isinstance(result, tuple) else result
+
+
+def _select(out: Tensor, kinds, ntk: bool):
+    """The kernels asked for, from the pass's output (``[2, ...]``: NNGP, NTK, when it carried the NTK)."""
+    if not ntk:
+        return out if isinstance(kinds, str) else tuple(out for _ in kinds)
+    pick = {"nngp": 0, "ntk": 1}
+    return out[pick[kinds]] if isinstance(kinds, str) else tuple(out[pick[k]] for k in kinds)
 
 
 def _in_range(out: Tensor, wide: Callable[[], Tensor]) -> Tensor:
@@ -397,38 +445,45 @@ def gram_diag(
     dtype: torch.dtype | None = None,
     hyper: HyperArg = None,
     chunk_size: int = 4096,
-) -> Tensor:
+    get: str | tuple[str, ...] = "nngp",
+) -> Tensor | tuple[Tensor, ...]:
     """``k(x_i, x_i)`` for every image (``[N]``), or ``k(x_i, z_i)`` for two sets of equal length.
 
-    Costs O(N): one pass of single images (matched pairs when ``Z`` is given), always eager.
+    Costs O(N): one pass of single images (matched pairs when ``Z`` is given), always eager. ``get``: as in
+    :func:`gram`.
     """
+    kinds, ntk = _kinds(get)
     x, z = _prepare(model, X, Z, dtype, device)
     if z is not None and z.shape[0] != x.shape[0]:
         raise ValueError(f"diag=True needs X and Z of the same length, got {x.shape[0]} and {z.shape[0]}")
     hyper_values = Hyper.of(model, x.dtype, x.device, hyper)
     if x.shape[0] == 0:
-        return torch.zeros(0, dtype=x.dtype, device=x.device)
+        return _select(torch.zeros(*((2,) if ntk else ()), 0, dtype=x.dtype, device=x.device), kinds, ntk)
     req = network_info(model, (x.shape[2], x.shape[3])).requirements
     outs = []
     for i0 in range(0, x.shape[0], chunk_size):
         xi = spatial_first(x[i0 : i0 + chunk_size])
-        trace_x, final_x = self_pass(model, xi, hyper_values, requirements=req)
+        trace_x, final_x = self_pass(model, xi, hyper_values, requirements=req, ntk=ntk)
         if z is None:
             outs.append(final_x)
             continue
         zi = spatial_first(z[i0 : i0 + chunk_size])
-        trace_z, _ = self_pass(model, zi, hyper_values, requirements=req)
-        outs.append(paired(model, xi, zi, trace_x, trace_z, hyper_values, requirements=req))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        trace_z, _ = self_pass(model, zi, hyper_values, requirements=req, ntk=ntk)
+        outs.append(paired(model, xi, zi, trace_x, trace_z, hyper_values, requirements=req, ntk=ntk))
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
     def wide() -> Tensor:
-        return gram_diag(model, X, Z, device=x.device, dtype=torch.float64, hyper=hyper, chunk_size=chunk_size)
+        both = ("nngp", "ntk") if ntk else "nngp"
+        wider = gram_diag(
+            model, X, Z, device=x.device, dtype=torch.float64, hyper=hyper, chunk_size=chunk_size, get=both
+        )
+        return _stacked(wider)
 
-    return _in_range(out, wide)
+    return _select(_in_range(out, wide), kinds, ntk)
 
 
-def _evaluate(model: Layer, x: Tensor, z: Tensor | None, diag: bool) -> Tensor:
-    return gram_diag(model, x, z) if diag else gram(model, x, z)
+def _evaluate(model: Layer, x: Tensor, z: Tensor | None, diag: bool, get="nngp") -> Tensor | tuple[Tensor, ...]:
+    return gram_diag(model, x, z, get=get) if diag else gram(model, x, z, get=get)
 
 
 set_evaluator(_evaluate)

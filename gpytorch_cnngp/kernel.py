@@ -66,6 +66,8 @@ class CNNGPKernel(Kernel):
     :param tile_size, memory_budget, backend: passed to :func:`~gpytorch_cnngp.gram` (``backend``:
         ``"auto"``, ``"eager"``, ``"inductor"`` or ``"native"``; gradients always run eagerly).
     :param compile: deprecated alias of ``backend`` (see :func:`~gpytorch_cnngp.gram`).
+    :param get: ``"nngp"`` (default: the CNN-GP kernel) or ``"ntk"``: the neural tangent kernel of the same
+        network in the NTK parameterisation, whose variances are learned the same way.
 
     Example:
         >>> import gpytorch
@@ -97,6 +99,7 @@ class CNNGPKernel(Kernel):
         memory_budget: int | None = None,
         backend: str = "auto",
         compile: bool | None = None,
+        get: str = "nngp",
         **kwargs,
     ):
         if kwargs.get("active_dims") is not None:
@@ -114,6 +117,9 @@ class CNNGPKernel(Kernel):
         self.tied = bool(tied)
         self.tile_size, self.memory_budget = tile_size, memory_budget
         self.backend = resolve(backend, compile)
+        if get not in ("nngp", "ntk"):
+            raise ValueError(f"get must be 'nngp' or 'ntk', got {get!r}")
+        self.get = get
         self.num_evaluations = 0
         self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (value set, float64; raw after)
         self._cache: list[tuple] = []  # recent (x1, x2, diag, values, result), newest last
@@ -351,7 +357,7 @@ class CNNGPKernel(Kernel):
                 },
             )
             if diag:
-                outs.append(gram_diag(self.architecture, im1[b], None if same else im2[b], hyper=hyper))
+                outs.append(gram_diag(self.architecture, im1[b], None if same else im2[b], hyper=hyper, get=self.get))
             else:
                 outs.append(
                     gram(
@@ -362,6 +368,7 @@ class CNNGPKernel(Kernel):
                         tile_size=self.tile_size,
                         memory_budget=self.memory_budget,
                         backend=self.backend,
+                        get=self.get,
                     )
                 )
         out = torch.stack(outs) if outs else values.new_zeros(0)

@@ -25,6 +25,7 @@ __all__ = [
     "position_diagonal",
     "same_location",
     "relu_expectation",
+    "relu_derivative_expectation",
     "relu_poly_coefficients",
     "relu_expectation_fast",
     "relu_expectation_poly",
@@ -409,6 +410,44 @@ def relu_expectation(c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
         return _ReLUExpectation.apply(c, s1, s2)
     return relu_expectation_nograd(c, s1, s2)
+
+
+def _relu_derivative_nograd(c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+    rho, scale = _correlation(c, s1, s2)
+    return torch.where(scale > 0, (math.pi - torch.acos(rho)) * _INV_2PI, 0.0)
+
+
+class _ReLUDerivativeExpectation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+        ctx.save_for_backward(c, s1, s2)
+        return _relu_derivative_nograd(c, s1, s2)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad: Tensor):
+        c, s1, s2 = ctx.saved_tensors
+        # dE/drho = 1 / (2 pi sqrt(1 - rho^2)): infinite at |rho| = 1, where rho stays 1 under any change of the
+        # variances (identical images), so the partial derivatives are taken as 0 there (the total is 0)
+        r = torch.sqrt(((s1 * s2) ** 2 - c * c).clamp_min(0.0))
+        inv = torch.where(r > 0, _INV_2PI / torch.where(r > 0, r, 1.0), 0.0)
+        g_c = g_s1 = g_s2 = None
+        if ctx.needs_input_grad[0]:
+            g_c = (grad * inv).sum_to_size(c.shape)
+        if ctx.needs_input_grad[1]:
+            g_s1 = (-grad * c * inv * inverse_std(s1)).sum_to_size(s1.shape)
+        if ctx.needs_input_grad[2]:
+            g_s2 = (-grad * c * inv * inverse_std(s2)).sum_to_size(s2.shape)
+        return g_c, g_s1, g_s2
+
+
+def relu_derivative_expectation(c: Tensor, s1: Tensor, s2: Tensor) -> Tensor:
+    """``E[relu'(u) relu'(v)] = (pi - arccos rho) / (2 pi)``, ``rho = c / (s1 s2)``: what a ReLU multiplies the
+    neural tangent kernel by. ``relu'(0) = 0`` (as autograd has it), so it is 0 where a variance is zero.
+    Gradients are finite everywhere (0 at ``|rho| = 1``, where ``rho`` cannot move)."""
+    if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
+        return _ReLUDerivativeExpectation.apply(c, s1, s2)
+    return _relu_derivative_nograd(c, s1, s2)
 
 
 class _SafeSqrt(torch.autograd.Function):

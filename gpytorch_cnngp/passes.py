@@ -51,22 +51,36 @@ def _requirements(model: Layer, requirements: Requirements | None) -> Requiremen
     return requirements if requirements is not None else Requirements(model)
 
 
+def _start(m: Tensor, run: Pass, ntk: bool) -> CovState:
+    # the input layer has no parameters: its tangent kernel is zero
+    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None)
+
+
+def _result(out: CovState, *shape: int) -> Tensor:
+    """The final maps as ``[*shape]``, or ``[2, *shape]`` (NNGP, NTK) when the pass carried the NTK."""
+    if out.ntk is None:
+        return out.nngp.reshape(shape)
+    return torch.stack([out.nngp.reshape(shape), out.ntk.reshape(shape)])
+
+
 def self_pass(
     model: Layer,
     x: Tensor,
     hyper: Hyper,
     window_method: str = "matmul",
     requirements: Requirements | None = None,
+    ntk: bool = False,
 ) -> tuple[list[Tensor], Tensor]:
     """Variances of single images ``x`` ``[H, W, C, N]`` through ``model``.
 
+    :param ntk: also carry the neural tangent kernel.
     :return: the recorded trace (one ``[h, w, N]`` standard-deviation map per nonlinearity) and
-        ``k(x, x)`` of shape ``[N]``.
+        ``k(x, x)`` of shape ``[N]`` (``[2, N]``: NNGP and NTK, with ``ntk``).
     """
     req = _requirements(model, requirements)
     run = Pass(mode="self", hyper=hyper, requirements=req, window_method=window_method)
-    out = model.propagate(CovState(input_matched(x, x, req.full), run))
-    return run.trace, out.nngp.reshape(x.shape[-1])
+    out = model.propagate(_start(input_matched(x, x, req.full), run, ntk))
+    return run.trace, _result(out, x.shape[-1])
 
 
 def pair_block(
@@ -80,9 +94,11 @@ def pair_block(
     compiled: bool = False,
     window_method: str = "matmul",
     requirements: Requirements | None = None,
+    ntk: bool = False,
 ) -> Tensor:
-    """Kernel block ``[n1, n2]`` between images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
-    given their sliced self traces (``[h, w, n1]`` and ``[h, w, n2]`` per nonlinearity).
+    """Kernel block ``[n1, n2]`` (``[2, n1, n2]``: NNGP and NTK, with ``ntk``) between images ``x``
+    ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]`` given their sliced self traces (``[h, w, n1]`` and
+    ``[h, w, n2]`` per nonlinearity).
 
     :param same: ``x`` and ``z`` are the same images (a square block on the diagonal of ``K(X, X)``):
         each image's entry with itself is set exactly to its self value after every nonlinearity.
@@ -100,8 +116,8 @@ def pair_block(
         window_method=window_method,
         pair_ndim=2,
     )
-    out = model.propagate(CovState(input_pair(x, z, req.full), run))
-    return out.nngp.reshape(x.shape[-1], z.shape[-1])
+    out = model.propagate(_start(input_pair(x, z, req.full), run, ntk))
+    return _result(out, x.shape[-1], z.shape[-1])
 
 
 def paired(
@@ -113,11 +129,13 @@ def paired(
     hyper: Hyper,
     window_method: str = "matmul",
     requirements: Requirements | None = None,
+    ntk: bool = False,
 ) -> Tensor:
-    """``k(x_i, z_i)`` for matched images ``[H, W, C, N]`` on both sides, given their traces."""
+    """``k(x_i, z_i)`` for matched images ``[H, W, C, N]`` on both sides, given their traces (``[N]``, or
+    ``[2, N]`` with ``ntk``)."""
     req = _requirements(model, requirements)
     run = Pass(
         mode="pair", hyper=hyper, requirements=req, trace_x=trace_x, trace_z=trace_z, window_method=window_method
     )
-    out = model.propagate(CovState(input_matched(x, z, req.full), run))
-    return out.nngp.reshape(x.shape[-1])
+    out = model.propagate(_start(input_matched(x, z, req.full), run, ntk))
+    return _result(out, x.shape[-1])

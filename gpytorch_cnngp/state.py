@@ -9,7 +9,9 @@ A network's kernel is computed in two passes over the same layer tree (see :mod:
   standard deviations of both sides, in the same traversal order.
 
 A layer receives a :class:`CovState` and returns the next one: :meth:`CovState.replace` makes a new
-state, the pass it belongs to (:class:`Pass`) is shared. Only the pass's tape of standard deviations is
+state, the pass it belongs to (:class:`Pass`) is shared. A state carries the NNGP map and, when the pass
+computes it, the neural tangent kernel's map beside it (``ntk``), so that a second kernel needs no new
+signature in any layer. Only the pass's tape of standard deviations is
 mutable, and only through :meth:`Pass.record` and :meth:`Pass.recall`. Maps keep the spatial dimensions
 first and the images last: ``[H, W, ...]`` on the same-location path, ``[H, W, H, W, ...]`` on the full
 path that pooling needs (see :mod:`gpytorch_cnngp.ops`).
@@ -198,11 +200,13 @@ class CovState:
     :ivar run: the :class:`Pass` this state belongs to.
     :ivar keep_full: a layer after the current one needs full spatial covariances, so containers must
         not reduce the map to its same-location part yet.
+    :ivar ntk: the neural tangent kernel's map, of the same shape, when the pass computes it (else ``None``).
     """
 
     nngp: Tensor
     run: Pass
     keep_full: bool = False
+    ntk: Tensor | None = None
 
     @property
     def full(self) -> bool:
@@ -218,5 +222,9 @@ class CovState:
         return self.run.hyper(layer, name)
 
     def replace(self, **changes: Any) -> CovState:
-        """A new state with some fields changed (``nngp=...``, ``keep_full=...``)."""
+        """A new state with some fields changed (``nngp=...``, ``ntk=...``, ``keep_full=...``)."""
         return replace(self, **changes)
+
+    def map(self, fn) -> CovState:
+        """The same linear map ``fn`` applied to every map the state carries (pooling, sums of positions)."""
+        return replace(self, nngp=fn(self.nngp), ntk=None if self.ntk is None else fn(self.ntk))

@@ -11,6 +11,8 @@ inherits these checks, each against something obtained independently of the engi
 * float32 agrees with float64;
 * the finite networks ``model.nn(...)`` have second moments that match the kernel (Monte Carlo, with the
   statistics and tolerances of ``tests/test_monte_carlo.py``);
+* the neural tangent kernel (``get="ntk"``) is finite, symmetric and positive semi-definite, equals the
+  reference's (tangent blocks carried beside its covariance blocks), and comes with the NNGP in one pass;
 * every backend agrees with the eager one; an explicit backend that cannot run the network raises a
   ValueError naming the layer that stops it. The ``torch.compile`` comparison takes 15-60 s per network on
   2 CPU cores, so it is a slow test (``pytest -m slow``).
@@ -24,7 +26,7 @@ import reference_full
 import torch
 from test_monte_carlo import Z, allowance, check_against_kernel, correlation_errors, make_inputs, sample_second_moments
 
-from gpytorch_cnngp import Layer, gram
+from gpytorch_cnngp import Layer, gram, gram_diag
 from gpytorch_cnngp.backends import Inductor, Native
 
 F64 = torch.float64
@@ -87,6 +89,25 @@ class LayerContract:
         matched = model(x, z, diag=True)  # k(x_i, z_i): matched pairs, a third path through the engine
         want = np.diagonal(reference_full.kernel(arch, x.numpy(), z.numpy()))
         np.testing.assert_allclose(matched.numpy(), want, rtol=self.rtol_reference, atol=0.0)
+
+    # --- the neural tangent kernel -------------------------------------------------------------
+    def test_ntk_equals_the_reference(self):
+        model = self.create_model()
+        x, z = self.images(4, seed=12), self.images(3, seed=13)
+        arch = reference_full.describe(model)
+        nngp, ntk = gram(model, x, get=("nngp", "ntk"))
+        # one pass for both: the NNGP is the eager path's, to the bit
+        assert torch.equal(nngp, gram(model, x, backend="eager"))
+        assert bool(torch.isfinite(ntk).all()) and torch.equal(ntk, ntk.T)
+        eig = torch.linalg.eigvalsh(ntk)
+        assert float(eig.min()) >= -1e-10 * float(eig.max()), f"NTK not positive semi-definite: {eig}"
+        rtol = self.rtol_reference
+        np.testing.assert_allclose(ntk.numpy(), reference_full.kernel(arch, x.numpy(), ntk=True), rtol=rtol, atol=0.0)
+        want = reference_full.kernel(arch, x.numpy(), z.numpy(), ntk=True)
+        np.testing.assert_allclose(gram(model, x, z, get="ntk").numpy(), want, rtol=rtol, atol=0.0)
+        want = reference_full.kernel_diag(arch, x.numpy(), ntk=True)
+        np.testing.assert_allclose(gram_diag(model, x, get="ntk").numpy(), want, rtol=rtol, atol=0.0)
+        assert (ntk.diagonal() >= nngp.diagonal() * (1 - 1e-12)).all()  # Theta contains the last layer's K
 
     def test_float32_agrees_with_float64(self):
         model = self.create_model()

@@ -170,19 +170,56 @@ def quadrature_var(fn, v, degree: int = 120):
     return out / math.sqrt(math.pi)
 
 
+def relu_derivative_cov(c, v1, v2):
+    """E[H(u) H(v)] (H the step function, H(0) = 0): the orthant probability ``(pi - theta) / (2 pi)``."""
+    root = np.sqrt(np.maximum(v1 * v2 - c * c, 0.0))
+    return np.where(v1 * v2 > 0, (math.pi - np.arctan2(root, c)) / (2.0 * math.pi), 0.0)
+
+
+def leaky_relu_derivative_cov(c, v1, v2, alpha: float):
+    """E[phi'(u) phi'(v)] with ``phi' = p + q sign(u)``, ``p, q = (1 +- alpha) / 2`` and ``sign(0) = -1`` (so
+    ``phi'(0) = alpha``, as autograd has it), through ``E[sign u sign v] = (2 / pi) arcsin(rho)``."""
+    p, q = (1.0 + alpha) / 2.0, (1.0 - alpha) / 2.0
+    e1, e2 = np.where(v1 > 0, 0.0, -1.0), np.where(v2 > 0, 0.0, -1.0)
+    both = (v1 > 0) & (v2 > 0)
+    rho = np.where(both, c / np.sqrt(np.where(both, v1 * v2, 1.0)), 0.0)
+    signs = np.where(both, (2.0 / math.pi) * np.arcsin(np.clip(rho, -1.0, 1.0)), -e1 - e2 - 1.0)
+    return p * p + p * q * (e1 + e2) + q * q * signs
+
+
+def erf_derivative_cov(c, v1, v2):
+    """E[erf'(u) erf'(v)] = (4 / pi) det(I + 2 Sigma)^(-1/2)."""
+    return (4.0 / math.pi) / np.sqrt((1.0 + 2.0 * v1) * (1.0 + 2.0 * v2) - 4.0 * c * c)
+
+
 def _nonlinearity(layer):
-    """(pair function f(c, v1, v2), self function g(v)) of a nonlinearity layer."""
+    """(pair f(c, v1, v2), self g(v), and the same two for the derivative) of a nonlinearity layer."""
     kind = layer[0]
-    if kind == "fn":  # any elementwise function, by quadrature
-        fn = layer[1]
-        return (lambda c, v1, v2: quadrature_cov(fn, c, v1, v2)), (lambda v: quadrature_var(fn, v))
+    if kind == "fn":  # any elementwise function (and its derivative), by quadrature
+        fn, fprime = layer[1], layer[2]
+        return (
+            (lambda c, v1, v2: quadrature_cov(fn, c, v1, v2)),
+            (lambda v: quadrature_var(fn, v)),
+            (lambda c, v1, v2: quadrature_cov(fprime, c, v1, v2)),
+            (lambda v: quadrature_var(fprime, v)),
+        )
     if kind == "relu":
-        return relu_cov, lambda v: v / 2.0
+        return relu_cov, lambda v: v / 2.0, relu_derivative_cov, lambda v: np.where(v > 0, 0.5, 0.0)
     if kind == "leaky_relu":
         a = float(layer[1])
-        return (lambda c, v1, v2: leaky_relu_cov(c, v1, v2, a)), (lambda v: v * (1.0 + a * a) / 2.0)
+        return (
+            (lambda c, v1, v2: leaky_relu_cov(c, v1, v2, a)),
+            (lambda v: v * (1.0 + a * a) / 2.0),
+            (lambda c, v1, v2: leaky_relu_derivative_cov(c, v1, v2, a)),
+            (lambda v: leaky_relu_derivative_cov(v, v, v, a)),
+        )
     if kind == "erf":
-        return erf_cov, lambda v: (2.0 / math.pi) * np.arcsin(2.0 * v / (1.0 + 2.0 * v))
+        return (
+            erf_cov,
+            lambda v: (2.0 / math.pi) * np.arcsin(2.0 * v / (1.0 + 2.0 * v)),
+            erf_derivative_cov,
+            lambda v: (4.0 / math.pi) / np.sqrt(1.0 + 4.0 * v),
+        )
     return None
 
 
@@ -193,15 +230,31 @@ class _State:
     """``xz`` [N1, N2, HW, HW] (or None), ``xx`` [N1, HW, HW], ``zz`` [N2, HW, HW], map shape ``hw``;
     ``same``: Z is X (then zz is xx, and xz[a, a] is image a with itself)."""
 
-    def __init__(self, xz, xx, zz, hw, same):
+    def __init__(self, xz, xx, zz, hw, same, t=None):
         self.xz, self.xx, self.zz, self.hw, self.same = xz, xx, zz, hw, same
+        self.t = t  # the neural tangent kernel's blocks, as a state of their own (None: not computed)
 
     def map(self, fn, hw):
-        """Apply the same linear map ``fn`` to every covariance block."""
+        """Apply the same linear map ``fn`` to every covariance block (and every tangent block)."""
         xx = fn(self.xx)
         zz = xx if self.same else fn(self.zz)
         xz = None if self.xz is None else fn(self.xz)
-        return _State(xz, xx, zz, hw, self.same)
+        return _State(xz, xx, zz, hw, self.same, None if self.t is None else self.t.map(fn, hw))
+
+    def combine(self, other, op):
+        """Blockwise ``op(self, other)`` of two states of the same shape (tangent blocks dropped)."""
+        xx = op(self.xx, other.xx)
+        zz = xx if self.same else op(self.zz, other.zz)
+        xz = None if self.xz is None else op(self.xz, other.xz)
+        return _State(xz, xx, zz, self.hw, self.same)
+
+
+def _with_tangent(new: _State, st: _State, linear) -> _State:
+    """A weighted layer in the NTK parameterisation: ``Theta' = linear(Theta) + K'`` (``K'`` the new NNGP,
+    bias included: the gradients of this layer's own weights and bias)."""
+    if st.t is not None:
+        new.t = st.t.map(linear, new.hw).combine(new, np.add)
+    return new
 
 
 def _diag_positions(m):
@@ -209,7 +262,14 @@ def _diag_positions(m):
     return np.einsum("...pp->...p", m)
 
 
-def _apply_nonlinearity(f, g, st: _State) -> _State:
+def _apply_nonlinearity(f, g, df, dg, st: _State) -> _State:
+    out = _expectations(f, g, st)
+    if st.t is not None:  # Theta' = Theta * E[phi'(u) phi'(v)]
+        out.t = st.t.combine(_expectations(df, dg, st), np.multiply)
+    return out
+
+
+def _expectations(f, g, st: _State) -> _State:
     def own(m):  # an image with itself, full [HW, HW]: pair formula, then self values on p == q
         v = _diag_positions(m).copy()
         out = f(m, v[..., :, None], v[..., None, :])
@@ -245,20 +305,21 @@ def _apply(layer, st: _State) -> _State:
         outs = [_apply(branch, st) for branch in layer[1]]
         if len({o.hw for o in outs}) != 1:
             raise ValueError("sum branches give different shapes")
-        xx = sum(o.xx for o in outs)
-        zz = xx if st.same else sum(o.zz for o in outs)
-        xz = None if st.xz is None else sum(o.xz for o in outs)
-        return _State(xz, xx, zz, outs[0].hw, st.same)
+        total = outs[0]
+        for o in outs[1:]:
+            t = None if total.t is None else total.t.combine(o.t, np.add)
+            total = total.combine(o, np.add)
+            total.t = t
+        return total
     if kind == "conv":
         s = _spec(layer[1], {"stride": 1, "padding": "same", "dilation": 1, "vw": 1.0, "vb": 0.0})
         k = s["k"]
         ho, wo, mats = tap_matrices(*st.hw, k, s["stride"], s["padding"], s["dilation"])
 
-        def conv(m):
-            total = sum(a @ m @ a.T for a in mats)  # the same tap on both sides
-            return float(s["vb"]) + float(s["vw"]) / (k * k) * total
+        def linear(m):
+            return float(s["vw"]) / (k * k) * sum(a @ m @ a.T for a in mats)  # the same tap on both sides
 
-        return st.map(conv, (ho, wo))
+        return _with_tangent(st.map(lambda m: float(s["vb"]) + linear(m), (ho, wo)), st, linear)
     if kind == "avgpool":
         s = _spec(layer[1], {"stride": None, "padding": 0})
         ho, wo, b = pool_matrix(*st.hw, s["k"], s["stride"], s["padding"])
@@ -267,9 +328,11 @@ def _apply(layer, st: _State) -> _State:
         return st.map(lambda m: m.mean(axis=(-2, -1))[..., None, None], (1, 1))
     if kind == "dense":
         s = _spec(layer[1], {"vw": 1.0, "vb": 0.0})
-        return st.map(
-            lambda m: (float(s["vb"]) + float(s["vw"]) * _diag_positions(m).mean(axis=-1))[..., None, None], (1, 1)
-        )
+
+        def linear(m):
+            return (float(s["vw"]) * _diag_positions(m).mean(axis=-1))[..., None, None]
+
+        return _with_tangent(st.map(lambda m: float(s["vb"]) + linear(m), (1, 1)), st, linear)
     nl = _nonlinearity(layer)
     if nl is not None:
         return _apply_nonlinearity(*nl, st)
@@ -282,8 +345,15 @@ def _own_covariance(X):
     return np.einsum("ncp,ncq->npq", flat, flat) / c
 
 
-def kernel(arch, X, Z=None) -> np.ndarray:
-    """``[N1, N2]`` kernel; with ``Z=None`` the same-set ``[N, N]`` kernel (exact diagonal)."""
+def _zero_tangent(st: _State) -> _State:
+    st.t = st.map(np.zeros_like, st.hw)  # the input has no parameters
+    st.t.t = None
+    return st
+
+
+def kernel(arch, X, Z=None, ntk: bool = False) -> np.ndarray:
+    """``[N1, N2]`` kernel; with ``Z=None`` the same-set ``[N, N]`` kernel (exact diagonal). ``ntk``: the neural
+    tangent kernel (NTK parameterisation) instead of the NNGP."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 4:
         raise ValueError("inputs must be [N, C, H, W]")
@@ -301,19 +371,20 @@ def kernel(arch, X, Z=None) -> np.ndarray:
             raise ValueError("X and Z must have the same C, H, W")
         fz = Z.reshape(Z.shape[0], c, h * w)
         st = _State(np.einsum("acp,bcq->abpq", fx, fz) / c, xx, _own_covariance(Z), (h, w), False)
-    st = _apply(arch, st)
+    st = _apply(arch, _zero_tangent(st) if ntk else st)
     if st.hw != (1, 1):
         raise ValueError(f"the architecture does not end in a 1x1 map (got {st.hw})")
-    return st.xz[..., 0, 0]
+    return (st.t if ntk else st).xz[..., 0, 0]
 
 
-def kernel_diag(arch, X) -> np.ndarray:
-    """``[N]`` self values k(x_n, x_n), from each image's own covariance only."""
+def kernel_diag(arch, X, ntk: bool = False) -> np.ndarray:
+    """``[N]`` self values k(x_n, x_n), from each image's own covariance only (``ntk``: of the NTK)."""
     X = np.asarray(X, dtype=np.float64)
-    st = _apply(arch, _State(None, _own_covariance(X), None, X.shape[2:], True))
+    st = _State(None, _own_covariance(X), None, X.shape[2:], True)
+    st = _apply(arch, _zero_tangent(st) if ntk else st)
     if st.hw != (1, 1):
         raise ValueError(f"the architecture does not end in a 1x1 map (got {st.hw})")
-    return st.xx[:, 0, 0]
+    return (st.t if ntk else st).xx[:, 0, 0]
 
 
 def output_size(arch, size: int) -> int:
@@ -359,10 +430,12 @@ def describe(layer):
     if isinstance(layer, g.Erf):
         return ("erf",)
     if isinstance(layer, g.GELU):
-        return ("fn", lambda u: 0.5 * u * (1.0 + _erf(u / math.sqrt(2.0))))
+        cdf = lambda u: 0.5 * (1.0 + _erf(u / math.sqrt(2.0)))  # noqa: E731
+        pdf = lambda u: np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)  # noqa: E731
+        return ("fn", lambda u: u * cdf(u), lambda u: cdf(u) + u * pdf(u))
     if isinstance(layer, g.Elementwise):
         fn = layer.fn
-        return ("fn", lambda u: fn(torch.from_numpy(np.ascontiguousarray(u))).numpy())
+        return ("fn", lambda u: fn(torch.from_numpy(np.ascontiguousarray(u))).numpy(), lambda u: _autograd(fn, u))
     if isinstance(layer, g.Conv2d):
         return (
             "conv",
@@ -382,6 +455,13 @@ def describe(layer):
     if isinstance(layer, g.Dense):
         return ("dense", {"vw": float(layer.var_weight), "vb": float(layer.var_bias)})
     raise TypeError(f"no reference description for {type(layer).__name__}")
+
+
+def _autograd(fn, u):
+    """``fn'(u)`` of a float64 array, by torch autograd (the derivative of the user's function only)."""
+    t = torch.from_numpy(np.ascontiguousarray(u)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(t).sum(), t)
+    return grad.numpy()
 
 
 def _erf(u):

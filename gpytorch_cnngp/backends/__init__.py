@@ -65,6 +65,7 @@ def choose(
     n_pairs: int,
     grad: bool = False,
     requirements: Requirements | None = None,
+    ntk: bool = False,
 ) -> type[Backend]:
     """The backend that runs a call: the one policy of the package.
 
@@ -77,8 +78,11 @@ def choose(
       pairs on for same-location networks it can compile (full spatial maps run about twice as fast
       eagerly), else eager.
 
+    The native kernel computes the NNGP only: calls that want the NTK never use it.
+
     :param requested: a name from :func:`resolve`.
     :param n_pairs: kernel entries the call computes.
+    :param ntk: the call computes the neural tangent kernel.
     """
     if requested not in _NAMES and requested != _COMPILED:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {requested!r}")
@@ -88,13 +92,15 @@ def choose(
     if requested in BACKENDS:
         cls = BACKENDS[requested]
         reason = cls.unsupported(model, size, dtype, device)
+        if reason is None and ntk and cls is Native:
+            reason = "the native kernel computes the NNGP only, not the NTK"
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run this network here: {reason}; use backend='auto'")
         return cls
     mode = "on" if requested == _COMPILED else settings.compile_mode.value()
     if mode == "off":
         return Eager
-    native_wanted = mode == "on" or n_pairs >= settings.auto_native_pairs.value()
+    native_wanted = not ntk and (mode == "on" or n_pairs >= settings.auto_native_pairs.value())
     if native_wanted and Native.unsupported(model, size, dtype, device) is None:
         return Native
     compilable = Inductor.unsupported(model, size, dtype, device) is None

@@ -42,7 +42,8 @@ class Backend:
 
     @classmethod
     def block_fn(
-        cls, model: Layer, size: tuple[int, int], hyper: Hyper, requirements: Requirements, tile: int
+        cls, model: Layer, size: tuple[int, int], hyper: Hyper, requirements: Requirements, tile: int, ntk: bool = False
     ) -> BlockFn:
-        """The function computing one tile of this call (hyperparameters fixed for the call)."""
+        """The function computing one tile of this call (hyperparameters fixed for the call); with ``ntk`` the
+        tile is ``[2, n1, n2]`` (NNGP, NTK)."""
         raise NotImplementedError

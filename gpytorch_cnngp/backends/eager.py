@@ -17,8 +17,8 @@ class Eager(Backend):
     cpu_tile = 32
 
     @classmethod
-    def block_fn(cls, model, size, hyper, requirements, tile) -> BlockFn:
+    def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
         def block(x, z, trace_x, trace_z, same):
-            return pair_block(model, x, z, trace_x, trace_z, hyper, same, False, "matmul", requirements)
+            return pair_block(model, x, z, trace_x, trace_z, hyper, same, False, "matmul", requirements, ntk)
 
         return block

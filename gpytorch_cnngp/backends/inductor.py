@@ -56,7 +56,7 @@ class Inductor(Backend):
         return None
 
     @classmethod
-    def block_fn(cls, model, size, hyper, requirements, tile) -> BlockFn:
+    def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
         fn = _compiled_pair_block()
 
         def block(x, z, trace_x, trace_z, same):
@@ -74,7 +74,8 @@ class Inductor(Backend):
                 True,
                 "slices",
                 requirements,
+                ntk,
             )
-            return out[:n1, :n2]
+            return out[..., :n1, :n2]
 
         return block

@@ -493,7 +493,9 @@ class Native(Backend):
         return None
 
     @classmethod
-    def block_fn(cls, model, size, hyper, requirements, tile) -> BlockFn:
+    def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
+        if ntk:  # pragma: no cover - choose() never picks this backend for the NTK
+            raise ValueError("the native kernel computes the NNGP only")
         lib = load_library()
         program = lower(model, size)
         params: dict[torch.dtype, Tensor] = {}

@@ -32,7 +32,7 @@ _evaluate: Callable[..., Tensor] | None = None
 
 
 def set_evaluator(fn: Callable[..., Tensor]) -> None:
-    """Install ``fn(model, x, z, diag)`` as what :meth:`Layer.forward` calls (done by the engine)."""
+    """Install ``fn(model, x, z, diag, get)`` as what :meth:`Layer.forward` calls (done by the engine)."""
     global _evaluate
     _evaluate = fn
 
@@ -47,6 +47,25 @@ class FiniteBuild:
     device: torch.device | str | None = None
     #: spatial size of the map arriving at the layer being built, when the caller gave the input size
     size: tuple[int, int] | None = None
+    #: ``"standard"`` (weights drawn with their variance) or ``"ntk"`` (standard normal weights, scaled in forward)
+    parameterization: str = "standard"
+
+
+class ScaledAffine(nn.Module):
+    """A layer in the NTK parameterisation: ``op(x, w_std * W, b_std * b)`` with ``W`` and ``b`` standard normal.
+
+    The parameters are what gradient descent trains; their scale sits in ``forward``, so the network's
+    parameter Jacobian gives the neural tangent kernel of the infinite-width limit (Jacot et al., 2018).
+    """
+
+    def __init__(self, op, weight: Tensor, bias: Tensor | None, w_std: float, b_std: float) -> None:
+        super().__init__()
+        self.op, self.w_std, self.b_std = op, w_std, b_std
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x, self.weight * self.w_std, None if self.bias is None else self.bias * self.b_std)
 
 
 class Layer(nn.Module):
@@ -114,6 +133,7 @@ class Layer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         input_size: int | tuple[int, int] | None = None,
+        parameterization: str = "standard",
     ) -> nn.Module:
         """A randomly initialised finite network with this architecture.
 
@@ -129,7 +149,14 @@ class Layer(nn.Module):
         ``input_size=(H, W)`` (or ``H`` for square images) it is created here; without, on the first
         forward call, from random numbers reserved from ``generator`` at build time (so a seed still
         fixes the whole network).
+
+        ``parameterization="ntk"``: every weight and bias is standard normal and scaled in the forward pass
+        (:class:`ScaledAffine`), so the network's outputs have the same distribution and its parameter Jacobian
+        ``J J^T`` (the empirical neural tangent kernel) approaches ``self(X, Z, get="ntk")`` as ``channels``
+        grows. It needs ``input_size`` when the network has a :class:`~gpytorch_cnngp.Dense` layer.
         """
+        if parameterization not in ("standard", "ntk"):
+            raise ValueError(f"parameterization must be 'standard' or 'ntk', got {parameterization!r}")
         for name, value in (
             ("channels", channels),
             ("in_channels", in_channels),
@@ -143,13 +170,23 @@ class Layer(nn.Module):
                 raise ValueError(f"input_size must be a positive integer or (H, W), got {input_size!r}")
             self.out_size(size)  # raises if the architecture does not fit
             input_size = size
-        build = FiniteBuild(channels=channels, generator=generator, dtype=dtype, device=device, size=input_size)
+        build = FiniteBuild(
+            channels=channels,
+            generator=generator,
+            dtype=dtype,
+            device=device,
+            size=input_size,
+            parameterization=parameterization,
+        )
         module, _ = self.build_nn(in_channels, out_channels, in_channels, build)
         return nn.Sequential(module, nn.Flatten(start_dim=1))
 
     # --- kernel entry point ----------------------------------------------------------------
-    def forward(self, x: Tensor, z: Tensor | None = None, same: bool = False, diag: bool = False) -> Tensor:
-        """The kernel: ``[N1, N2]`` for ``(X, Z)``, ``[N1, N1]`` for ``X`` alone, ``[N]`` with ``diag``.
+    def forward(
+        self, x: Tensor, z: Tensor | None = None, same: bool = False, diag: bool = False, get: str | tuple = "nngp"
+    ) -> Tensor | tuple[Tensor, ...]:
+        """The kernel: ``[N1, N2]`` for ``(X, Z)``, ``[N1, N1]`` for ``X`` alone, ``[N]`` with ``diag``;
+        ``get="ntk"`` for the neural tangent kernel, ``get=("nngp", "ntk")`` for both from one pass.
 
         ``model(X)`` and ``model(X, X, same=True)`` treat both sides as the same images: the result
         is exactly symmetric and its diagonal is exactly the self variance. ``model(X, Z)`` with
@@ -163,7 +200,7 @@ class Layer(nn.Module):
             raise ValueError("same=True requires Z to be X (or None)")
         if not diag and same:
             z = None
-        return _evaluate(self, x, z, diag)
+        return _evaluate(self, x, z, diag, get)
 
 
 def check_variance(name: str, value) -> Tensor:
@@ -221,8 +258,10 @@ class Nonlinearity(Layer):
 
     Subclasses implement :meth:`self_map` (``v -> E[phi(u)^2]`` for ``u ~ N(0, v)``) and
     :meth:`pair_map` (``E[phi(u) phi(u')]`` from the covariance ``c`` and the standard deviations of
-    both sides), and :meth:`build_nn`. This class records and recalls the standard deviations and sets
-    the exact diagonal of same-image pairs, so a new nonlinearity needs nothing else.
+    both sides), and :meth:`build_nn`; for the neural tangent kernel also :meth:`self_derivative_map` and
+    :meth:`pair_derivative_map` (the same expectations of ``phi'``, by which the NTK is multiplied). This
+    class records and recalls the standard deviations and sets the exact diagonal of same-image pairs, so a
+    new nonlinearity needs nothing else.
     """
 
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -234,29 +273,53 @@ class Nonlinearity(Layer):
     def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         raise NotImplementedError
 
-    def propagate(self, state: CovState) -> CovState:
+    def self_derivative_map(self, v: Tensor, s: Tensor) -> Tensor:
+        """``E[phi'(u)^2]`` for ``u ~ N(0, v)`` (``s = sqrt(v)``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no neural tangent kernel rule")
+
+    def pair_derivative_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        """``E[phi'(u) phi'(u')]`` from the covariance and the standard deviations of both sides."""
+        raise NotImplementedError(f"{type(self).__name__} has no neural tangent kernel rule")
+
+    def _maps(self, state: CovState, sides: tuple[Tensor, ...], pair, own) -> Tensor:
+        """The pair expectation ``pair(c, s1, s2, compiled)``, with the exact self values ``own(v, s)`` where an
+        image meets itself. ``sides``: the recorded standard deviations (``(s,)`` in the self pass, ``(s_x, s_z)``
+        in a pair pass)."""
         m, full, run = state.nngp, state.full, state.run
         if run.mode == "self":
             v = same_location(m) if full else m
-            s = safe_sqrt(v)
-            run.record(s)
+            (s,) = sides
             if not full:
-                return state.replace(nngp=self.self_map(v, s))
+                return own(v, s)
             # covariances between the positions of one image; each position with itself is exact
-            out = self.pair_map(m, s[:, :, None, None], s[None, None], run.compiled)
-            position_diagonal(out).copy_(self.self_map(v, s).flatten(0, 1).movedim(0, -1))
-            return state.replace(nngp=out)
-        sx, sz = run.recall()
+            out = pair(m, s[:, :, None, None], s[None, None], run.compiled)
+            position_diagonal(out).copy_(own(v, s).flatten(0, 1).movedim(0, -1))
+            return out
+        sx, sz = sides
         s1, s2 = (sx[:, :, None, None], sz[None, None]) if full else (sx, sz)
-        out = self.pair_map(m, s1, s2, run.compiled)
+        out = pair(m, s1, s2, run.compiled)
         if run.same:
-            # An image with itself: use the self value instead of J(rho ~ 1), which rounding spoils.
+            # An image with itself: use the self value instead of the pair formula at rho ~ 1, which rounding spoils.
             s = sx.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
-            value = self.self_map(s * s, s)
+            value = own(s * s, s)
             if full:  # entries (p, p, a, a): each position of image a with itself, as [n, H * W]
                 hw = s.shape[0] * s.shape[1]
                 target = out.view(hw, hw, *out.shape[4:]).diagonal(0, -2, -1).diagonal(0, 0, 1)
                 target.copy_(value.reshape(hw, -1).t())
             else:
                 out.diagonal(0, -2, -1).copy_(value)
-        return state.replace(nngp=out)
+        return out
+
+    def propagate(self, state: CovState) -> CovState:
+        run = state.run
+        if run.mode == "self":
+            s = safe_sqrt(same_location(state.nngp) if state.full else state.nngp)
+            run.record(s)
+            sides = (s,)
+        else:
+            sides = run.recall()
+        nngp = self._maps(state, sides, self.pair_map, self.self_map)
+        if state.ntk is None:
+            return state.replace(nngp=nngp)
+        derivative = self._maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
+        return state.replace(nngp=nngp, ntk=state.ntk * derivative)

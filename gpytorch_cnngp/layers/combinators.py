@@ -61,10 +61,10 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             later = keep or any(needs[i + 1 :])
             if not (needs[i] or later) and state.full:
-                state = state.replace(nngp=same_location(state.nngp))  # nothing from here on needs positions
+                state = state.map(same_location)  # nothing from here on needs positions
             state = layer.propagate(state.replace(keep_full=later))
         state = state.replace(keep_full=keep)
-        return state if keep or not state.full else state.replace(nngp=same_location(state.nngp))
+        return state if keep or not state.full else state.map(same_location)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         # The first layer with weights reads the input channels and the last one writes the output
@@ -129,9 +129,13 @@ class Sum(Layer):
         for branch in self.branches:
             out = branch.propagate(state)
             if not state.keep_full and out.full:
-                out = out.replace(nngp=same_location(out.nngp))
-            total = out.nngp if total is None else total + out.nngp
-        return state.replace(nngp=total)
+                out = out.map(same_location)
+            if total is None:
+                total = out
+            else:  # independent branches: both kernels add
+                ntk = None if out.ntk is None else total.ntk + out.ntk
+                total = total.replace(nngp=total.nngp + out.nngp, ntk=ntk)
+        return total.replace(keep_full=state.keep_full)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         size, built = build.size, []

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops import Window, diagonal_window_sum, window_sum
 from ..state import CovState
-from .base import FiniteBuild, WeightedLayer, check_variance
+from .base import FiniteBuild, ScaledAffine, WeightedLayer, check_variance
 
 __all__ = ["Conv2d", "WeightedLayer", "check_variance"]  # the last two live in .base
 
@@ -21,7 +21,10 @@ class Conv2d(WeightedLayer):
     counted in the ``k^2`` denominator):
 
     .. math::
-        K'[p] = \sigma_b^2 + \frac{\sigma_w^2}{k^2} \sum_{q \in \mathrm{window}(p)} K[q].
+        K'[p] = \sigma_b^2 + \frac{\sigma_w^2}{k^2} \sum_{q \in \mathrm{window}(p)} K[q], \qquad
+        \Theta'[p] = K'[p] + \frac{\sigma_w^2}{k^2} \sum_{q \in \mathrm{window}(p)} \Theta[q]
+
+    (:math:`\Theta` the neural tangent kernel, NTK parameterisation).
 
     On the full spatial path (before a pooling layer) the covariance between positions ``p`` and
     ``q`` sums the pairs of inputs under the same tap ``t``:
@@ -102,15 +105,23 @@ class Conv2d(WeightedLayer):
         return h, w
 
     def propagate(self, state: CovState) -> CovState:
-        m = state.nngp
         scale = state.hyper(self, "var_weight") / (self.kernel_size * self.kernel_size)
         bias = state.hyper(self, "var_bias")
-        if state.full:  # covariances between positions: both sides share each tap's weight
-            return state.replace(nngp=diagonal_window_sum(m, self.window, self.window, scale).add_(bias))
-        # window_sum returns a fresh tensor when given a scale, and neither matmul nor mul keeps its
+        win, method = self.window, state.run.window_method
+
+        def average(m: Tensor) -> Tensor:
+            if state.full:  # covariances between positions: both sides share each tap's weight
+                return diagonal_window_sum(m, win, win, scale)
+            return window_sum(m, win, win, method, scale)
+
+        # the window sums return fresh tensors when given a scale, and neither matmul nor mul keeps its
         # output for the backward pass, so the bias can be added in place (one pass, no allocation)
-        method = state.run.window_method
-        return state.replace(nngp=window_sum(m, self.window, self.window, method, scale).add_(bias))
+        nngp = average(state.nngp).add_(bias)
+        if state.ntk is None:
+            return state.replace(nngp=nngp)
+        # NTK parameterisation: the weights' and bias' own gradients give the new NNGP, the earlier layers'
+        # come through the same window average
+        return state.replace(nngp=nngp, ntk=average(state.ntk).add_(nngp))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         c_in = in_channels * self.in_channel_multiplier
@@ -123,12 +134,37 @@ class Conv2d(WeightedLayer):
         var_w = float(self.var_weight.detach())
         var_b = float(self.var_bias.detach())
         win = self.window
+        padding = win.pad_before if win.pad_before == win.pad_after else 0
+        if build.parameterization == "ntk":
+            conv = self._ntk_conv(c_in, c_out, padding, var_w, var_b, build)
+        else:
+            conv = self._standard_conv(c_in, c_out, padding, var_w, var_b, build)
+        if win.pad_before != win.pad_after:
+            # Asymmetric ("same" with even k): pad explicitly so the semantics survive training.
+            pad = (win.pad_before, win.pad_after, win.pad_before, win.pad_after)
+            return nn.Sequential(nn.ZeroPad2d(pad), conv), c_out
+        return conv, c_out
+
+    def _ntk_conv(self, c_in: int, c_out: int, padding: int, var_w: float, var_b: float, build: FiniteBuild):
+        shape = (c_out, c_in, self.kernel_size, self.kernel_size)
+        weight = torch.randn(shape, generator=build.generator, dtype=build.dtype, device=build.device)
+        bias = (
+            torch.randn(c_out, generator=build.generator, dtype=build.dtype, device=build.device) if var_b > 0 else None
+        )
+        stride, dilation = self.stride, self.dilation
+
+        def op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return nn.functional.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation)
+
+        return ScaledAffine(op, weight, bias, math.sqrt(var_w / (c_in * self.kernel_size**2)), math.sqrt(var_b))
+
+    def _standard_conv(self, c_in: int, c_out: int, padding: int, var_w: float, var_b: float, build: FiniteBuild):
         conv = nn.Conv2d(
             c_in,
             c_out,
             self.kernel_size,
             stride=self.stride,
-            padding=win.pad_before if win.pad_before == win.pad_after else 0,
+            padding=padding,
             dilation=self.dilation,
             bias=var_b > 0,
             dtype=build.dtype,
@@ -139,8 +175,4 @@ class Conv2d(WeightedLayer):
             conv.weight.normal_(0.0, 1.0, generator=build.generator).mul_(std)
             if conv.bias is not None:
                 conv.bias.normal_(0.0, 1.0, generator=build.generator).mul_(math.sqrt(var_b))
-        if win.pad_before != win.pad_after:
-            # Asymmetric ("same" with even k): pad explicitly so the semantics survive training.
-            pad = (win.pad_before, win.pad_after, win.pad_before, win.pad_after)
-            return nn.Sequential(nn.ZeroPad2d(pad), conv), c_out
-        return conv, c_out
+        return conv

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops import same_location
 from ..state import CovState
-from .base import FiniteBuild, WeightedLayer
+from .base import FiniteBuild, ScaledAffine, WeightedLayer
 
 __all__ = ["Dense"]
 
@@ -44,15 +44,33 @@ class Dense(WeightedLayer):
         return 1, 1
 
     def propagate(self, state: CovState) -> CovState:
-        m, full = state.nngp, state.full
-        local = same_location(m) if full else m
-        out = local.mean(dim=(0, 1), keepdim=True) * state.hyper(self, "var_weight") + state.hyper(self, "var_bias")
-        return state.replace(nngp=out[:, :, None, None] if full else out)
+        full = state.full
+        weight, bias = state.hyper(self, "var_weight"), state.hyper(self, "var_bias")
+
+        def mean(m: Tensor) -> Tensor:
+            local = same_location(m) if full else m
+            return local.mean(dim=(0, 1), keepdim=True) * weight
+
+        def shaped(m: Tensor) -> Tensor:
+            return m[:, :, None, None] if full else m
+
+        nngp = mean(state.nngp) + bias
+        if state.ntk is None:
+            return state.replace(nngp=shaped(nngp))
+        return state.replace(nngp=shaped(nngp), ntk=shaped(mean(state.ntk) + nngp))  # as Conv2d
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         var_w = float(self.var_weight.detach())
         var_b = float(self.var_bias.detach())
-        if build.size is not None:
+        if build.parameterization == "ntk":
+            if build.size is None:
+                raise ValueError("parameterization='ntk' with a Dense layer needs input_size=(H, W) in .nn()")
+            fan_in = incoming * build.size[0] * build.size[1]
+            kw = {"generator": build.generator, "dtype": build.dtype, "device": build.device}
+            weight = torch.randn(out_channels, fan_in, **kw)
+            bias = torch.randn(out_channels, **kw) if var_b > 0 else None
+            linear = ScaledAffine(nn.functional.linear, weight, bias, math.sqrt(var_w / fan_in), math.sqrt(var_b))
+        elif build.size is not None:
             fan_in = incoming * build.size[0] * build.size[1]
             linear = nn.Linear(fan_in, out_channels, bias=var_b > 0, device=build.device, dtype=build.dtype)
             _gaussian_init(linear, var_w, var_b, build.generator)

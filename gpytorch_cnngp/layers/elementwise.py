@@ -35,32 +35,33 @@ def _derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, order: int) -> Tenso
 
 
 class _Expectation(torch.autograd.Function):
-    """``E[f(u) f(v)]`` for ``(u, v)`` centred Gaussian with covariance ``c`` and standard deviations ``s1, s2``.
+    """``E[f^(k)(u) f^(k)(v)]`` for ``(u, v)`` centred Gaussian with covariance ``c`` and standard deviations
+    ``s1, s2`` (``k = order``: 0 for the kernel, 1 for the neural tangent kernel's factor).
 
-    The backward uses Price's theorem, ``dE/dc = E[f'(u) f'(v)]`` and, at fixed ``c``,
-    ``dE/ds1 = s1 E[f''(u) f(v)]``: exact and finite at correlation 1, where differentiating the quadrature
-    through ``sqrt(1 - rho^2)`` would not be.
+    The backward uses Price's theorem, ``dE/dc = E[f^(k+1)(u) f^(k+1)(v)]`` and, at fixed ``c``,
+    ``dE/ds1 = s1 E[f^(k+2)(u) f^(k)(v)]``: exact and finite at correlation 1, where differentiating the
+    quadrature through ``sqrt(1 - rho^2)`` would not be.
     """
 
     @staticmethod
-    def forward(ctx, c, s1, s2, layer):
-        ctx.layer = layer
+    def forward(ctx, c, s1, s2, layer, order):
+        ctx.layer, ctx.order = layer, order
         ctx.save_for_backward(c, s1, s2)
-        return layer._quadrature(c, s1, s2, 0, 0)
+        return layer._quadrature(c, s1, s2, order, order)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad):
         c, s1, s2 = ctx.saved_tensors
-        q = ctx.layer._quadrature
+        q, k = ctx.layer._quadrature, ctx.order
         g_c = g_s1 = g_s2 = None
         if ctx.needs_input_grad[0]:
-            g_c = (grad * q(c, s1, s2, 1, 1)).sum_to_size(c.shape)
+            g_c = (grad * q(c, s1, s2, k + 1, k + 1)).sum_to_size(c.shape)
         if ctx.needs_input_grad[1]:
-            g_s1 = (grad * s1 * q(c, s1, s2, 2, 0)).sum_to_size(s1.shape)
+            g_s1 = (grad * s1 * q(c, s1, s2, k + 2, k)).sum_to_size(s1.shape)
         if ctx.needs_input_grad[2]:
-            g_s2 = (grad * s2 * q(c, s1, s2, 0, 2)).sum_to_size(s2.shape)
-        return g_c, g_s1, g_s2, None
+            g_s2 = (grad * s2 * q(c, s1, s2, k, k + 2)).sum_to_size(s2.shape)
+        return g_c, g_s1, g_s2, None, None
 
 
 class Elementwise(Nonlinearity):
@@ -81,6 +82,7 @@ class Elementwise(Nonlinearity):
     7e-9 with the default 64, and at 1.5 within 5e-4 and 5e-6. Raise ``degree`` for large pre-activation
     variances. Gradients follow Price's theorem (finite and exact at correlation 1, identical images
     included); ``fn`` must then be twice differentiable by autograd. The finite layer is ``fn`` itself.
+    The neural tangent kernel's factor :math:`E[f'(u) f'(v)]` comes from the same rule with ``f'`` by autograd.
     Cost: ``degree^2`` evaluations of ``fn`` per map entry, so prefer the closed-form layers (``ReLU``, ``Erf``,
     ``GELU``, ``LeakyReLU``) where they exist.
 
@@ -145,9 +147,20 @@ class Elementwise(Nonlinearity):
         return out / math.sqrt(math.pi)
 
     def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        return self.expectation(c, s1, s2, 0)
+
+    def expectation(self, c: Tensor, s1: Tensor, s2: Tensor, order: int) -> Tensor:
+        """``E[f^(order)(u) f^(order)(v)]`` by the product rule, differentiable (Price's theorem)."""
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
-            return _Expectation.apply(c, s1, s2, self)
-        return self._quadrature(c, s1, s2, 0, 0)
+            return _Expectation.apply(c, s1, s2, self, order)
+        return self._quadrature(c, s1, s2, order, order)
+
+    def self_derivative_map(self, v: Tensor, s: Tensor) -> Tensor:
+        # the pair rule at correlation 1 (its second axis then contributes nothing): exact and differentiable
+        return self.expectation(v, s, s, 1)
+
+    def pair_derivative_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        return self.expectation(c, s1, s2, 1)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return _Apply(self.fn), incoming

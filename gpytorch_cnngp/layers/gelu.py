@@ -11,6 +11,18 @@ from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["GELU"]
 
+_QUADRATURE: list = []
+
+
+def _quadrature_layer():
+    """``Elementwise(gelu)``, made once (imported late: elementwise.py holds the quadrature)."""
+    if not _QUADRATURE:
+        from .elementwise import Elementwise
+
+        _QUADRATURE.append(Elementwise(torch.nn.functional.gelu, degree=64))
+    return _QUADRATURE[0]
+
+
 _INV_2PI = 0.5 / math.pi
 
 
@@ -41,6 +53,13 @@ class GELU(Nonlinearity):
         q = torch.sqrt((1.0 - r * r).clamp_min(torch.finfo(c.dtype).tiny))
         linear = c * (0.25 + torch.asin(r) * _INV_2PI)
         return linear + ((a / t1) * (b / t2) * q + r * r / (q * t1 * t2)) * _INV_2PI
+
+    # E[phi'(u) phi'(u')] by quadrature (no closed form here): GELU as an Elementwise layer of its own
+    def self_derivative_map(self, v: Tensor, s: Tensor) -> Tensor:
+        return _quadrature_layer().expectation(v, s, s, 1)
+
+    def pair_derivative_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        return _quadrature_layer().expectation(c, s1, s2, 1)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.GELU(), incoming

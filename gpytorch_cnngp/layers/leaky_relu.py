@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from ..ops import relu_expectation, relu_expectation_forward
+from ..ops import relu_derivative_expectation, relu_expectation, relu_expectation_forward
 from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["LeakyReLU"]
@@ -47,6 +47,19 @@ class LeakyReLU(Nonlinearity):
         else:
             j = relu_expectation_forward(c, s1, s2, compiled)
         return j * (1.0 - alpha) ** 2 + c * alpha
+
+    # phi'(u) = alpha + (1 - alpha) H(u) with H(0) = 0 (autograd's phi'(0) = alpha), so
+    # E[phi'(u) phi'(u')] = alpha^2 + alpha (1 - alpha) (E H(u) + E H(u')) + (1 - alpha)^2 E[H(u) H(u')]
+
+    def self_derivative_map(self, v: Tensor, s: Tensor) -> Tensor:
+        a = self.negative_slope
+        h = (s > 0).to(s.dtype) * 0.5
+        return h * (2.0 * a * (1.0 - a) + (1.0 - a) ** 2) + a * a
+
+    def pair_derivative_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+        a = self.negative_slope
+        h1, h2 = (s1 > 0).to(s1.dtype) * 0.5, (s2 > 0).to(s2.dtype) * 0.5
+        return relu_derivative_expectation(c, s1, s2) * (1.0 - a) ** 2 + (h1 + h2) * (a * (1.0 - a)) + a * a
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.LeakyReLU(self.negative_slope), incoming

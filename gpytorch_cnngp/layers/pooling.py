@@ -76,7 +76,7 @@ class AvgPool2d(Layer):
         _check_full(self, state)
         scale = 1.0 / self.kernel_size**4
         method = state.run.window_method
-        return state.replace(nngp=window_sum_both_sides(state.nngp, self.window, self.window, method, scale))
+        return state.map(lambda m: window_sum_both_sides(m, self.window, self.window, method, scale))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, count_include_pad=True), incoming
@@ -99,7 +99,7 @@ class GlobalAvgPool2d(Layer):
 
     def propagate(self, state: CovState) -> CovState:
         _check_full(self, state)
-        return state.replace(nngp=state.nngp.mean(dim=(0, 1, 2, 3), keepdim=True))
+        return state.map(lambda m: m.mean(dim=(0, 1, 2, 3), keepdim=True))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AdaptiveAvgPool2d(1), incoming
