@@ -242,6 +242,47 @@ def _dense_weight_per_position(mp):
     mp.setattr(dense.Dense, "propagate", summed)
 
 
+# --- the neural tangent kernel (killed by tests/test_layer_contract.py and test_ntk.py)
+
+
+def _ntk_conv_no_new_k(mp):
+    """Conv2d's NTK without its own weights' and bias' term: Theta' = vw C(Theta) (the + K' dropped)."""
+    propagate = conv.Conv2d.propagate
+
+    def no_own_term(self, state):
+        out = propagate(self, state)
+        return out if out.ntk is None else out.replace(ntk=out.ntk - out.nngp)
+
+    mp.setattr(conv.Conv2d, "propagate", no_own_term)
+
+
+def _ntk_relu_constant_factor(mp):
+    """ReLU multiplies the NTK by 1/2 (its self value) at every correlation instead of (pi - theta) / (2 pi)."""
+    mp.setattr(relu.ReLU, "pair_derivative_map", lambda self, c, s1, s2, compiled: torch.full_like(c, 0.5))
+
+
+def _ntk_dense_unweighted(mp):
+    """Dense adds the previous NTK's mean without its var_weight: Theta' = mean(Theta) + K'."""
+    propagate = dense.Dense.propagate
+
+    def unweighted(self, state):
+        out = propagate(self, state)
+        if out.ntk is None:
+            return out
+        weight = state.hyper(self, "var_weight")
+        return out.replace(ntk=(out.ntk - out.nngp) / weight + out.nngp)
+
+    mp.setattr(dense.Dense, "propagate", unweighted)
+
+
+def _ntk_erf_half_factor(mp):
+    """Erf's NTK factor with 2 / pi instead of 4 / pi (half of E[erf'(u) erf'(v)])."""
+    pair = erf.Erf.pair_derivative_map
+    own = erf.Erf.self_derivative_map
+    mp.setattr(erf.Erf, "pair_derivative_map", lambda self, c, s1, s2, compiled: pair(self, c, s1, s2, compiled) / 2)
+    mp.setattr(erf.Erf, "self_derivative_map", lambda self, v, s: own(self, v, s) / 2)
+
+
 MUTANTS = {
     "relu_factor2": _relu_factor2,
     "relu_self_no_half": _relu_self_no_half,
@@ -259,6 +300,10 @@ MUTANTS = {
     "erf_missing_2": _erf_missing_2,
     "leaky_no_cross_terms": _leaky_no_cross_terms,
     "dense_weight_per_position": _dense_weight_per_position,
+    "ntk_conv_no_new_k": _ntk_conv_no_new_k,
+    "ntk_relu_constant_factor": _ntk_relu_constant_factor,
+    "ntk_dense_unweighted": _ntk_dense_unweighted,
+    "ntk_erf_half_factor": _ntk_erf_half_factor,
 }
 
 

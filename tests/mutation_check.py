@@ -29,6 +29,8 @@ FILES = [
     "test_pooling.py",
     "test_dense.py",
     "test_nonlinearities.py",
+    "test_layer_contract.py",
+    "test_ntk.py",
 ]
 
 

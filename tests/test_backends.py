@@ -97,3 +97,16 @@ def test_elementwise_networks_are_never_compiled():
         assert choose("auto", model, (6, 6), F32, CPU, 10) is Eager
     with pytest.raises(ValueError, match=r"backend='inductor' cannot run this network here: Elementwise"):
         gram(model, _images(2, 3), backend="inductor")
+
+
+def test_the_ntk_is_never_given_to_backends_that_cannot_run_it():
+    from gpytorch_cnngp import GELU
+
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    assert "NNGP only" in Native.unsupported(model, (6, 6), F32, CPU, ntk=True)
+    assert choose("auto", model, (6, 6), F32, CPU, 10**9, ntk=True) is Inductor  # large same-location jobs
+    gelu = Sequential(Conv2d(3), GELU(), Dense())
+    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9) is Inductor  # GELU's NNGP is a closed form
+    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9, ntk=True) is Eager  # its NTK factor is a quadrature
+    with pytest.raises(ValueError, match=r"backend='inductor' cannot run this network here: GELU"):
+        gram(gelu, _images(2, 4), backend="inductor", get="ntk")

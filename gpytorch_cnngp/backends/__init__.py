@@ -91,19 +91,17 @@ def choose(
     device = torch.device(device)
     if requested in BACKENDS:
         cls = BACKENDS[requested]
-        reason = cls.unsupported(model, size, dtype, device)
-        if reason is None and ntk and cls is Native:
-            reason = "the native kernel computes the NNGP only, not the NTK"
+        reason = cls.unsupported(model, size, dtype, device, ntk)
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run this network here: {reason}; use backend='auto'")
         return cls
     mode = "on" if requested == _COMPILED else settings.compile_mode.value()
     if mode == "off":
         return Eager
-    native_wanted = not ntk and (mode == "on" or n_pairs >= settings.auto_native_pairs.value())
-    if native_wanted and Native.unsupported(model, size, dtype, device) is None:
+    native_wanted = mode == "on" or n_pairs >= settings.auto_native_pairs.value()
+    if native_wanted and Native.unsupported(model, size, dtype, device, ntk) is None:
         return Native
-    compilable = Inductor.unsupported(model, size, dtype, device) is None
+    compilable = Inductor.unsupported(model, size, dtype, device, ntk) is None
     if mode == "on":
         return Inductor if compilable else Eager
     full = (requirements or Requirements(model)).full

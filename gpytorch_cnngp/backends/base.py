@@ -36,8 +36,11 @@ class Backend:
     cpu_tile: ClassVar[int]
 
     @classmethod
-    def unsupported(cls, model: Layer, size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> str | None:
-        """Why this backend cannot run ``model`` on ``size`` images here (naming the layer), or ``None``."""
+    def unsupported(
+        cls, model: Layer, size: tuple[int, int], dtype: torch.dtype, device: torch.device, ntk: bool = False
+    ) -> str | None:
+        """Why this backend cannot run ``model`` on ``size`` images here (naming the layer), or ``None``;
+        ``ntk``: with the neural tangent kernel beside the NNGP."""
         return None
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layers import Elementwise
+from ..layers import GELU, Elementwise
 from ..passes import pair_block
 from .base import Backend, BlockFn
 
@@ -45,14 +45,16 @@ class Inductor(Backend):
     cpu_tile = 32
 
     @classmethod
-    def unsupported(cls, model, size, dtype, device) -> str | None:
+    def unsupported(cls, model, size, dtype, device, ntk=False) -> str | None:
         for layer in model.kernel_layers():
+            # a product rule of degree^2 terms is a Python loop, which tracing unrolls into a graph too large to
+            # compile in reasonable time: Elementwise's kernel, and GELU's NTK factor
             if isinstance(layer, Elementwise):
-                # its product rule is degree^2 terms of a Python loop, which tracing unrolls into a graph too
-                # large to compile in reasonable time
                 return (
                     f"Elementwise (its quadrature of {layer.degree}^2 terms unrolls into a graph too large to compile)"
                 )
+            if ntk and isinstance(layer, GELU):
+                return "GELU (its NTK factor is a quadrature of 64^2 terms, a graph too large to compile)"
         return None
 
     @classmethod

@@ -478,7 +478,9 @@ class Native(Backend):
     cpu_tile = 256
 
     @classmethod
-    def unsupported(cls, model, size, dtype, device) -> str | None:
+    def unsupported(cls, model, size, dtype, device, ntk=False) -> str | None:
+        if ntk:
+            return "the native kernel computes the NNGP only, not the NTK"
         if torch.device(device).type != "cpu":
             return f"it runs on CPUs only, not {device}"
         if dtype not in LANES:
