@@ -130,6 +130,15 @@ def test_kernels_classify_and_clear_errors(data_dir, tmp_path, capsys):
     assert "no kernel store" in capsys.readouterr().err
     assert cli.main(["table", "--full", "--n-train", "5", "--workdir", str(tmp_path)]) == 1
     assert "--full" in capsys.readouterr().err
+    # an explicit backend that cannot run the network is refused before any work, naming the layer
+    pooled = tmp_path / "pooled.h5"
+    argv = ["kernels", "--config", "pooled_cnn_gp", "--out", str(pooled), "--backend", "native", *sizes, *common]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--backend native cannot run pooled_cnn_gp here" in err and "AvgPool2d" in err and "Traceback" not in err
+    assert not pooled.exists()
+    assert cli.main([*argv[: -len(sizes) - len(common)], "--compile", "on", *sizes, *common]) == 1
+    assert "not both" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, offline, capsys):

@@ -75,6 +75,7 @@ def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: 
         resolve_device(args.device)  # an unavailable device is reported before anything is created
     images, labels, checksums = _load_data(args, sizes)
     spec, meta = _spec_and_meta(config, args, sizes, checksums)
+    _check_backend(spec, images, args)  # an explicit backend that cannot run the network: refused before any work
     tile = args.tile_size or _default_tile(args)
     # the scheduler is reached before the store is made: a failed connection leaves nothing behind
     with contextlib.ExitStack() as stack:
@@ -132,8 +133,6 @@ def _compute_into(
         if client is not None:
             n_threads = sum(client.nthreads().values())
             _say(f"Dask scheduler {client.scheduler.address}: {len(client.nthreads())} workers, {n_threads} threads")
-        if remaining:
-            _check_backend(spec, images, args)
         if remaining and client is None:
             _choose_threads(spec, images, args)
         if remaining and estimate:
