@@ -21,7 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_kernels import _images, machine  # noqa: E402
+from bench_kernels import _images, machine, report  # noqa: E402
 
 from gpytorch_cnngp import architectures, gram  # noqa: E402
 
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    report(lines, args)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for tree in {old_tree, new_tree} - {ROOT}:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-    from bench_kernels import machine
+    from bench_kernels import machine, report
 
     lines = [
         f"### Speed before and after a change ({time.strftime('%Y-%m-%d')})",
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         new_rate = statistics.median(n[key] for _, n in rounds)
         ratio = statistics.median(n[key] / o[key] for o, n in rounds)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {old_rate:,.0f} | {new_rate:,.0f} | {ratio:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    report(lines, args)
 
 
 if __name__ == "__main__":
