@@ -213,10 +213,6 @@ class CovState:
         """Whether the map is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``)."""
         return self.nngp.dim() == 4 + self.run.pair_ndim
 
-    @property
-    def mode(self) -> str:
-        return self.run.mode
-
     def hyper(self, layer: Layer, name: str) -> Tensor:
         """``layer``'s hyperparameter ``name`` for this pass."""
         return self.run.hyper(layer, name)

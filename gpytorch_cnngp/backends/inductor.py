@@ -54,7 +54,8 @@ class Inductor(Backend):
                     f"Elementwise (its quadrature of {layer.degree}^2 terms unrolls into a graph too large to compile)"
                 )
             if ntk and isinstance(layer, GELU):
-                return "GELU (its NTK factor is a quadrature of 64^2 terms, a graph too large to compile)"
+                terms = f"{layer.ntk_quadrature_degree}^2"
+                return f"GELU (its NTK factor is a quadrature of {terms} terms, a graph too large to compile)"
         return None
 
     @classmethod

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 
 from .base import FiniteBuild, Nonlinearity
+from .elementwise import Elementwise
 
 __all__ = ["GELU"]
 
-_QUADRATURE: list = []
 
-
-def _quadrature_layer():
-    """``Elementwise(gelu)``, made once (imported late: elementwise.py holds the quadrature)."""
-    if not _QUADRATURE:
-        from .elementwise import Elementwise
-
-        _QUADRATURE.append(Elementwise(torch.nn.functional.gelu, degree=64))
-    return _QUADRATURE[0]
+@functools.cache
+def _quadrature_layer() -> Elementwise:
+    """``Elementwise(gelu)``, made once: the quadrature of GELU's NTK factor."""
+    return Elementwise(torch.nn.functional.gelu, degree=GELU.ntk_quadrature_degree)
 
 
 _INV_2PI = 0.5 / math.pi
@@ -41,6 +38,9 @@ class GELU(Nonlinearity):
     identical and all-zero images, and the self value is the same formula at ``c = a = b``.
     Limits: ``v / 4`` for small variances, the ReLU's ``v / 2`` for large ones.
     """
+
+    #: nodes per axis of the Gauss-Hermite rule of the NTK factor E[phi'(u) phi'(u')] (no closed form here)
+    ntk_quadrature_degree = 64
 
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         return self.pair_map(v, s, s, False)
