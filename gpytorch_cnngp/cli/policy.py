@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, native_ready
+from ..backends import BACKENDS, native_ready, resolve
 from ..blocked_cholesky import default_memory_budget, plan_panel_width
 from ..distributed import ArchitectureSpec, compute_block, default_tile_size, resolve_device
 from ..memory import available_memory, format_bytes
@@ -31,7 +31,8 @@ def _backend(args: argparse.Namespace) -> str:
         return args.backend
     if args.backend != "auto":
         raise UserError("give --backend or --compile (deprecated), not both")
-    return {"auto": "auto", "on": "compiled", "off": "eager"}[args.compile]
+    # the library's own alias rule: --compile auto/on/off is compile=None/True/False
+    return resolve("auto", {"auto": None, "on": True, "off": False}[args.compile])
 
 
 def _check_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> None:
