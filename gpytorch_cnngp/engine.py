@@ -324,8 +324,8 @@ def gram(
     :param hyper: a :class:`~gpytorch_cnngp.state.Hyper` or ``{layer: {"var_weight": tensor, ...}}``
         overriding the layers' own values.
     :param get: ``"nngp"`` (the CNN-GP kernel), ``"ntk"`` (the neural tangent kernel of the network in the NTK
-        parameterisation), or a tuple of both, computed in one pass and returned in that order. The NTK runs
-        on the eager and ``torch.compile`` backends (the native kernel computes the NNGP only).
+        parameterisation), or a tuple of both, computed in one pass and returned in that order. Every backend
+        computes the NTK where it computes the NNGP (``torch.compile`` excepted for GELU and ``Elementwise``).
     :return: ``[N1, N2]`` tensor (a tuple of them for a tuple ``get``). When hyperparameters require grad,
         the backward pass recomputes one tile at a time, so it needs no more memory than the forward.
     """

@@ -283,6 +283,16 @@ def _ntk_erf_half_factor(mp):
     mp.setattr(erf.Erf, "self_derivative_map", lambda self, v, s: own(self, v, s) / 2)
 
 
+def _native_ntk_factor_doubled(mp):
+    """The native kernel's ReLU NTK factor with 2 q in place of q = arccos(|rho|) / (2 pi), and its self-test at
+    load skipped (as if a miscompiled kernel had got through): the tests must see it themselves."""
+    import gpytorch_cnngp.backends.native as native
+
+    coefficients = native.relu_derivative_poly_coefficients
+    mp.setattr(native, "relu_derivative_poly_coefficients", lambda dtype: tuple(2 * k for k in coefficients(dtype)))
+    mp.setattr(native, "_self_test", lambda lib: None)
+
+
 MUTANTS = {
     "relu_factor2": _relu_factor2,
     "relu_self_no_half": _relu_self_no_half,
@@ -304,6 +314,7 @@ MUTANTS = {
     "ntk_relu_constant_factor": _ntk_relu_constant_factor,
     "ntk_dense_unweighted": _ntk_dense_unweighted,
     "ntk_erf_half_factor": _ntk_erf_half_factor,
+    "native_ntk_factor_doubled": _native_ntk_factor_doubled,
 }
 
 

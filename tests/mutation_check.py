@@ -31,6 +31,7 @@ FILES = [
     "test_nonlinearities.py",
     "test_layer_contract.py",
     "test_ntk.py",
+    "test_native.py",
 ]
 
 

@@ -11,7 +11,18 @@ import pytest
 import reference_full
 import torch
 
-from gpytorch_cnngp import CNNGPKernel, Conv2d, Dense, Erf, GlobalAvgPool2d, ReLU, Sequential, gram, gram_diag
+from gpytorch_cnngp import (
+    CNNGPKernel,
+    Conv2d,
+    Dense,
+    Erf,
+    GlobalAvgPool2d,
+    LeakyReLU,
+    ReLU,
+    Sequential,
+    gram,
+    gram_diag,
+)
 from gpytorch_cnngp.backends import native
 
 F64 = torch.float64
@@ -43,18 +54,19 @@ def test_get_is_checked_and_both_come_from_one_pass():
     assert gram_diag(model, x[:0], get=("nngp", "ntk"))[1].shape == (0,)
 
 
-def test_the_native_kernel_refuses_the_ntk_and_auto_runs_it_eagerly(monkeypatch):
+def test_auto_runs_the_ntk_natively_and_it_equals_eager(monkeypatch):
     if native.load_library() is None:  # pragma: no cover - no C++ compiler
         pytest.skip("the native kernel cannot be built here")
-    model = Sequential(Conv2d(3, var_weight=2.0), ReLU(), Dense())
-    x = _images(20, seed=2)
-    with pytest.raises(ValueError, match="backend='native' cannot run this network here: the native kernel computes"):
-        gram(model, x, get="ntk", backend="native")
+    model = Sequential(Conv2d(3, var_weight=2.0), LeakyReLU(0.2), Conv2d(3, var_bias=0.3), ReLU(), Dense())
+    x, z = _images(20, seed=2), _images(9, seed=5)
     calls = []
-    monkeypatch.setattr(native, "run_block", lambda *a, **k: calls.append(1))
-    ntk = gram(model, x, get="ntk")  # 400 pairs: the NNGP alone would run natively
-    assert not calls
-    torch.testing.assert_close(ntk, gram(model, x, get="ntk", backend="eager"), rtol=0, atol=0)
+    original = native.run_block
+    monkeypatch.setattr(native, "run_block", lambda *a, **k: calls.append(k.get("ntk", a[-1])) or original(*a, **k))
+    got = gram(model, x, z, get=("nngp", "ntk"))  # 180 pairs: auto runs natively
+    assert calls == [True]
+    want = gram(model, x, z, get=("nngp", "ntk"), backend="eager")
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0.0)
 
 
 def test_a_single_weighted_layer_has_ntk_equal_to_its_nngp():

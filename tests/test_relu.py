@@ -274,14 +274,41 @@ def test_relu_expectation_poly_zero_variance_and_identical_images():
     torch.testing.assert_close(same, s * s / 2, rtol=1e-15, atol=0.0)
 
 
-@pytest.mark.parametrize("name, degree, max_err", [("_R_POLY32", 8, 3.1e-10), ("_R_POLY64", 16, 1.5e-16)])
+@pytest.mark.parametrize(
+    "name, degree, max_err",
+    [("_R_POLY32", 8, 3.1e-10), ("_R_POLY64", 16, 1.5e-16), ("_A_POLY32", 8, 2.7e-9), ("_A_POLY64", 16, 8.5e-16)],
+)
 def test_relu_poly_coefficients_are_the_documented_fit(name, degree, max_err):
     """The stored coefficients are the Chebyshev-node interpolants of tests/relu_poly_fit.py, whose
-    error against a 40-digit R is as stated in ops (so a mistyped coefficient cannot hide)."""
+    error against a 40-digit R (or A) is as stated in ops (so a mistyped coefficient cannot hide)."""
     pytest.importorskip("mpmath")
-    from relu_poly_fit import fit, max_relative_error
+    from relu_poly_fit import FUNCTIONS, fit, max_relative_error
 
+    function = FUNCTIONS[name[1]]
     stored = getattr(ops, name)
     assert len(stored) == degree + 1
-    np.testing.assert_allclose(stored, fit(degree), rtol=1e-12, atol=0.0)
-    assert max_relative_error(list(stored), points=401) <= max_err
+    np.testing.assert_allclose(stored, fit(degree, function), rtol=1e-12, atol=0.0)
+    assert max_relative_error(list(stored), points=401, function=function) <= max_err
+
+
+def test_relu_derivative_poly_equals_the_arccos_form():
+    """(pi - arccos rho) / (2 pi) without arccos, over the whole range of rho, at zero variances and at rho = +-1."""
+    gen = torch.Generator().manual_seed(3)
+    s1 = torch.rand(4000, generator=gen, dtype=torch.float64) + 0.1
+    s2 = torch.rand(4000, generator=gen, dtype=torch.float64) + 0.1
+    rho = torch.cat([torch.linspace(-1, 1, 2001, dtype=torch.float64), torch.rand(1999, generator=gen) * 2 - 1])
+    c = rho * s1 * s2
+    s2[:5] = 0.0  # a black image: the factor is 0 (relu'(0) = 0)
+    c[:5] = 0.0
+    want = ops.relu_derivative_expectation(c, s1, s2)
+    got = ops.relu_derivative_expectation_poly(c, ops.inverse_std(s1), ops.inverse_std(s2))
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=5e-15)
+    assert torch.equal(want[:5], torch.zeros(5, dtype=torch.float64))
+    # float32: the factor's slope 1 / (2 pi sqrt(1 - rho^2)) times a few roundings of rho, and at |rho| = 1,
+    # where that slope is infinite, sqrt(2 eps) / (2 pi)
+    eps = float(torch.finfo(torch.float32).eps)
+    s1f, s2f = s1.float(), s2.float()
+    got = ops.relu_derivative_expectation_poly(c.float(), ops.inverse_std(s1f), ops.inverse_std(s2f)).double()
+    slope = 1.0 / (2 * math.pi * (1.0 - rho * rho).clamp_min(1e-300).sqrt())
+    allowed = (4 * eps * slope).clamp_max((2 * eps) ** 0.5 / math.pi) + 2 * eps
+    assert ((got - want).abs() <= allowed).all()

@@ -78,8 +78,6 @@ def choose(
       pairs on for same-location networks it can compile (full spatial maps run about twice as fast
       eagerly), else eager.
 
-    The native kernel computes the NNGP only: calls that want the NTK never use it.
-
     :param requested: a name from :func:`resolve`.
     :param n_pairs: kernel entries the call computes.
     :param ntk: the call computes the neural tangent kernel.

@@ -10,7 +10,9 @@ to instructions on map registers; ``native_kernel.cpp`` runs them for a block of
 (float64) pairs at a time, one SIMD lane per pair, so a thread keeps all of a block's maps in its
 own cache from the first layer to the last. It computes the same formulas as the compiled
 ``torch`` path (:func:`gpytorch_cnngp.ops.relu_expectation_poly`, the same window sums, taken as
-running sums for stride-1 windows of four taps or more).
+running sums for stride-1 windows of four taps or more), and with ``ntk`` the neural tangent kernel's
+map beside the NNGP's in the same registers (:func:`gpytorch_cnngp.ops.relu_derivative_expectation_poly`
+for the (leaky) ReLU's factor).
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``; the same one
 ``torch.compile`` needs on CPU) for this machine's instruction set, and cached under
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from .. import settings
 from ..layers import Conv2d, Dense, Layer, LeakyReLU, ReLU, Sequential, Sum
-from ..ops import inverse_std, relu_poly_coefficients
+from ..ops import inverse_std, relu_derivative_poly_coefficients, relu_poly_coefficients
 from ..passes import pair_block, self_pass, spatial_first
 from ..state import Hyper
 from .base import Backend, BlockFn
@@ -61,7 +63,8 @@ _FLAGS = [
 #: pairs per block (512 bits of lanes: one AVX-512 vector, or two AVX2 ones), as compiled into native_kernel.cpp
 LANES = {torch.float32: 16, torch.float64: 8}
 _OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT = range(5)
-_FIELDS = 18
+_FIELDS = 19
+_NTK_IN_ZERO = 1  # instruction flag: the source's NTK map is the input's (zero)
 
 
 class Unsupported(Exception):
@@ -83,6 +86,7 @@ class _Instr:
     window: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 0, 0)  # kh, kw, sh, sw, dh, dw, pad top, pad left
     param: int = -1  # index of the instruction's first value in the parameter vector
     slot: int = -1  # trace slot of a nonlinearity
+    flags: int = 0
 
 
 @dataclass
@@ -94,7 +98,7 @@ class NativeProgram:
     a variance needs no new program).
     """
 
-    code: Tensor  # int32 [n_instr, 18]
+    code: Tensor  # int32 [n_instr, 19]
     n_regs: int
     reg_area: int
     tmp_area: int
@@ -122,6 +126,7 @@ class _Lowering:
         self.slot_areas: list[int] = []
         self.areas: list[int] = []
         self.tmp_area = 0
+        self.zero_ntk: set[int] = set()  # registers whose NTK map is zero (the input's)
 
     def new_reg(self, hw: tuple[int, int]) -> int:
         self.n_vregs += 1
@@ -143,6 +148,8 @@ class _Lowering:
             for other, _ in outs[1:]:
                 dst = self.new_reg(out_hw)
                 self.instrs.append(_Instr(_OP_ADD, dst, total, other, out_hw, out_hw))
+                if total in self.zero_ntk and other in self.zero_ntk:
+                    self.zero_ntk.add(dst)
                 total = dst
             return total, out_hw
         if type(layer) is Conv2d:
@@ -162,26 +169,31 @@ class _Lowering:
             self.tmp_area = max(self.tmp_area, (hw[0] + 1) * out_hw[1])  # + the running sum's row
             k2 = layer.kernel_size * layer.kernel_size
             p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
-            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p))
+            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p, flags=self._flags(reg)))
             return dst, out_hw
         if type(layer) is Dense:
             dst = self.new_reg((1, 1))
             self.tmp_area = max(self.tmp_area, hw[0] + 1)
             p = self.param((layer, "var_weight", hw[0] * hw[1]), (layer, "var_bias", 1))
             geometry = (hw[0], hw[1], 1, 1, 1, 1, 0, 0)
-            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p))
+            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p, flags=self._flags(reg)))
             return dst, (1, 1)
         if type(layer) in (ReLU, LeakyReLU):
             dst = self.new_reg(hw)
-            if type(layer) is ReLU:
-                p = self.param((None, 1.0, 1), (None, 0.0, 1))
-            else:  # k1 J + k2 c, as LeakyReLU.pair_map
-                alpha = layer.negative_slope
-                p = self.param((None, (1.0 - alpha) ** 2, 1), (None, alpha, 1))
+            # NNGP k1 J + k2 c, as LeakyReLU.pair_map; NTK factor k1 D + k3 (h1 + h2) + k4, as pair_derivative_map
+            alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
+            p = self.param(
+                (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
+            )
             self.instrs.append(_Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=len(self.slot_areas)))
+            if reg in self.zero_ntk:
+                self.zero_ntk.add(dst)
             self.slot_areas.append(hw[0] * hw[1])
             return dst, hw
         raise Unsupported(_describe(layer, "a layer the native kernel does not implement"))
+
+    def _flags(self, source: int) -> int:
+        return _NTK_IN_ZERO if source in self.zero_ntk else 0
 
 
 def _describe(layer: Layer, what: str) -> str:
@@ -197,6 +209,7 @@ def _lower(model: Layer, size: tuple[int, int]) -> NativeProgram:
     low = _Lowering()
     first = low.new_reg(size)
     low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
+    low.zero_ntk.add(first)
     last, hw = low.emit(model, first, tuple(size))
     if hw != (1, 1):  # pragma: no cover - check_architecture runs first
         raise ValueError(f"the network's output map is {hw[0]}x{hw[1]}, not 1x1")
@@ -250,7 +263,9 @@ def _allocate(low: _Lowering) -> tuple[Tensor, int]:
         if ins.dst >= 0 and ins.dst not in last_use and ins.op != _OP_OUTPUT:
             free.append(dst)  # never read (cannot happen for a connected network)
         kh, kw, sh, sw, dh, dw, pt, pl = ins.window
-        rows.append([ins.op, dst, a, b, *ins.in_hw, *ins.out_hw, kh, kw, sh, sw, dh, dw, pt, pl, ins.param, ins.slot])
+        rows.append(
+            [ins.op, dst, a, b, *ins.in_hw, *ins.out_hw, kh, kw, sh, sw, dh, dw, pt, pl, ins.param, ins.slot, ins.flags]
+        )
     return torch.tensor(rows, dtype=torch.int32), max(n_phys, 1)
 
 
@@ -360,24 +375,18 @@ def _self_test(lib: ctypes.CDLL) -> None:
         x = images.to(dtype)
         with torch.no_grad():
             trace, _ = self_pass(model, x, hyper)
-            want = pair_block(
-                model, x[..., :2], x[..., 2:], [t[..., :2] for t in trace], [t[..., 2:] for t in trace], hyper
-            )
-        got = run_block(
-            lib,
-            program,
-            program.parameter_vector(hyper, dtype),
-            x[..., :2],
-            x[..., 2:],
-            [t[..., :2] for t in trace],
-            [t[..., 2:] for t in trace],
-            2,
-        )
+            tx, tz = [t[..., :2] for t in trace], [t[..., 2:] for t in trace]
+            want = pair_block(model, x[..., :2], x[..., 2:], tx, tz, hyper, ntk=True)
+        params = program.parameter_vector(hyper, dtype)
         tol = 1e-4 if dtype == torch.float32 else 1e-10
-        if not torch.allclose(got, want, rtol=tol, atol=0.0):
-            raise RuntimeError(
-                f"its self-test failed in {dtype} (largest difference {float((got - want).abs().max()):.3g})"
-            )
+        for ntk in (False, True):
+            got = run_block(lib, program, params, x[..., :2], x[..., 2:], tx, tz, 2, ntk=ntk)
+            expected = want if ntk else want[0]
+            if not torch.allclose(got, expected, rtol=tol, atol=0.0):
+                raise RuntimeError(
+                    f"its self-test failed in {dtype}{' for the NTK' if ntk else ''} (largest difference "
+                    f"{float((got - expected).abs().max()):.3g})"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,9 +443,11 @@ def run_block(
     trace_x: list[Tensor],
     trace_z: list[Tensor],
     n_threads: int,
+    ntk: bool = False,
 ) -> Tensor:
     """Kernel block ``[n1, n2]`` for images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
-    (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot)."""
+    (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot);
+    ``[2, n1, n2]`` (NNGP, NTK) with ``ntk``."""
     dtype = x.dtype
     lanes = LANES[dtype]
     h, w, c, n1 = x.shape
@@ -447,19 +458,20 @@ def run_block(
     offsets = torch.tensor([0, *program.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
     n_trace = sum(program.slot_areas)
     coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)
-    out = torch.empty(n1, padded, dtype=dtype)
+    dcoefs = torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype)
+    out = torch.empty(*((2,) if ntk else ()), n1, padded, dtype=dtype)
     fn = lib.cnngp_run_f64 if dtype == torch.float64 else lib.cnngp_run_f32
     status = fn(
         _ptr(program.code), program.code.shape[0], program.reg_area, program.tmp_area, program.n_regs,
         _ptr(xs), _ptr(zs), h, w, c, n1, padded,
         _ptr(tx), _ptr(tz), _ptr(offsets), n_trace,
-        _ptr(params), _ptr(coefs), len(coefs), _ptr(out), int(n_threads),
+        _ptr(params), _ptr(coefs), _ptr(dcoefs), len(coefs), _ptr(out), int(ntk), int(n_threads),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(
             f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, 4: bad coefficients)"
         )
-    return out[:, :n2]
+    return out[..., :n2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +480,7 @@ def run_block(
 
 class Native(Backend):
     """The native CPU kernel: networks of ``Conv2d``, ``Dense``, ``ReLU``, ``LeakyReLU``, ``Sum`` and
-    ``Sequential`` in float32/float64 on a CPU, forward only; 4-10 times faster than eager."""
+    ``Sequential`` in float32/float64 on a CPU, forward only, the NNGP and the NTK; 4-10 times faster than eager."""
 
     name = "native"
     # about one map per pair: the repacked traces of a tile's rows and columns
@@ -479,8 +491,6 @@ class Native(Backend):
 
     @classmethod
     def unsupported(cls, model, size, dtype, device, ntk=False) -> str | None:
-        if ntk:
-            return "the native kernel computes the NNGP only, not the NTK"
         if torch.device(device).type != "cpu":
             return f"it runs on CPUs only, not {device}"
         if dtype not in LANES:
@@ -496,8 +506,6 @@ class Native(Backend):
 
     @classmethod
     def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
-        if ntk:  # pragma: no cover - choose() never picks this backend for the NTK
-            raise ValueError("the native kernel computes the NNGP only")
         lib = load_library()
         program = lower(model, size)
         params: dict[torch.dtype, Tensor] = {}
@@ -507,6 +515,6 @@ class Native(Backend):
             # like the compiled backend, the same-image rule is left to the engine's diagonal fix
             if x.dtype not in params:
                 params[x.dtype] = program.parameter_vector(hyper, x.dtype)
-            return run_block(lib, program, params[x.dtype], x, z, trace_x, trace_z, threads)
+            return run_block(lib, program, params[x.dtype], x, z, trace_x, trace_z, threads, ntk)
 
         return block

@@ -6,6 +6,11 @@
 // no pass over memory waits for the other threads. Lanes are VL consecutive images of the second
 // set (one SIMD vector), paired with one image of the first set.
 //
+// With the neural tangent kernel (the `ntk` argument), every register holds two maps, the NNGP's and
+// the NTK's after it, and each instruction updates both: a window sum maps the NTK to
+// scale * sum(ntk) + (its new NNGP), a (leaky) ReLU multiplies it by the expectation of the product of
+// the derivatives, a sum adds both maps.
+//
 // Compiled once per machine by native.py with the system C++ compiler; plain C++17 loops written
 // for the compiler's auto-vectoriser (no intrinsics), threads from std::thread (no OpenMP runtime
 // next to PyTorch's).
@@ -23,11 +28,13 @@ namespace {
 
 enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4 };
 
-// one instruction: 18 int32 fields (native.py builds them in this order)
+// one instruction: 19 int32 fields (native.py builds them in this order)
 struct Instr {
-  int32_t op, dst, a, b, in_h, in_w, out_h, out_w, kh, kw, sh, sw, dh, dw, pt, pl, param, slot;
+  int32_t op, dst, a, b, in_h, in_w, out_h, out_w, kh, kw, sh, sw, dh, dw, pt, pl, param, slot, flags;
 };
-constexpr int kFields = 18;
+constexpr int kFields = 19;
+// flags: the source's NTK map is zero (the input's), so a window sum's NTK is its NNGP
+constexpr int32_t kNtkInZero = 1;
 static_assert(sizeof(Instr) == kFields * sizeof(int32_t), "Instr layout");
 
 // Inputs are packed by native.py so that one block reads contiguous memory: the first set per image,
@@ -46,8 +53,10 @@ struct Args {
   int n_trace;
   const T* params;
   const T* coefs;  // R(a) / (2 pi), lowest degree first
+  const T* dcoefs;  // A(a) / (2 pi), lowest degree first (the ReLU's derivative expectation)
   int n_coefs;
-  T* out;  // [n1][n2]
+  T* out;  // [n1][n2], then with the NTK a second [n1][n2]
+  int ntk;  // registers hold the NTK's map after the NNGP's
 };
 
 template <typename T, int VL>
@@ -124,6 +133,15 @@ struct Lanes {
       std::memcpy(ptr + k * kPer, &h, sizeof(H));
     }
   }
+  // ptr = v * scale + add[.]
+  static void store_scaled_add(T* ptr, const V& v, T scale, const T* add) {
+    for (int k = 0; k < kParts; ++k) {
+      H a;
+      std::memcpy(&a, add + k * kPer, sizeof(H));
+      const H h = v.p[k] * scale + a;
+      std::memcpy(ptr + k * kPer, &h, sizeof(H));
+    }
+  }
   static void store(T* ptr, const V& v) {
     for (int k = 0; k < kParts; ++k) std::memcpy(ptr + k * kPer, &v.p[k], sizeof(H));
   }
@@ -136,9 +154,11 @@ constexpr int kRunningMin = 4;
 
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
 // out-of-range taps are skipped. out = bias + scale * sum. tmp has room for [in_h + 1][out_w]: the
-// extra row holds the running sum along H.
+// extra row holds the running sum along H. With `add` (a map of the output's shape), out = add + scale * sum
+// instead: the NTK's window sum plus the layer's new NNGP.
 template <typename T, int VL>
-void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias) {
+void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
+          const T* __restrict add = nullptr) {
   using L = Lanes<T, VL>;
   using V = typename L::V;
   const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
@@ -194,8 +214,14 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
         }
       }
       T* __restrict d = dst + oh * width;
+      if (add != nullptr) {
+        const T* __restrict ad = add + oh * width;
 #pragma omp simd
-      for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + bias;
+        for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + ad[e];
+      } else {
+#pragma omp simd
+        for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + bias;
+      }
     }
   } else {
     for (int oh = 0; oh < out_h; ++oh) {
@@ -205,7 +231,12 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
       for (int ow = 0; ow < out_w; ++ow) {
         V acc = L::zero();
         for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
-        L::store_affine(dst + (static_cast<int64_t>(oh) * out_w + ow) * VL, acc, scale, bias);
+        const int64_t at = (static_cast<int64_t>(oh) * out_w + ow) * VL;
+        if (add != nullptr) {
+          L::store_scaled_add(dst + at, acc, scale, add + at);
+        } else {
+          L::store_affine(dst + at, acc, scale, bias);
+        }
       }
     }
   }
@@ -214,15 +245,22 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
 // (Leaky) ReLU expectation, the arccos-free form of ops.relu_expectation_poly:
 //   J = max(c, 0) / 2 + s1 s2 (1 - a)^(3/2) R(a) / (2 pi),  a = min(|c| / (s1 s2), 1);
 // the leaky unit gives k1 J + k2 c with k1 = (1 - alpha)^2, k2 = alpha.
+// With the NTK (src_ntk, dst_ntk not null) its map is multiplied by the derivative expectation
+//   k1 D + k3 (h1 + h2) + k4,  D = (pi - arccos rho) / (2 pi) = c > 0 ? 1/2 - q : q,  q = sqrt(1 - a) A(a) / (2 pi),
+// D = 0 and h = 0 for a zero variance, else h = 1/2 (ReLU: k1 = 1, k3 = k4 = 0; leaky: (1 - alpha)^2,
+// alpha (1 - alpha), alpha^2), as ReLU/LeakyReLU.pair_derivative_map.
 template <typename T, int VL, int NC>
-void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict src, T* __restrict dst) {
+void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict src, T* __restrict dst,
+            const T* __restrict src_ntk, T* __restrict dst_ntk) {
   const int area = ins.in_h * ins.in_w;
   const int64_t first = g.slot_offset[ins.slot];
   const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first) * 2;
   const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
-  T cf[NC];
+  const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
+  T cf[NC], df[NC];
   for (int k = 0; k < NC; ++k) cf[k] = g.coefs[k];
+  for (int k = 0; k < NC; ++k) df[k] = g.dcoefs[k];
   for (int p = 0; p < area; ++p) {
     const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
     const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
@@ -231,7 +269,7 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
     T* __restrict d = dst + static_cast<int64_t>(p) * VL;
     // straight-line loops over the lanes, each simple enough for every vectoriser (one loop with the
     // polynomial's inner loop and the clamps inside is left scalar by GCC without AVX-512 masks)
-    T a[VL], poly[VL];
+    T a[VL], poly[VL], root[VL];
 #pragma omp simd
     for (int v = 0; v < VL; ++v) {
       const T x = std::fabs(c[v]) * i1 * i2[v];
@@ -246,7 +284,8 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
 #pragma omp simd
     for (int v = 0; v < VL; ++v) {
       const T u = T(1) - a[v];
-      poly[v] *= (s1 * s2[v]) * (u * std::sqrt(u));
+      root[v] = std::sqrt(u);
+      poly[v] *= (s1 * s2[v]) * (u * root[v]);
     }
     // explicit vectors: GCC leaves this loop scalar ("control flow") without AVX-512
     using L = Lanes<T, VL>;
@@ -260,37 +299,84 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
       const H out = (pos * T(0.5) + pv) * k1 + cv * k2;  // ReLU: k1 = 1, k2 = 0 gives J exactly
       std::memcpy(d + k * L::kPer, &out, sizeof(H));
     }
+    if (dst_ntk == nullptr) continue;
+    T q[VL];
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) q[v] = df[NC - 1];
+    for (int k = NC - 2; k >= 0; --k) {
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) q[v] = q[v] * a[v] + df[k];
+    }
+    const T h1 = i1 > T(0) ? T(0.5) : T(0);
+    const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
+    T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
+    for (int k = 0; k < L::kParts; ++k) {
+      H cv, qv, rv, iv, tv;
+      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
+      std::memcpy(&qv, q + k * L::kPer, sizeof(H));
+      std::memcpy(&rv, root + k * L::kPer, sizeof(H));
+      std::memcpy(&iv, i2 + k * L::kPer, sizeof(H));
+      std::memcpy(&tv, t + k * L::kPer, sizeof(H));
+      const H zero = H{};
+      qv *= rv;
+      const H half = zero + T(0.5);
+      const H both = cv > zero ? half - qv : qv;
+      const H deriv = iv * i1 > zero ? both : zero;
+      const H h2 = iv > zero ? half : zero;
+      const H out = tv * (deriv * k1 + (h2 + h1) * k3 + k4);
+      std::memcpy(dt + k * L::kPer, &out, sizeof(H));
+    }
   }
 }
 
 template <typename T, int VL, int NC>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
-  auto reg = [&](int r) { return regs + static_cast<int64_t>(r) * g.reg_area * VL; };
+  // a register: the NNGP's map, then (with the NTK) the NTK's map
+  const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
+  const int64_t stride = g.ntk ? 2 * map : map;
+  auto reg = [&](int r) { return regs + r * stride; };
+  auto tangent = [&](int r) { return g.ntk ? regs + r * stride + map : nullptr; };
   for (int k = 0; k < g.n_instr; ++k) {
     const Instr& ins = g.prog[k];
+    const int64_t area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
     switch (ins.op) {
       case OP_INPUT:
         input_map<T, VL>(g, i, jb, reg(ins.dst));
+        if (g.ntk) std::memset(tangent(ins.dst), 0, area * sizeof(T));  // the input has no parameters
         break;
-      case OP_CONV:
-        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, g.params[ins.param], g.params[ins.param + 1]);
+      case OP_CONV: {
+        const T scale = g.params[ins.param];
+        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1]);
+        if (!g.ntk) break;
+        if (ins.flags & kNtkInZero) {
+          std::memcpy(tangent(ins.dst), reg(ins.dst), area * sizeof(T));
+        } else {
+          conv<T, VL>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), reg(ins.dst));
+        }
         break;
+      }
       case OP_NONLIN:
-        nonlin<T, VL, NC>(g, ins, i, jb, reg(ins.a), reg(ins.dst));
+        nonlin<T, VL, NC>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
         break;
       case OP_ADD: {
-        const int64_t n = static_cast<int64_t>(ins.in_h) * ins.in_w * VL;
-        const T* __restrict a = reg(ins.a);
-        const T* __restrict b = reg(ins.b);
-        T* __restrict d = reg(ins.dst);
+        for (int part = 0; part < (g.ntk ? 2 : 1); ++part) {
+          const T* __restrict a = reg(ins.a) + part * map;
+          const T* __restrict b = reg(ins.b) + part * map;
+          T* __restrict d = reg(ins.dst) + part * map;
 #pragma omp simd
-        for (int64_t e = 0; e < n; ++e) d[e] = a[e] + b[e];
+          for (int64_t e = 0; e < area; ++e) d[e] = a[e] + b[e];
+        }
         break;
       }
       case OP_OUTPUT: {
-        const T* s = reg(ins.a);
         T* o = g.out + static_cast<int64_t>(i) * g.n2 + static_cast<int64_t>(jb) * VL;
+        const T* s = reg(ins.a);
         for (int v = 0; v < VL; ++v) o[v] = s[v];
+        if (g.ntk) {
+          const T* t = tangent(ins.a);
+          o += static_cast<int64_t>(g.n1) * g.n2;
+          for (int v = 0; v < VL; ++v) o[v] = t[v];
+        }
         break;
       }
       default:
@@ -307,14 +393,15 @@ int run(const Args<T>& g, int n_threads) {
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&]() {
-    const size_t bytes = (static_cast<size_t>(g.n_regs) * g.reg_area + g.tmp_area) * VL * sizeof(T);
+    const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * (g.ntk ? 2 : 1);
+    const size_t bytes = (maps + g.tmp_area) * VL * sizeof(T);
     const size_t rounded = (bytes + 63) / 64 * 64;
     T* mem = static_cast<T*>(std::aligned_alloc(64, rounded));
     if (mem == nullptr) {
       failed.store(1);
       return;
     }
-    T* tmp = mem + static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+    T* tmp = mem + maps * VL;
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
       // consecutive blocks share their lane group, whose packed traces then stay in cache
       run_block<T, VL, NC>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
@@ -332,9 +419,9 @@ int run(const Args<T>& g, int n_threads) {
 template <typename T>
 Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,
                   int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,
-                  int n_trace, const T* params, const T* coefs, int n_coefs, T* out) {
+                  int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, T* out, int ntk) {
   return Args<T>{reinterpret_cast<const Instr*>(prog), n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,
-                 tx, tz, slot_offset, n_trace, params, coefs, n_coefs, out};
+                 tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, out, ntk};
 }
 
 }  // namespace
@@ -349,13 +436,14 @@ int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 #define CNNGP_ENTRY(NAME, T, VL, NC)                                                                              \
   int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
-           int n_trace, const T* params, const T* coefs, int n_coefs, T* out, int n_threads) {                \
+           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, T* out, int ntk,        \
+           int n_threads) {                                                                                   \
     return run<T, VL, NC>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2, tx, \
-                                       tz, slot_offset, n_trace, params, coefs, n_coefs, out),              \
+                                       tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, out, ntk),  \
                       n_threads);                                                                             \
   }
 
-// lanes: 512 bits; NC: coefficients of R (degree 8 in float32, 16 in float64, see ops.py)
+// lanes: 512 bits; NC: coefficients of R and of A (degree 8 in float32, 16 in float64, see ops.py)
 CNNGP_ENTRY(cnngp_run_f32, float, 16, 9)
 CNNGP_ENTRY(cnngp_run_f64, double, 8, 17)
 
