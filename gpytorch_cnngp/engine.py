@@ -15,12 +15,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import Backend, Eager, choose, native_ready, resolve
+from .backends import Backend, choose, native_ready, resolve
 from .devices import parse_device
 from .layers.base import Layer, set_evaluator
 from .memory import keep_freed_memory
 from .ops import first_order_only
-from .passes import pair_block, paired, self_pass, spatial_first
+from .passes import paired, self_pass, spatial_first
 from .state import Hyper, Requirements, hyperparameters
 from .tiling import GramPlan, estimate_tile_size, network_info, tiles
 
@@ -201,16 +201,17 @@ class _TiledGram(torch.autograd.Function):
 
     Inputs after the fixed arguments are the hyperparameter tensors in ``hyper.params`` order. The
     backward first rebuilds the self traces with their graph, then back-propagates each tile into
-    the hyperparameters and into detached trace slices, and finally pushes the accumulated trace
-    gradients through the self pass once.
+    the hyperparameters and into detached trace slices (the backend's :meth:`~Backend.block_vjp`), and
+    finally pushes the accumulated trace gradients through the self pass once.
     """
 
     @staticmethod
-    def forward(ctx, model, x, z, hyper, plan, req, progress, ntk, *values):
+    def forward(ctx, model, x, z, hyper, plan, backend, req, progress, ntk, *values):
         ctx.model, ctx.x, ctx.z, ctx.hyper, ctx.plan, ctx.req, ctx.ntk = model, x, z, hyper, plan, req, ntk
+        ctx.backend = backend
         ctx.save_for_backward(*values)
         with torch.no_grad():
-            return _fill(model, x, z, hyper.with_values(values), plan, Eager, req, progress, ntk)
+            return _fill(model, x, z, hyper.with_values(values), plan, backend, req, progress, ntk)
 
     @staticmethod
     @first_order_only
@@ -232,13 +233,11 @@ class _TiledGram(torch.autograd.Function):
             g_tx = [torch.zeros_like(t) for t in trace_x]
             g_tz = g_tx if symmetric else [torch.zeros_like(t) for t in trace_z]
             g_hyper = [torch.zeros_like(v) for v in leaves]
+            vjp = ctx.backend.block_vjp(model, (x.shape[0], x.shape[1]), hyper, req, ntk)
             for i0, i1, j0, j1 in tiles(x.shape[-1], zz.shape[-1], plan.tile_size, symmetric):
                 on_diag = symmetric and i0 == j0
-                tx = [t[..., i0:i1].detach().requires_grad_(True) for t in trace_x]
-                tz = tx if on_diag else [t[..., j0:j1].detach().requires_grad_(True) for t in trace_z]
-                block = pair_block(
-                    model, x[..., i0:i1], zz[..., j0:j1], tx, tz, hyper, on_diag, requirements=req, ntk=ntk
-                )
+                tx = [t[..., i0:i1].detach() for t in trace_x]
+                tz = tx if on_diag else [t[..., j0:j1].detach() for t in trace_z]
                 if on_diag:
                     # the block fills both triangles of its square; its diagonal comes from the self pass
                     off = 1.0 - torch.eye(i1 - i0, dtype=x.dtype, device=x.device)
@@ -247,20 +246,15 @@ class _TiledGram(torch.autograd.Function):
                     g_block = grad_sym[..., i0:i1, j0:j1]  # the block and its mirror image
                 else:
                     g_block = grad_out[..., i0:i1, j0:j1]
-                inputs = leaves + tx + ([] if on_diag else tz)
-                grads = torch.autograd.grad(block, inputs, g_block, allow_unused=True)
-                for k in range(len(leaves)):
-                    if grads[k] is not None:
-                        g_hyper[k] += grads[k]
-                n = len(leaves)
-                for slot in range(len(tx)):
-                    if grads[n + slot] is not None:
-                        g_tx[slot][..., i0:i1] += grads[n + slot]
-                if not on_diag:
-                    for slot in range(len(tz)):
-                        g = grads[n + len(tx) + slot]
-                        if g is not None:
-                            g_tz[slot][..., j0:j1] += g
+                grads_h, grads_x, grads_z = vjp(x[..., i0:i1], zz[..., j0:j1], tx, tz, on_diag, g_block)
+                for k, g in enumerate(grads_h):
+                    if g is not None:
+                        g_hyper[k] += g
+                for slot, (gx, gz) in enumerate(zip(grads_x, grads_z, strict=True)):
+                    if gx is not None:
+                        g_tx[slot][..., i0:i1] += gx
+                    if gz is not None:
+                        g_tz[slot][..., j0:j1] += gz
             outputs, out_grads = list(trace_x), list(g_tx)
             if symmetric:
                 outputs.append(final_x)
@@ -274,7 +268,7 @@ class _TiledGram(torch.autograd.Function):
                 for k, g in enumerate(more):
                     if g is not None:
                         g_hyper[k] += g
-        return (None, None, None, None, None, None, None, None, *g_hyper)
+        return (None, None, None, None, None, None, None, None, None, *g_hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +312,9 @@ def gram(
         runs, ``torch.compile`` from ``settings.auto_compile_pairs`` (4 million) pairs on for networks without
         pooling, else eager (see :func:`gpytorch_cnngp.backends.choose` and
         :class:`gpytorch_cnngp.settings.compile_mode`). An explicit backend that cannot run the network
-        raises a ValueError naming the layer. Gradients always run eagerly.
+        raises a ValueError naming the layer. Gradients with respect to the hyperparameters run natively
+        where the native kernel runs the network (the NNGP), else eagerly; those with respect to the images
+        always run eagerly.
     :param compile: deprecated: ``False`` is ``backend="eager"``, ``True`` the native kernel where it runs,
         else ``torch.compile``.
     :param hyper: a :class:`~gpytorch_cnngp.state.Hyper` or ``{layer: {"var_weight": tensor, ...}}``
@@ -339,7 +335,7 @@ def gram(
     input_grad = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
     size = (x.shape[2], x.shape[3])
     info = network_info(model, size)
-    chosen = choose(requested, model, size, x.dtype, x.device, n1 * n2, grad or input_grad, info.requirements, ntk)
+    chosen = choose(requested, model, size, x.dtype, x.device, n1 * n2, grad, info.requirements, ntk, input_grad)
     plan = estimate_tile_size(
         model,
         size,
@@ -362,7 +358,7 @@ def gram(
         # Gradients with respect to the images: plain autograd through every tile.
         out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)
     elif grad:
-        out = _TiledGram.apply(model, x, z, hyper_values, plan, req, progress, ntk, *hyper_values.values)
+        out = _TiledGram.apply(model, x, z, hyper_values, plan, chosen, req, progress, ntk, *hyper_values.values)
     else:
         with torch.no_grad():
             out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)

@@ -64,7 +64,8 @@ class CNNGPKernel(Kernel):
     :param var_weight_prior, var_bias_prior: optional priors on the (tied or per-layer) variances.
     :param var_weight_constraint, var_bias_constraint: default :class:`~gpytorch.constraints.Positive`.
     :param tile_size, memory_budget, backend: passed to :func:`~gpytorch_cnngp.gram` (``backend``:
-        ``"auto"``, ``"eager"``, ``"inductor"`` or ``"native"``; gradients always run eagerly).
+        ``"auto"``, ``"eager"``, ``"inductor"`` or ``"native"``; the variances' gradients run natively where the
+        native kernel runs the network, else eagerly).
     :param compile: deprecated alias of ``backend`` (see :func:`~gpytorch_cnngp.gram`).
     :param get: ``"nngp"`` (default: the CNN-GP kernel) or ``"ntk"``: the neural tangent kernel of the same
         network in the NTK parameterisation, whose variances are learned the same way.

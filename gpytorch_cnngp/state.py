@@ -113,6 +113,13 @@ class Hyper:
         except KeyError:
             raise KeyError(f"{type(layer).__name__} has no hyperparameter {name!r} in this network") from None
 
+    def position(self, layer: Layer, name: str) -> int:
+        """The index of ``layer``'s hyperparameter ``name`` in :attr:`params` and :attr:`values`."""
+        try:
+            return self._index[(id(layer), name)]
+        except KeyError:
+            raise KeyError(f"{type(layer).__name__} has no hyperparameter {name!r} in this network") from None
+
     def get(self, layer: Layer, name: str) -> Tensor | None:
         k = self._index.get((id(layer), name))
         return None if k is None else self.values[k]

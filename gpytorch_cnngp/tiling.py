@@ -125,7 +125,7 @@ def estimate_tile_size(
     trace_bytes = n_images * info.trace_area * item
     depth = sum(1 for _ in model.kernel_layers())
     runner = BACKENDS[backend]
-    factor = runner.workspace_factor + (3 * depth if grad else 0)
+    factor = runner.workspace_factor + (runner.grad_workspace_per_layer * depth if grad else 0)
     pair_bytes = info.largest * item * factor
     free = budget - trace_bytes
     max_pairs = free // pair_bytes if free > 0 else 0

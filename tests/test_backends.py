@@ -58,11 +58,19 @@ def test_explicit_backends_that_cannot_run_the_network_name_the_layer():
         kernel(x.flatten(1)).to_dense()
 
 
-def test_auto_falls_back_quietly_and_gradients_run_eagerly():
+def test_auto_falls_back_quietly_and_gradients_run_where_they_can():
     _native_or_skip()
     model = Sequential(Conv2d(3), ReLU(), Dense())
     assert choose("auto", model, (6, 6), F32, CPU, 10**6) is Native
-    assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True) is Eager
+    # hyperparameter gradients: the native kernel differentiates the NNGP; torch.compile does not differentiate
+    assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True) is Native
+    assert choose("auto", model, (6, 6), F32, CPU, 10**6, grad=True) is Native
+    assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True, ntk=True) is Eager
+    assert choose("auto", model, (6, 6), F32, CPU, 10**6, grad=True, ntk=True) is Eager
+    assert choose("inductor", model, (6, 6), F32, CPU, 10**6, grad=True) is Eager
+    assert "not the NTK" in Native.unsupported(model, (6, 6), F32, CPU, ntk=True, grad=True)
+    # gradients with respect to the images: always eager
+    assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True, input_grad=True) is Eager
     pooled = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
     assert choose("auto", pooled, (6, 6), F32, CPU, 10**9) is Eager  # full maps: eager beats torch.compile
     with settings.compile_mode("off"):

@@ -25,10 +25,8 @@ from gpytorch.models import ExactGP
 from gpytorch.priors import GammaPrior, LogNormalPrior
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 
-import gpytorch_cnngp.engine as engine
-import gpytorch_cnngp.passes as passes
 from gpytorch_cnngp import CNNGPKernel, Conv2d, ReLU, Sequential, architectures
-from gpytorch_cnngp.backends import eager
+from gpytorch_cnngp.backends import eager, native
 
 F64 = torch.float64
 SIZE = 8  # image side of most tests: 8x8, one channel, d = 64
@@ -489,27 +487,36 @@ def test_mll_gradient_matches_finite_differences(tied):
 
 
 class _BlockRecorder:
-    """Records the sizes of every pair block the engine computes (forward and backward)."""
+    """Records the sizes of every pair block a backend computes (forward and backward)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, backend: str):
         self.shapes: list[tuple[int, int]] = []
-        original = passes.pair_block
+        if backend == "eager":  # the eager backend's tiles and its autograd VJP both run pass.pair_block
+            targets = [(eager, "pair_block", 1)]
+        else:  # the native kernel's forward tiles and its reverse-mode tiles
+            targets = [(native, "run_block", 3), (native, "run_block_vjp", 3)]
+        for module, name, at in targets:
+            original = getattr(module, name)
 
-        def recording(model, x, z, *args, **kwargs):
-            self.shapes.append((x.shape[-1], z.shape[-1]))  # image blocks are [H, W, C, n]
-            return original(model, x, z, *args, **kwargs)
+            def recording(*args, _original=original, _at=at, **kwargs):
+                x, z = args[_at], args[_at + 1]
+                self.shapes.append((x.shape[-1], z.shape[-1]))  # image blocks are [H, W, C, n]
+                return _original(*args, **kwargs)
 
-        # the eager backend runs the forward tiles, the engine the backward's
-        monkeypatch.setattr(eager, "pair_block", recording)
-        monkeypatch.setattr(engine, "pair_block", recording)
+            monkeypatch.setattr(module, name, recording)
 
 
-def test_tiled_backward_matches_untiled(monkeypatch):
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_tiled_backward_matches_untiled(monkeypatch, backend):
     """tile_size=3 (16 tiles of at most 3x3 pairs) gives the gradients of tile_size=100 (one tile)."""
-    recorder = _BlockRecorder(monkeypatch)
+    if backend == "native" and native.load_library() is None:  # pragma: no cover - no C++ compiler
+        pytest.skip("the native kernel cannot be built here")
+    recorder = _BlockRecorder(monkeypatch, backend)
     results = {}
     for tile in (3, 100):
-        kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), tied=False, tile_size=tile).double()
+        kernel = CNNGPKernel(
+            _convnet(), input_shape=(1, SIZE, SIZE), tied=False, tile_size=tile, backend=backend
+        ).double()
         _set_new_values(kernel, False, F64)
         X, y, model, mll = _mll_setup(kernel)
         loss = mll(model(_flat(X)), y)

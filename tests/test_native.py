@@ -215,15 +215,87 @@ def test_register_allocation_reuses_registers():
             written[dst] = k
 
 
-def test_unsupported_networks_and_gradients_do_not_use_it(spy):
+def test_unsupported_networks_and_image_gradients_do_not_use_it(spy):
     x = _images(3, 1, 6, seed=10)
     gram(Sequential(Conv2d(3), Erf(), Dense()), x, backend="eager")
     model = Sequential(Conv2d(3), ReLU(), Dense())
-    weight = torch.tensor(2.0, dtype=F64, requires_grad=True)
-    model[0].var_weight = weight
-    gram(model, x, backend="native").sum().backward()  # gradients take the eager path
-    assert weight.grad is not None
+    leaf = x.clone().requires_grad_(True)
+    gram(model, leaf, backend="native").sum().backward()  # gradients with respect to images take the eager path
+    assert leaf.grad is not None
     assert not spy
+
+
+@pytest.fixture
+def vjp_spy(monkeypatch):
+    calls = []
+    original = native.run_block_vjp
+    monkeypatch.setattr(native, "run_block_vjp", lambda *a, **k: calls.append(a[3].dtype) or original(*a, **k))
+    return calls
+
+
+def _leaves(model, seed):
+    """Every weighted layer gets its own float64 variances that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = []
+    for layer in model.kernel_layers():
+        if "var_weight" in getattr(layer, "hyperparameter_names", ()):
+            for name in ("var_weight", "var_bias"):
+                leaf = (0.2 + 1.8 * torch.rand((), generator=gen, dtype=F64)).requires_grad_(True)
+                setattr(layer, name, leaf)
+                leaves.append(leaf)
+    return leaves
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_native_hyperparameter_gradients_match_eager(name, spy, vjp_spy):
+    """Reverse mode in the native kernel (the transposed window sums, the ReLU's adjoint into the covariance and
+    both standard deviations, sums) against autograd through the eager pair pass, for K(X, X) over several tiles
+    and for K(X, Z); float64 to 1e-10, float32 to 1e-4."""
+    model, size = MODELS[name]
+    leaves = _leaves(model, seed=20)
+    x = _images(11, 3, size, seed=21)
+    z = _images(21, 3, size, seed=22)
+    for zz, tile in ((None, 4), (z, None)):
+        gen = torch.Generator().manual_seed(23)
+        weights = torch.rand(11, 11 if zz is None else 21, generator=gen, dtype=F64)
+        want = torch.autograd.grad((gram(model, x, zz, backend="eager", tile_size=tile) * weights).sum(), leaves)
+        got = torch.autograd.grad((gram(model, x, zz, backend="native", tile_size=tile) * weights).sum(), leaves)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13 * float(max(v.abs().max() for v in want)))
+        x32, z32 = x.float(), None if zz is None else zz.float()
+        got = torch.autograd.grad((gram(model, x32, z32, backend="native", tile_size=tile) * weights).sum(), leaves)
+        want32 = torch.autograd.grad((gram(model, x32, z32, backend="eager", tile_size=tile) * weights).sum(), leaves)
+        scale = float(max(v.abs().max() for v in want))
+        for g, w in zip(got, want32, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale)
+    assert F64 in vjp_spy and torch.float32 in vjp_spy, "the native gradients were not used"
+    assert spy, "the native forward was not used"
+
+
+def test_native_gradients_match_finite_differences_at_black_and_identical_images(vjp_spy):
+    """Central differences of a weighted K(X, Z) in each hyperparameter (relative step 1e-5), with a black image
+    and an image paired with itself off the exact diagonal (rho = 1 up to rounding) among the pairs."""
+    model, size = MODELS["sums"]
+    leaves = _leaves(model, seed=24)
+    x = _images(4, 2, size, seed=25)
+    x[1] = 0.0
+    z = torch.cat([x[:2], _images(3, 2, size, seed=26)])
+    weights = torch.rand(4, 5, generator=torch.Generator().manual_seed(27), dtype=F64) + 0.5
+    grads = torch.autograd.grad((gram(model, x, z, backend="native") * weights).sum(), leaves)
+    assert vjp_spy
+    layers = [(layer, name) for layer in model.kernel_layers() if "var_weight" in layer.hyperparameter_names
+              for name in ("var_weight", "var_bias")]  # fmt: skip
+    for (layer, name), leaf, g in zip(layers, leaves, grads, strict=True):
+        p = leaf.item()
+        h = 1e-5 * p
+        values = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                setattr(layer, name, torch.tensor(p + sign * h, dtype=F64))
+                values.append(float((gram(model, x, z, backend="native") * weights).sum()))
+        setattr(layer, name, leaf)
+        fd = (values[0] - values[1]) / (2 * h)
+        assert abs(g.item() - fd) <= 1e-6 * abs(fd) + 1e-9, f"{type(layer).__name__}.{name}: {g.item()} vs {fd}"
 
 
 def test_switched_off_by_environment(monkeypatch, spy):

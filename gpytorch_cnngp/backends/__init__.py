@@ -21,12 +21,23 @@ import torch
 from .. import settings
 from ..layers.base import Layer
 from ..state import Requirements
-from .base import Backend, BlockFn
+from .base import Backend, BlockFn, VjpFn
 from .eager import Eager
 from .inductor import Inductor
 from .native import Native
 
-__all__ = ["BACKENDS", "Backend", "BlockFn", "Eager", "Inductor", "Native", "choose", "resolve", "native_ready"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BlockFn",
+    "VjpFn",
+    "Eager",
+    "Inductor",
+    "Native",
+    "choose",
+    "resolve",
+    "native_ready",
+]
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Eager, Inductor, Native)}
 """The backends by name."""
@@ -66,10 +77,13 @@ def choose(
     grad: bool = False,
     requirements: Requirements | None = None,
     ntk: bool = False,
+    input_grad: bool = False,
 ) -> type[Backend]:
     """The backend that runs a call: the one policy of the package.
 
-    * gradients (with respect to hyperparameters or images) run eagerly, whatever was requested;
+    * gradients with respect to the images run eagerly, whatever was requested;
+    * gradients with respect to the hyperparameters (``grad``) run on the requested or chosen backend where
+      it differentiates (eager, and the native kernel for the NNGP), else eagerly;
     * an explicit ``"eager"``, ``"inductor"`` or ``"native"`` is used, or raises a ValueError that says
       why it cannot run this network here (naming the layer);
     * ``"auto"`` follows :class:`gpytorch_cnngp.settings.compile_mode`: ``"off"`` eager; ``"on"`` native
@@ -80,15 +94,19 @@ def choose(
 
     :param requested: a name from :func:`resolve`.
     :param n_pairs: kernel entries the call computes.
+    :param grad: the call is differentiated with respect to the hyperparameters.
     :param ntk: the call computes the neural tangent kernel.
+    :param input_grad: the call is differentiated with respect to the images.
     """
     if requested not in _NAMES and requested != _COMPILED:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {requested!r}")
-    if grad:
+    if input_grad:
         return Eager
     device = torch.device(device)
     if requested in BACKENDS:
         cls = BACKENDS[requested]
+        if grad:
+            return cls if cls.unsupported(model, size, dtype, device, ntk, grad=True) is None else Eager
         reason = cls.unsupported(model, size, dtype, device, ntk)
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run this network here: {reason}; use backend='auto'")
@@ -97,9 +115,9 @@ def choose(
     if mode == "off":
         return Eager
     native_wanted = mode == "on" or n_pairs >= settings.auto_native_pairs.value()
-    if native_wanted and Native.unsupported(model, size, dtype, device, ntk) is None:
+    if native_wanted and Native.unsupported(model, size, dtype, device, ntk, grad) is None:
         return Native
-    compilable = Inductor.unsupported(model, size, dtype, device, ntk) is None
+    compilable = Inductor.unsupported(model, size, dtype, device, ntk, grad) is None
     if mode == "on":
         return Inductor if compilable else Eager
     full = (requirements or Requirements(model)).full

@@ -12,12 +12,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layers.base import Layer
     from ..state import Hyper, Requirements
 
-__all__ = ["Backend", "BlockFn"]
+__all__ = ["Backend", "BlockFn", "VjpFn"]
 
 #: ``block(x, z, trace_x, trace_z, same)``: the kernel block ``[n1, n2]`` of images ``x`` ``[H, W, C, n1]``
 #: and ``z`` ``[H, W, C, n2]`` given their sliced self traces; ``same``: a square block of an image set
 #: with itself, whose diagonal the engine then replaces by the self values.
 BlockFn = Callable[[Tensor, Tensor, list[Tensor], list[Tensor], bool], Tensor]
+
+#: ``vjp(x, z, trace_x, trace_z, same, grad)``: the gradients of ``(grad * block).sum()`` with respect to the
+#: hyperparameter values (in ``hyper.params`` order), to ``trace_x`` and to ``trace_z`` (``None`` where there is
+#: none; with ``same``, ``trace_z`` is ``trace_x`` and its gradient may come in either list).
+VjpFn = Callable[
+    [Tensor, Tensor, list[Tensor], list[Tensor], bool, Tensor],
+    tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None]],
+]
 
 
 class Backend:
@@ -26,7 +34,9 @@ class Backend:
     The engine tiles and checks; a backend only says whether it can run a network
     (:meth:`unsupported`), how much memory a pair of its tile takes (:attr:`workspace_factor`), its
     preferred CPU tile (:attr:`cpu_tile`), and gives the function that computes one tile
-    (:meth:`block_fn`). :func:`gpytorch_cnngp.backends.choose` picks one for each call.
+    (:meth:`block_fn`) and, if it differentiates, the one that back-propagates into a tile's
+    hyperparameters and traces (:meth:`block_vjp`). :func:`gpytorch_cnngp.backends.choose` picks one for
+    each call.
     """
 
     name: ClassVar[str]
@@ -34,14 +44,23 @@ class Backend:
     workspace_factor: ClassVar[int]
     #: default tile edge on a CPU (GPUs take the largest tile that fits the budget)
     cpu_tile: ClassVar[int]
+    #: extra working copies of one pair's largest map per layer when a tile is differentiated
+    grad_workspace_per_layer: ClassVar[int] = 0
 
     @classmethod
     def unsupported(
-        cls, model: Layer, size: tuple[int, int], dtype: torch.dtype, device: torch.device, ntk: bool = False
+        cls,
+        model: Layer,
+        size: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        ntk: bool = False,
+        grad: bool = False,
     ) -> str | None:
         """Why this backend cannot run ``model`` on ``size`` images here (naming the layer), or ``None``;
-        ``ntk``: with the neural tangent kernel beside the NNGP."""
-        return None
+        ``ntk``: with the neural tangent kernel beside the NNGP; ``grad``: and back-propagate into the
+        hyperparameters (:meth:`block_vjp`)."""
+        return "it computes kernels, not their gradients" if grad else None
 
     @classmethod
     def block_fn(
@@ -49,4 +68,12 @@ class Backend:
     ) -> BlockFn:
         """The function computing one tile of this call (hyperparameters fixed for the call); with ``ntk`` the
         tile is ``[2, n1, n2]`` (NNGP, NTK)."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_vjp(
+        cls, model: Layer, size: tuple[int, int], hyper: Hyper, requirements: Requirements, ntk: bool = False
+    ) -> VjpFn:
+        """The function back-propagating a tile's gradient (see :data:`VjpFn`); ``hyper`` holds the values
+        to differentiate by. Only for calls :meth:`unsupported` accepts with ``grad=True``."""
         raise NotImplementedError

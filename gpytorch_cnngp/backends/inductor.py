@@ -45,7 +45,9 @@ class Inductor(Backend):
     cpu_tile = 32
 
     @classmethod
-    def unsupported(cls, model, size, dtype, device, ntk=False) -> str | None:
+    def unsupported(cls, model, size, dtype, device, ntk=False, grad=False) -> str | None:
+        if grad:
+            return "it computes kernels, not their gradients"
         for layer in model.kernel_layers():
             # a product rule of degree^2 terms is a Python loop, which tracing unrolls into a graph too large to
             # compile in reasonable time: Elementwise's kernel, and GELU's NTK factor

@@ -44,9 +44,19 @@ from ..layers import Conv2d, Dense, Layer, LeakyReLU, ReLU, Sequential, Sum
 from ..ops import inverse_std, relu_derivative_poly_coefficients, relu_poly_coefficients
 from ..passes import pair_block, self_pass, spatial_first
 from ..state import Hyper
-from .base import Backend, BlockFn
+from .base import Backend, BlockFn, VjpFn
 
-__all__ = ["Native", "NativeProgram", "lower", "unsupported", "native_enabled", "load_library", "run_block", "LANES"]
+__all__ = [
+    "Native",
+    "NativeProgram",
+    "lower",
+    "unsupported",
+    "native_enabled",
+    "load_library",
+    "run_block",
+    "run_block_vjp",
+    "LANES",
+]
 
 _SOURCE = Path(__file__).with_name("native_kernel.cpp")
 _FLAGS = [
@@ -104,6 +114,16 @@ class NativeProgram:
     tmp_area: int
     slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
     params: list[tuple[Layer | None, str | float, int]]
+
+    def hyper_gradients(self, hyper: Hyper, g_params: Tensor) -> list[Tensor]:
+        """Gradients with respect to ``hyper``'s values from those with respect to the parameter vector
+        (the chain rule through :meth:`parameter_vector`; constants have none)."""
+        out = [torch.zeros_like(v) for v in hyper.values]
+        for k, (layer, name, divisor) in enumerate(self.params):
+            if layer is not None:
+                i = hyper.position(layer, name)
+                out[i] = out[i] + (g_params[k] / divisor).to(out[i].dtype)
+        return out
 
     def parameter_vector(self, hyper: Hyper, dtype: torch.dtype) -> Tensor:
         """The per-call parameter values in ``dtype``: ``hyper(layer, name) / divisor`` for each
@@ -166,14 +186,15 @@ class _Lowering:
                 win.pad_before,
                 win.pad_before,
             )
-            self.tmp_area = max(self.tmp_area, (hw[0] + 1) * out_hw[1])  # + the running sum's row
+            # + the running sum's row; the transposed sum of the gradients runs on the mirrored shape
+            self.tmp_area = max(self.tmp_area, (hw[0] + 1) * out_hw[1], (out_hw[0] + 1) * hw[1])
             k2 = layer.kernel_size * layer.kernel_size
             p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
             self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p, flags=self._flags(reg)))
             return dst, out_hw
         if type(layer) is Dense:
             dst = self.new_reg((1, 1))
-            self.tmp_area = max(self.tmp_area, hw[0] + 1)
+            self.tmp_area = max(self.tmp_area, hw[0] + 1, 2 * hw[1])
             p = self.param((layer, "var_weight", hw[0] * hw[1]), (layer, "var_bias", 1))
             geometry = (hw[0], hw[1], 1, 1, 1, 1, 0, 0)
             self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p, flags=self._flags(reg)))
@@ -200,7 +221,7 @@ def _describe(layer: Layer, what: str) -> str:
     return f"{type(layer).__name__} ({what})"
 
 
-def _lower(model: Layer, size: tuple[int, int]) -> NativeProgram:
+def _lower(model: Layer, size: tuple[int, int], reuse: bool = True) -> NativeProgram:
     if model.needs_full():
         pooling = next(
             layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full()
@@ -214,15 +235,19 @@ def _lower(model: Layer, size: tuple[int, int]) -> NativeProgram:
     if hw != (1, 1):  # pragma: no cover - check_architecture runs first
         raise ValueError(f"the network's output map is {hw[0]}x{hw[1]}, not 1x1")
     low.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
-    code, n_regs = _allocate(low)
+    code, n_regs = _allocate(low, reuse)
     return NativeProgram(code, n_regs, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params)
 
 
-def lower(model: Layer, size: tuple[int, int]) -> NativeProgram | None:
+def lower(model: Layer, size: tuple[int, int], reuse: bool = True) -> NativeProgram | None:
     """The native program of ``model`` for ``size`` images, or ``None`` if a layer is not supported
-    (pooling, full spatial covariances, or nonlinearities other than (Leaky)ReLU)."""
+    (pooling, full spatial covariances, or nonlinearities other than (Leaky)ReLU).
+
+    :param reuse: share registers between maps whose lives do not overlap; the gradient's program keeps
+        every map (``reuse=False``) for its backward sweep.
+    """
     try:
-        return _lower(model, size)
+        return _lower(model, size, reuse)
     except Unsupported:
         return None
 
@@ -236,8 +261,9 @@ def unsupported(model: Layer, size: tuple[int, int]) -> str | None:
     return None
 
 
-def _allocate(low: _Lowering) -> tuple[Tensor, int]:
-    """Assign physical registers by linear scan: a register is reused once its last reader has run."""
+def _allocate(low: _Lowering, reuse: bool = True) -> tuple[Tensor, int]:
+    """Assign physical registers by linear scan: a register is reused once its last reader has run
+    (``reuse=False``: every map keeps its own register)."""
     last_use: dict[int, int] = {}
     for k, ins in enumerate(low.instrs):
         for r in (ins.a, ins.b):
@@ -250,7 +276,7 @@ def _allocate(low: _Lowering) -> tuple[Tensor, int]:
     for k, ins in enumerate(low.instrs):
         dst = -1
         if ins.dst >= 0:
-            if free:
+            if free and reuse:
                 dst = free.pop()
             else:
                 dst, n_phys = n_phys, n_phys + 1
@@ -351,7 +377,7 @@ def _build_and_load() -> ctypes.CDLL:
     for dtype, lanes in LANES.items():
         if lib.cnngp_lanes(int(dtype == torch.float64)) != lanes:
             raise RuntimeError("the native kernel's lane count does not match this version")
-    for name in ("cnngp_run_f32", "cnngp_run_f64"):
+    for name in ("cnngp_run_f32", "cnngp_run_f64", "cnngp_vjp_f32", "cnngp_vjp_f64"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
     return lib
@@ -448,30 +474,80 @@ def run_block(
     """Kernel block ``[n1, n2]`` for images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
     (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot);
     ``[2, n1, n2]`` (NNGP, NTK) with ``ntk``."""
-    dtype = x.dtype
-    lanes = LANES[dtype]
-    h, w, c, n1 = x.shape
-    n2 = z.shape[-1]
-    padded = -(-n2 // lanes) * lanes
-    xs, tx = _pack_left(x, trace_x, program.slot_areas)
-    zs, tz = _pack_right(z, trace_z, program.slot_areas, lanes)
-    offsets = torch.tensor([0, *program.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
-    n_trace = sum(program.slot_areas)
-    coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)
-    dcoefs = torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype)
-    out = torch.empty(*((2,) if ntk else ()), n1, padded, dtype=dtype)
-    fn = lib.cnngp_run_f64 if dtype == torch.float64 else lib.cnngp_run_f32
-    status = fn(
-        _ptr(program.code), program.code.shape[0], program.reg_area, program.tmp_area, program.n_regs,
-        _ptr(xs), _ptr(zs), h, w, c, n1, padded,
-        _ptr(tx), _ptr(tz), _ptr(offsets), n_trace,
-        _ptr(params), _ptr(coefs), _ptr(dcoefs), len(coefs), _ptr(out), int(ntk), int(n_threads),
-    )  # fmt: skip
+    packed = _Packed(program, params, x, z, trace_x, trace_z)
+    out = torch.empty(*((2,) if ntk else ()), packed.n1, packed.padded, dtype=x.dtype)
+    fn = lib.cnngp_run_f64 if x.dtype == torch.float64 else lib.cnngp_run_f32
+    _check(fn(*packed.arguments(), _ptr(out), int(ntk), int(n_threads)))
+    return out[..., : packed.n2]
+
+
+def run_block_vjp(
+    lib: ctypes.CDLL,
+    program: NativeProgram,
+    params: Tensor,
+    x: Tensor,
+    z: Tensor,
+    trace_x: list[Tensor],
+    trace_z: list[Tensor],
+    grad: Tensor,
+    n_threads: int,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The gradient of ``(grad * K).sum()``, ``K`` the NNGP block of :func:`run_block` (``program`` lowered with
+    ``reuse=False``), with respect to the parameter vector and to the traces' standard deviations: ``[P]``,
+    and one ``[h, w, n1]`` / ``[h, w, n2]`` tensor per trace slot. Reverse mode, one block of pairs at a time."""
+    packed = _Packed(program, params, x, z, trace_x, trace_z)
+    n1, n2, padded, lanes = packed.n1, packed.n2, packed.padded, LANES[x.dtype]
+    g_out = grad.to(x.dtype).contiguous()
+    if padded != n2:  # the padding lanes (black images) contribute nothing
+        g_out = torch.nn.functional.pad(g_out, (0, padded - n2))
+    n_trace = packed.n_trace
+    g_params = x.new_zeros(max(params.numel(), 1))
+    g_tx = x.new_empty(n1, max(n_trace, 1))
+    g_tz = x.new_empty(padded // lanes, max(n_trace, 1), lanes)
+    fn = lib.cnngp_vjp_f64 if x.dtype == torch.float64 else lib.cnngp_vjp_f32
+    _check(fn(*packed.arguments(), _ptr(g_out), params.numel(), _ptr(g_params), _ptr(g_tx), _ptr(g_tz), int(n_threads)))
+    g_tz = g_tz.transpose(0, 1).reshape(max(n_trace, 1), padded)[:, :n2]  # [positions, n2]
+    slots_x, slots_z, offset = [], [], 0
+    for t, area in zip(trace_x, program.slot_areas, strict=True):
+        slots_x.append(g_tx[:, offset : offset + area].t().reshape(*t.shape[:-1], n1))
+        slots_z.append(g_tz[offset : offset + area].reshape(*t.shape[:-1], n2))
+        offset += area
+    return g_params[: params.numel()], slots_x, slots_z
+
+
+class _Packed:
+    """The arguments both entry points share: the program, the packed images and traces, the coefficients."""
+
+    def __init__(self, program, params, x, z, trace_x, trace_z) -> None:
+        dtype = x.dtype
+        lanes = LANES[dtype]
+        self.h, self.w, self.c, self.n1 = x.shape
+        self.n2 = z.shape[-1]
+        self.padded = -(-self.n2 // lanes) * lanes
+        self.program, self.params = program, params
+        self.xs, self.tx = _pack_left(x, trace_x, program.slot_areas)
+        self.zs, self.tz = _pack_right(z, trace_z, program.slot_areas, lanes)
+        self.offsets = torch.tensor([0, *program.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
+        self.n_trace = sum(program.slot_areas)
+        self.coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)
+        self.dcoefs = torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype)
+
+    def arguments(self) -> tuple:
+        p = self.program
+        return (
+            _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs,
+            _ptr(self.xs), _ptr(self.zs), self.h, self.w, self.c, self.n1, self.padded,
+            _ptr(self.tx), _ptr(self.tz), _ptr(self.offsets), self.n_trace,
+            _ptr(self.params), _ptr(self.coefs), _ptr(self.dcoefs), len(self.coefs),
+        )  # fmt: skip
+
+
+def _check(status: int) -> None:
     if status != 0:
         raise RuntimeError(
-            f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, 4: bad coefficients)"
+            f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, "
+            "4: bad coefficients, 5: no gradients of the NTK)"
         )
-    return out[..., :n2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +556,8 @@ def run_block(
 
 class Native(Backend):
     """The native CPU kernel: networks of ``Conv2d``, ``Dense``, ``ReLU``, ``LeakyReLU``, ``Sum`` and
-    ``Sequential`` in float32/float64 on a CPU, forward only, the NNGP and the NTK; 4-10 times faster than eager."""
+    ``Sequential`` in float32/float64 on a CPU, the NNGP and the NTK, and the NNGP's gradients with respect to the
+    hyperparameters (reverse mode per block of pairs); 4-10 times faster than eager."""
 
     name = "native"
     # about one map per pair: the repacked traces of a tile's rows and columns
@@ -490,7 +567,9 @@ class Native(Backend):
     cpu_tile = 256
 
     @classmethod
-    def unsupported(cls, model, size, dtype, device, ntk=False) -> str | None:
+    def unsupported(cls, model, size, dtype, device, ntk=False, grad=False) -> str | None:
+        if grad and ntk:
+            return "its gradients cover the NNGP, not the NTK"
         if torch.device(device).type != "cpu":
             return f"it runs on CPUs only, not {device}"
         if dtype not in LANES:
@@ -518,3 +597,27 @@ class Native(Backend):
             return run_block(lib, program, params[x.dtype], x, z, trace_x, trace_z, threads, ntk)
 
         return block
+
+    @classmethod
+    def block_vjp(cls, model, size, hyper, requirements, ntk=False) -> VjpFn:
+        if ntk:  # pragma: no cover - choose() never picks this backend for the NTK's gradients
+            raise ValueError("the native kernel's gradients cover the NNGP only")
+        lib = load_library()
+        program = lower(model, size, reuse=False)
+        detached = hyper.with_values(v.detach() for v in hyper.values)
+        params: dict[torch.dtype, Tensor] = {}
+        threads = torch.get_num_threads()
+
+        def vjp(x, z, trace_x, trace_z, same, grad):
+            # the engine zeroes the gradient of a square block's diagonal (it comes from the self values), so
+            # the same-image rule needs no adjoint here
+            if x.dtype not in params:
+                params[x.dtype] = program.parameter_vector(detached, x.dtype)
+            tx = [t.detach() for t in trace_x]
+            tz = [t.detach() for t in trace_z]
+            g_params, g_tx, g_tz = run_block_vjp(
+                lib, program, params[x.dtype], x.detach(), z.detach(), tx, tz, grad, threads
+            )
+            return program.hyper_gradients(detached, g_params), g_tx, g_tz
+
+        return vjp

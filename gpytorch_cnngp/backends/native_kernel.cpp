@@ -369,6 +369,7 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       }
       case OP_OUTPUT: {
+        if (g.out == nullptr) break;  // the VJP's forward keeps its maps, not the value
         T* o = g.out + static_cast<int64_t>(i) * g.n2 + static_cast<int64_t>(jb) * VL;
         const T* s = reg(ins.a);
         for (int v = 0; v < VL; ++v) o[v] = s[v];
@@ -416,6 +417,276 @@ int run(const Args<T>& g, int n_threads) {
   return failed.load() ? 3 : 0;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Reverse mode: the gradient of sum_ij G_ij K_ij with respect to the parameter vector (each window sum's
+// scale and bias) and to the traces' standard deviations, one block at a time. The block's forward keeps
+// every map (the program is lowered without register reuse); the adjoint maps are then swept backwards,
+// through the same registers' second copies. Parameters are shared by all pairs, traces by all pairs of an
+// image: each thread accumulates them in its own buffers, summed at the end.
+
+template <typename T>
+struct Grads {
+  T* params;  // [n_params][VL]: per-lane partial sums
+  T* tx;      // [n1][n_trace]
+  T* tz;      // [n2 / VL][n_trace][VL]
+};
+
+// dst (=|+=) scale * src over n elements: the first write to an adjoint sets it, later ones add
+template <typename T>
+inline void accumulate(T* __restrict dst, const T* __restrict src, int64_t n, T scale, bool first) {
+  if (first) {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) dst[e] = scale * src[e];
+  } else {
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) dst[e] += scale * src[e];
+  }
+}
+
+// The transpose of a window sum: res[q] = sum of adj[o] over the outputs o whose window holds q, [in_h][in_w].
+// With stride and dilation 1 that is itself a window sum (the same size, the padding mirrored), so conv()
+// runs it with its running sums; otherwise the taps are scattered.
+template <typename T, int VL>
+void conv_transpose(const Instr& ins, const T* __restrict adj, T* __restrict res, T* __restrict tmp) {
+  using L = Lanes<T, VL>;
+  if (ins.sh == 1 && ins.sw == 1 && ins.dh == 1 && ins.dw == 1) {
+    Instr tr = ins;
+    tr.in_h = ins.out_h;
+    tr.in_w = ins.out_w;
+    tr.out_h = ins.in_h;
+    tr.out_w = ins.in_w;
+    tr.pt = ins.kh - 1 - ins.pt;
+    tr.pl = ins.kw - 1 - ins.pl;
+    conv<T, VL>(tr, adj, res, tmp, T(1), T(0));
+    return;
+  }
+  const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
+  // along H first (the forward summed along H last): tmp [in_h][out_w]
+  const int64_t width = static_cast<int64_t>(out_w) * VL;
+  std::memset(tmp, 0, in_h * width * sizeof(T));
+  for (int oh = 0; oh < out_h; ++oh) {
+    const int base = oh * ins.sh - ins.pt;
+    int lo, hi;
+    valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
+    const T* __restrict r = adj + oh * width;
+    for (int a = lo; a < hi; ++a) {
+      T* __restrict t = tmp + (static_cast<int64_t>(base) + a * ins.dh) * width;
+#pragma omp simd
+      for (int64_t e = 0; e < width; ++e) t[e] += r[e];
+    }
+  }
+  std::memset(res, 0, static_cast<size_t>(in_h) * in_w * VL * sizeof(T));
+  for (int ow = 0; ow < out_w; ++ow) {
+    const int base = ow * ins.sw - ins.pl;
+    int lo, hi;
+    valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
+    for (int h = 0; h < in_h; ++h) {
+      const T* src = tmp + (static_cast<int64_t>(h) * out_w + ow) * VL;
+      for (int b = lo; b < hi; ++b) {
+        T* d = res + (static_cast<int64_t>(h) * in_w + base + b * ins.dw) * VL;
+        typename L::V acc = L::zero();
+        L::add(acc, d);
+        L::add(acc, src);
+        L::store(d, acc);
+      }
+    }
+  }
+}
+
+// Adjoint of a (leaky) ReLU: out = k1 J(c, s1, s2) + k2 c, so
+//   d/dc = k1 D + k2 (D = (pi - arccos rho) / (2 pi), not masked: ops' autograd takes 1/4 at a zero variance),
+//   d/ds1 = k1 s2 sqrt(1 - rho^2) / (2 pi), d/ds2 = k1 s1 sqrt(1 - rho^2) / (2 pi).
+template <typename T, int VL, int NC>
+void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict c_map,
+                    const T* __restrict adj_out, T* __restrict adj_in, bool first, const Grads<T>& gr) {
+  const int area = ins.in_h * ins.in_w;
+  const int64_t off = g.slot_offset[ins.slot];
+  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + off) * 2;
+  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * 2 * VL;
+  T* gx = gr.tx + static_cast<int64_t>(i) * g.n_trace + off;
+  T* gz = gr.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * VL;
+  const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
+  const T inv_2pi = T(0.15915494309189533577);
+  T df[NC];
+  for (int k = 0; k < NC; ++k) df[k] = g.dcoefs[k];
+  for (int p = 0; p < area; ++p) {
+    const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
+    const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
+    const T* __restrict i2 = s2 + VL;
+    const T* __restrict c = c_map + static_cast<int64_t>(p) * VL;
+    const T* __restrict ad = adj_out + static_cast<int64_t>(p) * VL;
+    T* __restrict ai = adj_in + static_cast<int64_t>(p) * VL;
+    T* __restrict gzp = gz + static_cast<int64_t>(p) * VL;
+    T a[VL], q[VL], sine[VL];
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) {
+      const T x = std::fabs(c[v]) * i1 * i2[v];
+      a[v] = x < T(1) ? x : T(1);
+    }
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) q[v] = df[NC - 1];
+    for (int k = NC - 2; k >= 0; --k) {
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) q[v] = q[v] * a[v] + df[k];
+    }
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) {
+      const T root = std::sqrt(T(1) - a[v]);
+      q[v] *= root;
+      sine[v] = root * std::sqrt(T(1) + a[v]) * inv_2pi * k1 * ad[v];  // k1 sqrt(1 - rho^2) / (2 pi) adj
+    }
+    using L = Lanes<T, VL>;
+    using H = typename L::H;
+    for (int k = 0; k < L::kParts; ++k) {
+      H cv, qv, av;
+      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
+      std::memcpy(&qv, q + k * L::kPer, sizeof(H));
+      std::memcpy(&av, ad + k * L::kPer, sizeof(H));
+      const H zero = H{};
+      const H half = zero + T(0.5);
+      const H deriv = cv > zero ? half - qv : qv;
+      H out = av * (deriv * k1 + k2);
+      if (!first) {
+        H prev;
+        std::memcpy(&prev, ai + k * L::kPer, sizeof(H));
+        out += prev;
+      }
+      std::memcpy(ai + k * L::kPer, &out, sizeof(H));
+    }
+    T sx = T(0);
+#pragma omp simd reduction(+ : sx)
+    for (int v = 0; v < VL; ++v) {
+      sx += sine[v] * s2[v];
+      gzp[v] += sine[v] * s1;
+    }
+    gx[p] += sx;
+  }
+}
+
+template <typename T, int VL, int NC>
+void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs, T* tmp, T* res, bool* touched,
+               const Grads<T>& gr) {
+  run_block<T, VL, NC>(g, i, jb, regs, tmp);
+  const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
+  auto reg = [&](int r) { return regs + r * map; };
+  auto adj = [&](int r) { return adjs + r * map; };
+  for (int r = 0; r < g.n_regs; ++r) touched[r] = false;
+  for (int k = g.n_instr - 1; k >= 0; --k) {
+    const Instr& ins = g.prog[k];
+    if (ins.op == OP_OUTPUT) {
+      const T* go = gout + static_cast<int64_t>(i) * g.n2 + static_cast<int64_t>(jb) * VL;
+      T* d = adj(ins.a);
+      for (int v = 0; v < VL; ++v) d[v] = touched[ins.a] ? d[v] + go[v] : go[v];
+      touched[ins.a] = true;
+      continue;
+    }
+    if (ins.op == OP_INPUT || !touched[ins.dst]) continue;  // images' gradients stay with autograd
+    const T* ad = adj(ins.dst);
+    const int64_t in_area = static_cast<int64_t>(ins.in_h) * ins.in_w * VL;
+    switch (ins.op) {
+      case OP_CONV: {
+        const int64_t out_area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
+        T* gs = gr.params + static_cast<int64_t>(ins.param) * VL;
+        T* gb = gs + VL;
+        for (int64_t e = 0; e < out_area; e += VL) {
+#pragma omp simd
+          for (int v = 0; v < VL; ++v) gb[v] += ad[e + v];
+        }
+        conv_transpose<T, VL>(ins, ad, res, tmp);  // S^T adj
+        const T* src = reg(ins.a);
+        for (int64_t e = 0; e < in_area; e += VL) {
+#pragma omp simd
+          for (int v = 0; v < VL; ++v) gs[v] += src[e + v] * res[e + v];
+        }
+        accumulate(adj(ins.a), res, in_area, g.params[ins.param], !touched[ins.a]);
+        touched[ins.a] = true;
+        break;
+      }
+      case OP_NONLIN:
+        nonlin_adjoint<T, VL, NC>(g, ins, i, jb, reg(ins.a), ad, adj(ins.a), !touched[ins.a], gr);
+        touched[ins.a] = true;
+        break;
+      case OP_ADD:
+        accumulate(adj(ins.a), ad, in_area, T(1), !touched[ins.a]);
+        touched[ins.a] = true;
+        accumulate(adj(ins.b), ad, in_area, T(1), !touched[ins.b]);
+        touched[ins.b] = true;
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+template <typename T, int VL, int NC>
+int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {
+  if (g.n2 % VL != 0) return 2;
+  if (g.n_coefs != NC) return 4;
+  if (g.ntk) return 5;
+  const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
+  const int64_t groups = g.n2 / VL;
+  const size_t tx_size = static_cast<size_t>(g.n1) * g.n_trace;
+  const size_t tz_size = static_cast<size_t>(groups) * g.n_trace * VL;
+  const size_t p_size = static_cast<size_t>(n_params) * VL;
+  n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_blocks)));
+  std::vector<T*> buffers(n_threads, nullptr);
+  std::atomic<int64_t> next{0};
+  std::atomic<int> failed{0};
+  auto worker = [&](int t) {
+    const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+    const size_t scratch = static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
+    const size_t total = 2 * maps + scratch + p_size + tx_size + tz_size;
+    T* mem = static_cast<T*>(std::aligned_alloc(64, (total * sizeof(T) + 63) / 64 * 64));
+    bool* touched = static_cast<bool*>(std::malloc(std::max(1, g.n_regs)));
+    if (mem == nullptr || touched == nullptr) {
+      failed.store(1);
+      std::free(mem);
+      std::free(touched);
+      return;
+    }
+    T* regs = mem;
+    T* adjs = regs + maps;
+    T* tmp = adjs + maps;
+    T* res = tmp + static_cast<size_t>(g.tmp_area) * VL;
+    Grads<T> gr{res + static_cast<size_t>(g.reg_area) * VL, nullptr, nullptr};
+    gr.tx = gr.params + p_size;
+    gr.tz = gr.tx + tx_size;
+    std::memset(gr.params, 0, (p_size + tx_size + tz_size) * sizeof(T));
+    for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
+      vjp_block<T, VL, NC>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs, tmp,
+                           res, touched, gr);
+    }
+    std::free(touched);
+    buffers[t] = mem;
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+  if (failed.load()) {
+    for (T* b : buffers) std::free(b);
+    return 3;
+  }
+  const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+  const size_t offset = 2 * maps + static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
+  for (int p = 0; p < n_params; ++p) g_params[p] = T(0);
+  std::memset(g_tx, 0, tx_size * sizeof(T));
+  std::memset(g_tz, 0, tz_size * sizeof(T));
+  for (T* b : buffers) {
+    const T* bp = b + offset;
+    for (int p = 0; p < n_params; ++p) {
+      for (int v = 0; v < VL; ++v) g_params[p] += bp[static_cast<size_t>(p) * VL + v];
+    }
+    const T* bx = bp + p_size;
+    for (size_t e = 0; e < tx_size; ++e) g_tx[e] += bx[e];
+    const T* bz = bx + tx_size;
+    for (size_t e = 0; e < tz_size; ++e) g_tz[e] += bz[e];
+    std::free(b);
+  }
+  return 0;
+}
+
 template <typename T>
 Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,
                   int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,
@@ -446,5 +717,20 @@ int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 // lanes: 512 bits; NC: coefficients of R and of A (degree 8 in float32, 16 in float64, see ops.py)
 CNNGP_ENTRY(cnngp_run_f32, float, 16, 9)
 CNNGP_ENTRY(cnngp_run_f64, double, 8, 17)
+
+// the VJP: gout [n1][n2] (zero in padding lanes); g_params [n_params], g_tx [n1][n_trace], g_tz [n2/VL][n_trace][VL]
+#define CNNGP_VJP(NAME, T, VL, NC)                                                                                \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
+           int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
+           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, const T* gout,          \
+           int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {                                       \
+    return run_vjp<T, VL, NC>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,  \
+                                           tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs,       \
+                                           nullptr, 0),                                                        \
+                              gout, n_params, g_params, g_tx, g_tz, n_threads);                                \
+  }
+
+CNNGP_VJP(cnngp_vjp_f32, float, 16, 9)
+CNNGP_VJP(cnngp_vjp_f64, double, 8, 17)
 
 }  // extern "C"
