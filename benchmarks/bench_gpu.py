@@ -74,7 +74,7 @@ def run_arch(name: str, x: torch.Tensor, rows: int, device: torch.device, dtype:
     model = getattr(architectures, name)()
     n = x.shape[0]
     rows = min(rows, n)
-    kw = dict(device=device, dtype=dtype, compile=args.compile, tile_size=args.tile_size)
+    kw = dict(device=device, dtype=dtype, backend=args.backend, tile_size=args.tile_size)
     if args.budget_gb is not None:
         kw["memory_budget"] = int(args.budget_gb * 2**30)
 
@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["auto", "eager", "inductor", "native"],
+        help="default: torch.compile on a GPU, the native kernel on a CPU",
+    )
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--budget-gb", type=float, default=None, help="memory budget of the tiles")
     p.add_argument("--warmup", type=int, default=256, help="images of the warm-up Gram")
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device here; use --device cpu for a smoke run")
+    if args.backend is None:
+        args.backend = "inductor" if device.type == "cuda" else "native"
     dtype = getattr(torch, args.dtype)
     rows = args.rows or [args.n if a == "convnet_gp" else 2000 for a in args.archs]
     if len(rows) != len(args.archs):
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"### Full-scale Gram on {_device_name(device)} ({time.strftime('%Y-%m-%d')})",
         "",
-        f"torch {torch.__version__}, {args.dtype}, compile={args.compile}, {source}. "
+        f"torch {torch.__version__}, {args.dtype}, backend={args.backend}, {source}. "
         f"Command: `{' '.join(['python benchmarks/bench_gpu.py', *(sys.argv[1:] if argv is None else argv)])}`",
         "",
         "| architecture | block timed | seconds | entries/s | full n x n (projected) | compile + warm-up | "

@@ -46,7 +46,7 @@ def gram_case(args: argparse.Namespace) -> str:
     budget = args.budget_mb << 20
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    K = gram(model, x, memory_budget=budget, compile=args.compile, progress=args.progress)
+    K = gram(model, x, memory_budget=budget, backend=args.backend, progress=args.progress)
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     out_mb = K.numel() * K.element_size() / 2**20
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("gram", help="a large K(X, X) under a memory budget")
     g.add_argument("--n", type=int, default=10000)
     g.add_argument("--budget-mb", type=int, default=1024)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--backend", default="auto", choices=["auto", "eager", "inductor", "native"])
     g.add_argument("--progress", action="store_true")
     m = sub.add_parser("mll", help="one marginal-likelihood gradient step")
     m.add_argument("--n", type=int, default=2000)
