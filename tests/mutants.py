@@ -293,6 +293,20 @@ def _native_ntk_factor_doubled(mp):
     mp.setattr(native, "_self_test", lambda lib: None)
 
 
+def _native_vjp_no_trace_gradients(mp):
+    """The native kernel's reverse mode without the gradients into the traces' standard deviations (only the
+    window sums' own parameters): what a VJP that forgot the ReLU's dependence on the variances would give."""
+    import gpytorch_cnngp.backends.native as native
+
+    original = native.run_block_vjp
+
+    def no_traces(*args, **kwargs):
+        g_params, g_tx, g_tz = original(*args, **kwargs)
+        return g_params, [torch.zeros_like(g) for g in g_tx], [torch.zeros_like(g) for g in g_tz]
+
+    mp.setattr(native, "run_block_vjp", no_traces)
+
+
 MUTANTS = {
     "relu_factor2": _relu_factor2,
     "relu_self_no_half": _relu_self_no_half,
@@ -315,6 +329,7 @@ MUTANTS = {
     "ntk_dense_unweighted": _ntk_dense_unweighted,
     "ntk_erf_half_factor": _ntk_erf_half_factor,
     "native_ntk_factor_doubled": _native_ntk_factor_doubled,
+    "native_vjp_no_trace_gradients": _native_vjp_no_trace_gradients,
 }
 
 

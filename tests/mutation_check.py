@@ -32,6 +32,7 @@ FILES = [
     "test_layer_contract.py",
     "test_ntk.py",
     "test_native.py",
+    "test_gradients.py",
 ]
 
 
