@@ -11,9 +11,11 @@ runs neural-tangents on them in a subprocess, computes the same kernels here and
 
 * ConvNet GP (paper hyperparameters) cross kernel ``K(X, Z)`` on 28x28 MNIST digits, float32:
   entries/s of neural-tangents' jitted ``kernel_fn`` and of ours (compiled and eager), medians of
-  ``--repeats`` calls after a warm-up call, measured in this one run;
+  ``--repeats`` calls after a warm-up call, measured in this one run; and the NNGP and the NTK together
+  (``get=("nngp", "ntk")`` on both sides; ours in the native kernel);
 * a pooled network on the full spatial covariance path (28x28, eager here), timed the same way;
-* the largest relative difference, in float64, between the two libraries' kernels for
+* the largest relative difference, in float64, between the two libraries' kernels (the NNGP and the NTK, both
+  in the NTK parameterisation, neural-tangents' default) for
   architectures made of layers both have: the ConvNet GP, and small pooled networks with
   AvgPool2d / GlobalAvgPool2d / Dense / Erf / LeakyReLU / GELU (stride-1 convolutions only: for strided
   "same" convolutions the paper's padding, which we follow, differs from TensorFlow's). Pooling
@@ -105,22 +107,24 @@ def nt_worker(path: str, mode: str, repeats: int) -> dict:
     import jax
 
     data = np.load(path)
-    if mode in ("time", "time_pooled"):
-        spec, key = (CONVNET, "") if mode == "time" else (POOLED, "p")
+    if mode in ("time", "time_ntk", "time_pooled"):
+        spec, key = (POOLED, "p") if mode == "time_pooled" else (CONVNET, "")
+        get = ("nngp", "ntk") if mode == "time_ntk" else "nngp"
         kernel_fn = jax.jit(_nt_model(spec), static_argnames="get")
         x = np.transpose(data[f"x{key}"], (0, 2, 3, 1)).astype(np.float32)  # NHWC
         z = np.transpose(data[f"z{key}"], (0, 2, 3, 1)).astype(np.float32)
-        kernel_fn(x, z, "nngp").block_until_ready()
+        jax.block_until_ready(kernel_fn(x, z, get))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            kernel_fn(x, z, "nngp").block_until_ready()
+            jax.block_until_ready(kernel_fn(x, z, get))
             times.append(time.perf_counter() - t0)
         return {"median_s": statistics.median(times), "n": int(x.shape[0]), "jax": jax.__version__}
     out = {}
     for name, (spec, size) in VALUE_CASES.items():
         x = np.transpose(data[f"v{size}"], (0, 2, 3, 1)).astype(np.float64)
-        out[name] = np.asarray(_nt_model(spec)(x, x, "nngp")).tolist()
+        nngp, ntk = _nt_model(spec)(x, x, ("nngp", "ntk"))
+        out[name] = {"nngp": np.asarray(nngp).tolist(), "ntk": np.asarray(ntk).tolist()}
     return out
 
 
@@ -153,14 +157,15 @@ def _ours(spec):
     return Sequential(*layers)
 
 
-def _time_ours(model, x, z, compile: bool, repeats: int) -> float:
+def _time_ours(model, x, z, compile: bool, repeats: int, get="nngp") -> float:
     from gpytorch_cnngp import gram
 
-    gram(model, x, z, backend="native" if compile else "eager")
+    backend = "native" if compile else "eager"
+    gram(model, x, z, backend=backend, get=get)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gram(model, x, z, backend="native" if compile else "eager")
+        gram(model, x, z, backend=backend, get=get)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         xp, zp = x[: args.n_pooled], z[: args.n_pooled]
         np.savez(path, x=x.numpy(), z=z.numpy(), xp=xp.numpy(), zp=zp.numpy(), v28=small.numpy(), v8=small8.numpy())
         results = {}
-        for mode in ("time", "time_pooled", "values"):
+        for mode in ("time", "time_ntk", "time_pooled", "values"):
             cmd = [args.nt_python, __file__, "--nt-worker", path, "--mode", mode, "--repeats", str(args.repeats)]
             run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
             if run.returncode:
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     model = _ours(CONVNET)
     compiled = entries / _time_ours(model, x, z, True, args.repeats)
     eager = entries / _time_ours(model, x, z, False, args.repeats)
+    nt_both = entries / results["time_ntk"]["median_s"]
+    ours_both = entries / _time_ours(model, x, z, True, args.repeats, get=("nngp", "ntk"))
     pooled_entries = args.n_pooled**2
     nt_pooled = pooled_entries / results["time_pooled"]["median_s"]
     ours_pooled = pooled_entries / _time_ours(_ours(POOLED), xp, zp, False, args.repeats)
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         f"| neural-tangents (jit) | {nt_rate:,.0f} | 1.0 |",
         f"| ours, compiled | {compiled:,.0f} | {compiled / nt_rate:.1f} |",
         f"| ours, eager | {eager:,.0f} | {eager / nt_rate:.1f} |",
+        f"| NNGP + NTK: neural-tangents (jit) | {nt_both:,.0f} | 1.0 |",
+        f"| NNGP + NTK: ours, native | {ours_both:,.0f} | {ours_both / nt_both:.1f} |",
         "",
         f"Pooled network on the full spatial path (Conv3-ReLU-AvgPool2-Conv3-ReLU-GlobalAvgPool-Dense, 28x28, "
         f"{args.n_pooled}x{args.n_pooled} cross kernel, float32):",
@@ -235,15 +244,20 @@ def main(argv: list[str] | None = None) -> None:
         f"| neural-tangents (jit) | {nt_pooled:,.1f} | {1e3 / nt_pooled:.1f} | 1.0 |",
         f"| ours, eager | {ours_pooled:,.1f} | {1e3 / ours_pooled:.1f} | {ours_pooled / nt_pooled:.1f} |",
         "",
-        "Kernel values, float64, K(X, X) of 6 images (ours: `model(X)`, neural-tangents: `kernel_fn(x, x, 'nngp')`):",
+        "Kernel values, float64, K(X, X) of 6 images (ours: `model(X, get=...)`, neural-tangents: "
+        "`kernel_fn(x, x, ('nngp', 'ntk'))`), largest difference relative to the largest entry:",
         "",
-        "| architecture | max relative difference |",
-        "|---|---|",
+        "| architecture | NNGP | NTK |",
+        "|---|---|---|",
     ]
     for name, (spec, size) in VALUE_CASES.items():
-        ours = _ours(spec)(small if size == 28 else small8).numpy()
-        theirs = np.asarray(results["values"][name])
-        lines.append(f"| {name} | {np.abs(ours - theirs).max() / np.abs(theirs).max():.1e} |")
+        images = small if size == 28 else small8
+        cells = []
+        for get in ("nngp", "ntk"):
+            ours = _ours(spec)(images, get=get).numpy()
+            theirs = np.asarray(results["values"][name][get])
+            cells.append(f"{np.abs(ours - theirs).max() / np.abs(theirs).max():.1e}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     report(lines, args)
 
 
