@@ -115,6 +115,11 @@ class NativeProgram:
     slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
     params: list[tuple[Layer | None, str | float, int]]
 
+    @property
+    def slot_offsets(self) -> Tensor:
+        """int32 ``[slots]``: the first trace position of each slot."""
+        return torch.tensor([0, *self.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
+
     def hyper_gradients(self, hyper: Hyper, g_params: Tensor) -> list[Tensor]:
         """Gradients with respect to ``hyper``'s values from those with respect to the parameter vector
         (the chain rule through :meth:`parameter_vector`; constants have none)."""
@@ -423,18 +428,20 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _stacked_traces(like: Tensor, traces: list[Tensor], areas: list[int]) -> Tensor:
+    """All slots' standard deviations as one ``[positions, n]`` tensor (one zero row for a network without
+    nonlinearities, so that the kernel always gets a buffer)."""
+    n = like.shape[-1]
+    if not traces:
+        return like.new_zeros(1, n)
+    return torch.cat([t.reshape(area, n) for t, area in zip(traces, areas, strict=True)]).to(like.dtype)
+
+
 def _pack_left(x: Tensor, traces: list[Tensor], areas: list[int]) -> tuple[Tensor, Tensor]:
     """First set: images ``[n, H, W, C]`` and traces ``[n, positions, 2]`` (s, 1/s), one image per row."""
-    n = x.shape[-1]
     images = x.permute(3, 0, 1, 2).contiguous()
-    packed = x.new_empty(n, max(sum(areas), 1), 2)
-    offset = 0
-    for t, area in zip(traces, areas, strict=True):
-        s = t.reshape(area, n).t()
-        packed[:, offset : offset + area, 0] = s
-        packed[:, offset : offset + area, 1] = inverse_std(s)
-        offset += area
-    return images, packed
+    s = _stacked_traces(x, traces, areas).t()
+    return images, torch.stack([s, inverse_std(s)], dim=-1).contiguous()
 
 
 def _pack_right(z: Tensor, traces: list[Tensor], areas: list[int], lanes: int) -> tuple[Tensor, Tensor]:
@@ -443,21 +450,13 @@ def _pack_right(z: Tensor, traces: list[Tensor], areas: list[int], lanes: int) -
     n = z.shape[-1]
     groups = -(-n // lanes)
     padded = groups * lanes
-    if padded != n:
+    s = _stacked_traces(z, traces, areas)
+    if padded != n:  # the padding lanes are black images: zero standard deviations
         z = torch.nn.functional.pad(z, (0, padded - n))
+        s = torch.nn.functional.pad(s, (0, padded - n))
     images = z.reshape(*z.shape[:-1], groups, lanes).movedim(-2, 0).contiguous()
-    packed = z.new_zeros(groups, max(sum(areas), 1), 2, lanes)
-    offset = 0
-    for t, area in zip(traces, areas, strict=True):
-        s = t.reshape(area, n)
-        target = packed[:, offset : offset + area].view(groups, area, 2, lanes)
-        if padded != n:  # the padding lanes stay zero: black images
-            s = torch.nn.functional.pad(s, (0, padded - n))
-        s = s.reshape(area, groups, lanes).transpose(0, 1)
-        target[:, :, 0] = s
-        target[:, :, 1] = inverse_std(s)
-        offset += area
-    return images, packed
+    s = s.reshape(-1, groups, lanes).transpose(0, 1)
+    return images, torch.stack([s, inverse_std(s)], dim=2).contiguous()
 
 
 def run_block(
@@ -527,7 +526,7 @@ class _Packed:
         self.program, self.params = program, params
         self.xs, self.tx = _pack_left(x, trace_x, program.slot_areas)
         self.zs, self.tz = _pack_right(z, trace_z, program.slot_areas, lanes)
-        self.offsets = torch.tensor([0, *program.slot_areas], dtype=torch.int64).cumsum(0)[:-1].to(torch.int32)
+        self.offsets = program.slot_offsets
         self.n_trace = sum(program.slot_areas)
         self.coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)
         self.dcoefs = torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype)
@@ -538,7 +537,7 @@ class _Packed:
             _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs,
             _ptr(self.xs), _ptr(self.zs), self.h, self.w, self.c, self.n1, self.padded,
             _ptr(self.tx), _ptr(self.tz), _ptr(self.offsets), self.n_trace,
-            _ptr(self.params), _ptr(self.coefs), _ptr(self.dcoefs), len(self.coefs),
+            _ptr(self.params), _ptr(self.coefs), _ptr(self.dcoefs), len(self.coefs), len(self.dcoefs),
         )  # fmt: skip
 
 

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -54,7 +56,7 @@ struct Args {
   const T* params;
   const T* coefs;  // R(a) / (2 pi), lowest degree first
   const T* dcoefs;  // A(a) / (2 pi), lowest degree first (the ReLU's derivative expectation)
-  int n_coefs;
+  int n_coefs, n_dcoefs;
   T* out;  // [n1][n2], then with the NTK a second [n1][n2]
   int ntk;  // registers hold the NTK's map after the NNGP's
 };
@@ -104,6 +106,10 @@ struct Lanes {
   static constexpr int kParts = VL / kPer;
   static_assert(kParts * kPer == VL, "a block is a whole number of SIMD vectors");
   typedef T H __attribute__((vector_size(kVectorBytes)));
+  // the integer vector of the same shape, for bit operations
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type IT;
+  typedef IT I __attribute__((vector_size(kVectorBytes)));
+  static constexpr IT kMagnitude = std::numeric_limits<IT>::max();  // all bits but the sign
   struct V {
     H p[kParts];
   };
@@ -142,6 +148,15 @@ struct Lanes {
       std::memcpy(ptr + k * kPer, &h, sizeof(H));
     }
   }
+  // lane-wise square root (the vectoriser turns the loop into one vector instruction)
+  static H sqrt(H h) {
+    T t[kPer];
+    std::memcpy(t, &h, sizeof(H));
+#pragma omp simd
+    for (int l = 0; l < kPer; ++l) t[l] = std::sqrt(t[l]);
+    std::memcpy(&h, t, sizeof(H));
+    return h;
+  }
   static void store(T* ptr, const V& v) {
     for (int k = 0; k < kParts; ++k) std::memcpy(ptr + k * kPer, &v.p[k], sizeof(H));
   }
@@ -152,10 +167,130 @@ struct Lanes {
 // window's size (the ConvNet GP's 7x7 windows: 4 per output instead of 14).
 constexpr int kRunningMin = 4;
 
+// Running sums along W of rows [h0, h0 + R) of src into tmp (see conv). The accumulators are plain SIMD
+// vectors in fully unrolled loops, so that they stay in registers.
+template <typename T, int VL, int R>
+inline void running_rows(const Instr& ins, const T* __restrict src, T* __restrict tmp, int h0) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, N = R * P, kPer = L::kPer;
+  const int in_w = ins.in_w, out_w = ins.out_w;
+  const int64_t row = static_cast<int64_t>(in_w) * VL, out_row = static_cast<int64_t>(out_w) * VL;
+  const T* in = src + h0 * row;
+  T* out = tmp + h0 * out_row;
+  // accumulator n: row n / P, part n % P
+  auto at = [&](int n, int x) { return in + (n / P) * row + static_cast<int64_t>(x) * VL + (n % P) * kPer; };
+  // the window of output ow is [ow - pl, ow - pl + kw), clipped to [0, in_w)
+  H acc[N];
+#pragma GCC unroll 32
+  for (int n = 0; n < N; ++n) acc[n] = H{};
+  for (int x = std::max(0, -ins.pl); x < std::min(in_w, ins.kw - ins.pl); ++x) {
+#pragma GCC unroll 32
+    for (int n = 0; n < N; ++n) {
+      H h;
+      std::memcpy(&h, at(n, x), sizeof(H));
+      acc[n] += h;
+    }
+  }
+  for (int ow = 0; ow < out_w; ++ow) {
+    if (ow > 0) {
+      const int enter = ow - ins.pl + ins.kw - 1, leave = ow - 1 - ins.pl;
+      if (enter >= 0 && enter < in_w) {
+#pragma GCC unroll 32
+        for (int n = 0; n < N; ++n) {
+          H h;
+          std::memcpy(&h, at(n, enter), sizeof(H));
+          acc[n] += h;
+        }
+      }
+      if (leave >= 0 && leave < in_w) {
+#pragma GCC unroll 32
+        for (int n = 0; n < N; ++n) {
+          H h;
+          std::memcpy(&h, at(n, leave), sizeof(H));
+          acc[n] -= h;
+        }
+      }
+    }
+#pragma GCC unroll 32
+    for (int n = 0; n < N; ++n) {
+      std::memcpy(out + (n / P) * out_row + static_cast<int64_t>(ow) * VL + (n % P) * kPer, &acc[n], sizeof(H));
+    }
+  }
+}
+
+// Running sums along H of tmp's SIMD vectors [e0, e0 + G) of each row (see conv), out = scale * sum + bias,
+// or + add[.] with kAdd (then `bias` is the add map).
+template <typename T, int VL, int G, bool kAdd, typename B>
+inline void running_columns(const Instr& ins, const T* __restrict tmp, T* __restrict dst, int64_t e0, T scale,
+                            B bias) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int K = L::kPer;
+  const int in_h = ins.in_h, out_h = ins.out_h;
+  const int64_t width = static_cast<int64_t>(ins.out_w) * VL;
+  const T* in = tmp + e0 * K;
+  H acc[G];
+#pragma GCC unroll 32
+  for (int g = 0; g < G; ++g) acc[g] = H{};
+  for (int y = std::max(0, -ins.pt); y < std::min(in_h, ins.kh - ins.pt); ++y) {
+#pragma GCC unroll 32
+    for (int g = 0; g < G; ++g) {
+      H h;
+      std::memcpy(&h, in + y * width + g * K, sizeof(H));
+      acc[g] += h;
+    }
+  }
+  for (int oh = 0; oh < out_h; ++oh) {
+    if (oh > 0) {
+      const int enter = oh - ins.pt + ins.kh - 1, leave = oh - 1 - ins.pt;
+      if (enter >= 0 && enter < in_h) {
+#pragma GCC unroll 32
+        for (int g = 0; g < G; ++g) {
+          H h;
+          std::memcpy(&h, in + enter * width + g * K, sizeof(H));
+          acc[g] += h;
+        }
+      }
+      if (leave >= 0 && leave < in_h) {
+#pragma GCC unroll 32
+        for (int g = 0; g < G; ++g) {
+          H h;
+          std::memcpy(&h, in + leave * width + g * K, sizeof(H));
+          acc[g] -= h;
+        }
+      }
+    }
+    const int64_t at = oh * width + e0 * K;
+#pragma GCC unroll 32
+    for (int g = 0; g < G; ++g) {
+      H out;
+      if constexpr (kAdd) {
+        std::memcpy(&out, bias + at + g * K, sizeof(H));
+        out += acc[g] * scale;
+      } else {
+        out = acc[g] * scale + bias;
+      }
+      std::memcpy(dst + at + g * K, &out, sizeof(H));
+    }
+  }
+}
+
+// running_columns over all `vectors` SIMD vectors of a row: strips of 8, then 4, 2, 1 (narrow maps still
+// get several chains)
+template <typename T, int VL, bool kAdd, typename B>
+inline void column_strips(const Instr& ins, const T* __restrict tmp, T* __restrict dst, int64_t vectors, T scale,
+                          B bias) {
+  int64_t e = 0;
+  for (; e + 8 <= vectors; e += 8) running_columns<T, VL, 8, kAdd>(ins, tmp, dst, e, scale, bias);
+  for (; e + 4 <= vectors; e += 4) running_columns<T, VL, 4, kAdd>(ins, tmp, dst, e, scale, bias);
+  for (; e + 2 <= vectors; e += 2) running_columns<T, VL, 2, kAdd>(ins, tmp, dst, e, scale, bias);
+  for (; e < vectors; ++e) running_columns<T, VL, 1, kAdd>(ins, tmp, dst, e, scale, bias);
+}
+
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
-// out-of-range taps are skipped. out = bias + scale * sum. tmp has room for [in_h + 1][out_w]: the
-// extra row holds the running sum along H. With `add` (a map of the output's shape), out = add + scale * sum
-// instead: the NTK's window sum plus the layer's new NNGP.
+// out-of-range taps are skipped. out = bias + scale * sum. With `add` (a map of the output's shape),
+// out = add + scale * sum instead: the NTK's window sum plus the layer's new NNGP.
 template <typename T, int VL>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
           const T* __restrict add = nullptr) {
@@ -163,20 +298,12 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
   using V = typename L::V;
   const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
   if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
-    for (int h = 0; h < in_h; ++h) {
-      const T* row = src + static_cast<int64_t>(h) * in_w * VL;
-      T* out = tmp + static_cast<int64_t>(h) * out_w * VL;
-      // the window of output ow is [ow - pl, ow - pl + kw), clipped to [0, in_w)
-      V acc = L::zero();
-      for (int x = std::max(0, -ins.pl); x < std::min(in_w, ins.kw - ins.pl); ++x) L::add(acc, row + x * VL);
-      L::store(out, acc);
-      for (int ow = 1; ow < out_w; ++ow) {
-        const int enter = ow - ins.pl + ins.kw - 1, leave = ow - 1 - ins.pl;
-        if (enter >= 0 && enter < in_w) L::add(acc, row + static_cast<int64_t>(enter) * VL);
-        if (leave >= 0 && leave < in_w) L::sub(acc, row + static_cast<int64_t>(leave) * VL);
-        L::store(out + static_cast<int64_t>(ow) * VL, acc);
-      }
-    }
+    // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
+    // interleave and keep the adders busy
+    int h = 0;
+    for (; h + 4 <= in_h; h += 4) running_rows<T, VL, 4>(ins, src, tmp, h);
+    for (; h + 2 <= in_h; h += 2) running_rows<T, VL, 2>(ins, src, tmp, h);
+    for (; h < in_h; ++h) running_rows<T, VL, 1>(ins, src, tmp, h);
   } else {
     for (int ow = 0; ow < out_w; ++ow) {
       const int base = ow * ins.sw - ins.pl;
@@ -192,36 +319,11 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
   }
   const int64_t width = static_cast<int64_t>(out_w) * VL;  // one row of tmp or dst
   if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
-    T* __restrict acc = tmp + static_cast<int64_t>(in_h) * width;
-    for (int64_t e = 0; e < width; ++e) acc[e] = T(0);
-    for (int y = std::max(0, -ins.pt); y < std::min(in_h, ins.kh - ins.pt); ++y) {
-      const T* __restrict r = tmp + y * width;
-#pragma omp simd
-      for (int64_t e = 0; e < width; ++e) acc[e] += r[e];
-    }
-    for (int oh = 0; oh < out_h; ++oh) {
-      if (oh > 0) {
-        const int enter = oh - ins.pt + ins.kh - 1, leave = oh - 1 - ins.pt;
-        if (enter >= 0 && enter < in_h) {
-          const T* __restrict r = tmp + enter * width;
-#pragma omp simd
-          for (int64_t e = 0; e < width; ++e) acc[e] += r[e];
-        }
-        if (leave >= 0 && leave < in_h) {
-          const T* __restrict r = tmp + leave * width;
-#pragma omp simd
-          for (int64_t e = 0; e < width; ++e) acc[e] -= r[e];
-        }
-      }
-      T* __restrict d = dst + oh * width;
-      if (add != nullptr) {
-        const T* __restrict ad = add + oh * width;
-#pragma omp simd
-        for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + ad[e];
-      } else {
-#pragma omp simd
-        for (int64_t e = 0; e < width; ++e) d[e] = acc[e] * scale + bias;
-      }
+    // strips of columns, each strip's running sums in registers down all its output rows
+    if (add != nullptr) {
+      column_strips<T, VL, true>(ins, tmp, dst, width / L::kPer, scale, add);
+    } else {
+      column_strips<T, VL, false>(ins, tmp, dst, width / L::kPer, scale, bias);
     }
   } else {
     for (int oh = 0; oh < out_h; ++oh) {
@@ -242,6 +344,108 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
   }
 }
 
+// One SIMD vector of the (leaky) ReLU's NNGP, shared by nonlin_nngp and nonlin_ntk so that both give the
+// same bits: k1 J + k2 c for covariances cv, right-side deviations sv and their inverses iv, with cf the
+// coefficients of k1 R / (2 pi). Also returns a = |rho| (not clamped) and root = sqrt(|1 - a|). It is written
+// for the multiply-add units, which bound it: max(c, 0) / 2 is (c + |c|) / 4, and 1 - a is taken as |1 - a|
+// instead of clamping a to 1 (a exceeds 1 only by rounding in c, and then (1 - a)^(3/2) is that rounding to
+// the power 3/2, far below it).
+template <typename T, int VL, int NR, bool kLinearPart>
+inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typename Lanes<T, VL>::H sv,
+                                            typename Lanes<T, VL>::H iv, T s1, T i1,
+                                            const typename Lanes<T, VL>::H* cf, typename Lanes<T, VL>::H quarter_k1,
+                                            T k2, typename Lanes<T, VL>::H& a, typename Lanes<T, VL>::H& root) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  using I = typename L::I;
+  const I magnitude = I{} + L::kMagnitude;
+  const H one = H{} + T(1);
+  const H mag = reinterpret_cast<H>(reinterpret_cast<I>(cv) & magnitude);
+  a = mag * iv * i1;
+  H poly = cf[NR - 1];
+#pragma GCC unroll 32
+  for (int m = NR - 2; m >= 0; --m) poly = poly * a + cf[m];
+  const H u = reinterpret_cast<H>(reinterpret_cast<I>(one - a) & magnitude);
+  root = L::sqrt(u);
+  poly *= (sv * s1) * (u * root);
+  H out = (cv + mag) * quarter_k1 + poly;  // ReLU: k1 = 1, k2 = 0 gives J exactly
+  if constexpr (kLinearPart) out += cv * k2;
+  return out;
+}
+
+// The NNGP-only (leaky) ReLU of nonlin: relu_vector over each position's SIMD vectors.
+template <typename T, int VL, int NR, bool kLinearPart>
+void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* __restrict src, T* __restrict dst,
+                 int area, T k1, T k2, const T* __restrict coefs) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, K = L::kPer;
+  H cf[NR];
+  for (int k = 0; k < NR; ++k) cf[k] = H{} + coefs[k] * k1;
+  const H quarter_k1 = H{} + T(0.25) * k1;
+  for (int p = 0; p < area; ++p) {
+    const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
+    const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
+    const T* __restrict i2 = s2 + VL;
+    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+#pragma GCC unroll 4
+    for (int k = 0; k < P; ++k) {
+      H cv, sv, iv, a, root;
+      std::memcpy(&cv, c + k * K, sizeof(H));
+      std::memcpy(&sv, s2 + k * K, sizeof(H));
+      std::memcpy(&iv, i2 + k * K, sizeof(H));
+      const H out = relu_vector<T, VL, NR, kLinearPart>(cv, sv, iv, s1, i1, cf, quarter_k1, k2, a, root);
+      std::memcpy(d + k * K, &out, sizeof(H));
+    }
+  }
+}
+
+// nonlin with the NTK: the NNGP as nonlin_nngp (to the bit), and the derivative factor with a clamped to 1
+// (its sqrt(1 - a) would turn a rounding excess of a into its square root).
+template <typename T, int VL, int NR, int NA, bool kLinearPart>
+void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* __restrict src, T* __restrict dst,
+                const T* __restrict src_ntk, T* __restrict dst_ntk, int area, T k1, T k2, T k3, T k4,
+                const T* __restrict coefs, const T* __restrict dcoefs) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, K = L::kPer;
+  H cf[NR], df[NA];
+  for (int k = 0; k < NR; ++k) cf[k] = H{} + coefs[k] * k1;
+  for (int k = 0; k < NA; ++k) df[k] = H{} + dcoefs[k] * k1;
+  const H zero = H{}, one = zero + T(1), quarter_k1 = zero + T(0.25) * k1, half_k1 = zero + T(0.5) * k1;
+  const H half_k3 = zero + T(0.5) * k3;
+  for (int p = 0; p < area; ++p) {
+    const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
+    const T left = i1 > T(0) ? T(1) : T(0);  // a zero variance on the left: no derivative term, h1 = 0
+    const T base = left * T(0.5) * k3 + k4;
+    const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
+    const T* __restrict i2 = s2 + VL;
+    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
+    const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
+#pragma GCC unroll 4
+    for (int k = 0; k < P; ++k) {
+      H cv, sv, iv, tv, a, root;
+      std::memcpy(&cv, c + k * K, sizeof(H));
+      std::memcpy(&sv, s2 + k * K, sizeof(H));
+      std::memcpy(&iv, i2 + k * K, sizeof(H));
+      std::memcpy(&tv, t + k * K, sizeof(H));
+      const H out = relu_vector<T, VL, NR, kLinearPart>(cv, sv, iv, s1, i1, cf, quarter_k1, k2, a, root);
+      std::memcpy(d + k * K, &out, sizeof(H));
+      H q = df[NA - 1];
+#pragma GCC unroll 32
+      for (int m = NA - 2; m >= 0; --m) q = q * a + df[m];
+      q *= a < one ? root : zero;  // k1 sqrt(1 - a) A(a) / (2 pi), a clamped to 1
+      const H deriv = (cv > zero ? half_k1 - q : q) * left;  // k1 D
+      const H right = iv > zero ? deriv + half_k3 : zero;  // k1 D + k3 h2, zero for a zero variance
+      const H ntk = tv * (right + base);
+      std::memcpy(dt + k * K, &ntk, sizeof(H));
+    }
+  }
+}
+
 // (Leaky) ReLU expectation, the arccos-free form of ops.relu_expectation_poly:
 //   J = max(c, 0) / 2 + s1 s2 (1 - a)^(3/2) R(a) / (2 pi),  a = min(|c| / (s1 s2), 1);
 // the leaky unit gives k1 J + k2 c with k1 = (1 - alpha)^2, k2 = alpha.
@@ -249,7 +453,7 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
 //   k1 D + k3 (h1 + h2) + k4,  D = (pi - arccos rho) / (2 pi) = c > 0 ? 1/2 - q : q,  q = sqrt(1 - a) A(a) / (2 pi),
 // D = 0 and h = 0 for a zero variance, else h = 1/2 (ReLU: k1 = 1, k3 = k4 = 0; leaky: (1 - alpha)^2,
 // alpha (1 - alpha), alpha^2), as ReLU/LeakyReLU.pair_derivative_map.
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict src, T* __restrict dst,
             const T* __restrict src_ntk, T* __restrict dst_ntk) {
   const int area = ins.in_h * ins.in_w;
@@ -258,78 +462,22 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
   const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
   const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
-  T cf[NC], df[NC];
-  for (int k = 0; k < NC; ++k) cf[k] = g.coefs[k];
-  for (int k = 0; k < NC; ++k) df[k] = g.dcoefs[k];
-  for (int p = 0; p < area; ++p) {
-    const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
-    const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
-    const T* __restrict i2 = s2 + VL;
-    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
-    // straight-line loops over the lanes, each simple enough for every vectoriser (one loop with the
-    // polynomial's inner loop and the clamps inside is left scalar by GCC without AVX-512 masks)
-    T a[VL], poly[VL], root[VL];
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) {
-      const T x = std::fabs(c[v]) * i1 * i2[v];
-      a[v] = x < T(1) ? x : T(1);
+  if (dst_ntk == nullptr) {
+    if (k2 == T(0)) {  // a ReLU
+      nonlin_nngp<T, VL, NR, false>(tx, tz, src, dst, area, k1, k2, g.coefs);
+    } else {
+      nonlin_nngp<T, VL, NR, true>(tx, tz, src, dst, area, k1, k2, g.coefs);
     }
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) poly[v] = cf[NC - 1];
-    for (int k = NC - 2; k >= 0; --k) {
-#pragma omp simd
-      for (int v = 0; v < VL; ++v) poly[v] = poly[v] * a[v] + cf[k];
-    }
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) {
-      const T u = T(1) - a[v];
-      root[v] = std::sqrt(u);
-      poly[v] *= (s1 * s2[v]) * (u * root[v]);
-    }
-    // explicit vectors: GCC leaves this loop scalar ("control flow") without AVX-512
-    using L = Lanes<T, VL>;
-    using H = typename L::H;
-    for (int k = 0; k < L::kParts; ++k) {
-      H cv, pv;
-      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
-      std::memcpy(&pv, poly + k * L::kPer, sizeof(H));
-      const H zero = H{};
-      const H pos = cv > zero ? cv : zero;
-      const H out = (pos * T(0.5) + pv) * k1 + cv * k2;  // ReLU: k1 = 1, k2 = 0 gives J exactly
-      std::memcpy(d + k * L::kPer, &out, sizeof(H));
-    }
-    if (dst_ntk == nullptr) continue;
-    T q[VL];
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) q[v] = df[NC - 1];
-    for (int k = NC - 2; k >= 0; --k) {
-#pragma omp simd
-      for (int v = 0; v < VL; ++v) q[v] = q[v] * a[v] + df[k];
-    }
-    const T h1 = i1 > T(0) ? T(0.5) : T(0);
-    const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
-    T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
-    for (int k = 0; k < L::kParts; ++k) {
-      H cv, qv, rv, iv, tv;
-      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
-      std::memcpy(&qv, q + k * L::kPer, sizeof(H));
-      std::memcpy(&rv, root + k * L::kPer, sizeof(H));
-      std::memcpy(&iv, i2 + k * L::kPer, sizeof(H));
-      std::memcpy(&tv, t + k * L::kPer, sizeof(H));
-      const H zero = H{};
-      qv *= rv;
-      const H half = zero + T(0.5);
-      const H both = cv > zero ? half - qv : qv;
-      const H deriv = iv * i1 > zero ? both : zero;
-      const H h2 = iv > zero ? half : zero;
-      const H out = tv * (deriv * k1 + (h2 + h1) * k3 + k4);
-      std::memcpy(dt + k * L::kPer, &out, sizeof(H));
-    }
+    return;
+  }
+  if (k2 == T(0)) {
+    nonlin_ntk<T, VL, NR, NA, false>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs, g.dcoefs);
+  } else {
+    nonlin_ntk<T, VL, NR, NA, true>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs, g.dcoefs);
   }
 }
 
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
   // a register: the NNGP's map, then (with the NTK) the NTK's map
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
@@ -356,7 +504,7 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       }
       case OP_NONLIN:
-        nonlin<T, VL, NC>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+        nonlin<T, VL, NR, NA>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
         break;
       case OP_ADD: {
         for (int part = 0; part < (g.ntk ? 2 : 1); ++part) {
@@ -386,10 +534,10 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
   }
 }
 
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 int run(const Args<T>& g, int n_threads) {
   if (g.n2 % VL != 0) return 2;
-  if (g.n_coefs != NC) return 4;
+  if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
   const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
@@ -405,7 +553,7 @@ int run(const Args<T>& g, int n_threads) {
     T* tmp = mem + maps * VL;
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
       // consecutive blocks share their lane group, whose packed traces then stay in cache
-      run_block<T, VL, NC>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
+      run_block<T, VL, NR, NA>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
     }
     std::free(mem);
   };
@@ -497,7 +645,7 @@ void conv_transpose(const Instr& ins, const T* __restrict adj, T* __restrict res
 // Adjoint of a (leaky) ReLU: out = k1 J(c, s1, s2) + k2 c, so
 //   d/dc = k1 D + k2 (D = (pi - arccos rho) / (2 pi), not masked: ops' autograd takes 1/4 at a zero variance),
 //   d/ds1 = k1 s2 sqrt(1 - rho^2) / (2 pi), d/ds2 = k1 s1 sqrt(1 - rho^2) / (2 pi).
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict c_map,
                     const T* __restrict adj_out, T* __restrict adj_in, bool first, const Grads<T>& gr) {
   const int area = ins.in_h * ins.in_w;
@@ -508,8 +656,8 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
   T* gz = gr.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * VL;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
   const T inv_2pi = T(0.15915494309189533577);
-  T df[NC];
-  for (int k = 0; k < NC; ++k) df[k] = g.dcoefs[k];
+  T df[NA];
+  for (int k = 0; k < NA; ++k) df[k] = g.dcoefs[k];
   for (int p = 0; p < area; ++p) {
     const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
     const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
@@ -525,8 +673,8 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
       a[v] = x < T(1) ? x : T(1);
     }
 #pragma omp simd
-    for (int v = 0; v < VL; ++v) q[v] = df[NC - 1];
-    for (int k = NC - 2; k >= 0; --k) {
+    for (int v = 0; v < VL; ++v) q[v] = df[NA - 1];
+    for (int k = NA - 2; k >= 0; --k) {
 #pragma omp simd
       for (int v = 0; v < VL; ++v) q[v] = q[v] * a[v] + df[k];
     }
@@ -564,10 +712,10 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
   }
 }
 
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs, T* tmp, T* res, bool* touched,
                const Grads<T>& gr) {
-  run_block<T, VL, NC>(g, i, jb, regs, tmp);
+  run_block<T, VL, NR, NA>(g, i, jb, regs, tmp);
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
   auto reg = [&](int r) { return regs + r * map; };
   auto adj = [&](int r) { return adjs + r * map; };
@@ -604,7 +752,7 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
         break;
       }
       case OP_NONLIN:
-        nonlin_adjoint<T, VL, NC>(g, ins, i, jb, reg(ins.a), ad, adj(ins.a), !touched[ins.a], gr);
+        nonlin_adjoint<T, VL, NR, NA>(g, ins, i, jb, reg(ins.a), ad, adj(ins.a), !touched[ins.a], gr);
         touched[ins.a] = true;
         break;
       case OP_ADD:
@@ -619,10 +767,10 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
   }
 }
 
-template <typename T, int VL, int NC>
+template <typename T, int VL, int NR, int NA>
 int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {
   if (g.n2 % VL != 0) return 2;
-  if (g.n_coefs != NC) return 4;
+  if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
   if (g.ntk) return 5;
   const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
   const int64_t groups = g.n2 / VL;
@@ -654,7 +802,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     gr.tz = gr.tx + tx_size;
     std::memset(gr.params, 0, (p_size + tx_size + tz_size) * sizeof(T));
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
-      vjp_block<T, VL, NC>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs, tmp,
+      vjp_block<T, VL, NR, NA>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs, tmp,
                            res, touched, gr);
     }
     std::free(touched);
@@ -690,9 +838,10 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
 template <typename T>
 Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,
                   int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,
-                  int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, T* out, int ntk) {
+                  int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs, T* out,
+                  int ntk) {
   return Args<T>{reinterpret_cast<const Instr*>(prog), n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,
-                 tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, out, ntk};
+                 tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, out, ntk};
 }
 
 }  // namespace
@@ -704,33 +853,34 @@ int cnngp_fields() { return kFields; }
 // lanes per block: 512 bits of each type (one AVX-512 vector, two AVX2 or four SSE vectors)
 int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 
-#define CNNGP_ENTRY(NAME, T, VL, NC)                                                                              \
+#define CNNGP_ENTRY(NAME, T, VL, NR, NA)                                                                          \
   int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
-           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, T* out, int ntk,        \
-           int n_threads) {                                                                                   \
-    return run<T, VL, NC>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2, tx, \
-                                       tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, out, ntk),  \
-                      n_threads);                                                                             \
+           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs, T* out,   \
+           int ntk, int n_threads) {                                                                          \
+    return run<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,  \
+                                           tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs,       \
+                                           n_dcoefs, out, ntk),                                                \
+                              n_threads);                                                                     \
   }
 
-// lanes: 512 bits; NC: coefficients of R and of A (degree 8 in float32, 16 in float64, see ops.py)
-CNNGP_ENTRY(cnngp_run_f32, float, 16, 9)
-CNNGP_ENTRY(cnngp_run_f64, double, 8, 17)
+// lanes: 512 bits; NR, NA: coefficients of R and of A (float32: degrees 6 and 8, float64: 16 and 16; ops.py)
+CNNGP_ENTRY(cnngp_run_f32, float, 16, 7, 9)
+CNNGP_ENTRY(cnngp_run_f64, double, 8, 17, 17)
 
 // the VJP: gout [n1][n2] (zero in padding lanes); g_params [n_params], g_tx [n1][n_trace], g_tz [n2/VL][n_trace][VL]
-#define CNNGP_VJP(NAME, T, VL, NC)                                                                                \
+#define CNNGP_VJP(NAME, T, VL, NR, NA)                                                                            \
   int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
-           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, const T* gout,          \
-           int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {                                       \
-    return run_vjp<T, VL, NC>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,  \
-                                           tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs,       \
-                                           nullptr, 0),                                                        \
-                              gout, n_params, g_params, g_tx, g_tz, n_threads);                                \
+           int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs,           \
+           const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {                         \
+    return run_vjp<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1,  \
+                                               n2, tx, tz, slot_offset, n_trace, params, coefs, dcoefs,         \
+                                               n_coefs, n_dcoefs, nullptr, 0),                                 \
+                                  gout, n_params, g_params, g_tx, g_tz, n_threads);                            \
   }
 
-CNNGP_VJP(cnngp_vjp_f32, float, 16, 9)
-CNNGP_VJP(cnngp_vjp_f64, double, 8, 17)
+CNNGP_VJP(cnngp_vjp_f32, float, 16, 7, 9)
+CNNGP_VJP(cnngp_vjp_f64, double, 8, 17, 17)
 
 }  // extern "C"
