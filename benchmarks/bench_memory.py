@@ -2,9 +2,9 @@
 marginal-likelihood gradient step of a CNNGPKernel.
 
 Run ``python benchmarks/bench_memory.py gram --n 10000 --budget-mb 1024`` or
-``python benchmarks/bench_memory.py mll --n 2000``. Each measurement reports the process' peak
-resident memory (VmHWM) and its increase over the resident memory just before the computation,
-and appends a line to ``benchmarks/RESULTS.md`` unless ``--no-write``.
+``python benchmarks/bench_memory.py mll --n 2000`` (``--backend eager`` for the autograd path). Each
+measurement reports the process' peak resident memory (VmHWM) and its increase over the resident memory
+just before the computation, and appends a line to ``benchmarks/RESULTS.md`` unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def mll_case(args: argparse.Namespace) -> str:
             super().__init__(x, targets, likelihood)
             self.mean_module = gpytorch.means.ZeroMean()
             self.covar_module = gpytorch.kernels.ScaleKernel(
-                CNNGPKernel(architectures.convnet_gp(), input_shape=(1, 28, 28))
+                CNNGPKernel(architectures.convnet_gp(), input_shape=(1, 28, 28), backend=args.backend)
             )
 
         def forward(self, x):
@@ -95,7 +95,8 @@ def mll_case(args: argparse.Namespace) -> str:
     # what plain autograd through every tile would keep: about two [n, n, 28, 28] maps per layer
     naive_gb = args.n**2 * 28 * 28 * 8 * 2 * 15 / 2**30
     return (
-        f"| MLL + gradient, ConvNet GP CNNGPKernel, n = {args.n}, float64 ({source}) | forward {t1 - t0:.0f} s, "
+        f"| MLL + gradient, ConvNet GP CNNGPKernel (backend {args.backend}), n = {args.n}, float64 ({source}) | "
+        f"forward {t1 - t0:.0f} s, "
         f"backward {t2 - t1:.0f} s | peak RSS {peak / 2**20:.0f} MiB, {(peak - before) / 2**20:.0f} MiB above the "
         f"{before / 2**20:.0f} MiB before the step | plain autograd would hold about {naive_gb:,.0f} GiB |"
     )
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--progress", action="store_true")
     m = sub.add_parser("mll", help="one marginal-likelihood gradient step")
     m.add_argument("--n", type=int, default=2000)
+    m.add_argument(
+        "--backend", default="auto", choices=["auto", "eager", "native"], help="CNNGPKernel's backend (eager: autograd)"
+    )
     for q in (g, m):
         q.add_argument("--no-write", action="store_true")
         q.add_argument("--out", type=Path, default=HERE / "RESULTS.md")

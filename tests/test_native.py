@@ -215,6 +215,29 @@ def test_register_allocation_reuses_registers():
             written[dst] = k
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_trace_packing_matches_the_layout_built_with_torch(dtype):
+    """The kernel packs the traces itself (standard deviations and their inverses, 0 for a zero deviation):
+    the same layouts built here with torch ops, from slices of traces as the engine's tiles pass them, with a
+    second set that does not fill its last lane group."""
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.rand(3, 3, 40, generator=gen, dtype=dtype), torch.rand(2, 2, 40, generator=gen, dtype=dtype)]
+    full[0][1, 2, 5] = 0.0  # a black image's position
+    traces = [t[..., 3:26] for t in full]  # 23 images, rows 40 apart
+    n, lanes = 23, native.LANES[dtype]
+    s = torch.cat([t.reshape(-1, n) for t in traces])  # [positions, n]
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+    lib = native.load_library()
+    left = native._pack_traces(lib, traces, n, dtype, False, 2)
+    assert torch.equal(left, torch.stack([s.t(), inv.t()], dim=-1))
+    groups = -(-n // lanes)
+    pad = groups * lanes - n
+    s_p, inv_p = (torch.nn.functional.pad(v, (0, pad)).reshape(-1, groups, lanes).transpose(0, 1) for v in (s, inv))
+    right = native._pack_traces(lib, traces, n, dtype, True, 2)
+    assert torch.equal(right, torch.stack([s_p, inv_p], dim=2))
+    assert right.shape == (groups, 13, 2, lanes) and bool((right[-1, :, :, n % lanes :] == 0).all())
+
+
 def test_unsupported_networks_and_image_gradients_do_not_use_it(spy):
     x = _images(3, 1, 6, seed=10)
     gram(Sequential(Conv2d(3), Erf(), Dense()), x, backend="eager")

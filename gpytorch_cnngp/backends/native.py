@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import settings
 from ..layers import Conv2d, Dense, Layer, LeakyReLU, ReLU, Sequential, Sum
-from ..ops import inverse_std, relu_derivative_poly_coefficients, relu_poly_coefficients
+from ..ops import relu_derivative_poly_coefficients, relu_poly_coefficients
 from ..passes import pair_block, self_pass, spatial_first
 from ..state import Hyper
 from .base import Backend, BlockFn, VjpFn
@@ -382,7 +382,14 @@ def _build_and_load() -> ctypes.CDLL:
     for dtype, lanes in LANES.items():
         if lib.cnngp_lanes(int(dtype == torch.float64)) != lanes:
             raise RuntimeError("the native kernel's lane count does not match this version")
-    for name in ("cnngp_run_f32", "cnngp_run_f64", "cnngp_vjp_f32", "cnngp_vjp_f64"):
+    for name in (
+        "cnngp_run_f32",
+        "cnngp_run_f64",
+        "cnngp_vjp_f32",
+        "cnngp_vjp_f64",
+        "cnngp_pack_f32",
+        "cnngp_pack_f64",
+    ):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
     return lib
@@ -428,35 +435,47 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _stacked_traces(like: Tensor, traces: list[Tensor], areas: list[int]) -> Tensor:
-    """All slots' standard deviations as one ``[positions, n]`` tensor (one zero row for a network without
-    nonlinearities, so that the kernel always gets a buffer)."""
-    n = like.shape[-1]
+def _pack_traces(
+    lib: ctypes.CDLL, traces: list[Tensor], n: int, dtype: torch.dtype, right: bool, threads: int
+) -> Tensor:
+    """The traces' standard deviations and their inverses in the kernel's layout, packed by the kernel itself (one
+    pass, all threads): the first set ``[n, positions, 2]``, the second ``[groups, positions, 2, lanes]`` with zero
+    padding lanes (black images). One zero position for a network without nonlinearities, so that the kernel always
+    gets a buffer."""
+    lanes = LANES[dtype]
+    groups = -(-n // lanes)
+    positions = sum(t.shape[0] * t.shape[1] for t in traces)
+    shape = (groups, max(positions, 1), 2, lanes) if right else (n, max(positions, 1), 2)
     if not traces:
-        return like.new_zeros(1, n)
-    return torch.cat([t.reshape(area, n) for t, area in zip(traces, areas, strict=True)]).to(like.dtype)
+        return torch.zeros(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = []
+    for t in traces:
+        t = t.to(dtype)
+        # a tile's slice [h, w, n] of a trace: rows of images, one per position, a constant stride apart
+        if t.stride(-1) != 1 or t.stride(0) != t.shape[1] * t.stride(1):
+            t = t.contiguous()
+        rows.append(t)
+    pointers = (ctypes.c_void_p * len(rows))(*[t.data_ptr() for t in rows])
+    strides = torch.tensor([t.stride(1) for t in rows], dtype=torch.int64)
+    areas = torch.tensor([t.shape[0] * t.shape[1] for t in rows], dtype=torch.int32)
+    fn = lib.cnngp_pack_f64 if dtype == torch.float64 else lib.cnngp_pack_f32
+    _check(fn(pointers, _ptr(strides), _ptr(areas), len(rows), n, int(right), _ptr(out), int(threads)))
+    return out
 
 
-def _pack_left(x: Tensor, traces: list[Tensor], areas: list[int]) -> tuple[Tensor, Tensor]:
-    """First set: images ``[n, H, W, C]`` and traces ``[n, positions, 2]`` (s, 1/s), one image per row."""
-    images = x.permute(3, 0, 1, 2).contiguous()
-    s = _stacked_traces(x, traces, areas).t()
-    return images, torch.stack([s, inverse_std(s)], dim=-1).contiguous()
+def _pack_left(x: Tensor) -> Tensor:
+    """First set: images ``[n, H, W, C]``, one image per row."""
+    return x.permute(3, 0, 1, 2).contiguous()
 
 
-def _pack_right(z: Tensor, traces: list[Tensor], areas: list[int], lanes: int) -> tuple[Tensor, Tensor]:
-    """Second set, zero-padded to whole lane groups (black images): images ``[g, H, W, C, lanes]`` and
-    traces ``[g, positions, 2, lanes]``."""
+def _pack_right(z: Tensor, lanes: int) -> Tensor:
+    """Second set, zero-padded to whole lane groups (black images): images ``[g, H, W, C, lanes]``."""
     n = z.shape[-1]
     groups = -(-n // lanes)
-    padded = groups * lanes
-    s = _stacked_traces(z, traces, areas)
-    if padded != n:  # the padding lanes are black images: zero standard deviations
-        z = torch.nn.functional.pad(z, (0, padded - n))
-        s = torch.nn.functional.pad(s, (0, padded - n))
-    images = z.reshape(*z.shape[:-1], groups, lanes).movedim(-2, 0).contiguous()
-    s = s.reshape(-1, groups, lanes).transpose(0, 1)
-    return images, torch.stack([s, inverse_std(s)], dim=2).contiguous()
+    if groups * lanes != n:
+        z = torch.nn.functional.pad(z, (0, groups * lanes - n))
+    return z.reshape(*z.shape[:-1], groups, lanes).movedim(-2, 0).contiguous()
 
 
 def run_block(
@@ -473,7 +492,7 @@ def run_block(
     """Kernel block ``[n1, n2]`` for images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
     (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot);
     ``[2, n1, n2]`` (NNGP, NTK) with ``ntk``."""
-    packed = _Packed(program, params, x, z, trace_x, trace_z)
+    packed = _Packed(lib, program, params, x, z, trace_x, trace_z, n_threads)
     out = torch.empty(*((2,) if ntk else ()), packed.n1, packed.padded, dtype=x.dtype)
     fn = lib.cnngp_run_f64 if x.dtype == torch.float64 else lib.cnngp_run_f32
     _check(fn(*packed.arguments(), _ptr(out), int(ntk), int(n_threads)))
@@ -494,7 +513,7 @@ def run_block_vjp(
     """The gradient of ``(grad * K).sum()``, ``K`` the NNGP block of :func:`run_block` (``program`` lowered with
     ``reuse=False``), with respect to the parameter vector and to the traces' standard deviations: ``[P]``,
     and one ``[h, w, n1]`` / ``[h, w, n2]`` tensor per trace slot. Reverse mode, one block of pairs at a time."""
-    packed = _Packed(program, params, x, z, trace_x, trace_z)
+    packed = _Packed(lib, program, params, x, z, trace_x, trace_z, n_threads)
     n1, n2, padded, lanes = packed.n1, packed.n2, packed.padded, LANES[x.dtype]
     g_out = grad.to(x.dtype).contiguous()
     if padded != n2:  # the padding lanes (black images) contribute nothing
@@ -517,15 +536,16 @@ def run_block_vjp(
 class _Packed:
     """The arguments both entry points share: the program, the packed images and traces, the coefficients."""
 
-    def __init__(self, program, params, x, z, trace_x, trace_z) -> None:
+    def __init__(self, lib, program, params, x, z, trace_x, trace_z, n_threads) -> None:
         dtype = x.dtype
         lanes = LANES[dtype]
         self.h, self.w, self.c, self.n1 = x.shape
         self.n2 = z.shape[-1]
         self.padded = -(-self.n2 // lanes) * lanes
         self.program, self.params = program, params
-        self.xs, self.tx = _pack_left(x, trace_x, program.slot_areas)
-        self.zs, self.tz = _pack_right(z, trace_z, program.slot_areas, lanes)
+        self.xs, self.zs = _pack_left(x), _pack_right(z, lanes)
+        self.tx = _pack_traces(lib, trace_x, self.n1, dtype, False, n_threads)
+        self.tz = _pack_traces(lib, trace_z, self.n2, dtype, True, n_threads)
         self.offsets = program.slot_offsets
         self.n_trace = sum(program.slot_areas)
         self.coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)

@@ -132,22 +132,6 @@ struct Lanes {
       acc.p[k] -= h;
     }
   }
-  // ptr = v * scale + bias
-  static void store_affine(T* ptr, const V& v, T scale, T bias) {
-    for (int k = 0; k < kParts; ++k) {
-      const H h = v.p[k] * scale + bias;
-      std::memcpy(ptr + k * kPer, &h, sizeof(H));
-    }
-  }
-  // ptr = v * scale + add[.]
-  static void store_scaled_add(T* ptr, const V& v, T scale, const T* add) {
-    for (int k = 0; k < kParts; ++k) {
-      H a;
-      std::memcpy(&a, add + k * kPer, sizeof(H));
-      const H h = v.p[k] * scale + a;
-      std::memcpy(ptr + k * kPer, &h, sizeof(H));
-    }
-  }
   // lane-wise square root (the vectoriser turns the loop into one vector instruction)
   static H sqrt(H h) {
     T t[kPer];
@@ -219,11 +203,10 @@ inline void running_rows(const Instr& ins, const T* __restrict src, T* __restric
   }
 }
 
-// Running sums along H of tmp's SIMD vectors [e0, e0 + G) of each row (see conv), out = scale * sum + bias,
-// or + add[.] with kAdd (then `bias` is the add map).
-template <typename T, int VL, int G, bool kAdd, typename B>
-inline void running_columns(const Instr& ins, const T* __restrict tmp, T* __restrict dst, int64_t e0, T scale,
-                            B bias) {
+// Running sums along H of tmp's SIMD vectors [e0, e0 + G) of each row (see window_sum): store(at, g, sum)
+// receives each output vector's sum, g < G its position in the strip.
+template <typename T, int VL, int G, typename Store>
+__attribute__((always_inline)) inline void running_columns(const Instr& ins, const T* __restrict tmp, int64_t e0, Store& store) {
   using L = Lanes<T, VL>;
   using H = typename L::H;
   constexpr int K = L::kPer;
@@ -263,39 +246,32 @@ inline void running_columns(const Instr& ins, const T* __restrict tmp, T* __rest
     }
     const int64_t at = oh * width + e0 * K;
 #pragma GCC unroll 32
-    for (int g = 0; g < G; ++g) {
-      H out;
-      if constexpr (kAdd) {
-        std::memcpy(&out, bias + at + g * K, sizeof(H));
-        out += acc[g] * scale;
-      } else {
-        out = acc[g] * scale + bias;
-      }
-      std::memcpy(dst + at + g * K, &out, sizeof(H));
-    }
+    for (int g = 0; g < G; ++g) store(at + g * K, g, acc[g]);
   }
 }
 
 // running_columns over all `vectors` SIMD vectors of a row: strips of 8, then 4, 2, 1 (narrow maps still
 // get several chains)
-template <typename T, int VL, bool kAdd, typename B>
-inline void column_strips(const Instr& ins, const T* __restrict tmp, T* __restrict dst, int64_t vectors, T scale,
-                          B bias) {
+template <typename T, int VL, typename Store>
+__attribute__((always_inline)) inline void column_strips(const Instr& ins, const T* __restrict tmp, int64_t vectors, Store& store) {
   int64_t e = 0;
-  for (; e + 8 <= vectors; e += 8) running_columns<T, VL, 8, kAdd>(ins, tmp, dst, e, scale, bias);
-  for (; e + 4 <= vectors; e += 4) running_columns<T, VL, 4, kAdd>(ins, tmp, dst, e, scale, bias);
-  for (; e + 2 <= vectors; e += 2) running_columns<T, VL, 2, kAdd>(ins, tmp, dst, e, scale, bias);
-  for (; e < vectors; ++e) running_columns<T, VL, 1, kAdd>(ins, tmp, dst, e, scale, bias);
+  for (; e + 8 <= vectors; e += 8) running_columns<T, VL, 8>(ins, tmp, e, store);
+  for (; e + 4 <= vectors; e += 4) running_columns<T, VL, 4>(ins, tmp, e, store);
+  for (; e + 2 <= vectors; e += 2) running_columns<T, VL, 2>(ins, tmp, e, store);
+  for (; e < vectors; ++e) running_columns<T, VL, 1>(ins, tmp, e, store);
 }
 
+// The most SIMD vectors a strip of window_sum passes to its store (the index g it gives is below this).
+constexpr int kStrip = 8;
+
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
-// out-of-range taps are skipped. out = bias + scale * sum. With `add` (a map of the output's shape),
-// out = add + scale * sum instead: the NTK's window sum plus the layer's new NNGP.
-template <typename T, int VL>
-void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
-          const T* __restrict add = nullptr) {
+// out-of-range taps are skipped. Each output SIMD vector's sum goes to store(at, g, sum), `at` its offset in
+// the [out_h][out_w][VL] map and g < kStrip an index for accumulators kept by the store.
+template <typename T, int VL, typename Store>
+__attribute__((always_inline)) inline void window_sum(const Instr& ins, const T* __restrict src, T* __restrict tmp, Store& store) {
   using L = Lanes<T, VL>;
   using V = typename L::V;
+  static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
   const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
   if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
@@ -317,14 +293,9 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
       }
     }
   }
-  const int64_t width = static_cast<int64_t>(out_w) * VL;  // one row of tmp or dst
   if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
     // strips of columns, each strip's running sums in registers down all its output rows
-    if (add != nullptr) {
-      column_strips<T, VL, true>(ins, tmp, dst, width / L::kPer, scale, add);
-    } else {
-      column_strips<T, VL, false>(ins, tmp, dst, width / L::kPer, scale, bias);
-    }
+    column_strips<T, VL>(ins, tmp, static_cast<int64_t>(out_w) * VL / L::kPer, store);
   } else {
     for (int oh = 0; oh < out_h; ++oh) {
       const int base = oh * ins.sh - ins.pt;
@@ -334,14 +305,52 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
         V acc = L::zero();
         for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
         const int64_t at = (static_cast<int64_t>(oh) * out_w + ow) * VL;
-        if (add != nullptr) {
-          L::store_scaled_add(dst + at, acc, scale, add + at);
-        } else {
-          L::store_affine(dst + at, acc, scale, bias);
-        }
+        for (int k = 0; k < L::kParts; ++k) store(at + k * L::kPer, k, acc.p[k]);
       }
     }
   }
+}
+
+// A window sum: out = bias + scale * sum. With `add` (a map of the output's shape), out = add + scale * sum
+// instead: the NTK's window sum plus the layer's new NNGP.
+template <typename T, int VL>
+void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
+          const T* __restrict add = nullptr) {
+  using H = typename Lanes<T, VL>::H;
+  if (add != nullptr) {
+    auto store = [dst, add, scale](int64_t at, int, H sum) {
+      H out;
+      std::memcpy(&out, add + at, sizeof(H));
+      out += sum * scale;
+      std::memcpy(dst + at, &out, sizeof(H));
+    };
+    window_sum<T, VL>(ins, src, tmp, store);
+  } else {
+    auto store = [dst, scale, bias](int64_t at, int, H sum) {
+      const H out = sum * scale + bias;
+      std::memcpy(dst + at, &out, sizeof(H));
+    };
+    window_sum<T, VL>(ins, src, tmp, store);
+  }
+}
+
+// sum_m cf[m] a^m by Estrin's scheme: neighbours paired as cf[2k] + cf[2k + 1] a, then pairs of those with a^2,
+// and so on: a chain of about 2 log2(N) dependent operations instead of Horner's N - 1 (a float64 polynomial's
+// Horner chain is longer than the out-of-order window can hide), for a few more multiplications.
+template <typename H, int N>
+inline H polynomial(H a, const H* cf) {
+  H t[N];
+#pragma GCC unroll 32
+  for (int m = 0; m < N; ++m) t[m] = cf[m];
+  H x = a;
+#pragma GCC unroll 8
+  for (int n = N; n > 1; n = (n + 1) / 2) {
+#pragma GCC unroll 32
+    for (int k = 0; k < n / 2; ++k) t[k] = t[2 * k + 1] * x + t[2 * k];
+    if (n % 2 == 1) t[n / 2] = t[n - 1];
+    if (n > 2) x = x * x;
+  }
+  return t[0];
 }
 
 // One SIMD vector of the (leaky) ReLU's NNGP, shared by nonlin_nngp and nonlin_ntk so that both give the
@@ -569,9 +578,11 @@ int run(const Args<T>& g, int n_threads) {
 // ---------------------------------------------------------------------------------------------
 // Reverse mode: the gradient of sum_ij G_ij K_ij with respect to the parameter vector (each window sum's
 // scale and bias) and to the traces' standard deviations, one block at a time. The block's forward keeps
-// every map (the program is lowered without register reuse); the adjoint maps are then swept backwards,
-// through the same registers' second copies. Parameters are shared by all pairs, traces by all pairs of an
-// image: each thread accumulates them in its own buffers, summed at the end.
+// every map (the program is lowered without register reuse); the adjoint maps are then swept backwards, in
+// the few maps adjoint_slots shares among them, so that a block's working set stays near the forward's. A
+// window sum's adjoint is one transposed window sum whose store also accumulates its scale's gradient, a
+// ReLU's one pass over its vectors. Parameters are shared by all pairs, traces by all pairs of an image: each
+// thread accumulates them in its own buffers, summed at the end.
 
 template <typename T>
 struct Grads {
@@ -592,24 +603,79 @@ inline void accumulate(T* __restrict dst, const T* __restrict src, int64_t n, T 
   }
 }
 
-// The transpose of a window sum: res[q] = sum of adj[o] over the outputs o whose window holds q, [in_h][in_w].
-// With stride and dilation 1 that is itself a window sum (the same size, the padding mirrored), so conv()
-// runs it with its running sums; otherwise the taps are scattered.
+// The sum of a map's SIMD vectors into g (one block's lanes; parameters' gradients are summed over all lanes in
+// the end, so which lane holds a partial sum does not matter), four independent chains.
 template <typename T, int VL>
-void conv_transpose(const Instr& ins, const T* __restrict adj, T* __restrict res, T* __restrict tmp) {
+inline void add_sum(const T* __restrict map, int64_t vectors, T* __restrict g) {
   using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int K = L::kPer;
+  H acc[4] = {H{}, H{}, H{}, H{}};
+  int64_t e = 0;
+  for (; e + 4 <= vectors; e += 4) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      H h;
+      std::memcpy(&h, map + (e + u) * K, sizeof(H));
+      acc[u] += h;
+    }
+  }
+  for (; e < vectors; ++e) {
+    H h;
+    std::memcpy(&h, map + e * K, sizeof(H));
+    acc[0] += h;
+  }
+  H total = (acc[0] + acc[1]) + (acc[2] + acc[3]), have;
+  std::memcpy(&have, g, sizeof(H));
+  total += have;
+  std::memcpy(g, &total, sizeof(H));
+}
+
+// The adjoint of a window sum out = scale * S src + bias, given adj = d/d out:
+//   d/d bias = sum(adj), d/d scale = <src, S^T adj>, d/d src (=|+=) scale * S^T adj,
+// where S^T adj at a position sums adj over the outputs whose window holds it. With stride and dilation 1, S^T
+// is itself a window sum (the same size, the padding mirrored): window_sum runs it, and its store accumulates
+// d/d scale and writes the source's adjoint in the same pass. Otherwise the taps are scattered into `res`.
+// g_scale and g_bias are per-lane partial sums.
+template <typename T, int VL>
+void conv_adjoint(const Instr& ins, const T* __restrict adj, const T* __restrict src, T* __restrict adj_in,
+                  bool first, T scale, T* __restrict tmp, T* __restrict res, T* __restrict g_scale,
+                  T* __restrict g_bias) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int K = L::kPer;
+  const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
+  add_sum<T, VL>(adj, static_cast<int64_t>(out_h) * out_w * VL / K, g_bias);
+  const int64_t in_vectors = static_cast<int64_t>(in_h) * in_w * VL / K;
   if (ins.sh == 1 && ins.sw == 1 && ins.dh == 1 && ins.dw == 1) {
     Instr tr = ins;
-    tr.in_h = ins.out_h;
-    tr.in_w = ins.out_w;
-    tr.out_h = ins.in_h;
-    tr.out_w = ins.in_w;
+    tr.in_h = out_h;
+    tr.in_w = out_w;
+    tr.out_h = in_h;
+    tr.out_w = in_w;
     tr.pt = ins.kh - 1 - ins.pt;
     tr.pl = ins.kw - 1 - ins.pl;
-    conv<T, VL>(tr, adj, res, tmp, T(1), T(0));
+    H gs[kStrip];
+    for (int k = 0; k < kStrip; ++k) gs[k] = H{};
+    auto store = [&gs, src, adj_in, first, scale](int64_t at, int g, H sum) {
+      H x, out = sum * scale;
+      std::memcpy(&x, src + at, sizeof(H));
+      gs[g] += sum * x;
+      if (!first) {
+        H prev;
+        std::memcpy(&prev, adj_in + at, sizeof(H));
+        out += prev;
+      }
+      std::memcpy(adj_in + at, &out, sizeof(H));
+    };
+    window_sum<T, VL>(tr, adj, tmp, store);
+    H total = H{}, have;
+    for (int k = 0; k < kStrip; ++k) total += gs[k];
+    std::memcpy(&have, g_scale, sizeof(H));
+    total += have;
+    std::memcpy(g_scale, &total, sizeof(H));
     return;
   }
-  const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
   // along H first (the forward summed along H last): tmp [in_h][out_w]
   const int64_t width = static_cast<int64_t>(out_w) * VL;
   std::memset(tmp, 0, in_h * width * sizeof(T));
@@ -630,24 +696,40 @@ void conv_transpose(const Instr& ins, const T* __restrict adj, T* __restrict res
     int lo, hi;
     valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
     for (int h = 0; h < in_h; ++h) {
-      const T* src = tmp + (static_cast<int64_t>(h) * out_w + ow) * VL;
+      const T* from = tmp + (static_cast<int64_t>(h) * out_w + ow) * VL;
       for (int b = lo; b < hi; ++b) {
         T* d = res + (static_cast<int64_t>(h) * in_w + base + b * ins.dw) * VL;
         typename L::V acc = L::zero();
         L::add(acc, d);
-        L::add(acc, src);
+        L::add(acc, from);
         L::store(d, acc);
       }
     }
   }
+  H gs = H{}, have;
+  for (int64_t e = 0; e < in_vectors; ++e) {
+    H x, r;
+    std::memcpy(&x, src + e * K, sizeof(H));
+    std::memcpy(&r, res + e * K, sizeof(H));
+    gs += x * r;
+  }
+  std::memcpy(&have, g_scale, sizeof(H));
+  gs += have;
+  std::memcpy(g_scale, &gs, sizeof(H));
+  accumulate(adj_in, res, in_vectors * K, scale, first);
 }
 
 // Adjoint of a (leaky) ReLU: out = k1 J(c, s1, s2) + k2 c, so
 //   d/dc = k1 D + k2 (D = (pi - arccos rho) / (2 pi), not masked: ops' autograd takes 1/4 at a zero variance),
-//   d/ds1 = k1 s2 sqrt(1 - rho^2) / (2 pi), d/ds2 = k1 s1 sqrt(1 - rho^2) / (2 pi).
+//   d/ds1 = k1 s2 sqrt(1 - rho^2) / (2 pi), d/ds2 = k1 s1 sqrt(1 - rho^2) / (2 pi),
+// with D = c > 0 ? 1/2 - q : q, q = sqrt(1 - a) A(a) / (2 pi) as in nonlin_ntk, a = min(|rho|, 1), and
+// sqrt(1 - rho^2) = sqrt(1 - a) sqrt(1 + a). One pass over each position's SIMD vectors.
 template <typename T, int VL, int NR, int NA>
 void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict c_map,
                     const T* __restrict adj_out, T* __restrict adj_in, bool first, const Grads<T>& gr) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, K = L::kPer;
   const int area = ins.in_h * ins.in_w;
   const int64_t off = g.slot_offset[ins.slot];
   const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + off) * 2;
@@ -655,9 +737,11 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
   T* gx = gr.tx + static_cast<int64_t>(i) * g.n_trace + off;
   T* gz = gr.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * VL;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
-  const T inv_2pi = T(0.15915494309189533577);
-  T df[NA];
-  for (int k = 0; k < NA; ++k) df[k] = g.dcoefs[k];
+  H df[NA];
+  for (int k = 0; k < NA; ++k) df[k] = H{} + g.dcoefs[k];
+  const H zero = H{}, one = zero + T(1), half = zero + T(0.5);
+  const typename L::I magnitude = typename L::I{} + L::kMagnitude;
+  const T sine_scale = k1 * T(0.15915494309189533577);  // k1 / (2 pi)
   for (int p = 0; p < area; ++p) {
     const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
     const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
@@ -666,59 +750,81 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
     const T* __restrict ad = adj_out + static_cast<int64_t>(p) * VL;
     T* __restrict ai = adj_in + static_cast<int64_t>(p) * VL;
     T* __restrict gzp = gz + static_cast<int64_t>(p) * VL;
-    T a[VL], q[VL], sine[VL];
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) {
-      const T x = std::fabs(c[v]) * i1 * i2[v];
-      a[v] = x < T(1) ? x : T(1);
-    }
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) q[v] = df[NA - 1];
-    for (int k = NA - 2; k >= 0; --k) {
-#pragma omp simd
-      for (int v = 0; v < VL; ++v) q[v] = q[v] * a[v] + df[k];
-    }
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) {
-      const T root = std::sqrt(T(1) - a[v]);
-      q[v] *= root;
-      sine[v] = root * std::sqrt(T(1) + a[v]) * inv_2pi * k1 * ad[v];  // k1 sqrt(1 - rho^2) / (2 pi) adj
-    }
-    using L = Lanes<T, VL>;
-    using H = typename L::H;
-    for (int k = 0; k < L::kParts; ++k) {
-      H cv, qv, av;
-      std::memcpy(&cv, c + k * L::kPer, sizeof(H));
-      std::memcpy(&qv, q + k * L::kPer, sizeof(H));
-      std::memcpy(&av, ad + k * L::kPer, sizeof(H));
-      const H zero = H{};
-      const H half = zero + T(0.5);
-      const H deriv = cv > zero ? half - qv : qv;
+    H sx = zero;
+#pragma GCC unroll 4
+    for (int k = 0; k < P; ++k) {
+      H cv, sv, iv, av, gv;
+      std::memcpy(&cv, c + k * K, sizeof(H));
+      std::memcpy(&sv, s2 + k * K, sizeof(H));
+      std::memcpy(&iv, i2 + k * K, sizeof(H));
+      std::memcpy(&av, ad + k * K, sizeof(H));
+      H a = cv;
+      a = reinterpret_cast<H>(reinterpret_cast<typename L::I>(a) & magnitude) * iv * i1;
+      a = a < one ? a : one;
+      H q = polynomial<H, NA>(a, df);
+      const H root = L::sqrt(one - a);
+      q *= root;
+      const H sine = root * L::sqrt(one + a) * (av * sine_scale);  // k1 sqrt(1 - rho^2) / (2 pi) adj
+      const H deriv = cv > zero ? half - q : q;
       H out = av * (deriv * k1 + k2);
       if (!first) {
         H prev;
-        std::memcpy(&prev, ai + k * L::kPer, sizeof(H));
+        std::memcpy(&prev, ai + k * K, sizeof(H));
         out += prev;
       }
-      std::memcpy(ai + k * L::kPer, &out, sizeof(H));
+      std::memcpy(ai + k * K, &out, sizeof(H));
+      sx += sine * sv;
+      std::memcpy(&gv, gzp + k * K, sizeof(H));
+      gv += sine * s1;
+      std::memcpy(gzp + k * K, &gv, sizeof(H));
     }
-    T sx = T(0);
-#pragma omp simd reduction(+ : sx)
-    for (int v = 0; v < VL; ++v) {
-      sx += sine[v] * s2[v];
-      gzp[v] += sine[v] * s1;
-    }
-    gx[p] += sx;
+    T lanes[K];
+    std::memcpy(lanes, &sx, sizeof(H));
+    T sum = T(0);
+    for (int l = 0; l < K; ++l) sum += lanes[l];
+    gx[p] += sum;
   }
 }
 
+// Adjoint maps share memory: the adjoint of a register is live from its first write (at its last reader, the
+// sweep going backwards) to its definition, where it is read. slot[r] gets a map for each register the sweep
+// reaches (-1 for the others), first-fit in that order; returns the number of maps. The program is lowered
+// without register reuse, so every register is defined once.
+template <typename T>
+int adjoint_slots(const Args<T>& g, std::vector<int>& slot) {
+  slot.assign(std::max(1, g.n_regs), -1);
+  std::vector<int> free_slots;
+  int n_slots = 0;
+  auto take = [&](int r) {
+    if (slot[r] >= 0) return;
+    if (free_slots.empty()) {
+      slot[r] = n_slots++;
+    } else {
+      slot[r] = free_slots.back();
+      free_slots.pop_back();
+    }
+  };
+  for (int k = g.n_instr - 1; k >= 0; --k) {
+    const Instr& ins = g.prog[k];
+    if (ins.op == OP_OUTPUT) {
+      take(ins.a);
+      continue;
+    }
+    if (ins.op == OP_INPUT || slot[ins.dst] < 0) continue;  // as vjp_block
+    take(ins.a);
+    if (ins.op == OP_ADD) take(ins.b);
+    free_slots.push_back(slot[ins.dst]);  // read by this instruction, never written again
+  }
+  return std::max(1, n_slots);
+}
+
 template <typename T, int VL, int NR, int NA>
-void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs, T* tmp, T* res, bool* touched,
-               const Grads<T>& gr) {
+void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs, const int* slot, T* tmp, T* res,
+               bool* touched, const Grads<T>& gr) {
   run_block<T, VL, NR, NA>(g, i, jb, regs, tmp);
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
   auto reg = [&](int r) { return regs + r * map; };
-  auto adj = [&](int r) { return adjs + r * map; };
+  auto adj = [&](int r) { return adjs + slot[r] * map; };
   for (int r = 0; r < g.n_regs; ++r) touched[r] = false;
   for (int k = g.n_instr - 1; k >= 0; --k) {
     const Instr& ins = g.prog[k];
@@ -734,20 +840,9 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
     const int64_t in_area = static_cast<int64_t>(ins.in_h) * ins.in_w * VL;
     switch (ins.op) {
       case OP_CONV: {
-        const int64_t out_area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
         T* gs = gr.params + static_cast<int64_t>(ins.param) * VL;
-        T* gb = gs + VL;
-        for (int64_t e = 0; e < out_area; e += VL) {
-#pragma omp simd
-          for (int v = 0; v < VL; ++v) gb[v] += ad[e + v];
-        }
-        conv_transpose<T, VL>(ins, ad, res, tmp);  // S^T adj
-        const T* src = reg(ins.a);
-        for (int64_t e = 0; e < in_area; e += VL) {
-#pragma omp simd
-          for (int v = 0; v < VL; ++v) gs[v] += src[e + v] * res[e + v];
-        }
-        accumulate(adj(ins.a), res, in_area, g.params[ins.param], !touched[ins.a]);
+        conv_adjoint<T, VL>(ins, ad, reg(ins.a), adj(ins.a), !touched[ins.a], g.params[ins.param], tmp, res, gs,
+                            gs + VL);
         touched[ins.a] = true;
         break;
       }
@@ -779,12 +874,14 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   const size_t p_size = static_cast<size_t>(n_params) * VL;
   n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_blocks)));
   std::vector<T*> buffers(n_threads, nullptr);
+  std::vector<int> slot;
+  const size_t adj_maps = static_cast<size_t>(adjoint_slots(g, slot)) * g.reg_area * VL;
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&](int t) {
     const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
     const size_t scratch = static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
-    const size_t total = 2 * maps + scratch + p_size + tx_size + tz_size;
+    const size_t total = maps + adj_maps + scratch + p_size + tx_size + tz_size;
     T* mem = static_cast<T*>(std::aligned_alloc(64, (total * sizeof(T) + 63) / 64 * 64));
     bool* touched = static_cast<bool*>(std::malloc(std::max(1, g.n_regs)));
     if (mem == nullptr || touched == nullptr) {
@@ -795,15 +892,15 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     }
     T* regs = mem;
     T* adjs = regs + maps;
-    T* tmp = adjs + maps;
+    T* tmp = adjs + adj_maps;
     T* res = tmp + static_cast<size_t>(g.tmp_area) * VL;
     Grads<T> gr{res + static_cast<size_t>(g.reg_area) * VL, nullptr, nullptr};
     gr.tx = gr.params + p_size;
     gr.tz = gr.tx + tx_size;
     std::memset(gr.params, 0, (p_size + tx_size + tz_size) * sizeof(T));
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
-      vjp_block<T, VL, NR, NA>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs, tmp,
-                           res, touched, gr);
+      vjp_block<T, VL, NR, NA>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs,
+                               slot.data(), tmp, res, touched, gr);
     }
     std::free(touched);
     buffers[t] = mem;
@@ -817,7 +914,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     return 3;
   }
   const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
-  const size_t offset = 2 * maps + static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
+  const size_t offset = maps + adj_maps + static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
   for (int p = 0; p < n_params; ++p) g_params[p] = T(0);
   std::memset(g_tx, 0, tx_size * sizeof(T));
   std::memset(g_tz, 0, tz_size * sizeof(T));
@@ -832,6 +929,92 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     for (size_t e = 0; e < tz_size; ++e) g_tz[e] += bz[e];
     std::free(b);
   }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing the traces: each slot's standard deviations arrive as rows of images ([area][n], row `stride` apart),
+// and leave, with their inverses (0 where s = 0, as ops.inverse_std), in the layouts Args describes: the first
+// set [n][n_trace][2], the second [n / VL][n_trace][2][VL] with the padding lanes zero. One pass, threads
+// splitting the images.
+
+template <typename T>
+struct Slots {
+  const T* const* rows;  // per slot: the first position's row
+  const int64_t* stride;  // per slot: elements from one position's row to the next
+  const int32_t* area;
+  int n_slots, n;
+};
+
+template <typename T>
+inline T inverse(T s) {
+  return s > T(0) ? T(1) / s : T(0);
+}
+
+template <typename T>
+void pack_left(const Slots<T>& sl, int64_t n_trace, T* __restrict out, int j0, int j1) {
+  constexpr int kChunk = 64;  // positions per sweep over the images: their rows' cache lines stay in L1
+  int64_t p0 = 0;
+  for (int s = 0; s < sl.n_slots; ++s) {
+    for (int q0 = 0; q0 < sl.area[s]; q0 += kChunk) {
+      const int q1 = std::min(sl.area[s], q0 + kChunk);
+      for (int j = j0; j < j1; ++j) {
+        T* __restrict o = out + (static_cast<int64_t>(j) * n_trace + p0 + q0) * 2;
+        for (int q = q0; q < q1; ++q) {
+          const T v = sl.rows[s][q * sl.stride[s] + j];
+          o[2 * (q - q0)] = v;
+          o[2 * (q - q0) + 1] = inverse(v);
+        }
+      }
+    }
+    p0 += sl.area[s];
+  }
+}
+
+template <typename T, int VL>
+void pack_right(const Slots<T>& sl, int64_t n_trace, T* __restrict out, int g0, int g1) {
+  for (int gi = g0; gi < g1; ++gi) {
+    T* __restrict o = out + static_cast<int64_t>(gi) * n_trace * 2 * VL;
+    const int lanes = std::min(VL, sl.n - gi * VL);
+    for (int s = 0; s < sl.n_slots; ++s) {
+      for (int q = 0; q < sl.area[s]; ++q, o += 2 * VL) {
+        const T* __restrict r = sl.rows[s] + q * sl.stride[s] + static_cast<int64_t>(gi) * VL;
+        if (lanes == VL) {
+#pragma omp simd
+          for (int v = 0; v < VL; ++v) {
+            o[v] = r[v];
+            o[VL + v] = inverse(r[v]);
+          }
+        } else {
+          for (int v = 0; v < VL; ++v) {
+            o[v] = v < lanes ? r[v] : T(0);
+            o[VL + v] = v < lanes ? inverse(r[v]) : T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int VL>
+int pack_traces(const Slots<T>& sl, int right, T* out, int n_threads) {
+  int64_t n_trace = 0;
+  for (int s = 0; s < sl.n_slots; ++s) n_trace += sl.area[s];
+  const int units = right ? (sl.n + VL - 1) / VL : sl.n;  // groups or images
+  n_threads = std::max(1, std::min(n_threads, units));
+  auto work = [&](int t) {
+    const int u0 = static_cast<int>(static_cast<int64_t>(units) * t / n_threads);
+    const int u1 = static_cast<int>(static_cast<int64_t>(units) * (t + 1) / n_threads);
+    if (right) {
+      pack_right<T, VL>(sl, n_trace, out, u0, u1);
+    } else {
+      pack_left<T>(sl, n_trace, out, u0, u1);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
   return 0;
 }
 
@@ -882,5 +1065,15 @@ CNNGP_ENTRY(cnngp_run_f64, double, 8, 17, 17)
 
 CNNGP_VJP(cnngp_vjp_f32, float, 16, 7, 9)
 CNNGP_VJP(cnngp_vjp_f64, double, 8, 17, 17)
+
+// the traces' packing (pack_traces): rows [n_slots] pointers, stride and area per slot; out as Args' tx or tz
+#define CNNGP_PACK(NAME, T, VL)                                                                                   \
+  int NAME(const T* const* rows, const int64_t* stride, const int32_t* area, int n_slots, int n, int right,   \
+           T* out, int n_threads) {                                                                           \
+    return pack_traces<T, VL>(Slots<T>{rows, stride, area, n_slots, n}, right, out, n_threads);              \
+  }
+
+CNNGP_PACK(cnngp_pack_f32, float, 16)
+CNNGP_PACK(cnngp_pack_f64, double, 8)
 
 }  // extern "C"
