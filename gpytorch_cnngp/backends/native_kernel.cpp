@@ -261,6 +261,93 @@ __attribute__((always_inline)) inline void column_strips(const Instr& ins, const
   for (; e < vectors; ++e) running_columns<T, VL, 1>(ins, tmp, e, store);
 }
 
+// Window sums along W by their taps (windows of fewer than kRunningMin taps, strides, dilations), rows of src
+// into tmp [in_h][out_w]. Groups of kTapGroup outputs whose windows lie inside the row are summed together,
+// their additions independent of each other (one output's taps form a chain of dependent additions).
+constexpr int kTapGroup = 4;
+
+template <typename T, int VL>
+inline void tap_rows(const Instr& ins, const T* __restrict src, T* __restrict tmp) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, K = L::kPer, N = kTapGroup * P;
+  const int in_h = ins.in_h, in_w = ins.in_w, out_w = ins.out_w;
+  for (int h = 0; h < in_h; ++h) {
+    const T* row = src + static_cast<int64_t>(h) * in_w * VL;
+    T* out = tmp + static_cast<int64_t>(h) * out_w * VL;
+    int ow = 0;
+    while (ow < out_w) {
+      const int base = ow * ins.sw - ins.pl;
+      if (base >= 0 && ow + kTapGroup <= out_w &&
+          base + (kTapGroup - 1) * ins.sw + (ins.kw - 1) * ins.dw < in_w) {
+        H acc[N];
+#pragma GCC unroll 32
+        for (int n = 0; n < N; ++n) acc[n] = H{};
+        for (int b = 0; b < ins.kw; ++b) {
+          const T* at = row + static_cast<int64_t>(base + b * ins.dw) * VL;
+#pragma GCC unroll 32
+          for (int n = 0; n < N; ++n) {
+            H x;
+            std::memcpy(&x, at + static_cast<int64_t>(n / P) * ins.sw * VL + (n % P) * K, sizeof(H));
+            acc[n] += x;
+          }
+        }
+#pragma GCC unroll 32
+        for (int n = 0; n < N; ++n) std::memcpy(out + static_cast<int64_t>(ow) * VL + n * K, &acc[n], sizeof(H));
+        ow += kTapGroup;
+        continue;
+      }
+      int lo, hi;
+      valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
+      typename L::V acc = L::zero();
+      for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
+      L::store(out + static_cast<int64_t>(ow) * VL, acc);
+      ++ow;
+    }
+  }
+}
+
+// Window sums along H by their taps, tmp's rows into store (see window_sum): an output row's taps are the same
+// for all of its SIMD vectors, which are summed in strips of G, G independent chains.
+template <typename T, int VL, int G, typename Store>
+__attribute__((always_inline)) inline void tap_strip(const T* __restrict first, int64_t row_step, int taps,
+                                                      int64_t at, Store& store) {
+  using H = typename Lanes<T, VL>::H;
+  constexpr int K = Lanes<T, VL>::kPer;
+  H acc[G];
+#pragma GCC unroll 32
+  for (int g = 0; g < G; ++g) acc[g] = H{};
+  for (int a = 0; a < taps; ++a) {
+#pragma GCC unroll 32
+    for (int g = 0; g < G; ++g) {
+      H x;
+      std::memcpy(&x, first + a * row_step + g * K, sizeof(H));
+      acc[g] += x;
+    }
+  }
+#pragma GCC unroll 32
+  for (int g = 0; g < G; ++g) store(at + g * K, g, acc[g]);
+}
+
+template <typename T, int VL, typename Store>
+__attribute__((always_inline)) inline void tap_columns(const Instr& ins, const T* __restrict tmp, Store& store) {
+  constexpr int K = Lanes<T, VL>::kPer;
+  const int in_h = ins.in_h, out_h = ins.out_h;
+  const int64_t width = static_cast<int64_t>(ins.out_w) * VL, vectors = width / K;
+  for (int oh = 0; oh < out_h; ++oh) {
+    const int base = oh * ins.sh - ins.pt;
+    int lo, hi;
+    valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
+    const T* first = tmp + (hi > lo ? (static_cast<int64_t>(base) + lo * ins.dh) * width : 0);
+    const int64_t step = static_cast<int64_t>(ins.dh) * width, row = oh * width;
+    int64_t e = 0;
+    for (; e + 8 <= vectors; e += 8) tap_strip<T, VL, 8>(first + e * K, step, hi - lo, row + e * K, store);
+    for (; e + 4 <= vectors; e += 4) tap_strip<T, VL, 4>(first + e * K, step, hi - lo, row + e * K, store);
+    for (; e + 2 <= vectors; e += 2) tap_strip<T, VL, 2>(first + e * K, step, hi - lo, row + e * K, store);
+    for (; e < vectors; ++e) tap_strip<T, VL, 1>(first + e * K, step, hi - lo, row + e * K, store);
+  }
+}
+
 // The most SIMD vectors a strip of window_sum passes to its store (the index g it gives is below this).
 constexpr int kStrip = 8;
 
@@ -270,9 +357,8 @@ constexpr int kStrip = 8;
 template <typename T, int VL, typename Store>
 __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T* __restrict src, T* __restrict tmp, Store& store) {
   using L = Lanes<T, VL>;
-  using V = typename L::V;
   static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
-  const int in_h = ins.in_h, in_w = ins.in_w, out_h = ins.out_h, out_w = ins.out_w;
+  const int in_h = ins.in_h;
   if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
     // interleave and keep the adders busy
@@ -281,33 +367,13 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
     for (; h + 2 <= in_h; h += 2) running_rows<T, VL, 2>(ins, src, tmp, h);
     for (; h < in_h; ++h) running_rows<T, VL, 1>(ins, src, tmp, h);
   } else {
-    for (int ow = 0; ow < out_w; ++ow) {
-      const int base = ow * ins.sw - ins.pl;
-      int lo, hi;
-      valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
-      for (int h = 0; h < in_h; ++h) {
-        const T* row = src + static_cast<int64_t>(h) * in_w * VL;
-        V acc = L::zero();
-        for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
-        L::store(tmp + (static_cast<int64_t>(h) * out_w + ow) * VL, acc);
-      }
-    }
+    tap_rows<T, VL>(ins, src, tmp);
   }
   if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
     // strips of columns, each strip's running sums in registers down all its output rows
-    column_strips<T, VL>(ins, tmp, static_cast<int64_t>(out_w) * VL / L::kPer, store);
+    column_strips<T, VL>(ins, tmp, static_cast<int64_t>(ins.out_w) * VL / L::kPer, store);
   } else {
-    for (int oh = 0; oh < out_h; ++oh) {
-      const int base = oh * ins.sh - ins.pt;
-      int lo, hi;
-      valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
-      for (int ow = 0; ow < out_w; ++ow) {
-        V acc = L::zero();
-        for (int a = lo; a < hi; ++a) L::add(acc, tmp + ((static_cast<int64_t>(base) + a * ins.dh) * out_w + ow) * VL);
-        const int64_t at = (static_cast<int64_t>(oh) * out_w + ow) * VL;
-        for (int k = 0; k < L::kParts; ++k) store(at + k * L::kPer, k, acc.p[k]);
-      }
-    }
+    tap_columns<T, VL>(ins, tmp, store);
   }
 }
 
