@@ -84,3 +84,22 @@ def test_bench_store_write_smoke(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| upper (now) |" in out.stdout and "| upper+transpose (before) |" in out.stdout
     assert not list(tmp_path.iterdir())  # the store is removed
+
+
+def test_bench_kernel_ab_smoke(tmp_path):
+    """Two builds of the native kernel timed in one process (here HEAD's source against the working tree's)."""
+    from gpytorch_cnngp.backends import native
+
+    if native.load_library() is None:  # pragma: no cover - no C++ compiler here
+        pytest.skip("the native kernel is not available here")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernel_ab.py"), "--old", "HEAD", "--archs", "convnet_gp"]
+    cmd += ["--dtypes", "float64", "--n", "8", "--rounds", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "### Native kernel sources A/B in one process" in text
+    row = next(line for line in text.splitlines() if line.startswith("| convnet_gp | float64 | forward |"))
+    assert float(row.split("|")[6]) > 0.0
