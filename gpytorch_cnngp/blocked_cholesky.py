@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from .memory import available_memory, format_bytes, freed_memory_returned
+from .progress import progress_bar
 
 __all__ = [
     "default_memory_budget",
@@ -519,18 +520,7 @@ def _factor_panels(
 ) -> None:
     """Compute panels ``panels.done, ...`` of the factor of ``K + jitter I`` (see the module docstring)."""
     flops = _flops(edges, n)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=sum(flops),
-            initial=sum(flops[: panels.done]),
-            unit="flop",
-            unit_scale=True,
-            desc="Cholesky",
-            dynamic_ncols=True,
-        )
+    bar = progress_bar(progress, sum(flops), "Cholesky", "flop", initial=sum(flops[: panels.done]))
     b_max = max(c1 - c0 for c0, c1 in pairwise(edges))
     cols = _chunk_cols(n)
     read32 = np.empty(b_max * cols, dtype=np.float32)

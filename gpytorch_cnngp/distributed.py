@@ -37,7 +37,8 @@ import torch
 from .architectures import ARCHITECTURES
 from .devices import parse_device
 from .layers import Layer
-from .store import Block, KernelStore, progress_bar
+from .progress import progress_bar
+from .store import Block, KernelStore
 
 __all__ = [
     "ArchitectureSpec",

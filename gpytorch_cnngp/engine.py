@@ -21,6 +21,7 @@ from .layers.base import Layer, set_evaluator
 from .memory import keep_freed_memory
 from .ops import first_order_only
 from .passes import paired, self_pass, spatial_first
+from .progress import progress_bar
 from .state import Hyper, Requirements, hyperparameters
 from .tiling import GramPlan, estimate_tile_size, network_info, tiles
 
@@ -115,16 +116,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as err:  # pragma: no cover - tqdm is in the experiments extra
-        raise ImportError("progress=True needs tqdm: pip install 'gpytorch-cnngp[experiments]'") from err
-    return tqdm(total=total, desc=desc, unit="entries", unit_scale=True, smoothing=0.05)
-
-
 # ---------------------------------------------------------------------------------------------
 # the tiled computation
 
@@ -167,7 +158,7 @@ def _fill(
     n1, n2 = x.shape[-1], zz.shape[-1]
     out = torch.empty(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device)
     block_fn = backend.block_fn(model, (x.shape[0], x.shape[1]), hyper, req, plan.tile_size, ntk)
-    bar = _progress(progress, n1 * n2, "kernel")
+    bar = progress_bar(progress, n1 * n2, "kernel", "entries", required=True, smoothing=0.05)
     try:
         with _gc_paused():
             for i0, i1, j0, j1 in tiles(n1, n2, plan.tile_size, symmetric):

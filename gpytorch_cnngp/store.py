@@ -53,6 +53,7 @@ import h5py
 import numpy as np
 
 from .memory import format_bytes
+from .progress import progress_bar
 
 __all__ = [
     "FORMAT",
@@ -313,17 +314,6 @@ def _fsync_dir(path: Path) -> None:
 def _crc(values: np.ndarray) -> int:
     """CRC-32 of a block's values in C order (a strided view of a band reads as the same bytes as the tile)."""
     return zlib.crc32(np.ascontiguousarray(values)) & 0xFFFFFFFF
-
-
-def progress_bar(enabled: bool, total: int, desc: str, unit: str, **options: Any):
-    """A tqdm bar of ``total`` ``unit`` (scaled: k, M, G), or ``None`` when not ``enabled`` or tqdm is missing."""
-    if not enabled or total <= 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
-        return None
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, **options)
 
 
 def _read_region(dset: h5py.Dataset, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..progress import progress_bar
 from .catalog import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 from .errors import ChecksumError, DatasetError
 from .idx import _find_file, csv_to_idx
@@ -75,15 +76,6 @@ def _urlopen(url: str, timeout: float, accept: str | None = None) -> Any:
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def _progress_bar_class():
-    """tqdm's bar, imported only when a download shows one (the import warns in some notebooks)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the experiments extra
-        return None
-    return tqdm
-
-
 def _download(url: str, dest: Path, *, timeout: float, progress: bool, sha256: str | None = None) -> Path:
     """Stream ``url`` into ``dest`` (with a tqdm bar when available), checking length and optional SHA-256."""
     digest = hashlib.sha256()
@@ -91,11 +83,8 @@ def _download(url: str, dest: Path, *, timeout: float, progress: bool, sha256: s
     with _urlopen(url, timeout) as response, open(dest, "wb") as out:
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
-        bar = None
-        _tqdm = _progress_bar_class() if progress else None
-        if _tqdm is not None:
-            name = urllib.parse.unquote(url.rsplit("/", 1)[-1]) or url
-            bar = _tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False)
+        name = urllib.parse.unquote(url.rsplit("/", 1)[-1]) or url
+        bar = progress_bar(progress, total, name, "B", unit_divisor=1024, leave=False)
         received = 0
         try:
             while chunk := response.read(_CHUNK):
