@@ -51,19 +51,19 @@ CASES = {
 }
 
 
-def measure(name: str, dtype: torch.dtype, repeats: int, compile: bool, scale: float) -> dict:
+def measure(name: str, dtype: torch.dtype, repeats: int, backend: str, scale: float) -> dict:
     build, n = CASES[name]
     n = max(2, int(n * scale))
     model = build()
     x, _ = _images(n, dtype, 0)
     z, _ = _images(n, dtype, 1)
     t0 = time.perf_counter()
-    gram(model, x, z, backend="inductor" if compile else "eager")
+    gram(model, x, z, backend=backend)
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gram(model, x, z, backend="inductor" if compile else "eager")
+        gram(model, x, z, backend=backend)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {
@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="use the compiled path (default: eager)")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        choices=["eager", "inductor", "auto"],
+        help="gram's backend (auto: the native kernel where it runs the network, i.e. without pooling)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the default image counts")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for name in CASES:
-            r = measure(name, dtype, args.repeats, args.compile, args.scale)
+            r = measure(name, dtype, args.repeats, args.backend, args.scale)
             rows.append(r)
             print(
                 f"{name:34s} {dtype_name:8s} n={r['n']:3d} {r['entries_per_s']:10,.0f} entries/s "
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         f"### Pooling: full spatial covariance path ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}. Command: `python benchmarks/bench_pooling.py {' '.join(argv or sys.argv[1:])}`.",
-        f"Cross kernels K(X, Z) on 28x28 MNIST digits, {'compiled' if args.compile else 'eager'}, median of "
+        f"Cross kernels K(X, Z) on 28x28 MNIST digits, backend {args.backend}, median of "
         f"{args.repeats}; peak = process resident high-water mark so far. Full path and same-location path "
         f"agree to {agreement:.1e} (float64, identity pool).",
         "",
