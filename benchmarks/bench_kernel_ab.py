@@ -33,7 +33,6 @@ sys.path.insert(0, str(HERE))
 from bench_kernels import machine, report  # noqa: E402
 
 SOURCE = "gpytorch_cnngp/backends/native_kernel.cpp"
-ENTRIES = ("cnngp_run_f32", "cnngp_run_f64", "cnngp_vjp_f32", "cnngp_vjp_f64", "cnngp_pack_f32", "cnngp_pack_f64")
 
 
 def _source(rev: str | None) -> str:
@@ -48,7 +47,7 @@ def _source(rev: str | None) -> str:
 def _build(text: str, folder: Path, name: str) -> ctypes.CDLL:
     import os
 
-    from gpytorch_cnngp.backends.native import _FIELDS, _FLAGS
+    from gpytorch_cnngp.backends.native import _FIELDS, _FLAGS, ENTRY_POINTS
 
     src, lib = folder / f"{name}.cpp", folder / f"{name}.so"
     src.write_text(text)
@@ -57,14 +56,14 @@ def _build(text: str, folder: Path, name: str) -> ctypes.CDLL:
     if proc.returncode:
         raise SystemExit(f"{name}: {compiler} failed: {proc.stderr.strip()[-500:]}")
     handle = ctypes.CDLL(str(lib))
-    missing = [e for e in ENTRIES if not hasattr(handle, e)]
+    missing = [e for e in ENTRY_POINTS if not hasattr(handle, e)]
     if missing or handle.cnngp_fields() != _FIELDS:
         lacks = ", ".join(missing) or "its instruction layout"
         raise SystemExit(
             f"the {name} source lacks this version's entry points ({lacks}): "
             "compare such revisions with benchmarks/bench_revisions.py instead"
         )
-    for entry in ENTRIES:
+    for entry in ENTRY_POINTS:
         getattr(handle, entry).restype = ctypes.c_int
     return handle
 

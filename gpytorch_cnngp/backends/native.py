@@ -323,6 +323,9 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+# the kernel's functions this module calls (each returns a status: 0 or an error code for _check)
+ENTRY_POINTS = ("cnngp_run_f32", "cnngp_run_f64", "cnngp_vjp_f32", "cnngp_vjp_f64", "cnngp_pack_f32", "cnngp_pack_f64")
+
 _LIB: ctypes.CDLL | None = None
 _LIB_ERROR: str | None = None
 
@@ -382,14 +385,7 @@ def _build_and_load() -> ctypes.CDLL:
     for dtype, lanes in LANES.items():
         if lib.cnngp_lanes(int(dtype == torch.float64)) != lanes:
             raise RuntimeError("the native kernel's lane count does not match this version")
-    for name in (
-        "cnngp_run_f32",
-        "cnngp_run_f64",
-        "cnngp_vjp_f32",
-        "cnngp_vjp_f64",
-        "cnngp_pack_f32",
-        "cnngp_pack_f64",
-    ):
+    for name in ENTRY_POINTS:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
     return lib

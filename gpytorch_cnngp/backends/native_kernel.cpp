@@ -125,12 +125,12 @@ struct Lanes {
       acc.p[k] += h;
     }
   }
-  static void sub(V& acc, const T* ptr) {
-    for (int k = 0; k < kParts; ++k) {
-      H h;
-      std::memcpy(&h, ptr + k * kPer, sizeof(H));
-      acc.p[k] -= h;
-    }
+  // ptr[0, kPer) += h
+  static void add_to(T* ptr, H h) {
+    H have;
+    std::memcpy(&have, ptr, sizeof(H));
+    h += have;
+    std::memcpy(ptr, &h, sizeof(H));
   }
   // lane-wise square root (the vectoriser turns the loop into one vector instruction)
   static H sqrt(H h) {
@@ -692,10 +692,7 @@ inline void add_sum(const T* __restrict map, int64_t vectors, T* __restrict g) {
     std::memcpy(&h, map + e * K, sizeof(H));
     acc[0] += h;
   }
-  H total = (acc[0] + acc[1]) + (acc[2] + acc[3]), have;
-  std::memcpy(&have, g, sizeof(H));
-  total += have;
-  std::memcpy(g, &total, sizeof(H));
+  L::add_to(g, (acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
 // The adjoint of a window sum out = scale * S src + bias, given adj = d/d out:
@@ -736,11 +733,9 @@ void conv_adjoint(const Instr& ins, const T* __restrict adj, const T* __restrict
       std::memcpy(adj_in + at, &out, sizeof(H));
     };
     window_sum<T, VL>(tr, adj, tmp, store);
-    H total = H{}, have;
+    H total = H{};
     for (int k = 0; k < kStrip; ++k) total += gs[k];
-    std::memcpy(&have, g_scale, sizeof(H));
-    total += have;
-    std::memcpy(g_scale, &total, sizeof(H));
+    L::add_to(g_scale, total);
     return;
   }
   // along H first (the forward summed along H last): tmp [in_h][out_w]
@@ -773,16 +768,14 @@ void conv_adjoint(const Instr& ins, const T* __restrict adj, const T* __restrict
       }
     }
   }
-  H gs = H{}, have;
+  H gs = H{};
   for (int64_t e = 0; e < in_vectors; ++e) {
     H x, r;
     std::memcpy(&x, src + e * K, sizeof(H));
     std::memcpy(&r, res + e * K, sizeof(H));
     gs += x * r;
   }
-  std::memcpy(&have, g_scale, sizeof(H));
-  gs += have;
-  std::memcpy(g_scale, &gs, sizeof(H));
+  L::add_to(g_scale, gs);
   accumulate(adj_in, res, in_vectors * K, scale, first);
 }
 
@@ -820,13 +813,12 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
     H sx = zero;
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
-      H cv, sv, iv, av, gv;
+      H cv, sv, iv, av;
       std::memcpy(&cv, c + k * K, sizeof(H));
       std::memcpy(&sv, s2 + k * K, sizeof(H));
       std::memcpy(&iv, i2 + k * K, sizeof(H));
       std::memcpy(&av, ad + k * K, sizeof(H));
-      H a = cv;
-      a = reinterpret_cast<H>(reinterpret_cast<typename L::I>(a) & magnitude) * iv * i1;
+      H a = reinterpret_cast<H>(reinterpret_cast<typename L::I>(cv) & magnitude) * iv * i1;
       a = a < one ? a : one;
       H q = polynomial<H, NA>(a, df);
       const H root = L::sqrt(one - a);
@@ -841,9 +833,7 @@ void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* 
       }
       std::memcpy(ai + k * K, &out, sizeof(H));
       sx += sine * sv;
-      std::memcpy(&gv, gzp + k * K, sizeof(H));
-      gv += sine * s1;
-      std::memcpy(gzp + k * K, &gv, sizeof(H));
+      L::add_to(gzp + k * K, sine * s1);
     }
     T lanes[K];
     std::memcpy(lanes, &sx, sizeof(H));
