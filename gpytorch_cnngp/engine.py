@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, choose, native_ready, resolve
+from .backends.base import Traces
 from .devices import parse_device
 from .layers.base import Layer, set_evaluator
 from .memory import keep_freed_memory
@@ -148,31 +149,32 @@ def _fill(
     """Forward computation of the Gram matrix of images ``[H, W, C, N]``; ``z is None``: ``K(x, x)``.
     With ``ntk``: ``[2, N1, N2]``, the NNGP and the NTK."""
     symmetric = z is None
+    size = (x.shape[0], x.shape[1])
+    zz = x if symmetric else z
     chunk = max(1, plan.tile_size**2 // 4)
-    trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
-    if symmetric:
-        zz, trace_z = x, trace_x
+    own = None if torch.is_grad_enabled() else backend.self_fn(model, size, hyper, req, ntk)
+    if own is not None:  # the backend's own traces; the diagonal still from the one self pass every path shares
+        terms_x = own(x, symmetric)
+        terms_z = terms_x if symmetric else own(z, False)
+        final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)[1] if symmetric else None
     else:
-        zz = z
-        trace_z, _ = _self_pass_chunked(model, z, hyper, chunk, req, ntk)
+        trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
+        terms_x = Traces(trace_x)
+        terms_z = terms_x if symmetric else Traces(_self_pass_chunked(model, z, hyper, chunk, req, ntk)[0])
     n1, n2 = x.shape[-1], zz.shape[-1]
     out = torch.empty(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device)
-    block_fn = backend.block_fn(model, (x.shape[0], x.shape[1]), hyper, req, plan.tile_size, ntk)
+    block_fn = backend.block_fn(model, size, hyper, req, plan.tile_size, ntk)
     bar = progress_bar(progress, n1 * n2, "kernel", "entries", required=True, smoothing=0.05)
     try:
         with _gc_paused():
             for i0, i1, j0, j1 in tiles(n1, n2, plan.tile_size, symmetric):
                 on_diag = symmetric and i0 == j0
-                block = block_fn(
-                    x[..., i0:i1],
-                    zz[..., j0:j1],
-                    [t[..., i0:i1] for t in trace_x],
-                    [t[..., j0:j1] for t in trace_z],
-                    on_diag,
-                )
+                block = block_fn(x[..., i0:i1], zz[..., j0:j1], terms_x.rows(i0, i1), terms_z.columns(j0, j1), on_diag)
                 if on_diag:
                     # the formulas are already mirror-symmetric; this guards against any rounding asymmetry
                     block = block * 0.5 + block.transpose(-1, -2) * 0.5
+                    # exactly the self variances (backends other than eager leave the same-image rule to this)
+                    block.diagonal(dim1=-2, dim2=-1).copy_(final_x[..., i0:i1])
                 out[..., i0:i1, j0:j1] = block
                 if symmetric and not on_diag:
                     out[..., j0:j1, i0:i1] = block.transpose(-1, -2)
@@ -181,9 +183,6 @@ def _fill(
     finally:
         if bar is not None:
             bar.close()
-    if symmetric:
-        # exactly the self variances (backends other than eager leave the same-image rule to this line)
-        out.diagonal(dim1=-2, dim2=-1).copy_(final_x)
     return out
 
 
@@ -337,6 +336,7 @@ def gram(
         tile_size=tile_size,
         backend=chosen.name,
         grad=grad or input_grad,
+        info=info,
     )
     if n1 == 0 or n2 == 0:
         return _select(torch.zeros(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device), kinds, ntk)

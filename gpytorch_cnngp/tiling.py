@@ -110,22 +110,25 @@ def estimate_tile_size(
     tile_size: int | None = None,
     backend: str = "eager",
     grad: bool = False,
+    info: NetworkInfo | None = None,
 ) -> GramPlan:
     """Choose the tile edge so that self traces plus one tile's workspace fit ``memory_budget`` bytes.
 
     :param backend: the name of the backend that runs the tiles (its working copies per pair).
     :param grad: the tiles are differentiated (each layer keeps its maps for the backward pass).
+    :param info: ``network_info(model, image_size)`` if the caller has it already.
     """
     device = torch.device(device)
     budget = int(memory_budget) if memory_budget is not None else default_budget(device)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    info = network_info(model, image_size)
+    info = info if info is not None else network_info(model, image_size)
     item = _itemsize(dtype)
     trace_bytes = n_images * info.trace_area * item
-    depth = sum(1 for _ in model.kernel_layers())
     runner = BACKENDS[backend]
-    factor = runner.workspace_factor + (runner.grad_workspace_per_layer * depth if grad else 0)
+    factor = runner.workspace_factor
+    if grad:
+        factor += runner.grad_workspace_per_layer * sum(1 for _ in model.kernel_layers())
     pair_bytes = info.largest * item * factor
     free = budget - trace_bytes
     max_pairs = free // pair_bytes if free > 0 else 0

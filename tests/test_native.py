@@ -426,3 +426,120 @@ def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
     monkeypatch.setenv("CNNGP_NATIVE", "0")
     assert not native_ready(spec.cached(), (8, 8), F64)
     assert not native_ready(spec.cached(), (8, 8), torch.float16)
+
+
+def _packed_by_torch(traces, n, lanes):
+    """The kernel's two trace layouts built with torch ops (as in the packing test above)."""
+    s = torch.cat([t.reshape(-1, n) for t in traces])  # [positions, n]
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+    groups = -(-n // lanes)
+    pad = groups * lanes - n
+    s_p, inv_p = (torch.nn.functional.pad(v, (0, pad)).reshape(-1, groups, lanes).transpose(0, 1) for v in (s, inv))
+    return torch.stack([s.t(), inv.t()], dim=-1), torch.stack([s_p, inv_p], dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_kernels_self_pass_matches_the_eager_one(dtype):
+    """The kernel's own self pass against the eager one, packed by torch: standard deviations and their inverses
+    (0 for a black image) in both layouts, zero padding lanes, and k(x, x) for the NNGP and the NTK."""
+    from gpytorch_cnngp.passes import self_pass, spatial_first
+    from gpytorch_cnngp.state import Hyper
+
+    size = 7
+    model = Sequential(
+        Conv2d(3),  # no bias: a black image has zero variances here
+        Sum([Sequential(), Sequential(ReLU(), Conv2d(3, var_bias=0.5)), Sequential(LeakyReLU(-0.5), Conv2d(1))]),
+        ReLU(),
+        Conv2d(5, stride=2, padding=2),
+        ReLU(),
+        Dense(),
+    )
+    n, lanes = 21, native.LANES[dtype]
+    images = _images(n, 2, size, seed=11, dtype=dtype)
+    images[4] = 0.0
+    x = spatial_first(images)
+    hyper = Hyper.of(model, dtype, "cpu")
+    lib = native.load_library()
+    rtol = 1e-5 if dtype == torch.float32 else 1e-13
+    for ntk in (False, True):
+        program = native.lower(model, (size, size), fuse=not ntk)
+        params = program.parameter_vector(hyper, dtype)
+        left, right, own = native.self_terms(lib, program, params, x, 2, ntk=ntk, final=True)
+        with torch.no_grad():
+            trace, want = self_pass(model, x, hyper, ntk=ntk)
+        want_left, want_right = _packed_by_torch(trace, n, lanes)
+        torch.testing.assert_close(left.data, want_left, rtol=rtol, atol=0.0)
+        torch.testing.assert_close(right.data, want_right, rtol=rtol, atol=0.0)
+        assert bool((right.data[-1, :, :, n % lanes :] == 0).all())
+        assert bool((want_left[4, :, 0] == 0).any())  # the black image has zero deviations, whose inverses are 0
+        torch.testing.assert_close(own, want, rtol=rtol, atol=0.0)
+
+
+def test_sums_fused_into_window_sums_give_the_same_bits():
+    """Each residual sum of a ResNet-32 GP follows a window sum, which then does it in its store: the same
+    kernel to the bit, one instruction less per block; the NTK and the reverse mode refuse such programs."""
+    model = architectures.resnet32_gp(image_size=12)
+    plain, fused = native.lower(model, (12, 12)), native.lower(model, (12, 12), fuse=True)
+    adds = int((plain.code[:, 0] == 3).sum())
+    assert adds == 15 and int((fused.code[:, 0] == 3).sum()) == 0
+    assert fused.code.shape[0] == plain.code.shape[0] - adds
+    lib = native.load_library()
+    for dtype in (torch.float32, F64):
+        from gpytorch_cnngp.passes import self_pass, spatial_first
+        from gpytorch_cnngp.state import Hyper
+
+        hyper = Hyper.of(model, dtype, "cpu")
+        x, z = spatial_first(_images(3, 1, 12, seed=12, dtype=dtype)), spatial_first(_images(9, 1, 12, seed=13))
+        z = z.to(dtype)
+        with torch.no_grad():
+            tx, tz = self_pass(model, x, hyper)[0], self_pass(model, z, hyper)[0]
+        params = plain.parameter_vector(hyper, dtype)
+        want = native.run_block(lib, plain, params, x, z, tx, tz, 2)
+        assert torch.equal(native.run_block(lib, fused, params, x, z, tx, tz, 2), want)
+        with pytest.raises(RuntimeError, match="status 6"):
+            native.run_block(lib, fused, params, x, z, tx, tz, 2, ntk=True)
+        with pytest.raises(RuntimeError, match="status 6"):
+            native.run_block_vjp(lib, fused, params, x, z, tx, tz, torch.ones(3, 9, dtype=dtype), 2)
+
+
+def test_a_changed_negative_slope_is_lowered_again():
+    """Programs are remembered per network; the slope of a LeakyReLU, which lowering reads, is checked."""
+    model = Sequential(Conv2d(3), LeakyReLU(0.2), Conv2d(3), ReLU(), Dense())
+    x, z = _images(4, 1, 6, seed=14), _images(5, 1, 6, seed=15)
+    before = gram(model, x, z, backend="native")
+    model[1].negative_slope = -0.4
+    after = gram(model, x, z, backend="native")
+    torch.testing.assert_close(after, gram(model, x, z, backend="eager"), rtol=1e-12, atol=0.0)
+    assert not torch.allclose(before, after)
+
+
+def test_parameter_vector_entries():
+    """One gather and division: each entry is hyper(layer, name) / divisor, or its constant."""
+    from gpytorch_cnngp.state import Hyper
+
+    model = MODELS["sums"][0]
+    program = native.lower(model, (7, 7))
+    for dtype in (torch.float32, F64):
+        hyper = Hyper.of(model, dtype, "cpu")
+        got = program.parameter_vector(hyper, dtype)
+        for k, (layer, name, divisor) in enumerate(program.params):
+            want = torch.tensor(name, dtype=dtype) if layer is None else hyper(layer, name).to(dtype) / divisor
+            assert torch.equal(got[k], want), (k, layer, name)
+
+
+def test_forward_calls_take_the_traces_from_the_kernels_self_pass(monkeypatch):
+    """The native forward packs no eager traces: the kernel's self pass makes them (the diagonal of K(X, X)
+    still comes from the self pass every backend shares). A backward pass recomputes them eagerly, with their
+    graph."""
+    calls = []
+    original = native.self_terms
+    monkeypatch.setattr(native, "self_terms", lambda *a, **k: calls.append(a[3].shape[-1]) or original(*a, **k))
+    model, size = MODELS["sums"]
+    x, z = _images(7, 2, size, seed=16), _images(5, 2, size, seed=17)
+    gram(model, x, z, backend="native")
+    assert calls == [7, 5]
+    sym = gram(model, x, backend="native")
+    assert calls == [7, 5, 7] and torch.equal(sym.diagonal(), model(x, diag=True))
+    weight = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    gram(model, x, z, backend="native", hyper={model[0]: {"var_weight": weight}}).sum().backward()
+    assert calls == [7, 5, 7, 7, 5] and weight.grad is not None

@@ -12,12 +12,45 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layers.base import Layer
     from ..state import Hyper, Requirements
 
-__all__ = ["Backend", "BlockFn", "VjpFn"]
+__all__ = ["Backend", "BlockFn", "VjpFn", "SelfTerms", "Traces", "SelfFn"]
+
+
+class SelfTerms:
+    """Each image's self terms for one kernel call as a backend's blocks read them: the traces (the standard
+    deviations every nonlinearity sees) of a tile's first set (:meth:`rows`) and second set (:meth:`columns`).
+    The engine asks for them tile by tile, so a backend may compute them when asked instead of all at once."""
+
+    def rows(self, i0: int, i1: int) -> object:
+        """The traces of images ``i0:i1`` as the first set of a block (what :data:`BlockFn` gets as ``trace_x``)."""
+        raise NotImplementedError
+
+    def columns(self, j0: int, j1: int) -> object:
+        """The traces of images ``j0:j1`` as the second set of a block (``trace_z``)."""
+        raise NotImplementedError
+
+
+class Traces(SelfTerms):
+    """Self terms from :func:`gpytorch_cnngp.passes.self_pass`: one ``[h, w, n]`` trace per nonlinearity,
+    sliced along the images for either side."""
+
+    def __init__(self, traces: list[Tensor]) -> None:
+        self.traces = traces
+
+    def rows(self, i0: int, i1: int) -> list[Tensor]:
+        return [t[..., i0:i1] for t in self.traces]
+
+    columns = rows
+
+
+#: ``own(x, both)``: the self terms of images ``x`` ``[H, W, C, n]``; ``both``: they will be read as either
+#: side (a symmetric ``K(X, X)``), else only as the side the engine asks for.
+SelfFn = Callable[[Tensor, bool], SelfTerms]
 
 #: ``block(x, z, trace_x, trace_z, same)``: the kernel block ``[n1, n2]`` of images ``x`` ``[H, W, C, n1]``
-#: and ``z`` ``[H, W, C, n2]`` given their sliced self traces; ``same``: a square block of an image set
-#: with itself, whose diagonal the engine then replaces by the self values.
-BlockFn = Callable[[Tensor, Tensor, list[Tensor], list[Tensor], bool], Tensor]
+#: and ``z`` ``[H, W, C, n2]`` given their self traces (a :class:`SelfTerms`' ``rows`` and ``columns``);
+#: ``same``: a square block of an image set with itself, whose diagonal the engine then replaces by the
+#: self values.
+BlockFn = Callable[[Tensor, Tensor, object, object, bool], Tensor]
 
 #: ``vjp(x, z, trace_x, trace_z, same, grad)``: the gradients of ``(grad * block).sum()`` with respect to the
 #: hyperparameter values (in ``hyper.params`` order), to ``trace_x`` and to ``trace_z`` (``None`` where there is
@@ -61,6 +94,14 @@ class Backend:
         ``ntk``: with the neural tangent kernel beside the NNGP; ``grad``: and back-propagate into the
         hyperparameters (:meth:`block_vjp`)."""
         return "it computes kernels, not their gradients" if grad else None
+
+    @classmethod
+    def self_fn(
+        cls, model: Layer, size: tuple[int, int], hyper: Hyper, requirements: Requirements, ntk: bool = False
+    ) -> SelfFn | None:
+        """The backend's own self pass for a forward call without gradients, or ``None``: the engine then runs
+        :func:`gpytorch_cnngp.passes.self_pass` and slices its :class:`Traces`."""
+        return None
 
     @classmethod
     def block_fn(

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from ..layers import Conv2d, Dense, Layer, LeakyReLU, ReLU, Sequential, Sum
 from ..ops import relu_derivative_poly_coefficients, relu_poly_coefficients
 from ..passes import pair_block, self_pass, spatial_first
 from ..state import Hyper
-from .base import Backend, BlockFn, VjpFn
+from .base import Backend, BlockFn, SelfFn, SelfTerms, VjpFn
 
 __all__ = [
     "Native",
@@ -62,7 +63,7 @@ _SOURCE = Path(__file__).with_name("native_kernel.cpp")
 _FLAGS = [
     "-O3",
     "-march=native",
-    "-fopenmp-simd",
+    "-fopenmp",
     "-fno-math-errno",
     "-ffp-contract=fast",
     "-std=c++17",
@@ -114,6 +115,7 @@ class NativeProgram:
     tmp_area: int
     slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
     params: list[tuple[Layer | None, str | float, int]]
+    slopes: list[tuple[Layer, float]]  # the negative slopes whose constants are in params (see _memoised)
 
     @property
     def slot_offsets(self) -> Tensor:
@@ -133,14 +135,15 @@ class NativeProgram:
     def parameter_vector(self, hyper: Hyper, dtype: torch.dtype) -> Tensor:
         """The per-call parameter values in ``dtype``: ``hyper(layer, name) / divisor`` for each
         hyperparameter entry ``(layer, name, divisor)``, and ``value`` for each ``(None, value, 1)``."""
-        values = []
-        for layer, name, divisor in self.params:
-            if layer is None:
-                values.append(torch.tensor(name, dtype=dtype))
-            else:
-                value = hyper(layer, name).detach().to(device="cpu", dtype=dtype).reshape(())
-                values.append(value / divisor if divisor != 1 else value)
-        return torch.stack(values) if values else torch.zeros(1, dtype=dtype)
+        if not self.params:
+            return torch.zeros(1, dtype=dtype)
+        # one gather and one division instead of a few torch operations per entry
+        values = torch.stack([v.detach().reshape(()) for v in hyper.values]).to(device="cpu", dtype=dtype)
+        index = [0 if layer is None else hyper.position(layer, name) for layer, name, _ in self.params]
+        constant = [0.0 if layer is not None else name for layer, name, _ in self.params]
+        is_constant = torch.tensor([layer is None for layer, _, _ in self.params])
+        divisors = torch.tensor([divisor for _, _, divisor in self.params], dtype=dtype)
+        return torch.where(is_constant, torch.tensor(constant, dtype=dtype), values[index] / divisors)
 
 
 class _Lowering:
@@ -152,6 +155,7 @@ class _Lowering:
         self.areas: list[int] = []
         self.tmp_area = 0
         self.zero_ntk: set[int] = set()  # registers whose NTK map is zero (the input's)
+        self.slopes: list[tuple[Layer, float]] = []
 
     def new_reg(self, hw: tuple[int, int]) -> int:
         self.n_vregs += 1
@@ -208,6 +212,8 @@ class _Lowering:
             dst = self.new_reg(hw)
             # NNGP k1 J + k2 c, as LeakyReLU.pair_map; NTK factor k1 D + k3 (h1 + h2) + k4, as pair_derivative_map
             alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
+            if type(layer) is LeakyReLU:
+                self.slopes.append((layer, alpha))
             p = self.param(
                 (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
             )
@@ -226,7 +232,35 @@ def _describe(layer: Layer, what: str) -> str:
     return f"{type(layer).__name__} ({what})"
 
 
-def _lower(model: Layer, size: tuple[int, int], reuse: bool = True) -> NativeProgram:
+def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
+    """A sum whose one operand the window sum just before it made, and nothing else reads, done in that window
+    sum's store (``b``: the map it adds): one pass over the maps less per residual block. The same bits, since
+    the store adds the same two values."""
+    readers: dict[int, int] = {}
+    for ins in instrs:
+        for r in (ins.a, ins.b):
+            if r >= 0:
+                readers[r] = readers.get(r, 0) + 1
+    out: list[_Instr] = []
+    for ins in instrs:
+        prev = out[-1] if out else None
+        if (
+            ins.op == _OP_ADD
+            and prev is not None
+            and prev.op == _OP_CONV
+            and prev.b < 0
+            and ins.a != ins.b
+            and prev.dst in (ins.a, ins.b)
+            and readers[prev.dst] == 1
+        ):
+            prev.b = ins.b if prev.dst == ins.a else ins.a
+            prev.dst = ins.dst
+            continue
+        out.append(ins)
+    return out
+
+
+def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram:
     if model.needs_full():
         pooling = next(
             layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full()
@@ -240,30 +274,58 @@ def _lower(model: Layer, size: tuple[int, int], reuse: bool = True) -> NativePro
     if hw != (1, 1):  # pragma: no cover - check_architecture runs first
         raise ValueError(f"the network's output map is {hw[0]}x{hw[1]}, not 1x1")
     low.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
+    if fuse:
+        low.instrs = _fuse_sums(low.instrs)
     code, n_regs = _allocate(low, reuse)
-    return NativeProgram(code, n_regs, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params)
+    return NativeProgram(code, n_regs, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params, low.slopes)
 
 
-def lower(model: Layer, size: tuple[int, int], reuse: bool = True) -> NativeProgram | None:
+def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram | None:
     """The native program of ``model`` for ``size`` images, or ``None`` if a layer is not supported
     (pooling, full spatial covariances, or nonlinearities other than (Leaky)ReLU).
 
     :param reuse: share registers between maps whose lives do not overlap; the gradient's program keeps
         every map (``reuse=False``) for its backward sweep.
+    :param fuse: do sums of branches in the store of the window sum before them (the NNGP's forward only:
+        neither the NTK nor the reverse mode knows such window sums).
     """
     try:
-        return _lower(model, size, reuse)
+        return _lower(model, size, reuse, fuse)
     except Unsupported:
         return None
 
 
 def unsupported(model: Layer, size: tuple[int, int]) -> str | None:
     """Why the native kernel cannot run ``model`` (naming the first layer it lacks), or ``None`` if it can."""
-    try:
-        _lower(model, size)
-    except Unsupported as exc:
-        return str(exc)
+    if model.needs_full():
+        pooling = next(
+            layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full()
+        )
+        return _describe(pooling, "it needs covariances between positions, which the native kernel lacks")
+    for layer in model.kernel_layers():  # the layers _Lowering.emit knows
+        if not isinstance(layer, (Sequential, Sum)) and type(layer) not in (Conv2d, Dense, ReLU, LeakyReLU):
+            return _describe(layer, "a layer the native kernel does not implement")
     return None
+
+
+# programs per network: keyed by the engine's Requirements of the layer tree (one per tree and image size, see
+# gpytorch_cnngp.tiling.network_info), so a call lowers the network once instead of once per use
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memoised(
+    model: Layer, size: tuple[int, int], requirements, reuse: bool = True, fuse: bool = False
+) -> NativeProgram:
+    """:func:`lower` remembered per :class:`~gpytorch_cnngp.state.Requirements` (a new layer tree has new
+    requirements; a changed negative slope, the one value lowering reads from a layer, lowers again)."""
+    if requirements is None:
+        return lower(model, size, reuse, fuse)
+    programs = _PROGRAMS.setdefault(requirements, {})
+    key = (id(model), tuple(size), reuse, fuse)
+    program = programs.get(key)
+    if program is None or any(layer.negative_slope != alpha for layer, alpha in program.slopes):
+        program = programs[key] = lower(model, size, reuse, fuse)
+    return program
 
 
 def _allocate(low: _Lowering, reuse: bool = True) -> tuple[Tensor, int]:
@@ -324,7 +386,16 @@ def _cpu_signature() -> str:
 
 
 # the kernel's functions this module calls (each returns a status: 0 or an error code for _check)
-ENTRY_POINTS = ("cnngp_run_f32", "cnngp_run_f64", "cnngp_vjp_f32", "cnngp_vjp_f64", "cnngp_pack_f32", "cnngp_pack_f64")
+ENTRY_POINTS = (
+    "cnngp_run_f32",
+    "cnngp_run_f64",
+    "cnngp_vjp_f32",
+    "cnngp_vjp_f64",
+    "cnngp_pack_f32",
+    "cnngp_pack_f64",
+    "cnngp_self_f32",
+    "cnngp_self_f64",
+)
 
 _LIB: ctypes.CDLL | None = None
 _LIB_ERROR: str | None = None
@@ -403,24 +474,33 @@ def _self_test(lib: ctypes.CDLL) -> None:
     )
     gen = torch.Generator().manual_seed(0)
     images = spatial_first(torch.rand(5, 2, 7, 7, generator=gen, dtype=torch.float64))
-    program = lower(model, (7, 7))
+    program, fused = lower(model, (7, 7)), lower(model, (7, 7), fuse=True)
     for dtype in LANES:
         hyper = Hyper.of(model, dtype, "cpu")
         x = images.to(dtype)
         with torch.no_grad():
-            trace, _ = self_pass(model, x, hyper)
+            trace, want_self = self_pass(model, x, hyper)
             tx, tz = [t[..., :2] for t in trace], [t[..., 2:] for t in trace]
             want = pair_block(model, x[..., :2], x[..., 2:], tx, tz, hyper, ntk=True)
         params = program.parameter_vector(hyper, dtype)
         tol = 1e-4 if dtype == torch.float32 else 1e-10
-        for ntk in (False, True):
-            got = run_block(lib, program, params, x[..., :2], x[..., 2:], tx, tz, 2, ntk=ntk)
-            expected = want if ntk else want[0]
+        # the fast path too: fused sums, and traces from the kernel's own self pass
+        left = self_terms(lib, fused, params, x[..., :2], 2, right=False)[0]
+        right = self_terms(lib, fused, params, x[..., 2:], 2, left=False)[1]
+        for what, prog, ntk, sides, expected in (
+            ("", program, False, (tx, tz), want[0]),
+            (" for the NTK", program, True, (tx, tz), want),
+            (" with its own self pass", fused, False, (left, right), want[0]),
+        ):
+            got = run_block(lib, prog, params, x[..., :2], x[..., 2:], *sides, 2, ntk=ntk)
             if not torch.allclose(got, expected, rtol=tol, atol=0.0):
                 raise RuntimeError(
-                    f"its self-test failed in {dtype}{' for the NTK' if ntk else ''} (largest difference "
+                    f"its self-test failed in {dtype}{what} (largest difference "
                     f"{float((got - expected).abs().max()):.3g})"
                 )
+        own = self_terms(lib, fused, params, x, 2, final=True)[2]
+        if not torch.allclose(own, want_self, rtol=tol, atol=0.0):
+            raise RuntimeError(f"its self-test failed in {dtype} for the images' own values")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +609,21 @@ def run_block_vjp(
     return g_params[: params.numel()], slots_x, slots_z
 
 
+class PackedTraces:
+    """Traces already in the kernel's layout (from :func:`self_terms`): ``[n, positions, 2]`` for the first set,
+    ``[groups, positions, 2, lanes]`` for the second."""
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+
+def _coefficients(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (
+        torch.tensor(relu_poly_coefficients(dtype), dtype=dtype),
+        torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype),
+    )
+
+
 class _Packed:
     """The arguments both entry points share: the program, the packed images and traces, the coefficients."""
 
@@ -540,12 +635,17 @@ class _Packed:
         self.padded = -(-self.n2 // lanes) * lanes
         self.program, self.params = program, params
         self.xs, self.zs = _pack_left(x), _pack_right(z, lanes)
-        self.tx = _pack_traces(lib, trace_x, self.n1, dtype, False, n_threads)
-        self.tz = _pack_traces(lib, trace_z, self.n2, dtype, True, n_threads)
+        if isinstance(trace_x, PackedTraces):
+            self.tx = trace_x.data
+        else:
+            self.tx = _pack_traces(lib, trace_x, self.n1, dtype, False, n_threads)
+        if isinstance(trace_z, PackedTraces):
+            self.tz = trace_z.data
+        else:
+            self.tz = _pack_traces(lib, trace_z, self.n2, dtype, True, n_threads)
         self.offsets = program.slot_offsets
         self.n_trace = sum(program.slot_areas)
-        self.coefs = torch.tensor(relu_poly_coefficients(dtype), dtype=dtype)
-        self.dcoefs = torch.tensor(relu_derivative_poly_coefficients(dtype), dtype=dtype)
+        self.coefs, self.dcoefs = _coefficients(dtype)
 
     def arguments(self) -> tuple:
         p = self.program
@@ -557,11 +657,80 @@ class _Packed:
         )  # fmt: skip
 
 
+def self_terms(
+    lib: ctypes.CDLL,
+    program: NativeProgram,
+    params: Tensor,
+    x: Tensor,
+    n_threads: int,
+    left: bool = True,
+    right: bool = True,
+    ntk: bool = False,
+    final: bool = False,
+) -> tuple[PackedTraces | None, PackedTraces | None, Tensor | None]:
+    """The self pass of images ``x`` ``[H, W, C, n]`` in the kernel: their traces packed as the first set
+    (``left``) and as the second (``right``), each ``None`` if not asked for, and with ``final`` ``k(x, x)``
+    ``[n]`` (``[2, n]`` with ``ntk``: NNGP, NTK), else ``None``. (The engine takes the images' own values from
+    :func:`~gpytorch_cnngp.passes.self_pass`, so that the diagonal of ``K(X, X)`` is the same whatever the
+    backend; these agree with them to rounding.)"""
+    dtype, lanes = x.dtype, LANES[x.dtype]
+    h, w, c, n = x.shape
+    n_trace = sum(program.slot_areas)
+    positions = max(n_trace, 1)
+    groups = -(-n // lanes)
+    alloc = torch.zeros if n_trace == 0 else torch.empty  # a network without nonlinearities: one zero position
+    tx = alloc(n, positions, 2, dtype=dtype) if left else None
+    tz = alloc(groups, positions, 2, lanes, dtype=dtype) if right else None
+    own = torch.empty(*((2,) if ntk else ()), n, dtype=dtype) if final else None
+    coefs, dcoefs = _coefficients(dtype)
+    p = program
+    images, offsets = _pack_right(x, lanes), p.slot_offsets  # held until the call returns
+    fn = lib.cnngp_self_f64 if dtype == torch.float64 else lib.cnngp_self_f32
+    status = fn(
+        _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs, _ptr(images), h, w, c, n,
+        _ptr(offsets), n_trace, _ptr(params), _ptr(coefs), _ptr(dcoefs), len(coefs), len(dcoefs),
+        _ptr(tx) if left else None, _ptr(tz) if right else None, _ptr(own) if final else None, int(ntk),
+        int(n_threads),
+    )  # fmt: skip
+    _check(status)
+    return (PackedTraces(tx) if left else None), (PackedTraces(tz) if right else None), own
+
+
+class _NativeTerms(SelfTerms):
+    """Self terms computed by the kernel when the engine asks for a tile's, kept for the last range of each
+    side: a row of tiles reuses its first set's, and a square tile on the diagonal of ``K(X, X)`` computes
+    both layouts at once. Costs about what one tile's self pass does, so memory stays bounded by the tile."""
+
+    def __init__(self, compute, x: Tensor, both: bool) -> None:
+        self.compute, self.x, self.both = compute, x, both
+        self.cache: dict[str, tuple[int, int, PackedTraces]] = {}
+
+    def _get(self, side: str, i0: int, i1: int) -> PackedTraces:
+        hit = self.cache.get(side)
+        if hit is not None and hit[:2] == (i0, i1):
+            return hit[2]
+        want_left = side == "rows" or self.both
+        want_right = side == "columns" or self.both
+        left, right, _ = self.compute(self.x[..., i0:i1], want_left, want_right)
+        if want_left:
+            self.cache["rows"] = (i0, i1, left)
+        if want_right:
+            self.cache["columns"] = (i0, i1, right)
+        return self.cache[side][2]
+
+    def rows(self, i0: int, i1: int) -> PackedTraces:
+        return self._get("rows", i0, i1)
+
+    def columns(self, j0: int, j1: int) -> PackedTraces:
+        return self._get("columns", j0, j1)
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise RuntimeError(
             f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, "
-            "4: bad coefficients, 5: no gradients of the NTK)"
+            "4: bad coefficients, 5: no gradients of the NTK, 6: a fused sum in a program for the NTK or the "
+            "gradients)"
         )
 
 
@@ -599,9 +768,28 @@ class Native(Backend):
         return None
 
     @classmethod
+    def self_fn(cls, model, size, hyper, requirements, ntk=False) -> SelfFn:
+        lib = load_library()
+        program = _memoised(model, size, requirements, fuse=not ntk)
+        threads = torch.get_num_threads()
+        vectors: dict[torch.dtype, Tensor] = {}
+
+        def own(x: Tensor, both: bool) -> SelfTerms:
+            if x.dtype not in vectors:
+                vectors[x.dtype] = program.parameter_vector(hyper, x.dtype)
+            params = vectors[x.dtype]
+
+            def compute(images: Tensor, left: bool, right: bool):
+                return self_terms(lib, program, params, images, threads, left, right, ntk)
+
+            return _NativeTerms(compute, x, both)
+
+        return own
+
+    @classmethod
     def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
         lib = load_library()
-        program = lower(model, size)
+        program = _memoised(model, size, requirements, fuse=not ntk)
         params: dict[torch.dtype, Tensor] = {}
         threads = torch.get_num_threads()
 
@@ -618,7 +806,7 @@ class Native(Backend):
         if ntk:  # pragma: no cover - choose() never picks this backend for the NTK's gradients
             raise ValueError("the native kernel's gradients cover the NNGP only")
         lib = load_library()
-        program = lower(model, size, reuse=False)
+        program = _memoised(model, size, requirements, reuse=False)
         detached = hyper.with_values(v.detach() for v in hyper.values)
         params: dict[torch.dtype, Tensor] = {}
         threads = torch.get_num_threads()

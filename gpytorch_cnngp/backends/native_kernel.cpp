@@ -12,8 +12,10 @@
 // the derivatives, a sum adds both maps.
 //
 // Compiled once per machine by native.py with the system C++ compiler; plain C++17 loops written
-// for the compiler's auto-vectoriser (no intrinsics), threads from std::thread (no OpenMP runtime
-// next to PyTorch's).
+// for the compiler's auto-vectoriser (no intrinsics). Threads come from the OpenMP runtime PyTorch
+// has already loaded (libgomp.so.1, found by its name), so that its workers, which spin for a while
+// after each torch operation, do this kernel's work instead of competing with it; without OpenMP,
+// from std::thread.
 
 #include <algorithm>
 #include <atomic>
@@ -25,8 +27,27 @@
 #include <type_traits>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
+
+// work(t) for every t < n_threads, each on its own thread (if the runtime gives fewer, some take several)
+template <typename F>
+void parallel(int n_threads, F&& work) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+  {
+    for (int t = omp_get_thread_num(); t < n_threads; t += omp_get_num_threads()) work(t);
+  }
+#else
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+#endif
+}
 
 enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4 };
 
@@ -59,6 +80,9 @@ struct Args {
   int n_coefs, n_dcoefs;
   T* out;  // [n1][n2], then with the NTK a second [n1][n2]
   int ntk;  // registers hold the NTK's map after the NNGP's
+  // the self pass (run_self) only: where its traces go, in the layouts of tx (null: not wanted) and tz
+  T* self_left = nullptr;
+  T* self_right = nullptr;
 };
 
 template <typename T, int VL>
@@ -378,12 +402,21 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
 }
 
 // A window sum: out = bias + scale * sum. With `add` (a map of the output's shape), out = add + scale * sum
-// instead: the NTK's window sum plus the layer's new NNGP.
+// instead: the NTK's window sum plus the layer's new NNGP; with `branch`, out = branch + (bias + scale * sum):
+// a sum of branches done in the store (the instruction's b), the same bits as the separate sum.
 template <typename T, int VL>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
-          const T* __restrict add = nullptr) {
+          const T* __restrict add = nullptr, const T* __restrict branch = nullptr) {
   using H = typename Lanes<T, VL>::H;
-  if (add != nullptr) {
+  if (branch != nullptr) {
+    auto store = [dst, branch, scale, bias](int64_t at, int, H sum) {
+      H out;
+      std::memcpy(&out, branch + at, sizeof(H));
+      out += sum * scale + bias;
+      std::memcpy(dst + at, &out, sizeof(H));
+    };
+    window_sum<T, VL>(ins, src, tmp, store);
+  } else if (add != nullptr) {
     auto store = [dst, add, scale](int64_t at, int, H sum) {
       H out;
       std::memcpy(&out, add + at, sizeof(H));
@@ -553,7 +586,77 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
   }
 }
 
-template <typename T, int VL, int NR, int NA>
+// ---------------------------------------------------------------------------------------------
+// The self pass: the same program on single images, VL of them in the lanes (the second set's packing), so
+// that a map holds each image's variances. A nonlinearity records their standard deviations s and inverses
+// (as the traces' packing does) and maps v to E[phi(u)^2] = k1 v / 2 + k2 v, the pair formula at correlation 1;
+// with the NTK, its factor is k1 / 2 + k3 + k4 where s > 0 (D = h = 1/2), else k4.
+
+template <typename T, int VL>
+void self_input(const Args<T>& g, int jb, T* __restrict dst) {
+  const int area = g.H * g.W, C = g.C;
+  const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
+  for (int p = 0; p < area; ++p) {
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    for (int v = 0; v < VL; ++v) d[v] = T(0);
+    for (int c = 0; c < C; ++c) {
+      const T* __restrict zv = zb + (static_cast<int64_t>(p) * C + c) * VL;
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
+    }
+    if (C > 1) {
+      for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
+    }
+  }
+}
+
+template <typename T, int VL>
+void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict src, T* __restrict dst,
+                 const T* __restrict src_ntk, T* __restrict dst_ntk) {
+  const int area = ins.in_h * ins.in_w;
+  const int64_t first = g.slot_offset[ins.slot];
+  const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
+  const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
+  const T factor = T(0.5) * k1 + k2, slope = T(0.5) * k1 + k3 + k4;
+  const int lanes = std::min(VL, g.n2 - jb * VL);  // images in this group (the rest are padding)
+  T* right = g.self_right ? g.self_right + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL : nullptr;
+  T* left = g.self_left ? g.self_left + (static_cast<int64_t>(jb) * VL * g.n_trace + first) * 2 : nullptr;
+  for (int p = 0; p < area; ++p) {
+    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
+    T sd[VL], inv[VL];
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) {
+      sd[v] = std::sqrt(c[v]);
+      inv[v] = sd[v] > T(0) ? T(1) / sd[v] : T(0);
+    }
+    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+#pragma omp simd
+    for (int v = 0; v < VL; ++v) d[v] = c[v] * factor;
+    if (dst_ntk != nullptr) {
+      const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
+      T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
+#pragma omp simd
+      for (int v = 0; v < VL; ++v) dt[v] = t[v] * (sd[v] > T(0) ? slope : k4);
+    }
+    if (right != nullptr) {
+      T* __restrict r = right + static_cast<int64_t>(p) * 2 * VL;
+      for (int v = 0; v < VL; ++v) {
+        r[v] = v < lanes ? sd[v] : T(0);  // padding lanes: black images, as the traces' packing
+        r[VL + v] = v < lanes ? inv[v] : T(0);
+      }
+    }
+    if (left != nullptr) {
+      for (int v = 0; v < lanes; ++v) {
+        T* __restrict o = left + (static_cast<int64_t>(v) * g.n_trace + p) * 2;
+        o[0] = sd[v];
+        o[1] = inv[v];
+      }
+    }
+  }
+}
+
+// One instruction for the pairs (i, group jb), or with kSelf for the images of group jb on their own.
+template <typename T, int VL, int NR, int NA, bool kSelf = false>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
   // a register: the NNGP's map, then (with the NTK) the NTK's map
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
@@ -565,12 +668,18 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
     const int64_t area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
     switch (ins.op) {
       case OP_INPUT:
-        input_map<T, VL>(g, i, jb, reg(ins.dst));
+        if constexpr (kSelf) {
+          self_input<T, VL>(g, jb, reg(ins.dst));
+        } else {
+          input_map<T, VL>(g, i, jb, reg(ins.dst));
+        }
         if (g.ntk) std::memset(tangent(ins.dst), 0, area * sizeof(T));  // the input has no parameters
         break;
       case OP_CONV: {
         const T scale = g.params[ins.param];
-        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1]);
+        // a sum of branches in the store (b >= 0) comes only in programs without the NTK (native.py)
+        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1], nullptr,
+                    ins.b >= 0 ? reg(ins.b) : nullptr);
         if (!g.ntk) break;
         if (ins.flags & kNtkInZero) {
           std::memcpy(tangent(ins.dst), reg(ins.dst), area * sizeof(T));
@@ -580,7 +689,11 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       }
       case OP_NONLIN:
-        nonlin<T, VL, NR, NA>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+        if constexpr (kSelf) {
+          self_nonlin<T, VL>(g, ins, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+        } else {
+          nonlin<T, VL, NR, NA>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+        }
         break;
       case OP_ADD: {
         for (int part = 0; part < (g.ntk ? 2 : 1); ++part) {
@@ -594,6 +707,15 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
       }
       case OP_OUTPUT: {
         if (g.out == nullptr) break;  // the VJP's forward keeps its maps, not the value
+        if constexpr (kSelf) {  // out: [n2] (then the NTK's [n2]), the images' own values
+          const int lanes = std::min(VL, g.n2 - jb * VL);
+          T* o = g.out + static_cast<int64_t>(jb) * VL;
+          for (int v = 0; v < lanes; ++v) o[v] = reg(ins.a)[v];
+          if (g.ntk) {
+            for (int v = 0; v < lanes; ++v) o[g.n2 + v] = tangent(ins.a)[v];
+          }
+          break;
+        }
         T* o = g.out + static_cast<int64_t>(i) * g.n2 + static_cast<int64_t>(jb) * VL;
         const T* s = reg(ins.a);
         for (int v = 0; v < VL; ++v) o[v] = s[v];
@@ -610,14 +732,26 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
   }
 }
 
-template <typename T, int VL, int NR, int NA>
+// whether a window sum also adds a branch (the NNGP's forward only)
+template <typename T>
+bool has_fused_sums(const Args<T>& g) {
+  for (int k = 0; k < g.n_instr; ++k) {
+    if (g.prog[k].op == OP_CONV && g.prog[k].b >= 0) return true;
+  }
+  return false;
+}
+
+// Every block on n_threads threads, each with its own registers: the pairs (i, group jb) of the first set with
+// the second, or with kSelf the second set's groups of images on their own.
+template <typename T, int VL, int NR, int NA, bool kSelf = false>
 int run(const Args<T>& g, int n_threads) {
-  if (g.n2 % VL != 0) return 2;
+  if (!kSelf && g.n2 % VL != 0) return 2;
   if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
-  const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
+  if (g.ntk && has_fused_sums(g)) return 6;
+  const int64_t n_blocks = kSelf ? (g.n2 + VL - 1) / VL : static_cast<int64_t>(g.n1) * (g.n2 / VL);
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
-  auto worker = [&]() {
+  auto worker = [&](int) {
     const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * (g.ntk ? 2 : 1);
     const size_t bytes = (maps + g.tmp_area) * VL * sizeof(T);
     const size_t rounded = (bytes + 63) / 64 * 64;
@@ -629,15 +763,15 @@ int run(const Args<T>& g, int n_threads) {
     T* tmp = mem + maps * VL;
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
       // consecutive blocks share their lane group, whose packed traces then stay in cache
-      run_block<T, VL, NR, NA>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
+      if constexpr (kSelf) {
+        run_block<T, VL, NR, NA, true>(g, 0, static_cast<int>(blk), mem, tmp);
+      } else {
+        run_block<T, VL, NR, NA>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
+      }
     }
     std::free(mem);
   };
-  n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_blocks)));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n_threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
+  parallel(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_blocks))), worker);
   return failed.load() ? 3 : 0;
 }
 
@@ -924,6 +1058,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   if (g.n2 % VL != 0) return 2;
   if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
   if (g.ntk) return 5;
+  if (has_fused_sums(g)) return 6;
   const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
   const int64_t groups = g.n2 / VL;
   const size_t tx_size = static_cast<size_t>(g.n1) * g.n_trace;
@@ -962,10 +1097,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     std::free(touched);
     buffers[t] = mem;
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n_threads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
+  parallel(n_threads, worker);
   if (failed.load()) {
     for (T* b : buffers) std::free(b);
     return 3;
@@ -1068,10 +1200,7 @@ int pack_traces(const Slots<T>& sl, int right, T* out, int n_threads) {
       pack_left<T>(sl, n_trace, out, u0, u1);
     }
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
+  parallel(n_threads, work);
   return 0;
 }
 
@@ -1107,6 +1236,22 @@ int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 // lanes: 512 bits; NR, NA: coefficients of R and of A (float32: degrees 6 and 8, float64: 16 and 16; ops.py)
 CNNGP_ENTRY(cnngp_run_f32, float, 16, 7, 9)
 CNNGP_ENTRY(cnngp_run_f64, double, 8, 17, 17)
+
+// the self pass of n images z (packed as the second set): final [n] (then the NTK's [n]), the traces in the
+// layouts of tx (left, [n][n_trace][2]) and tz (right, [groups][n_trace][2][VL]); either may be null
+#define CNNGP_SELF(NAME, T, VL, NR, NA)                                                                           \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* z, int H, int W, \
+           int C, int n, const int32_t* slot_offset, int n_trace, const T* params, const T* coefs,            \
+           const T* dcoefs, int n_coefs, int n_dcoefs, T* left, T* right, T* final, int ntk, int n_threads) {     \
+    Args<T> g = make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, nullptr, z, H, W, C, 0, n, nullptr,       \
+                             nullptr, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, final, ntk); \
+    g.self_left = left;                                                                                          \
+    g.self_right = right;                                                                                        \
+    return run<T, VL, NR, NA, true>(g, n_threads);                                                               \
+  }
+
+CNNGP_SELF(cnngp_self_f32, float, 16, 7, 9)
+CNNGP_SELF(cnngp_self_f64, double, 8, 17, 17)
 
 // the VJP: gout [n1][n2] (zero in padding lanes); g_params [n_params], g_tx [n1][n_trace], g_tz [n2/VL][n_trace][VL]
 #define CNNGP_VJP(NAME, T, VL, NR, NA)                                                                            \
