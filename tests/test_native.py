@@ -399,6 +399,25 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_compiler_without_openmp_builds_the_kernel_with_its_own_threads(monkeypatch, tmp_path, capsys):
+    """-fopenmp refused (as by a clang without libomp): the kernel is built without it, uses std::thread, and
+    passes its self-test."""
+    if shutil.which("g++") is None:  # pragma: no cover - the wrapper below calls g++
+        pytest.skip("no g++ here")
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP here" >&2; exit 1; }; done\n'
+        'exec g++ "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path / "cache"))
+    lib = native._build_and_load()
+    native._self_test(lib)
+    assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 1
+    assert "building the native CPU kernel" in capsys.readouterr().err
+
+
 def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
     # the pipeline's blocks follow gram's own policy (compute_block(backend="auto") passes it through)
     from gpytorch_cnngp.backends import native_ready

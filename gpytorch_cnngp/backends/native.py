@@ -12,7 +12,10 @@ own cache from the first layer to the last. It computes the same formulas as the
 ``torch`` path (:func:`gpytorch_cnngp.ops.relu_expectation_poly`, the same window sums, taken as
 running sums for stride-1 windows of four taps or more), and with ``ntk`` the neural tangent kernel's
 map beside the NNGP's in the same registers (:func:`gpytorch_cnngp.ops.relu_derivative_expectation_poly`
-for the (leaky) ReLU's factor).
+for the (leaky) ReLU's factor). Its self pass (:func:`self_terms`) runs the same program on single images, one
+per lane, and writes each nonlinearity's standard deviations and their inverses straight into the layouts the
+pair pass reads, so a forward call packs no traces in Python; a sum of branches that follows a window sum is
+done in that window sum's store (``lower(..., fuse=True)``, the NNGP's forward only).
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``; the same one
 ``torch.compile`` needs on CPU) for this machine's instruction set, and cached under
@@ -421,35 +424,51 @@ def load_library() -> ctypes.CDLL | None:
     return _LIB
 
 
+def _target(source: bytes, compiler: str, flags: list[str]) -> Path:
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:20]
+    return _cache_dir() / f"cnngp_native_{key}.so"
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Build the kernel into ``target``; the compiler's complaint if it fails."""
+    # build under a temporary name and rename: concurrent processes (e.g. Dask workers) never
+    # load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return proc.stderr.strip()[-500:]
+        os.replace(tmp, target)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build_and_load() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:20]
-    target = _cache_dir() / f"cnngp_native_{key}.so"
-    if not target.exists():
+    # without an OpenMP runtime to link (some clang installations), the kernel makes its threads with std::thread
+    variants = [_FLAGS, [("-fopenmp-simd" if f == "-fopenmp" else f) for f in _FLAGS]]
+    target = next((t for t in (_target(source, compiler, v) for v in variants) if t.exists()), None)
+    if target is None:
         if shutil.which(compiler) is None:
             raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _cache_dir().mkdir(parents=True, exist_ok=True)
         print(
             f"gpytorch_cnngp: building the native CPU kernel for this machine with {compiler} (once, a few seconds; "
-            f"cached in {target.parent})",
+            f"cached in {_cache_dir()})",
             file=sys.stderr,
             flush=True,
         )
-        # build under a temporary name and rename: concurrent processes (e.g. Dask workers) never
-        # load a half-written library
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        for flags in variants:
+            target = _target(source, compiler, flags)
+            error = _compile(compiler, flags, target)
+            if error is None:
+                break
+        else:
+            raise RuntimeError(f"{compiler} failed: {error}")
     lib = ctypes.CDLL(str(target))
     if lib.cnngp_fields() != _FIELDS:
         raise RuntimeError("the native kernel's instruction layout does not match this version")
