@@ -562,3 +562,16 @@ def test_forward_calls_take_the_traces_from_the_kernels_self_pass(monkeypatch):
     weight = torch.tensor(1.3, dtype=F64, requires_grad=True)
     gram(model, x, z, backend="native", hyper={model[0]: {"var_weight": weight}}).sum().backward()
     assert calls == [7, 5, 7, 7, 5] and weight.grad is not None
+
+
+def test_tiles_of_a_symmetric_gram_compute_each_self_pass_once(monkeypatch):
+    """K(X, X) in 3 x 3 tiles: a row of tiles computes its rows (bringing the layout its diagonal tile reads as
+    columns), then the columns right of the diagonal: one kernel self pass per tile on and above the diagonal."""
+    calls = []
+    original = native.self_terms
+    monkeypatch.setattr(native, "self_terms", lambda *a, **k: calls.append(a[3].shape[-1]) or original(*a, **k))
+    model, size = MODELS["sums"]
+    x = _images(23, 2, size, seed=18)
+    got = gram(model, x, backend="native", tile_size=8)
+    assert calls == [8, 8, 7, 8, 7, 7]
+    torch.testing.assert_close(got, gram(model, x, backend="eager"), rtol=1e-12, atol=0.0)

@@ -717,8 +717,9 @@ def self_terms(
 
 class _NativeTerms(SelfTerms):
     """Self terms computed by the kernel when the engine asks for a tile's, kept for the last range of each
-    side: a row of tiles reuses its first set's, and a square tile on the diagonal of ``K(X, X)`` computes
-    both layouts at once. Costs about what one tile's self pass does, so memory stays bounded by the tile."""
+    side: a row of tiles reuses its first set's, and for ``K(X, X)`` the rows come with the other layout, which
+    the square tile on the diagonal reads as its columns. Costs about what one tile's self pass does, so memory
+    stays bounded by the tile."""
 
     def __init__(self, compute, x: Tensor, both: bool) -> None:
         self.compute, self.x, self.both = compute, x, both
@@ -728,7 +729,9 @@ class _NativeTerms(SelfTerms):
         hit = self.cache.get(side)
         if hit is not None and hit[:2] == (i0, i1):
             return hit[2]
-        want_left = side == "rows" or self.both
+        # a row of tiles asks for its rows once and for many columns: only the rows bring the other layout along
+        # (for the square tile on the diagonal of K(X, X), whose columns are the same images)
+        want_left = side == "rows"
         want_right = side == "columns" or self.both
         left, right, _ = self.compute(self.x[..., i0:i1], want_left, want_right)
         if want_left:
