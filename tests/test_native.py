@@ -575,3 +575,38 @@ def test_tiles_of_a_symmetric_gram_compute_each_self_pass_once(monkeypatch):
     got = gram(model, x, backend="native", tile_size=8)
     assert calls == [8, 8, 7, 8, 7, 7]
     torch.testing.assert_close(got, gram(model, x, backend="eager"), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_the_kernel_runs_in_a_forked_child():
+    """OpenMP's workers do not survive fork(): a child process (a forked data loader, say) that calls the kernel
+    makes its own threads instead of waiting for its parent's forever."""
+    import time
+
+    from gpytorch_cnngp.passes import self_pass, spatial_first
+    from gpytorch_cnngp.state import Hyper
+
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    gram(model, _images(64, 1, 8, seed=19), backend="native")  # the parent's OpenMP workers exist
+    lib = native.load_library()
+    program = native.lower(model, (6, 6))
+    x, z = spatial_first(_images(3, 1, 6, seed=20)), spatial_first(_images(20, 1, 6, seed=21))
+    hyper = Hyper.of(model, F64, "cpu")
+    params = program.parameter_vector(hyper, F64)
+    with torch.no_grad():
+        tx, tz = self_pass(model, x, hyper)[0], self_pass(model, z, hyper)[0]
+    want = native.run_block(lib, program, params, x, z, tx, tz, 2)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        got = native.run_block(lib, program, params, x, z, tx, tz, 2)
+        os._exit(0 if torch.equal(got, want) else 3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the kernel hung in a forked child")

@@ -27,26 +27,34 @@
 #include <type_traits>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace {
 
+// the process that loaded the kernel: GNU OpenMP's thread pool does not survive fork(), and a forked child that
+// entered a parallel region would wait for its parent's workers forever, so a child makes its own threads
+const pid_t kLoader = getpid();
+
 // work(t) for every t < n_threads, each on its own thread (if the runtime gives fewer, some take several)
 template <typename F>
 void parallel(int n_threads, F&& work) {
 #ifdef _OPENMP
+  if (getpid() == kLoader) {
 #pragma omp parallel num_threads(n_threads)
-  {
-    for (int t = omp_get_thread_num(); t < n_threads; t += omp_get_num_threads()) work(t);
+    {
+      for (int t = omp_get_thread_num(); t < n_threads; t += omp_get_num_threads()) work(t);
+    }
+    return;
   }
-#else
+#endif
   std::vector<std::thread> pool;
   for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
   work(0);
   for (auto& th : pool) th.join();
-#endif
 }
 
 enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4 };
