@@ -263,12 +263,18 @@ def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
     return out
 
 
+def _needs_full(model: Layer) -> str | None:
+    """The reason naming the layer, if ``model`` needs covariances between positions (a pooling layer)."""
+    if not model.needs_full():
+        return None
+    pooling = next(layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full())
+    return _describe(pooling, "it needs covariances between positions, which the native kernel lacks")
+
+
 def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram:
-    if model.needs_full():
-        pooling = next(
-            layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full()
-        )
-        raise Unsupported(_describe(pooling, "it needs covariances between positions, which the native kernel lacks"))
+    reason = _needs_full(model)
+    if reason is not None:
+        raise Unsupported(reason)
     low = _Lowering()
     first = low.new_reg(size)
     low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
@@ -300,11 +306,9 @@ def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = 
 
 def unsupported(model: Layer, size: tuple[int, int]) -> str | None:
     """Why the native kernel cannot run ``model`` (naming the first layer it lacks), or ``None`` if it can."""
-    if model.needs_full():
-        pooling = next(
-            layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full()
-        )
-        return _describe(pooling, "it needs covariances between positions, which the native kernel lacks")
+    reason = _needs_full(model)
+    if reason is not None:
+        return reason
     for layer in model.kernel_layers():  # the layers _Lowering.emit knows
         if not isinstance(layer, (Sequential, Sum)) and type(layer) not in (Conv2d, Dense, ReLU, LeakyReLU):
             return _describe(layer, "a layer the native kernel does not implement")

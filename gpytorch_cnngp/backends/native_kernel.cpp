@@ -88,24 +88,30 @@ struct Args {
   int n_coefs, n_dcoefs;
   T* out;  // [n1][n2], then with the NTK a second [n1][n2]
   int ntk;  // registers hold the NTK's map after the NNGP's
-  // the self pass (run_self) only: where its traces go, in the layouts of tx (null: not wanted) and tz
+  // the self pass (run with kSelf) only: where its traces go, in the layouts of tx and tz (null: not wanted)
   T* self_left = nullptr;
   T* self_right = nullptr;
 };
 
-template <typename T, int VL>
+// The input's channel mean of x_c z_c for the pairs (i, group jb), or with kSelf of z_c^2 for group jb's images.
+template <typename T, int VL, bool kSelf = false>
 void input_map(const Args<T>& g, int i, int jb, T* __restrict dst) {
   const int area = g.H * g.W, C = g.C;
-  const T* xi = g.x + static_cast<int64_t>(i) * area * C;
+  const T* xi = kSelf ? nullptr : g.x + static_cast<int64_t>(i) * area * C;
   const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
   for (int p = 0; p < area; ++p) {
     T* __restrict d = dst + static_cast<int64_t>(p) * VL;
     for (int v = 0; v < VL; ++v) d[v] = T(0);
     for (int c = 0; c < C; ++c) {
-      const T xv = xi[static_cast<int64_t>(p) * C + c];
       const T* __restrict zv = zb + (static_cast<int64_t>(p) * C + c) * VL;
+      if constexpr (kSelf) {
 #pragma omp simd
-      for (int v = 0; v < VL; ++v) d[v] += xv * zv[v];
+        for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
+      } else {
+        const T xv = xi[static_cast<int64_t>(p) * C + c];
+#pragma omp simd
+        for (int v = 0; v < VL; ++v) d[v] += xv * zv[v];
+      }
     }
     if (C > 1) {
       for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
@@ -601,24 +607,6 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
 // with the NTK, its factor is k1 / 2 + k3 + k4 where s > 0 (D = h = 1/2), else k4.
 
 template <typename T, int VL>
-void self_input(const Args<T>& g, int jb, T* __restrict dst) {
-  const int area = g.H * g.W, C = g.C;
-  const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
-  for (int p = 0; p < area; ++p) {
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
-    for (int v = 0; v < VL; ++v) d[v] = T(0);
-    for (int c = 0; c < C; ++c) {
-      const T* __restrict zv = zb + (static_cast<int64_t>(p) * C + c) * VL;
-#pragma omp simd
-      for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
-    }
-    if (C > 1) {
-      for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
-    }
-  }
-}
-
-template <typename T, int VL>
 void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict src, T* __restrict dst,
                  const T* __restrict src_ntk, T* __restrict dst_ntk) {
   const int area = ins.in_h * ins.in_w;
@@ -676,11 +664,7 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
     const int64_t area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
     switch (ins.op) {
       case OP_INPUT:
-        if constexpr (kSelf) {
-          self_input<T, VL>(g, jb, reg(ins.dst));
-        } else {
-          input_map<T, VL>(g, i, jb, reg(ins.dst));
-        }
+        input_map<T, VL, kSelf>(g, i, jb, reg(ins.dst));
         if (g.ntk) std::memset(tangent(ins.dst), 0, area * sizeof(T));  // the input has no parameters
         break;
       case OP_CONV: {
