@@ -84,6 +84,23 @@ MODELS = {
         12,
     ),
     "strided_shortcut": (Sequential(Conv2d(3), architectures.resnet_block(stride=2, multiplier=2), Dense()), 8),
+    # three-tap windows slid along in registers: no padding, maps narrower than the window (no interior
+    # output), padding wider than one tap
+    "three_taps": (
+        Sequential(
+            Conv2d(3, padding=0),
+            ReLU(),
+            Conv2d(3, padding=1),
+            LeakyReLU(0.2),
+            Conv2d(3, padding=2),
+            ReLU(),
+            Conv2d(3, padding=1, var_bias=0.3),
+            ReLU(),
+            Conv2d(3, padding=0),
+            Dense(),
+        ),
+        4,
+    ),
 }
 
 
