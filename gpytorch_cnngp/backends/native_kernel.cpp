@@ -719,6 +719,10 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
 template <typename T, int VL>
 void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict src, T* __restrict dst,
                  const T* __restrict src_ntk, T* __restrict dst_ntk) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  using I = typename L::I;
+  constexpr int P = L::kParts, K = L::kPer;
   const int area = ins.in_h * ins.in_w;
   const int64_t first = g.slot_offset[ins.slot];
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
@@ -727,35 +731,45 @@ void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict
   const int lanes = std::min(VL, g.n2 - jb * VL);  // images in this group (the rest are padding)
   T* right = g.self_right ? g.self_right + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL : nullptr;
   T* left = g.self_left ? g.self_left + (static_cast<int64_t>(jb) * VL * g.n_trace + first) * 2 : nullptr;
+  const H zero = H{}, one = zero + T(1);
+  // padding lanes' traces are zero (black images, as the traces' packing): all bits set in the real images' lanes
+  I keep[P];
+  for (int k = 0; k < P; ++k) {
+    for (int l = 0; l < K; ++l) keep[k][l] = k * K + l < lanes ? -1 : 0;
+  }
   for (int p = 0; p < area; ++p) {
     const T* __restrict c = src + static_cast<int64_t>(p) * VL;
-    T sd[VL], inv[VL];
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) {
-      sd[v] = std::sqrt(c[v]);
-      inv[v] = sd[v] > T(0) ? T(1) / sd[v] : T(0);
-    }
     T* __restrict d = dst + static_cast<int64_t>(p) * VL;
-#pragma omp simd
-    for (int v = 0; v < VL; ++v) d[v] = c[v] * factor;
-    if (dst_ntk != nullptr) {
-      const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
-      T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
-#pragma omp simd
-      for (int v = 0; v < VL; ++v) dt[v] = t[v] * (sd[v] > T(0) ? slope : k4);
-    }
-    if (right != nullptr) {
-      T* __restrict r = right + static_cast<int64_t>(p) * 2 * VL;
-      for (int v = 0; v < VL; ++v) {
-        r[v] = v < lanes ? sd[v] : T(0);  // padding lanes: black images, as the traces' packing
-        r[VL + v] = v < lanes ? inv[v] : T(0);
+    H sd[P], inv[P];
+#pragma GCC unroll 8
+    for (int k = 0; k < P; ++k) {
+      H cv;
+      std::memcpy(&cv, c + k * K, sizeof(H));
+      sd[k] = L::sqrt(cv);
+      inv[k] = sd[k] > zero ? one / sd[k] : zero;
+      const H out = cv * factor;
+      std::memcpy(d + k * K, &out, sizeof(H));
+      if (dst_ntk != nullptr) {
+        H tv;
+        std::memcpy(&tv, src_ntk + static_cast<int64_t>(p) * VL + k * K, sizeof(H));
+        const H dt = tv * (sd[k] > zero ? zero + slope : zero + k4);
+        std::memcpy(dst_ntk + static_cast<int64_t>(p) * VL + k * K, &dt, sizeof(H));
+      }
+      if (right != nullptr) {
+        const H s_out = reinterpret_cast<H>(reinterpret_cast<I>(sd[k]) & keep[k]);
+        const H i_out = reinterpret_cast<H>(reinterpret_cast<I>(inv[k]) & keep[k]);
+        std::memcpy(right + static_cast<int64_t>(p) * 2 * VL + k * K, &s_out, sizeof(H));
+        std::memcpy(right + static_cast<int64_t>(p) * 2 * VL + VL + k * K, &i_out, sizeof(H));
       }
     }
     if (left != nullptr) {
+      T sv[VL], iv[VL];
+      std::memcpy(sv, sd, sizeof(sv));
+      std::memcpy(iv, inv, sizeof(iv));
       for (int v = 0; v < lanes; ++v) {
         T* __restrict o = left + (static_cast<int64_t>(v) * g.n_trace + p) * 2;
-        o[0] = sd[v];
-        o[1] = inv[v];
+        o[0] = sv[v];
+        o[1] = iv[v];
       }
     }
   }
