@@ -87,6 +87,7 @@ class Hyper:
             values replace the layers' own.
         """
         params = hyperparameters(model)
+        device = torch.device(device) if device is not None else None
         values = []
         for layer, name in params:
             value = None
@@ -96,7 +97,9 @@ class Hyper:
                 value = override[layer][name]
             if value is None:
                 value = getattr(layer, name)
-            values.append(value.to(device=device, dtype=dtype) if (dtype or device) is not None else value)
+            if (dtype is not None and value.dtype != dtype) or (device is not None and value.device != device):
+                value = value.to(device=device, dtype=dtype)
+            values.append(value)
         return cls._make(tuple(params), tuple(values))
 
     @classmethod

@@ -52,7 +52,9 @@ def network_info(model: Layer, size: tuple[int, int]) -> NetworkInfo:
     results are kept per model and layer tree (hyperparameter values do not change shapes; replacing or
     re-wiring a layer does, and changes the key).
     """
-    key = (tuple(size), tuple((name, id(m), type(m), getattr(m, "window", None)) for name, m in model.named_modules()))
+    # a window is a plain attribute (in the module's __dict__); getattr would take torch's slow path on every layer
+    modules = model.named_modules()
+    key = (tuple(size), tuple((name, id(m), type(m), m.__dict__.get("window")) for name, m in modules))
     if key in _NETWORKS:
         _NETWORKS.move_to_end(key)
         return _NETWORKS[key]

@@ -561,6 +561,16 @@ def test_parameter_vector_entries():
         for k, (layer, name, divisor) in enumerate(program.params):
             want = torch.tensor(name, dtype=dtype) if layer is None else hyper(layer, name).to(dtype) / divisor
             assert torch.equal(got[k], want), (k, layer, name)
+    # other values for the same layers: a new vector (the last one is kept for the same Hyper only); values of
+    # shapes [] and [1] mixed (a GPyTorch raw parameter's shape) give the same entries
+    hyper = Hyper.of(model, F64, "cpu")
+    first = program.parameter_vector(hyper, F64)
+    doubled = hyper.with_values([2 * v if k % 2 else (2 * v).reshape(1) for k, v in enumerate(hyper.values)])
+    got = program.parameter_vector(doubled, F64)
+    for k, (layer, name, _) in enumerate(program.params):
+        assert got[k] == (first[k] if layer is None else 2 * first[k]), (k, layer, name)
+    with pytest.raises(ValueError, match="one number"):
+        program.parameter_vector(hyper.with_values([v.expand(2) for v in hyper.values]), F64)
 
 
 def test_forward_calls_take_the_traces_from_the_kernels_self_pass(monkeypatch):

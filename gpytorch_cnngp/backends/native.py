@@ -37,7 +37,7 @@ import sys
 import tempfile
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -119,6 +119,10 @@ class NativeProgram:
     slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
     params: list[tuple[Layer | None, str | float, int]]
     slopes: list[tuple[Layer, float]]  # the negative slopes whose constants are in params (see _memoised)
+    # parameter_vector's gather per (hyperparameter list, dtype), and its last result (one call asks for it
+    # once for the self terms and once for the pairs)
+    _gathers: dict = field(default_factory=dict, repr=False, compare=False)
+    _last: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def slot_offsets(self) -> Tensor:
@@ -140,13 +144,35 @@ class NativeProgram:
         hyperparameter entry ``(layer, name, divisor)``, and ``value`` for each ``(None, value, 1)``."""
         if not self.params:
             return torch.zeros(1, dtype=dtype)
-        # one gather and one division instead of a few torch operations per entry
-        values = torch.stack([v.detach().reshape(()) for v in hyper.values]).to(device="cpu", dtype=dtype)
-        index = [0 if layer is None else hyper.position(layer, name) for layer, name, _ in self.params]
-        constant = [0.0 if layer is not None else name for layer, name, _ in self.params]
-        is_constant = torch.tensor([layer is None for layer, _, _ in self.params])
-        divisors = torch.tensor([divisor for _, _, divisor in self.params], dtype=dtype)
-        return torch.where(is_constant, torch.tensor(constant, dtype=dtype), values[index] / divisors)
+        last = self._last
+        if last is not None and last[0] is hyper and last[1] == dtype:
+            return last[2]
+        gather = self._gathers.get((hyper.params, dtype))
+        if gather is None:
+            index = [0 if layer is None else hyper.position(layer, name) for layer, name, _ in self.params]
+            constant = [0.0 if layer is not None else name for layer, name, _ in self.params]
+            gather = (
+                torch.tensor(index),
+                torch.tensor([layer is None for layer, _, _ in self.params]),
+                torch.tensor(constant, dtype=dtype),
+                torch.tensor([divisor for _, _, divisor in self.params], dtype=dtype),
+            )
+            if len(self._gathers) >= 8:
+                self._gathers.clear()
+            self._gathers[(hyper.params, dtype)] = gather
+        index, is_constant, constant, divisors = gather
+        # one stack, one gather and one division instead of a few torch operations per entry
+        with torch.no_grad():
+            try:
+                values = torch.stack(hyper.values).reshape(-1)
+            except RuntimeError:  # values of different shapes (all hold one number)
+                values = torch.stack([v.reshape(()) for v in hyper.values])
+            values = values.to(device="cpu", dtype=dtype)
+            if values.numel() != len(hyper.values):
+                raise ValueError("every hyperparameter must hold one number")
+            vector = torch.where(is_constant, constant, values[index] / divisors)
+        self._last = (hyper, dtype, vector)
+        return vector
 
 
 class _Lowering:
