@@ -376,7 +376,10 @@ def _allocate(low: _Lowering, reuse: bool = True) -> tuple[Tensor, int]:
     for k, ins in enumerate(low.instrs):
         dst = -1
         if ins.dst >= 0:
-            if free and reuse:
+            if reuse and ins.op == _OP_NONLIN and last_use.get(ins.a) == k:
+                dst = phys[ins.a]  # in place
+                phys[ins.dst] = dst
+            elif free and reuse:
                 dst = free.pop()
             else:
                 dst, n_phys = n_phys, n_phys + 1
@@ -384,7 +387,7 @@ def _allocate(low: _Lowering, reuse: bool = True) -> tuple[Tensor, int]:
         a = phys[ins.a] if ins.a >= 0 else -1
         b = phys[ins.b] if ins.b >= 0 else -1
         for r in {ins.a, ins.b} - {-1}:
-            if last_use.get(r) == k:
+            if last_use.get(r) == k and phys[r] != dst:
                 free.append(phys[r])
         if ins.dst >= 0 and ins.dst not in last_use and ins.op != _OP_OUTPUT:
             free.append(dst)  # never read (cannot happen for a connected network)

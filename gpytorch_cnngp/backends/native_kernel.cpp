@@ -608,7 +608,7 @@ inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typenam
 
 // The NNGP-only (leaky) ReLU of nonlin: relu_vector over each position's SIMD vectors.
 template <typename T, int VL, int NR, bool kLinearPart>
-void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* __restrict src, T* __restrict dst,
+void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T* dst,
                  int area, T k1, T k2, const T* __restrict coefs) {
   using L = Lanes<T, VL>;
   using H = typename L::H;
@@ -620,8 +620,8 @@ void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* __rest
     const T s1 = tx[2 * p], i1 = tx[2 * p + 1];
     const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
     const T* __restrict i2 = s2 + VL;
-    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    const T* c = src + static_cast<int64_t>(p) * VL;
+    T* d = dst + static_cast<int64_t>(p) * VL;
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
       H cv, sv, iv, a, root;
@@ -637,8 +637,8 @@ void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* __rest
 // nonlin with the NTK: the NNGP as nonlin_nngp (to the bit), and the derivative factor with a clamped to 1
 // (its sqrt(1 - a) would turn a rounding excess of a into its square root).
 template <typename T, int VL, int NR, int NA, bool kLinearPart>
-void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* __restrict src, T* __restrict dst,
-                const T* __restrict src_ntk, T* __restrict dst_ntk, int area, T k1, T k2, T k3, T k4,
+void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T* dst,
+                const T* src_ntk, T* dst_ntk, int area, T k1, T k2, T k3, T k4,
                 const T* __restrict coefs, const T* __restrict dcoefs) {
   using L = Lanes<T, VL>;
   using H = typename L::H;
@@ -654,10 +654,10 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* __restr
     const T base = left * T(0.5) * k3 + k4;
     const T* __restrict s2 = tz + static_cast<int64_t>(p) * 2 * VL;
     const T* __restrict i2 = s2 + VL;
-    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
-    const T* __restrict t = src_ntk + static_cast<int64_t>(p) * VL;
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
-    T* __restrict dt = dst_ntk + static_cast<int64_t>(p) * VL;
+    const T* c = src + static_cast<int64_t>(p) * VL;
+    const T* t = src_ntk + static_cast<int64_t>(p) * VL;
+    T* d = dst + static_cast<int64_t>(p) * VL;
+    T* dt = dst_ntk + static_cast<int64_t>(p) * VL;
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
       H cv, sv, iv, tv, a, root;
@@ -687,8 +687,8 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* __restr
 // D = 0 and h = 0 for a zero variance, else h = 1/2 (ReLU: k1 = 1, k3 = k4 = 0; leaky: (1 - alpha)^2,
 // alpha (1 - alpha), alpha^2), as ReLU/LeakyReLU.pair_derivative_map.
 template <typename T, int VL, int NR, int NA>
-void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict src, T* __restrict dst,
-            const T* __restrict src_ntk, T* __restrict dst_ntk) {
+void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* src, T* dst,
+            const T* src_ntk, T* dst_ntk) {
   const int area = ins.in_h * ins.in_w;
   const int64_t first = g.slot_offset[ins.slot];
   const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first) * 2;
@@ -717,8 +717,8 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restri
 // with the NTK, its factor is k1 / 2 + k3 + k4 where s > 0 (D = h = 1/2), else k4.
 
 template <typename T, int VL>
-void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict src, T* __restrict dst,
-                 const T* __restrict src_ntk, T* __restrict dst_ntk) {
+void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* src, T* dst,
+                 const T* src_ntk, T* dst_ntk) {
   using L = Lanes<T, VL>;
   using H = typename L::H;
   using I = typename L::I;
@@ -738,8 +738,8 @@ void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* __restrict
     for (int l = 0; l < K; ++l) keep[k][l] = k * K + l < lanes ? -1 : 0;
   }
   for (int p = 0; p < area; ++p) {
-    const T* __restrict c = src + static_cast<int64_t>(p) * VL;
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
+    const T* c = src + static_cast<int64_t>(p) * VL;
+    T* d = dst + static_cast<int64_t>(p) * VL;
     H sd[P], inv[P];
 #pragma GCC unroll 8
     for (int k = 0; k < P; ++k) {
