@@ -103,3 +103,19 @@ def test_bench_kernel_ab_smoke(tmp_path):
     assert "### Native kernel sources A/B in one process" in text
     row = next(line for line in text.splitlines() if line.startswith("| convnet_gp | float64 | forward |"))
     assert float(row.split("|")[6]) > 0.0
+
+
+def test_bench_revisions_call_by_call_smoke(tmp_path):
+    """Two revisions' workers (here HEAD against the working tree) take turns, call by call."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_revisions.py"), "--old", "HEAD", "--calls", "3"]
+    cmd += ["--n", "2", "--archs", "convnet_gp", "--dtypes", "float64", "--methods", "eager", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "### Speed before and after a change, call by call" in text
+    row = next(line for line in text.splitlines() if line.startswith("| convnet_gp | float64 | eager |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert float(cells[6]) > 0.0 and "-" in cells[7]  # the median ratio and its quartiles
