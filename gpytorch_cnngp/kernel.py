@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from gpytorch.constraints import Interval, Positive
@@ -309,6 +309,11 @@ class CNNGPKernel(Kernel):
         x2 = x1 if same else x2.clone()
         self._cache.append((x1, x2, diag, values.detach().clone(), result.detach()))
         del self._cache[: -self._CACHE_ENTRIES]
+
+    def named_sub_kernels(self) -> Iterator[tuple[str, Kernel]]:
+        """None: the architecture's layers are modules but not GPyTorch kernels. (GPyTorch's default walks every
+        submodule to find them, several times per call: about 0.3 ms for a ResNet-32 GP.)"""
+        return iter(())
 
     def clear_cache(self) -> None:
         """Forget remembered kernel matrices (they are also dropped on pickling)."""

@@ -790,3 +790,12 @@ def test_second_derivatives_raise_instead_of_being_wrong():
         torch.autograd.grad(K.sum(), kernel.raw_var_weight, create_graph=True)
     (g,) = torch.autograd.grad(kernel(x).to_dense().sum(), kernel.raw_var_weight)  # first order still works
     assert bool(torch.isfinite(g).all())
+
+
+def test_no_sub_kernels_as_gpytorch_would_find_them():
+    """The override that skips GPyTorch's walk over every submodule hides nothing: that walk finds no kernel."""
+    from gpytorch.kernels import Kernel
+
+    kernel = CNNGPKernel(architectures.resnet32_gp(), input_shape=(1, 28, 28))
+    assert list(Kernel.named_sub_kernels(kernel)) == list(kernel.named_sub_kernels()) == []
+    assert kernel.batch_shape == torch.Size([])
