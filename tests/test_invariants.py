@@ -206,6 +206,22 @@ def test_tile_size_does_not_change_the_result(name):
         _assert_rel_close(gram(model, x, z, tile_size=tile), cross_ref, rtol=1e-13)
 
 
+def test_diagonal_over_several_self_pass_chunks_is_bitwise_diag():
+    """K(X, X)'s diagonal is bitwise diag=True also when the self pass runs in several chunks (CPU: 256 images),
+    the last one short (a matrix product over another number of images may round differently, so both take
+    their chunks from one rule); other chunk sizes agree to rounding."""
+    model, size = MODELS["conv_relu"]
+    x = _images(2 * 256 + 3, 2, size, seed=17)
+    for dtype in (F64, torch.float32):
+        xd = x.to(dtype)
+        diag = gram_diag(model, xd)
+        assert torch.equal(gram(model, xd).diagonal(), diag), dtype
+        for chunk in (1, 7, x.shape[0]):
+            _assert_rel_close(gram_diag(model, xd, chunk_size=chunk), diag, rtol=1e-13 if dtype == F64 else 1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gram_diag(model, x, chunk_size=0)
+
+
 def test_tiny_memory_budget_raises():
     model, size = MODELS["conv_relu"]
     x = _images(4, 1, size, seed=15)
