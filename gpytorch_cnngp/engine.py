@@ -151,7 +151,7 @@ def _fill(
     symmetric = z is None
     size = (x.shape[0], x.shape[1])
     zz = x if symmetric else z
-    chunk = self_chunk(plan.tile_size**2 // 4, x.device)
+    chunk = self_chunk(x.device, plan.tile_size**2 // 4)
     own = None if torch.is_grad_enabled() else backend.self_fn(model, size, hyper, req, ntk)
     if own is not None:  # the backend's own traces; the diagonal still from the one self pass every path shares
         terms_x = own(x, symmetric)
@@ -211,7 +211,7 @@ class _TiledGram(torch.autograd.Function):
         symmetric = z is None
         with torch.enable_grad():
             hyper = ctx.hyper.with_values(leaves)
-            chunk = self_chunk(plan.tile_size**2 // 4, x.device)
+            chunk = self_chunk(x.device, plan.tile_size**2 // 4)
             trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
             if symmetric:
                 zz, trace_z = x, trace_x
@@ -450,7 +450,7 @@ def gram_diag(
         return _select(torch.zeros(*((2,) if ntk else ()), 0, dtype=x.dtype, device=x.device), kinds, ntk)
     req = network_info(model, (x.shape[2], x.shape[3])).requirements
     if chunk_size is None:
-        chunk_size = self_chunk(4096, x.device)
+        chunk_size = self_chunk(x.device)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of images, got {chunk_size}")
     outs = []

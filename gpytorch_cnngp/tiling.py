@@ -153,17 +153,20 @@ def estimate_tile_size(
     return GramPlan(tile_size, budget, trace_bytes, pair_bytes, backend)
 
 
-# Images per eager self-pass chunk on a CPU: maps of a few hundred images stay in cache between the pass's many
-# small operations (a ResNet-32 GP's self values of 2000 images: 50 ms in chunks of 256, 220 ms in one chunk)
+# Images per eager self-pass chunk: on a CPU, maps of a few hundred images stay in cache between the pass's many
+# small operations (a ResNet-32 GP's self values of 2000 images: 50 ms in chunks of 256, 220 ms in one chunk); on a
+# GPU, a few thousand fill it
 CPU_SELF_CHUNK = 256
+SELF_CHUNK = 4096
 
 
-def self_chunk(bound: int, device: torch.device | str) -> int:
-    """Images per chunk of the eager self pass: ``bound`` (what memory allows), and on a CPU at most
-    :data:`CPU_SELF_CHUNK`. Each image is computed alone, but a matrix product may round differently for
-    another number of columns, so ``gram``'s diagonal and ``gram_diag`` take their chunks from here alike."""
-    bound = max(1, int(bound))
-    return min(bound, CPU_SELF_CHUNK) if torch.device(device).type == "cpu" else bound
+def self_chunk(device: torch.device | str, bound: int | None = None) -> int:
+    """Images per chunk of the eager self pass on ``device``: :data:`CPU_SELF_CHUNK` on a CPU, else
+    :data:`SELF_CHUNK`, and at most ``bound`` (what memory allows). Each image is computed alone, but a matrix
+    product may round differently for another number of columns, so ``gram``'s diagonal and ``gram_diag`` take
+    their chunks from here alike."""
+    cap = CPU_SELF_CHUNK if torch.device(device).type == "cpu" else SELF_CHUNK
+    return cap if bound is None else max(1, min(int(bound), cap))
 
 
 def tiles(n1: int, n2: int, tile: int, symmetric: bool) -> Iterator[tuple[int, int, int, int]]:

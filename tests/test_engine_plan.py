@@ -70,3 +70,14 @@ def test_compiled_plans_use_their_own_workspace_factor():
     model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), Dense())
     plan = tiling.estimate_tile_size(model, (8, 8), 10, torch.float32, "cpu", memory_budget=1 << 30, backend="inductor")
     assert plan.pair_bytes == (64 * 64) * 4 * Inductor.workspace_factor
+
+
+def test_self_pass_chunks():
+    """The eager self pass's chunk: a few hundred images on a CPU, a few thousand elsewhere, never above what
+    memory allows nor below one image (gram's diagonal and gram_diag share it)."""
+    from gpytorch_cnngp.tiling import CPU_SELF_CHUNK, SELF_CHUNK, self_chunk
+
+    assert self_chunk("cpu") == CPU_SELF_CHUNK < SELF_CHUNK == self_chunk("cuda")
+    assert self_chunk(torch.device("cpu"), 10**6) == CPU_SELF_CHUNK and self_chunk("cuda:1", 10**6) == SELF_CHUNK
+    assert self_chunk("cpu", 100) == 100 and self_chunk("cuda", 100) == 100
+    assert self_chunk("cpu", 0) == 1
