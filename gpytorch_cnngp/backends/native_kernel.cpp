@@ -288,75 +288,33 @@ __attribute__((always_inline)) inline void running_columns(const Instr& ins, con
   }
 }
 
-// Three-tap windows along H with stride and dilation 1: strips of G SIMD vectors go down the output rows with
-// the two previous input rows in registers, one load and two additions per interior output (see three_rows).
-template <typename T, int VL, int G, typename Store>
-__attribute__((always_inline)) inline void three_columns(const Instr& ins, const T* __restrict tmp, int64_t e0, Store& store) {
-  using L = Lanes<T, VL>;
-  using H = typename L::H;
-  constexpr int K = L::kPer;
-  const int in_h = ins.in_h, out_h = ins.out_h, pt = ins.pt;
-  const int64_t width = static_cast<int64_t>(ins.out_w) * VL;
-  const T* in = tmp + e0 * K;
-  const int first = std::min(out_h, std::max(0, pt)), last = std::max(first, std::min(out_h, in_h - 2 + pt));
-  auto edge = [&](int oh) {
-    int lo, hi;
-    valid_taps(oh - pt, 1, 3, in_h, lo, hi);
-    H acc[G];
-#pragma GCC unroll 32
-    for (int g = 0; g < G; ++g) acc[g] = H{};
-    for (int y = oh - pt + lo; y < oh - pt + hi; ++y) {
-#pragma GCC unroll 32
-      for (int g = 0; g < G; ++g) {
-        H h;
-        std::memcpy(&h, in + y * width + g * K, sizeof(H));
-        acc[g] += h;
-      }
-    }
-    const int64_t at = oh * width + e0 * K;
-#pragma GCC unroll 32
-    for (int g = 0; g < G; ++g) store(at + g * K, g, acc[g]);
-  };
-  for (int oh = 0; oh < first; ++oh) edge(oh);
-  if (last > first) {
-    H a[G], b[G];
-    const int y0 = first - pt;
-#pragma GCC unroll 32
-    for (int g = 0; g < G; ++g) {
-      std::memcpy(&a[g], in + y0 * width + g * K, sizeof(H));
-      std::memcpy(&b[g], in + (y0 + 1) * width + g * K, sizeof(H));
-    }
-    for (int oh = first; oh < last; ++oh) {
-      const T* next = in + (oh - pt + 2) * width;
-      const int64_t at = oh * width + e0 * K;
-#pragma GCC unroll 32
-      for (int g = 0; g < G; ++g) {
-        H c;
-        std::memcpy(&c, next + g * K, sizeof(H));
-        store(at + g * K, g, (a[g] + b[g]) + c);
-        a[g] = b[g];
-        b[g] = c;
-      }
-    }
-  }
-  for (int oh = last; oh < out_h; ++oh) edge(oh);
-}
-
-// running_columns over all `vectors` SIMD vectors of a row: strips of 8, then 4, 2, 1 (narrow maps still
-// get several chains)
-template <typename T, int VL, typename Store>
-__attribute__((always_inline)) inline void column_strips(const Instr& ins, const T* __restrict tmp, int64_t vectors, Store& store) {
+// strip(G, e) over all `vectors` SIMD vectors of a row, e the first of each strip: strips of G = 8, then 4, 2, 1
+// (narrow maps still get several chains); G comes as a std::integral_constant, a compile-time strip width
+template <typename F>
+__attribute__((always_inline)) inline void in_strips(int64_t vectors, F&& strip) {
   int64_t e = 0;
-  for (; e + 8 <= vectors; e += 8) running_columns<T, VL, 8>(ins, tmp, e, store);
-  for (; e + 4 <= vectors; e += 4) running_columns<T, VL, 4>(ins, tmp, e, store);
-  for (; e + 2 <= vectors; e += 2) running_columns<T, VL, 2>(ins, tmp, e, store);
-  for (; e < vectors; ++e) running_columns<T, VL, 1>(ins, tmp, e, store);
+  for (; e + 8 <= vectors; e += 8) strip(std::integral_constant<int, 8>{}, e);
+  for (; e + 4 <= vectors; e += 4) strip(std::integral_constant<int, 4>{}, e);
+  for (; e + 2 <= vectors; e += 2) strip(std::integral_constant<int, 2>{}, e);
+  for (; e < vectors; ++e) strip(std::integral_constant<int, 1>{}, e);
 }
 
 // Window sums along W by their taps (windows of fewer than kRunningMin taps, strides, dilations), rows of src
 // into tmp [in_h][out_w]. Groups of kTapGroup outputs whose windows lie inside the row are summed together,
 // their additions independent of each other (one output's taps form a chain of dependent additions).
 constexpr int kTapGroup = 4;
+
+// One output of a row by its taps inside [0, in_w): the row's edges, and windows that tap_rows cannot group.
+template <typename T, int VL>
+inline void tap_output(const Instr& ins, const T* __restrict row, T* __restrict out, int ow) {
+  using L = Lanes<T, VL>;
+  const int base = ow * ins.sw - ins.pl;
+  int lo, hi;
+  valid_taps(base, ins.dw, ins.kw, ins.in_w, lo, hi);
+  typename L::V acc = L::zero();
+  for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
+  L::store(out + static_cast<int64_t>(ow) * VL, acc);
+}
 
 template <typename T, int VL>
 inline void tap_rows(const Instr& ins, const T* __restrict src, T* __restrict tmp) {
@@ -389,11 +347,7 @@ inline void tap_rows(const Instr& ins, const T* __restrict src, T* __restrict tm
         ow += kTapGroup;
         continue;
       }
-      int lo, hi;
-      valid_taps(base, ins.dw, ins.kw, in_w, lo, hi);
-      typename L::V acc = L::zero();
-      for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(base + b * ins.dw) * VL);
-      L::store(out + static_cast<int64_t>(ow) * VL, acc);
+      tap_output<T, VL>(ins, row, out, ow);
       ++ow;
     }
   }
@@ -432,12 +386,51 @@ __attribute__((always_inline)) inline void tap_columns(const Instr& ins, const T
     valid_taps(base, ins.dh, ins.kh, in_h, lo, hi);
     const T* first = tmp + (hi > lo ? (static_cast<int64_t>(base) + lo * ins.dh) * width : 0);
     const int64_t step = static_cast<int64_t>(ins.dh) * width, row = oh * width;
-    int64_t e = 0;
-    for (; e + 8 <= vectors; e += 8) tap_strip<T, VL, 8>(first + e * K, step, hi - lo, row + e * K, store);
-    for (; e + 4 <= vectors; e += 4) tap_strip<T, VL, 4>(first + e * K, step, hi - lo, row + e * K, store);
-    for (; e + 2 <= vectors; e += 2) tap_strip<T, VL, 2>(first + e * K, step, hi - lo, row + e * K, store);
-    for (; e < vectors; ++e) tap_strip<T, VL, 1>(first + e * K, step, hi - lo, row + e * K, store);
+    in_strips(vectors, [&](auto strip, int64_t e) {
+      tap_strip<T, VL, decltype(strip)::value>(first + e * K, step, hi - lo, row + e * K, store);
+    });
   }
+}
+
+// Three-tap windows along H with stride and dilation 1: strips of G SIMD vectors go down the output rows with
+// the two previous input rows in registers, one load and two additions per interior output (see three_rows).
+template <typename T, int VL, int G, typename Store>
+__attribute__((always_inline)) inline void three_columns(const Instr& ins, const T* __restrict tmp, int64_t e0, Store& store) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int K = L::kPer;
+  const int in_h = ins.in_h, out_h = ins.out_h, pt = ins.pt;
+  const int64_t width = static_cast<int64_t>(ins.out_w) * VL;
+  const T* in = tmp + e0 * K;
+  const int first = std::min(out_h, std::max(0, pt)), last = std::max(first, std::min(out_h, in_h - 2 + pt));
+  auto edge = [&](int oh) {
+    int lo, hi;
+    valid_taps(oh - pt, 1, 3, in_h, lo, hi);
+    tap_strip<T, VL, G>(in + (oh - pt + lo) * width, width, hi - lo, oh * width + e0 * K, store);
+  };
+  for (int oh = 0; oh < first; ++oh) edge(oh);
+  if (last > first) {
+    H a[G], b[G];
+    const int y0 = first - pt;
+#pragma GCC unroll 32
+    for (int g = 0; g < G; ++g) {
+      std::memcpy(&a[g], in + y0 * width + g * K, sizeof(H));
+      std::memcpy(&b[g], in + (y0 + 1) * width + g * K, sizeof(H));
+    }
+    for (int oh = first; oh < last; ++oh) {
+      const T* next = in + (oh - pt + 2) * width;
+      const int64_t at = oh * width + e0 * K;
+#pragma GCC unroll 32
+      for (int g = 0; g < G; ++g) {
+        H c;
+        std::memcpy(&c, next + g * K, sizeof(H));
+        store(at + g * K, g, (a[g] + b[g]) + c);
+        a[g] = b[g];
+        b[g] = c;
+      }
+    }
+  }
+  for (int oh = last; oh < out_h; ++oh) edge(oh);
 }
 
 // Three-tap windows (the ResNets' 3x3 layers) with stride and dilation 1, along W: each input vector is loaded
@@ -454,14 +447,7 @@ inline void three_rows(const Instr& ins, const T* __restrict src, T* __restrict 
   for (int h = 0; h < in_h; ++h) {
     const T* row = src + static_cast<int64_t>(h) * in_w * VL;
     T* out = tmp + static_cast<int64_t>(h) * out_w * VL;
-    auto edge = [&](int ow) {
-      int lo, hi;
-      valid_taps(ow - pl, 1, 3, in_w, lo, hi);
-      typename L::V acc = L::zero();
-      for (int b = lo; b < hi; ++b) L::add(acc, row + static_cast<int64_t>(ow - pl + b) * VL);
-      L::store(out + static_cast<int64_t>(ow) * VL, acc);
-    };
-    for (int ow = 0; ow < first; ++ow) edge(ow);
+    for (int ow = 0; ow < first; ++ow) tap_output<T, VL>(ins, row, out, ow);
     if (last > first) {
       const T* in = row + static_cast<int64_t>(first - pl) * VL;
       H a[P], b[P];
@@ -483,7 +469,7 @@ inline void three_rows(const Instr& ins, const T* __restrict src, T* __restrict 
         }
       }
     }
-    for (int ow = last; ow < out_w; ++ow) edge(ow);
+    for (int ow = last; ow < out_w; ++ow) tap_output<T, VL>(ins, row, out, ow);
   }
 }
 
@@ -498,6 +484,7 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
   using L = Lanes<T, VL>;
   static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
   const int in_h = ins.in_h;
+  const int64_t vectors = static_cast<int64_t>(ins.out_w) * VL / L::kPer;  // of an output row
   if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
     // interleave and keep the adders busy
@@ -512,14 +499,12 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
   }
   if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
     // strips of columns, each strip's running sums in registers down all its output rows
-    column_strips<T, VL>(ins, tmp, static_cast<int64_t>(ins.out_w) * VL / L::kPer, store);
+    in_strips(vectors, [&](auto strip, int64_t e) {
+      running_columns<T, VL, decltype(strip)::value>(ins, tmp, e, store);
+    });
   } else if (ins.sh == 1 && ins.dh == 1 && ins.kh == 3) {
-    const int64_t vectors = static_cast<int64_t>(ins.out_w) * VL / L::kPer;
-    int64_t e = 0;
-    for (; e + 8 <= vectors; e += 8) three_columns<T, VL, 8>(ins, tmp, e, store);
-    for (; e + 4 <= vectors; e += 4) three_columns<T, VL, 4>(ins, tmp, e, store);
-    for (; e + 2 <= vectors; e += 2) three_columns<T, VL, 2>(ins, tmp, e, store);
-    for (; e < vectors; ++e) three_columns<T, VL, 1>(ins, tmp, e, store);
+    // strips of columns going down with the two previous rows in registers
+    in_strips(vectors, [&](auto strip, int64_t e) { three_columns<T, VL, decltype(strip)::value>(ins, tmp, e, store); });
   } else {
     tap_columns<T, VL>(ins, tmp, store);
   }
