@@ -669,6 +669,13 @@ class PackedTraces:
         self.data = data
 
 
+def _packed(lib, traces, n: int, dtype: torch.dtype, right: bool, n_threads: int) -> Tensor:
+    """One side's traces in the kernel's layout: as given if the kernel's self pass made them, else packed."""
+    if isinstance(traces, PackedTraces):
+        return traces.data
+    return _pack_traces(lib, traces, n, dtype, right, n_threads)
+
+
 def _coefficients(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return (
         torch.tensor(relu_poly_coefficients(dtype), dtype=dtype),
@@ -687,14 +694,8 @@ class _Packed:
         self.padded = -(-self.n2 // lanes) * lanes
         self.program, self.params = program, params
         self.xs, self.zs = _pack_left(x), _pack_right(z, lanes)
-        if isinstance(trace_x, PackedTraces):
-            self.tx = trace_x.data
-        else:
-            self.tx = _pack_traces(lib, trace_x, self.n1, dtype, False, n_threads)
-        if isinstance(trace_z, PackedTraces):
-            self.tz = trace_z.data
-        else:
-            self.tz = _pack_traces(lib, trace_z, self.n2, dtype, True, n_threads)
+        self.tx = _packed(lib, trace_x, self.n1, dtype, False, n_threads)
+        self.tz = _packed(lib, trace_z, self.n2, dtype, True, n_threads)
         self.offsets = program.slot_offsets
         self.n_trace = sum(program.slot_areas)
         self.coefs, self.dcoefs = _coefficients(dtype)
@@ -827,12 +828,9 @@ class Native(Backend):
         lib = load_library()
         program = _memoised(model, size, requirements, fuse=not ntk)
         threads = torch.get_num_threads()
-        vectors: dict[torch.dtype, Tensor] = {}
 
         def own(x: Tensor, both: bool) -> SelfTerms:
-            if x.dtype not in vectors:
-                vectors[x.dtype] = program.parameter_vector(hyper, x.dtype)
-            params = vectors[x.dtype]
+            params = program.parameter_vector(hyper, x.dtype)
 
             def compute(images: Tensor, left: bool, right: bool):
                 return self_terms(lib, program, params, images, threads, left, right, ntk)
@@ -845,14 +843,13 @@ class Native(Backend):
     def block_fn(cls, model, size, hyper, requirements, tile, ntk=False) -> BlockFn:
         lib = load_library()
         program = _memoised(model, size, requirements, fuse=not ntk)
-        params: dict[torch.dtype, Tensor] = {}
         threads = torch.get_num_threads()
 
         def block(x, z, trace_x, trace_z, same):
-            # like the compiled backend, the same-image rule is left to the engine's diagonal fix
-            if x.dtype not in params:
-                params[x.dtype] = program.parameter_vector(hyper, x.dtype)
-            return run_block(lib, program, params[x.dtype], x, z, trace_x, trace_z, threads, ntk)
+            # like the compiled backend, the same-image rule is left to the engine's diagonal fix; the parameter
+            # vector is made once per call (the program keeps it for this Hyper)
+            params = program.parameter_vector(hyper, x.dtype)
+            return run_block(lib, program, params, x, z, trace_x, trace_z, threads, ntk)
 
         return block
 
@@ -863,19 +860,15 @@ class Native(Backend):
         lib = load_library()
         program = _memoised(model, size, requirements, reuse=False)
         detached = hyper.with_values(v.detach() for v in hyper.values)
-        params: dict[torch.dtype, Tensor] = {}
         threads = torch.get_num_threads()
 
         def vjp(x, z, trace_x, trace_z, same, grad):
             # the engine zeroes the gradient of a square block's diagonal (it comes from the self values), so
             # the same-image rule needs no adjoint here
-            if x.dtype not in params:
-                params[x.dtype] = program.parameter_vector(detached, x.dtype)
+            params = program.parameter_vector(detached, x.dtype)
             tx = [t.detach() for t in trace_x]
             tz = [t.detach() for t in trace_z]
-            g_params, g_tx, g_tz = run_block_vjp(
-                lib, program, params[x.dtype], x.detach(), z.detach(), tx, tz, grad, threads
-            )
+            g_params, g_tx, g_tz = run_block_vjp(lib, program, params, x.detach(), z.detach(), tx, tz, grad, threads)
             return program.hyper_gradients(detached, g_params), g_tx, g_tz
 
         return vjp
