@@ -479,13 +479,17 @@ constexpr int kStrip = 8;
 // Uniform-window sum, separable: along W into tmp [in_h][out_w], then along H; zero padding means
 // out-of-range taps are skipped. Each output SIMD vector's sum goes to store(at, g, sum), `at` its offset in
 // the [out_h][out_w][VL] map and g < kStrip an index for accumulators kept by the store.
-template <typename T, int VL, typename Store>
+// kDirect sums every window tap by tap, never as running sums: the self pass's variances then stay exact
+// zeros over black regions and keep their relative accuracy where they are small (a running sum leaves a
+// residual of the size of the row's largest value, which a standard deviation would turn into its square
+// root); the pairs' covariances enter the nonlinearities linearly, where such residuals stay residuals.
+template <typename T, int VL, typename Store, bool kDirect = false>
 __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T* __restrict src, T* __restrict tmp, Store& store) {
   using L = Lanes<T, VL>;
   static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
   const int in_h = ins.in_h;
   const int64_t vectors = static_cast<int64_t>(ins.out_w) * VL / L::kPer;  // of an output row
-  if (ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
+  if (!kDirect && ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
     // interleave and keep the adders busy
     int h = 0;
@@ -497,7 +501,7 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
   } else {
     tap_rows<T, VL>(ins, src, tmp);
   }
-  if (ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
+  if (!kDirect && ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
     // strips of columns, each strip's running sums in registers down all its output rows
     in_strips(vectors, [&](auto strip, int64_t e) {
       running_columns<T, VL, decltype(strip)::value>(ins, tmp, e, store);
@@ -513,7 +517,7 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
 // A window sum: out = bias + scale * sum. With `add` (a map of the output's shape), out = add + scale * sum
 // instead: the NTK's window sum plus the layer's new NNGP; with `branch`, out = branch + (bias + scale * sum):
 // a sum of branches done in the store (the instruction's b), the same bits as the separate sum.
-template <typename T, int VL>
+template <typename T, int VL, bool kDirect = false>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
           const T* __restrict add = nullptr, const T* __restrict branch = nullptr) {
   using H = typename Lanes<T, VL>::H;
@@ -524,7 +528,7 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
       out += sum * scale + bias;
       std::memcpy(dst + at, &out, sizeof(H));
     };
-    window_sum<T, VL>(ins, src, tmp, store);
+    window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
   } else if (add != nullptr) {
     auto store = [dst, add, scale](int64_t at, int, H sum) {
       H out;
@@ -532,13 +536,13 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
       out += sum * scale;
       std::memcpy(dst + at, &out, sizeof(H));
     };
-    window_sum<T, VL>(ins, src, tmp, store);
+    window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
   } else {
     auto store = [dst, scale, bias](int64_t at, int, H sum) {
       const H out = sum * scale + bias;
       std::memcpy(dst + at, &out, sizeof(H));
     };
-    window_sum<T, VL>(ins, src, tmp, store);
+    window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
   }
 }
 
@@ -564,10 +568,8 @@ inline H polynomial(H a, const H* cf) {
 
 // One SIMD vector of the (leaky) ReLU's NNGP, shared by nonlin_nngp and nonlin_ntk so that both give the
 // same bits: k1 J + k2 c for covariances cv, right-side deviations sv and their inverses iv, with cf the
-// coefficients of k1 R / (2 pi). Also returns a = |rho| (not clamped) and root = sqrt(|1 - a|). It is written
-// for the multiply-add units, which bound it: max(c, 0) / 2 is (c + |c|) / 4, and 1 - a is taken as |1 - a|
-// instead of clamping a to 1 (a exceeds 1 only by rounding in c, and then (1 - a)^(3/2) is that rounding to
-// the power 3/2, far below it).
+// coefficients of k1 R / (2 pi). Also returns a = min(|rho|, 1) and root = sqrt(1 - a). It is written for the
+// multiply-add units, which bound it: max(c, 0) / 2 is (c + |c|) / 4.
 template <typename T, int VL, int NR, bool kLinearPart>
 inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typename Lanes<T, VL>::H sv,
                                             typename Lanes<T, VL>::H iv, T s1, T i1,
@@ -580,10 +582,15 @@ inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typenam
   const H one = H{} + T(1);
   const H mag = reinterpret_cast<H>(reinterpret_cast<I>(cv) & magnitude);
   a = mag * iv * i1;
+  // |rho| is at most 1, but running sums leave rounding residuals where a map is zero, and there
+  // a residual covariance over residual deviations is any number: clamped, such positions give
+  // max(c, 0) / 2, residual-sized, as the exact zeros of a direct sum would give 0 (a NaN from
+  // 0 * inf compares false and becomes 1 as well).
+  a = a < one ? a : one;
   H poly = cf[NR - 1];
 #pragma GCC unroll 32
   for (int m = NR - 2; m >= 0; --m) poly = poly * a + cf[m];
-  const H u = reinterpret_cast<H>(reinterpret_cast<I>(one - a) & magnitude);
+  const H u = one - a;
   root = L::sqrt(u);
   poly *= (sv * s1) * (u * root);
   H out = (cv + mag) * quarter_k1 + poly;  // ReLU: k1 = 1, k2 = 0 gives J exactly
@@ -779,13 +786,13 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
       case OP_CONV: {
         const T scale = g.params[ins.param];
         // a sum of branches in the store (b >= 0) comes only in programs without the NTK (native.py)
-        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1], nullptr,
+        conv<T, VL, kSelf>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1], nullptr,
                     ins.b >= 0 ? reg(ins.b) : nullptr);
         if (!g.ntk) break;
         if (ins.flags & kNtkInZero) {
           std::memcpy(tangent(ins.dst), reg(ins.dst), area * sizeof(T));
         } else {
-          conv<T, VL>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), reg(ins.dst));
+          conv<T, VL, kSelf>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), reg(ins.dst));
         }
         break;
       }
