@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -298,6 +299,46 @@ def test_first_source_fails_second_used(tmp_path, synthetic, monkeypatch):
     _no_leftovers(folder)
     images, _ = ds.load_mnist(data_dir=tmp_path, download=False)
     assert len(images) == N_TRAIN + N_TEST
+
+
+def _shown(caplog) -> str:
+    """What a log showing warnings and above (Python's default) prints: the messages at WARNING or higher."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_download_log_names_the_source_that_served_the_data(tmp_path, synthetic, monkeypatch, caplog):
+    _, files = synthetic
+    unreachable = urllib.error.URLError("Name or service not known")
+    sources = [_failing("mirror A", unreachable), _failing("mirror B", unreachable), _source("npm tarball", files)]
+    monkeypatch.setitem(ds.SOURCES, "mnist", sources)
+    caplog.set_level(logging.INFO, logger="gpytorch_cnngp")
+    ds.fetch("mnist", data_dir=tmp_path)
+    shown = _shown(caplog)
+    assert "mirror A failed" in shown and "mirror B failed" in shown
+    served = [line for line in shown.splitlines() if "from npm tarball" in line]
+    assert len(served) == 1, shown
+    assert all(name in served[0] for name in ds.FILES), served
+
+
+def test_download_log_names_each_source_of_a_partial_fetch(tmp_path, synthetic, monkeypatch, caplog):
+    _, files = synthetic
+    monkeypatch.setitem(ds.SOURCES, "mnist", [_source("flaky", files, gz=True, fail_after=2), _source("csv", files)])
+    caplog.set_level(logging.INFO, logger="gpytorch_cnngp")
+    ds.fetch("mnist", data_dir=tmp_path)
+    shown = _shown(caplog).splitlines()
+    flaky = [line for line in shown if "flaky failed" in line]
+    assert len(flaky) == 1 and f"served {ds.FILES[0]}, {ds.FILES[1]}" in flaky[0], shown
+    csv = [line for line in shown if "from csv" in line]
+    assert len(csv) == 1 and f"{ds.FILES[2]}, {ds.FILES[3]}" in csv[0], shown
+
+
+def test_download_from_the_first_source_is_logged_at_info(tmp_path, synthetic, monkeypatch, caplog):
+    _, files = synthetic
+    monkeypatch.setitem(ds.SOURCES, "mnist", [_source("mirror A", files, gz=True)])
+    caplog.set_level(logging.INFO, logger="gpytorch_cnngp")
+    ds.fetch("mnist", data_dir=tmp_path)
+    assert _shown(caplog) == ""  # nothing went wrong: no warning
+    assert any("from mirror A" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_partial_source_then_next_for_the_rest(tmp_path, synthetic, monkeypatch):

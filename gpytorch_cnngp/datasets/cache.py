@@ -181,16 +181,21 @@ def _obtain(dataset: str, folder: Path, missing: Sequence[str], progress: bool) 
                 if close is not None:
                     close()
         not_given = [n for n in wanted if n in remaining]
+        served = [n for n in wanted if n not in remaining]
         elapsed = time.monotonic() - started
         if not_given:
             if not problems:
                 problems.append(f"did not provide {', '.join(not_given)}")
             failures.append((source.name, "; ".join(problems)))
-            log.warning("%s: %s failed after %.1f s: %s", display, source.name, elapsed, failures[-1][1])
+            gave = f" (it served {', '.join(served)})" if served else ""
+            log.warning("%s: %s failed after %.1f s%s: %s", display, source.name, elapsed, gave, failures[-1][1])
         else:
             if problems:
                 log.warning("%s: %s: %s", display, source.name, "; ".join(problems))
-            log.info("%s: got %s from %s in %.1f s", display, ", ".join(wanted), source.name, elapsed)
+            # After a logged failure the source that served the files is told at the same level, so that a log
+            # showing warnings does not end on failed mirrors without saying where the data came from.
+            level = logging.WARNING if failures or problems else logging.INFO
+            log.log(level, "%s: got %s from %s in %.1f s", display, ", ".join(served), source.name, elapsed)
     if remaining:
         tried = "\n".join(f"  - {name}: {reason}" for name, reason in failures) or "  (no sources configured)"
         raise DatasetUnavailable(
