@@ -13,25 +13,25 @@ A value comes from the innermost active context manager, else from the setting's
 here, and only here; a value that cannot be parsed is an error naming the variable), else from its default.
 Context managers apply to the whole process (as GPyTorch's do), not to one thread.
 
-=========================  ======================  =========================================================
-setting                    environment variable    meaning
-=========================  ======================  =========================================================
-:class:`compile_mode`      ``CNNGP_COMPILE``       ``"auto"`` (default), ``"on"`` or ``"off"``: the backend
-                                                   of calls that do not choose one (``compile=None``)
-:class:`native`            ``CNNGP_NATIVE``        the native CPU kernel may be used (default true)
-:class:`auto_native_pairs` --                      smallest number of pairs that ``"auto"`` runs natively
-:class:`auto_compile_pairs` --                     smallest number of pairs that ``"auto"`` compiles with
-                                                   ``torch.compile`` (where the native kernel does not apply)
-:class:`memory_budget`     ``CNNGP_MEMORY_BUDGET`` the engine's bytes per call (``None``: a quarter of the
-                                                   machine's memory up to 4 GiB, 60% of a GPU's free memory)
-:class:`tune_allocator`    ``CNNGP_MALLOPT``       let the library set glibc's malloc thresholds (default
-                                                   true; see :mod:`gpytorch_cnngp.memory`)
-:class:`cache_dir`         ``CNNGP_CACHE_DIR``     the native kernel's build cache (default
-                                                   ``$XDG_CACHE_HOME/gpytorch_cnngp`` or ``~/.cache/...``)
-:class:`data_dir`          ``CNNGP_DATA``          the data sets' folder (default: the cache folder)
-:class:`store_dir`         ``CNNGP_STORE_DIR``     where ``cnngp table --paper-scale`` keeps its stores
-:class:`traceback`         ``CNNGP_TRACEBACK``     ``cnngp`` shows tracebacks instead of one-line errors
-=========================  ======================  =========================================================
+============================  =======================  =========================================================
+setting                       environment variable     meaning
+============================  =======================  =========================================================
+:class:`compile_mode`         ``CNNGP_COMPILE``        ``"auto"`` (default), ``"on"`` or ``"off"``: the backend
+                                                       of calls that do not choose one (``compile=None``)
+:class:`native`               ``CNNGP_NATIVE``         the native CPU kernel may be used (default true)
+:class:`auto_native_pairs`    --                       smallest number of pairs that ``"auto"`` runs natively
+:class:`auto_compile_pairs`   --                       smallest number of pairs that ``"auto"`` compiles with
+                                                       ``torch.compile`` (where the native kernel does not apply)
+:class:`memory_budget`        ``CNNGP_MEMORY_BUDGET``  the engine's bytes per call (``None``: a quarter of the
+                                                       machine's memory up to 4 GiB, 60% of a GPU's free memory)
+:class:`tune_allocator`       ``CNNGP_MALLOPT``        let the library set glibc's malloc thresholds (default
+                                                       true; see :mod:`gpytorch_cnngp.memory`)
+:class:`cache_dir`            ``CNNGP_CACHE_DIR``      the native kernel's build cache (default
+                                                       ``$XDG_CACHE_HOME/gpytorch_cnngp`` or ``~/.cache/...``)
+:class:`data_dir`             ``CNNGP_DATA``           the data sets' folder (default: the cache folder)
+:class:`store_dir`            ``CNNGP_STORE_DIR``      where ``cnngp table --paper-scale`` keeps its stores
+:class:`traceback`            ``CNNGP_TRACEBACK``      ``cnngp`` shows tracebacks instead of one-line errors
+============================  =======================  =========================================================
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Backends: the ways to run the pair pass of a tile, and the one policy that chooses between them.
 
-=============  ===============================================================================
-``"eager"``    plain torch (:mod:`.eager`): every network, device and dtype; gradients
-``"inductor"`` ``torch.compile`` (:mod:`.inductor`): fused loops, 15-60 s to compile per shape
-``"native"``   the native CPU kernel (:mod:`.native`): same-location networks of Conv2d, Dense,
-               (Leaky)ReLU, Sum and Sequential in float32/float64 on a CPU
-``"auto"``     :func:`choose` decides per call (see there)
-=============  ===============================================================================
+==============  ===============================================================================
+``"eager"``     plain torch (:mod:`.eager`): every network, device and dtype; gradients
+``"inductor"``  ``torch.compile`` (:mod:`.inductor`): fused loops, 15-60 s to compile per shape
+``"native"``    the native CPU kernel (:mod:`.native`): same-location networks of Conv2d, Dense,
+                (Leaky)ReLU, Sum and Sequential in float32/float64 on a CPU
+``"auto"``      :func:`choose` decides per call (see there)
+==============  ===============================================================================
 
 Every caller (:func:`gpytorch_cnngp.gram`, :class:`gpytorch_cnngp.CNNGPKernel`, the Dask blocks and the
 ``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides.
