@@ -8,7 +8,7 @@ memory (VmHWM) above the resident memory after the imports:
 
 * ``bounded``: ``cnngp classify STORE --memory-budget B`` (the blocked factorisation; panels on disk when
   the budget cannot hold them);
-* ``dense``: the former classifier, a float64 copy of Kxx factorised by ``torch.linalg.cholesky``, only
+* ``dense``: the plain alternative, a float64 copy of Kxx factorised by ``torch.linalg.cholesky``, only
   where it fits this machine (about 20 n^2 bytes).
 
 Both runs' predictions are compared, and their dual coefficients (relative max difference).

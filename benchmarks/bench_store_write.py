@@ -6,8 +6,8 @@ with :meth:`KernelStore.write_block` (values, checksum, ``fsync``, completion by
 other, timed per tile:
 
 * ``upper``: the store as it is (only the tiles on and above the diagonal are written);
-* ``upper+transpose``: the same, plus the tile's transpose written below the diagonal, as stores did before
-  (a column of scattered small writes per tile).
+* ``upper+transpose``: the same, plus the tile's transpose written below the diagonal, the layout a full
+  matrix would need (a column of scattered small writes per tile).
 
 The cost is set beside the compute time of one tile at ``--rate`` kernel entries per second (the native
 ConvNet GP's rate on this machine kind). Since :func:`gpytorch_cnngp.distributed.compute_store` commits in a
@@ -62,7 +62,7 @@ def measure(folder: Path, n: int, tile: int, n_tiles: int, transpose: bool) -> l
             kxx = store._file["Kxx"] if transpose else None
             for block in chosen:
                 t0 = time.perf_counter()
-                if kxx is not None:  # the former layout: the transpose too, before the commit's fsyncs
+                if kxx is not None:  # the full layout: the transpose too, before the commit's fsyncs
                     (r0, r1), (c0, c1) = block.rows, block.cols
                     kxx[c0:c1, r0:r1] = values.T
                 store.write_block(block, values)

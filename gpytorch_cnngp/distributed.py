@@ -138,8 +138,8 @@ def default_tile_size(device: str | torch.device | None) -> int:
 
     A block is the unit of checkpointing and of distribution; inside a block the engine tiles again to fit
     memory, so a large block costs nothing extra on a GPU. Each block computes the self terms of its own
-    images, so on the CPU 256 amortises them (the README's MNIST ConvNet GP job: kernels in 10-11 s instead of
-    12-13 s with 128, native kernel) while a block still takes only seconds eagerly, little work to lose.
+    images, so on the CPU 256 amortises them (the README's MNIST ConvNet GP job ran faster with 256 than with 128
+    in the native kernel) while a block still takes only seconds eagerly, little work to lose.
     """
     dev = resolve_device(device) if device is None or str(device) == "auto" else torch.device(device)
     return 2048 if dev.type == "cuda" else 256

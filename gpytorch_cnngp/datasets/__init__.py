@@ -40,7 +40,7 @@ it up (e.g. ``gpytorch_cnngp.datasets.sources._download``), not this package; th
 """
 
 # The names outside __all__ (the four file names, the sources' URLs and timeouts, Fetcher) stay importable
-# from here, as from the former single module: hence the noqa.
+# from here for callers that import them from the package: hence the noqa.
 from .cache import ENV_VAR, dataset_dir, default_cache_dir, fetch, resolve_data_dir
 from .catalog import DATASETS, FILES, MD5, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS  # noqa: F401
 from .errors import ChecksumError, DatasetError, DatasetUnavailable
