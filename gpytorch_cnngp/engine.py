@@ -294,10 +294,11 @@ def gram(
         result lives there.
     :param progress: show a progress bar with the rate in kernel entries per second (needs tqdm).
     :param backend: how each tile's pair pass runs (:mod:`gpytorch_cnngp.backends`): ``"eager"`` (plain
-        torch), ``"inductor"`` (``torch.compile``: 2-3 times faster than eager after 15-60 s of compilation
-        once per architecture, dtype and tile size), ``"native"`` (the native CPU kernel for float32/float64
+        torch), ``"inductor"`` (``torch.compile``: faster than eager after a compilation once per
+        architecture, dtype and tile size), ``"native"`` (the native CPU kernel for float32/float64
         networks of ``Conv2d``, ``Dense``, ``ReLU``, ``LeakyReLU``, ``Sum`` and ``Sequential``, the paper's
-        three among them: built once per machine in a few seconds, 4-10 times faster than eager), or
+        three among them: built once per machine, the fastest on a CPU; the README's Performance table
+        compares them), or
         ``"auto"`` (default): the native kernel from ``settings.auto_native_pairs`` (16) pairs on where it
         runs, ``torch.compile`` from ``settings.auto_compile_pairs`` (4 million) pairs on for networks without
         pooling, else eager (see :func:`gpytorch_cnngp.backends.choose` and

@@ -191,7 +191,7 @@ class auto_native_pairs(_Count):
 
 class auto_compile_pairs(_Count):
     """From this many pairs on, ``compile_mode("auto")`` uses ``torch.compile`` where the native kernel does not
-    apply (compiling a network takes 15-60 s on 2 CPU cores, once per architecture, dtype and tile size)."""
+    apply (compiling a network takes seconds to minutes, once per architecture, dtype and tile size)."""
 
     default = 4_000_000
 

@@ -37,7 +37,7 @@ def _pad_last(t: Tensor, size: int) -> Tensor:
 
 
 class Inductor(Backend):
-    """``torch.compile`` of the pair pass: 2-3 times faster than eager after 15-60 s of compilation once
+    """``torch.compile`` of the pair pass: faster than eager after a compilation (seconds to minutes) once
     per architecture, dtype and tile size; forward only."""
 
     name = "inductor"
