@@ -44,6 +44,7 @@ __all__ = [
     "ArchitectureSpec",
     "ComputeReport",
     "SchedulerUnavailable",
+    "check_scheduler",
     "compute_block",
     "compute_store",
     "default_tile_size",
@@ -207,6 +208,24 @@ class SchedulerUnavailable(RuntimeError):
     """The Dask scheduler cannot be reached, or dask.distributed is not installed."""
 
 
+_IN_PROCESS = ("sync", "inprocess", "in-process")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Refuse a scheduler string that :func:`open_client` would not understand (before any work is done).
+
+    :raises ValueError: unless ``scheduler`` is ``"sync"``, ``"local"`` or an address ``protocol://host:port``.
+    """
+    if scheduler in _IN_PROCESS or scheduler == "local":
+        return
+    protocol, sep, rest = scheduler.partition("://")
+    if not sep or not protocol or not rest:
+        raise ValueError(
+            f"unknown scheduler {scheduler!r}: use 'sync' (in-process), 'local' (a local Dask cluster) or a Dask "
+            "scheduler address such as tcp://host:8786"
+        )
+
+
 @contextlib.contextmanager
 def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterator[Any]:
     """A Dask client for ``scheduler``, or ``None`` for in-process work; closes what it started.
@@ -218,17 +237,13 @@ def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterat
     :raises ValueError: for an unknown scheduler string.
     :raises SchedulerUnavailable: when ``dask.distributed`` is missing or the scheduler cannot be reached.
     """
-    if scheduler is None or scheduler in ("sync", "inprocess", "in-process"):
+    if scheduler is None or scheduler in _IN_PROCESS:
         yield None
         return
     if not isinstance(scheduler, str):
         yield scheduler  # a Client made by the caller
         return
-    if scheduler != "local" and "://" not in scheduler:
-        raise ValueError(
-            f"unknown scheduler {scheduler!r}: use 'sync' (in-process), 'local' (a local Dask cluster) or a Dask "
-            "scheduler address such as tcp://host:8786"
-        )
+    check_scheduler(scheduler)
     try:
         from distributed import Client, LocalCluster
     except ImportError as err:  # pragma: no cover - dask is in the experiments extra
