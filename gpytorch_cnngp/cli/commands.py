@@ -197,6 +197,7 @@ def _compute_into(
             backend=_backend(args),
             progress=args.progress,
             log=_say,
+            worker_wait=args.worker_wait,
         )
         store.check_still_there()  # a store deleted during the run is an error, not a success
         compute_seconds = store.block_seconds()

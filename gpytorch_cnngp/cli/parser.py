@@ -10,7 +10,7 @@ import os
 from .. import __version__
 from ..architectures import ARCHITECTURES
 from ..datasets import DATASETS, SPLITS
-from ..distributed import check_scheduler
+from ..distributed import DEFAULT_WORKER_WAIT, check_scheduler
 from ..memory import parse_bytes
 from .commands import _cmd_classify, _cmd_data, _cmd_kernels, _cmd_table
 from .defaults import DEFAULT_CONFIG, DEFAULT_SPLIT, DEFAULT_SUBSET, DEFAULT_WORKDIR
@@ -78,6 +78,16 @@ def _jitter(text: str) -> float:
         value = math.nan
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -155,6 +165,14 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             type=_positive_int,
             default=None,
             help="workers of --scheduler local (default: one per CPU core, at most 4)",
+        )
+        p.add_argument(
+            "--worker-wait",
+            type=_seconds,
+            default=DEFAULT_WORKER_WAIT,
+            metavar="SECONDS",
+            help="on a Dask cluster, how long a run whose workers were all lost waits for one to join before it stops "
+            "(its finished tiles saved) (default: %(default)g)",
         )
         p.add_argument(
             "--repair",
