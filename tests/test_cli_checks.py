@@ -132,6 +132,9 @@ def test_unwritable_outputs_are_found_before_the_solve(data_dir, tmp_path, capsy
             captured = capsys.readouterr()
             assert f"{option}: cannot write in {locked}" in captured.err and "Traceback" not in captured.err
             assert "validation error" not in captured.out  # refused before the solve
+        assert cli.main(["kernels", "--out", str(locked / "new.h5"), "--data-dir", str(data_dir), *TINY]) == 1
+        captured = capsys.readouterr()
+        assert f"--out: cannot write in {locked}" in captured.err and "data:" not in captured.out
         argv = _table(locked, data_dir)
         assert cli.main(argv) == 1
         captured = capsys.readouterr()

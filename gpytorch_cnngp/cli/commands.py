@@ -310,6 +310,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_kernels(args: argparse.Namespace) -> int:
     sizes = _sizes(args)
     _check_budget(args)
+    out = Path(args.out)
+    if not out.exists():  # a new store: its folder must take it (a store being resumed is checked when opened)
+        _check_output_file(out, "--out")
     _compute(args.config, args, sizes, Path(args.out), estimate=True)
     return 0
 
