@@ -10,7 +10,6 @@ keep each other's rows.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import math
@@ -23,6 +22,11 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: results are written without the lock
+    fcntl = None  # type: ignore[assignment]
 
 _PAPER_NAMES = {
     "convnet_gp": "ConvNet GP",
@@ -136,7 +140,8 @@ def _locked(folder: Path) -> Iterator[None]:
     except OSError as exc:
         raise UserError(f"cannot lock the results in {folder}: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another run writes its rows
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another run writes its rows
         yield
     finally:
         os.close(fd)  # closing releases the lock
