@@ -66,7 +66,6 @@ def _read_only(folder: Path):
         ("--max-tries", "400", "at most 11"),  # was: OverflowError
         ("--scheduler", "foo", "unknown scheduler"),  # was: checked only after the data loaded
         ("--scheduler", "tcp:/host", "unknown scheduler"),
-        ("--device", "tpu", "unknown device"),
     ],
 )
 def test_bad_arguments_are_refused_when_parsed(tmp_path, offline, capsys, option, value, says):  # noqa: F811
@@ -76,6 +75,15 @@ def test_bad_arguments_are_refused_when_parsed(tmp_path, offline, capsys, option
         cli.main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and option in err and says in err and "Traceback" not in err
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("option", ["--device", "--solve-device"])
+def test_table_checks_both_devices_before_any_work(tmp_path, offline, capsys, option):  # noqa: F811
+    # was: a bad --solve-device was found after the kernels
+    status = cli.main(_table(tmp_path / "work", tmp_path / "no-data", option, "tpu"))
+    err = capsys.readouterr().err
+    assert status == 1 and "unknown device 'tpu'" in err and "could not obtain MNIST" not in err
     assert not (tmp_path / "work").exists()
 
 

@@ -245,8 +245,8 @@ def _prior_jitter_check(config: str, images: dict, args: argparse.Namespace) -> 
 
 
 def _classify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    _store_jitter_check(path, args)
     device = resolve_device(args.solve_device)
+    _store_jitter_check(path, args)
     budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
     where = "dense on the GPU" if device.type == "cuda" else "blocked, within the memory budget"
     _say(
@@ -347,6 +347,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
         workdir = Path(args.workdir or DEFAULT_WORKDIR)
         store_dir = Path(args.store_dir) if args.store_dir else workdir
     _check_budget(args)
+    _check_device(args)
+    resolve_device(args.solve_device)  # the classifier's device too, before the kernels
     _check_writable(workdir, "--workdir")
     _check_writable(store_dir, "--store-dir")
     _read_results(workdir / "results.json")  # a results file that cannot be read is refused before any work
@@ -356,7 +358,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
             f"stores in {store_dir}, results in {workdir}. Every step resumes when the same command is run again."
         )
     _preflight(configs, args, sizes, store_dir)
-    _check_device(args)
     data = _load_data(args, sizes)  # once for every configuration
     for config in configs:
         _prior_jitter_check(config, data[0], args)

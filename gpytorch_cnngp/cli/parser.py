@@ -92,16 +92,10 @@ def _seconds(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    """A device name; ``cpu:N`` is the CPU (torch has one CPU device), so it behaves as ``cpu`` everywhere."""
-    name = text.strip()
-    if name == "auto":
-        return name
-    head, _, index = name.partition(":")
-    if head == "cpu" and (not index or index.isdigit()):
-        return "cpu"
-    if head != "cuda" or (index and not index.isdigit()):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
-    return name
+    """A device name; ``cpu:N`` is the CPU (torch has one CPU device), so it behaves as ``cpu`` everywhere.
+    Other names are checked (and unavailable devices refused) before any work by the commands."""
+    head, _, index = text.strip().partition(":")
+    return "cpu" if head == "cpu" and (not index or index.isdigit()) else text
 
 
 def _scheduler(text: str) -> str:
