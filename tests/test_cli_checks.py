@@ -248,7 +248,10 @@ def test_a_full_disk_leaves_the_results_as_they_were(data_dir, tmp_path):  # noq
     before = {name: (workdir / name).read_bytes() for name in ("results.json", "results.md")}
     assert len(json.loads(before["results.json"])) == 2
     # the same run again (its store is complete: nothing grows but the results) with files limited to 300 bytes
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    import gpytorch_cnngp
+
+    package_root = str(Path(gpytorch_cnngp.__file__).parents[1])  # the package this test imported, not another
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *sys.path])}
     run = subprocess.run(
         [sys.executable, "-c", _FULL_DISK_RUN, json.dumps(ds.MD5["mnist"]), "300", *argv],
         capture_output=True,
