@@ -457,7 +457,27 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
     """
     from distributed import as_completed
 
-    futures_of = client.scatter(arrays, broadcast=True)
+    wait = DEFAULT_WORKER_WAIT if wait is None else float(wait)
+    futures_of: dict[str, Any] = {}
+
+    def scatter(parts: list[str], broadcast: bool, gone: str) -> None:
+        """Send ``parts`` of the images to the workers there are, waiting up to ``wait`` s for one to be there."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:  # the scheduler may still list a dead worker, or have none while a nanny restarts one
+                timeout = max(0.5, min(10.0, deadline - time.monotonic()))
+                data = {part: arrays[part] for part in parts}
+                futures_of.update(client.scatter(data, broadcast=broadcast, timeout=timeout))
+                return
+            except (OSError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise WorkersLost(
+                        f"{gone} of the Dask scheduler at {client.scheduler.address} and none joined within {wait:g} "
+                        "s; the finished tiles are saved: start workers and run the same command again to resume"
+                    ) from exc
+                time.sleep(0.2)
+
+    scatter(list(arrays), True, "there is no worker")
     if max_in_flight is None:
         max_in_flight = max(2, 2 * sum(client.nthreads().values()))
     queue = list(pending)
@@ -486,24 +506,10 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
         position += 1
         return submit(queue[position - 1])
 
-    wait = DEFAULT_WORKER_WAIT if wait is None else float(wait)
-
     def rescatter_lost() -> list[str]:
         lost = [part for part, future in futures_of.items() if future.status != "finished"]
-        deadline = time.monotonic() + wait
-        while lost:
-            try:  # the scheduler may still list the dead worker, or have none while a nanny restarts one
-                timeout = max(0.5, min(10.0, deadline - time.monotonic()))
-                futures_of.update(client.scatter({part: arrays[part] for part in lost}, timeout=timeout))
-                break
-            except (OSError, ValueError) as exc:
-                if time.monotonic() > deadline:
-                    raise WorkersLost(
-                        f"every Dask worker of the scheduler at {client.scheduler.address} was lost and none joined "
-                        f"within {wait:g} s; the finished tiles are saved: start workers and run the same command "
-                        "again to resume"
-                    ) from exc
-                time.sleep(0.2)
+        if lost:
+            scatter(lost, False, "every worker was lost")
         return lost
 
     running = as_completed([next_block() for _ in range(min(max_in_flight, len(queue)))])

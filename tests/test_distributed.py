@@ -268,7 +268,7 @@ def test_no_worker_left_is_one_clear_error_after_the_stated_wait(tmp_path, threa
     with pytest.raises(dist.WorkersLost) as info:
         _lose_both_original_workers(tmp_path, cluster, client, add_at=None, rejoin_after=None, worker_wait=1.5)
     message = str(info.value)
-    assert "every Dask worker" in message and "none joined within 1.5 s" in message and "\n" not in message
+    assert "every worker was lost" in message and "none joined within 1.5 s" in message and "\n" not in message
     assert "finished tiles are saved" in message
     assert isinstance(info.value, dist.SchedulerUnavailable)  # reported by `cnngp` in one line, exit status 1
     with KernelStore.open(tmp_path / "dask.h5") as store:
@@ -299,7 +299,22 @@ def test_cnngp_reports_lost_workers_in_one_line(tmp_path, thread_cluster, data_d
     argv += ["--n-test", "4", "--tile-size", "4", "--no-progress", "--scheduler", client.scheduler.address]
     assert cli.main([*argv, "--worker-wait", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("cnngp: error: every Dask worker") and "none joined within 1 s" in err
+    assert err.startswith("cnngp: error: every worker was lost") and "none joined within 1 s" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     with KernelStore.open(out) as store:
         assert store.entries()[0] > 0
+
+
+def test_a_scheduler_without_workers_is_one_clear_error(tmp_path):
+    import logging
+
+    spec, meta, labels, images = tiny_problem(sizes=SIZES)
+    cluster = distributed.LocalCluster(
+        n_workers=0, processes=False, dashboard_address=None, silence_logs=logging.CRITICAL
+    )
+    try:
+        with distributed.Client(cluster) as client, KernelStore.create(tmp_path / "k.h5", meta, labels, TILE) as store:
+            with pytest.raises(dist.WorkersLost, match=r"there is no worker of the Dask scheduler at .* within 1 s"):
+                dist.compute_store(store, spec, images, scheduler=client, progress=False, worker_wait=1)
+    finally:
+        cluster.close()
