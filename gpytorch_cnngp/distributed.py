@@ -15,7 +15,9 @@ name and hyperparameters (:class:`ArchitectureSpec`, so nothing unpicklable trav
 client writes the HDF5 store, committing each block as it arrives (:meth:`KernelStore.write_block`); a bounded
 number of blocks is in flight at any time. A worker lost mid-run (killed, out of memory, its machine gone) costs
 only the blocks it was computing: they are submitted again, and the images it held are scattered again from the
-client, which keeps them.
+client, which keeps them. This holds for every worker the run started with, as long as one worker remains or
+joins: when none is left, the run waits ``worker_wait`` seconds for one and then stops with
+:class:`WorkersLost`, its finished blocks committed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
     "ArchitectureSpec",
     "ComputeReport",
     "SchedulerUnavailable",
+    "WorkersLost",
+    "check_scheduler",
     "compute_block",
     "compute_store",
     "default_tile_size",
@@ -207,6 +211,28 @@ class SchedulerUnavailable(RuntimeError):
     """The Dask scheduler cannot be reached, or dask.distributed is not installed."""
 
 
+class WorkersLost(SchedulerUnavailable):
+    """Every Dask worker was lost and none joined within the wait; the blocks finished before are committed."""
+
+
+_IN_PROCESS = ("sync", "inprocess", "in-process")
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Refuse a scheduler string that :func:`open_client` would not understand (before any work is done).
+
+    :raises ValueError: unless ``scheduler`` is ``"sync"``, ``"local"`` or an address ``protocol://host:port``.
+    """
+    if scheduler in _IN_PROCESS or scheduler == "local":
+        return
+    protocol, sep, rest = scheduler.partition("://")
+    if not sep or not protocol or not rest:
+        raise ValueError(
+            f"unknown scheduler {scheduler!r}: use 'sync' (in-process), 'local' (a local Dask cluster) or a Dask "
+            "scheduler address such as tcp://host:8786"
+        )
+
+
 @contextlib.contextmanager
 def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterator[Any]:
     """A Dask client for ``scheduler``, or ``None`` for in-process work; closes what it started.
@@ -218,17 +244,13 @@ def open_client(scheduler: Any = "sync", n_workers: int | None = None) -> Iterat
     :raises ValueError: for an unknown scheduler string.
     :raises SchedulerUnavailable: when ``dask.distributed`` is missing or the scheduler cannot be reached.
     """
-    if scheduler is None or scheduler in ("sync", "inprocess", "in-process"):
+    if scheduler is None or scheduler in _IN_PROCESS:
         yield None
         return
     if not isinstance(scheduler, str):
         yield scheduler  # a Client made by the caller
         return
-    if scheduler != "local" and "://" not in scheduler:
-        raise ValueError(
-            f"unknown scheduler {scheduler!r}: use 'sync' (in-process), 'local' (a local Dask cluster) or a Dask "
-            "scheduler address such as tcp://host:8786"
-        )
+    check_scheduler(scheduler)
     try:
         from distributed import Client, LocalCluster
     except ImportError as err:  # pragma: no cover - dask is in the experiments extra
@@ -299,6 +321,7 @@ def compute_store(
     progress: bool = True,
     on_block: Callable[[Block, float], None] | None = None,
     log: Callable[[str], None] | None = None,
+    worker_wait: float | None = None,
 ) -> ComputeReport:
     """Compute every block of ``store`` that is not committed yet, and commit each one as it finishes.
 
@@ -315,8 +338,11 @@ def compute_store(
     :param progress: show a progress bar (entries, rate, ETA).
     :param on_block: called with each committed block and its seconds (e.g. for logging).
     :param log: called with a line when a lost Dask worker's blocks are submitted again.
+    :param worker_wait: on a Dask cluster, seconds to wait for a worker when every worker has been lost
+        (default: ``DEFAULT_WORKER_WAIT``).
     :return: a :class:`ComputeReport`.
     :raises NonFiniteTileError: when a block holds NaN/inf (the blocks committed before it stay committed).
+    :raises WorkersLost: when no Dask worker is left and none joins within ``worker_wait`` seconds.
     """
     if store.mode != "r+":
         raise ValueError("compute_store needs a store opened for writing (mode='r+')")
@@ -367,7 +393,8 @@ def compute_store(
                     raise
                 committer.close()
             else:
-                _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log)
+                wait = DEFAULT_WORKER_WAIT if worker_wait is None else worker_wait
+                _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log, wait)
     finally:
         if bar is not None:
             bar.close()
@@ -418,23 +445,46 @@ class _Committer:
             raise self._error
 
 
-def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log=None) -> None:
+def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight, commit, log=None, wait=None) -> None:
     """Run ``pending`` on the Dask ``client``, committing blocks as they arrive; survive the loss of workers.
 
     The images are scattered once. Dask keeps one copy of scattered data (its memory manager drops the extra
     replicas of a broadcast), and scattered data that dies with its worker cannot be recomputed: so when a
-    worker is lost, the images it held are scattered again from this process, and the blocks that failed with
-    it are submitted again (at most ``_MAX_ATTEMPTS`` times each). Errors of the computation itself are raised.
+    worker is lost, the images it held are scattered again from this process to the workers there are now
+    (new ones included), and the blocks that failed with it are submitted again. A block whose own computation
+    fails is submitted at most ``_MAX_ATTEMPTS`` times; failures that came with lost images do not count, so a
+    run outlives any number of lost workers. With no worker left for ``wait`` seconds, :class:`WorkersLost`.
     """
     from distributed import as_completed
 
-    futures_of = client.scatter(arrays, broadcast=True)
+    wait = DEFAULT_WORKER_WAIT if wait is None else float(wait)
+    futures_of: dict[str, Any] = {}
+
+    def scatter(parts: list[str], broadcast: bool, gone: str) -> None:
+        """Send ``parts`` of the images to the workers there are, waiting up to ``wait`` s for one to be there."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:  # the scheduler may still list a dead worker, or have none while a nanny restarts one
+                timeout = max(0.5, min(10.0, deadline - time.monotonic()))
+                data = {part: arrays[part] for part in parts}
+                futures_of.update(client.scatter(data, broadcast=broadcast, timeout=timeout))
+                return
+            except (OSError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise WorkersLost(
+                        f"{gone} of the Dask scheduler at {client.scheduler.address} and none joined within {wait:g} "
+                        "s; the finished tiles are saved: start workers and run the same command again to resume"
+                    ) from exc
+                time.sleep(0.2)
+
+    scatter(list(arrays), True, "there is no worker")
     if max_in_flight is None:
         max_in_flight = max(2, 2 * sum(client.nthreads().values()))
     queue = list(pending)
     position = 0
     block_of: dict[Any, Block] = {}
     attempts: dict[Block, int] = {}
+    losses: dict[Block, int] = {}
 
     def submit(block: Block) -> Any:
         attempts[block] = attempts.get(block, 0) + 1
@@ -458,18 +508,8 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
 
     def rescatter_lost() -> list[str]:
         lost = [part for part, future in futures_of.items() if future.status != "finished"]
-        deadline = time.monotonic() + _RESCATTER_SECONDS
-        while lost:
-            try:  # the scheduler may still list the dead worker, or have none while a nanny restarts one
-                futures_of.update(client.scatter({part: arrays[part] for part in lost}, timeout=10))
-                break
-            except (OSError, ValueError) as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the workers lost the images ({', '.join(lost)}) and no worker took them again within "
-                        f"{_RESCATTER_SECONDS} s: {exc}"
-                    ) from exc
-                time.sleep(0.5)
+        if lost:
+            scatter(lost, False, "every worker was lost")
         return lost
 
     running = as_completed([next_block() for _ in range(min(max_in_flight, len(queue)))])
@@ -480,6 +520,9 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
                 values, seconds, dev = future.result()
             except Exception as exc:
                 lost = rescatter_lost()
+                if lost and losses.get(block, 0) < _MAX_LOSSES:
+                    losses[block] = losses.get(block, 0) + 1
+                    attempts[block] -= 1  # the images went with a worker: not the block's own failure
                 if not (lost or _worker_lost(exc)) or attempts[block] >= _MAX_ATTEMPTS:
                     tried = f" (attempt {attempts[block]})" if attempts[block] > 1 else ""
                     raise RuntimeError(f"computing {block.describe()} failed on a worker{tried}: {exc}") from exc
@@ -502,8 +545,12 @@ def _run_on_dask(client, spec, arrays, pending, options, threads, max_in_flight,
 _MAX_ATTEMPTS = 4
 """Times one block is submitted before a lost worker's failure is taken as the block's own."""
 
-_RESCATTER_SECONDS = 120
-"""How long lost images are offered to the cluster again (workers restarted by their nannies take seconds)."""
+_MAX_LOSSES = 16
+"""Failures of one block that came with lost images and are not counted as its attempts (a block that kills
+its worker every time, out of memory say, still ends the run)."""
+
+DEFAULT_WORKER_WAIT = 120.0
+"""How long a run with no worker left waits for one to join (workers restarted by their nannies take seconds)."""
 
 
 def _worker_lost(exc: BaseException) -> bool:

@@ -372,7 +372,12 @@ def gram(
             )
         )
 
-    return _select(_in_range(out, wide), kinds, ntk)
+    def diagonal() -> Tensor:
+        # computed in float64 and rounded, K(X, X) keeps gram_diag's values on its diagonal, as it does unrounded
+        both = ("nngp", "ntk") if ntk else "nngp"
+        return _stacked(gram_diag(model, X, device=x.device, dtype=x.dtype, hyper=hyper, get=both))
+
+    return _select(_in_range(out, wide, diagonal if z is None else None), kinds, ntk)
 
 
 _KINDS = ("nngp", "ntk")
@@ -398,12 +403,14 @@ def _select(out: Tensor, kinds, ntk: bool):
     return out[pick[kinds]] if isinstance(kinds, str) else tuple(out[pick[k]] for k in kinds)
 
 
-def _in_range(out: Tensor, wide: Callable[[], Tensor]) -> Tensor:
+def _in_range(out: Tensor, wide: Callable[[], Tensor], diagonal: Callable[[], Tensor] | None = None) -> Tensor:
     """``out`` when it is finite; else the same kernel computed in float64 (``wide``) and, if it fits, cast back.
 
     Deep float32 networks overflow inside (a window sum is its window's size times larger than the values it
     gives) although their kernel values fit float32: those are computed in float64 instead. Values that do not
-    fit the dtype are an error, never infinities.
+    fit the dtype are an error, never infinities. ``diagonal`` (a square ``K(X, X)``) gives the values its
+    diagonal takes after the cast: those of ``gram_diag``, whose own self pass may fit the dtype where the pairs
+    did not, and which rounding the float64 diagonal would miss by an ulp or so.
     """
     if out.numel() == 0 or bool(torch.isfinite(out).all()):
         return out
@@ -413,7 +420,10 @@ def _in_range(out: Tensor, wide: Callable[[], Tensor]) -> Tensor:
         if bool(torch.isfinite(values).all()):
             peak = float(values.detach().abs().max())
             if peak <= limit:
-                return values.to(out.dtype)
+                values = values.to(out.dtype)
+                if diagonal is not None:
+                    values = torch.diagonal_scatter(values, diagonal(), dim1=-2, dim2=-1)
+                return values
             raise ValueError(
                 f"kernel values reach {peak:.3g}, beyond the range of {out.dtype} ({limit:.3g}): compute in "
                 "float64 (dtype=torch.float64, or .double() the images)"

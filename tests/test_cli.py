@@ -263,8 +263,9 @@ def test_failed_scheduler_connections_leave_nothing_behind(tmp_path, capsys, dat
     # was: `--scheduler foo` or a bogus address left an empty store behind
     out = tmp_path / "k.h5"
     base = ["kernels", "--data-dir", str(data_dir), "--n-train", "4", "--n-val", "0", "--n-test", "0"]
-    status = cli.main([*base, "--scheduler", "foo", "--out", str(out), "--no-progress"])
-    assert status == 1 and "unknown scheduler 'foo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # refused with the arguments, before any work
+        cli.main([*base, "--scheduler", "foo", "--out", str(out), "--no-progress"])
+    assert info.value.code == 2 and "unknown scheduler 'foo'" in capsys.readouterr().err
     assert not out.exists()
 
     def unreachable(address, workers=None):

@@ -13,6 +13,7 @@ from gpytorch_cnngp.store import KernelStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from store_helpers import assert_same_store, one_thread, store_contents, tiny_problem  # noqa: E402
+from test_cli import data_dir, offline  # noqa: E402, F401  (fixtures: synthetic MNIST files, no network)
 
 distributed = pytest.importorskip("distributed")
 
@@ -173,3 +174,147 @@ def test_killed_workers_cost_only_their_blocks(tmp_path):
     # a worker killed with blocks in flight costs those (resubmitted, with a line each); one caught idle costs none
     assert all("a Dask worker was lost" in line for line in lines)
     assert_same_store(path, clean)
+
+
+@pytest.fixture
+def thread_cluster():
+    """A LocalCluster of two single-threaded workers in this process (fast to start, to close and to add to)."""
+    import logging
+
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=None,
+        worker_dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    )
+    client = distributed.Client(cluster)
+    try:
+        yield cluster, client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _close_worker(cluster, name) -> None:
+    """The worker ``name`` is gone at once, with the data it held (not retired: nothing is handed over)."""
+    cluster.sync(cluster.workers[name].close)
+
+
+def _lose_both_original_workers(tmp_path, cluster, client, *, add_at: int | None, rejoin_after: float | None, **kw):
+    """Compute a store on ``client`` while both original workers are closed (after 4 and 10 committed blocks);
+    a new worker is added after ``add_at`` blocks, or ``rejoin_after`` seconds after the last one is gone."""
+    import threading
+
+    sizes = {"n_train": 24, "n_val": 6, "n_test": 6}
+    spec, meta, labels, images = tiny_problem(sizes=sizes)
+    path = tmp_path / "dask.h5"
+    originals = list(cluster.workers)
+    committed: list = []
+
+    def add_worker():
+        cluster.scale(len(cluster.workers) + 1)
+
+    def on_block(block, seconds):
+        committed.append(block)
+        if len(committed) == add_at:
+            add_worker()
+            client.wait_for_workers(3, timeout=30)
+        if len(committed) == 4:
+            _close_worker(cluster, originals[0])
+        if len(committed) == 10:
+            _close_worker(cluster, originals[1])
+            if rejoin_after is not None:
+                threading.Timer(rejoin_after, add_worker).start()
+
+    lines: list[str] = []
+    store = KernelStore.create(path, meta, labels, 4)
+    try:
+        report = dist.compute_store(
+            store, spec, images, scheduler=client, progress=False, threads=1, on_block=on_block, log=lines.append, **kw
+        )
+    finally:
+        done = store.entries()[0]
+        store.close()
+    return path, report, lines, done
+
+
+@pytest.fixture(scope="module")
+def reference_24(tmp_path_factory):
+    spec, meta, labels, images = tiny_problem(sizes={"n_train": 24, "n_val": 6, "n_test": 6})
+    path = tmp_path_factory.mktemp("ref") / "clean.h5"
+    with KernelStore.create(path, meta, labels, 4) as store, one_thread():
+        dist.compute_store(store, spec, images, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("how", ["a new worker remains", "a new worker joins after the last is lost"])
+def test_a_run_outlives_every_original_worker(tmp_path, thread_cluster, reference_24, how):
+    # was: the second lost worker stopped the run after 120 s with a raw traceback ("the workers lost the
+    # images ... No valid workers found")
+    cluster, client = thread_cluster
+    remains = how == "a new worker remains"
+    path, report, lines, _ = _lose_both_original_workers(
+        tmp_path, cluster, client, add_at=2 if remains else None, rejoin_after=None if remains else 0.5
+    )
+    assert report.complete
+    assert any("images scattered again" in line for line in lines)  # the lost images were sent out again
+    assert_same_store(path, reference_24)
+
+
+def test_no_worker_left_is_one_clear_error_after_the_stated_wait(tmp_path, thread_cluster):
+    cluster, client = thread_cluster
+    with pytest.raises(dist.WorkersLost) as info:
+        _lose_both_original_workers(tmp_path, cluster, client, add_at=None, rejoin_after=None, worker_wait=1.5)
+    message = str(info.value)
+    assert "every worker was lost" in message and "none joined within 1.5 s" in message and "\n" not in message
+    assert "finished tiles are saved" in message
+    assert isinstance(info.value, dist.SchedulerUnavailable)  # reported by `cnngp` in one line, exit status 1
+    with KernelStore.open(tmp_path / "dask.h5") as store:
+        assert store.entries()[0] > 0 and store.verify() == []  # the blocks finished before are kept
+
+
+def test_cnngp_reports_lost_workers_in_one_line(tmp_path, thread_cluster, data_dir, capsys, monkeypatch):  # noqa: F811
+    from gpytorch_cnngp import cli
+    from gpytorch_cnngp.cli import commands
+
+    cluster, client = thread_cluster
+    originals, real = list(cluster.workers), commands.compute_store
+
+    def both_workers_lost(*args, **kwargs):
+        committed = []
+
+        def on_block(block, seconds):
+            committed.append(block)
+            if len(committed) == 2:
+                for name in originals:
+                    _close_worker(cluster, name)
+
+        return real(*args, on_block=on_block, **kwargs)
+
+    monkeypatch.setattr(commands, "compute_store", both_workers_lost)
+    out = tmp_path / "k.h5"
+    argv = ["kernels", "--out", str(out), "--data-dir", str(data_dir), "--n-train", "12", "--n-val", "4"]
+    argv += ["--n-test", "4", "--tile-size", "4", "--no-progress", "--scheduler", client.scheduler.address]
+    assert cli.main([*argv, "--worker-wait", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cnngp: error: every worker was lost") and "none joined within 1 s" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    with KernelStore.open(out) as store:
+        assert store.entries()[0] > 0
+
+
+def test_a_scheduler_without_workers_is_one_clear_error(tmp_path):
+    import logging
+
+    spec, meta, labels, images = tiny_problem(sizes=SIZES)
+    cluster = distributed.LocalCluster(
+        n_workers=0, processes=False, dashboard_address=None, silence_logs=logging.CRITICAL
+    )
+    try:
+        with distributed.Client(cluster) as client, KernelStore.create(tmp_path / "k.h5", meta, labels, TILE) as store:
+            with pytest.raises(dist.WorkersLost, match=r"there is no worker of the Dask scheduler at .* within 1 s"):
+                dist.compute_store(store, spec, images, scheduler=client, progress=False, worker_wait=1)
+    finally:
+        cluster.close()

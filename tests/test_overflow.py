@@ -27,6 +27,25 @@ def test_a_deep_float32_network_whose_values_fit_is_computed(backend):
     torch.testing.assert_close(diag.double(), want.diagonal(), rtol=1e-5, atol=0.0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("depth", [20, 21])
+def test_the_diagonal_stays_bitwise_gram_diag_where_float32_pairs_overflow(backend, depth):
+    # was: at 20 layers the native float32 pairs overflow, K(X, X) was computed in float64 and rounded, and its
+    # diagonal missed the float32 diag=True values by an ulp or so (all 40 of 40 differed)
+    from gpytorch_cnngp import gram_diag
+
+    model = architectures.convnet_gp(depth=depth)
+    x = _images(4)
+    got = gram(model, x, backend=backend)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    diag = gram_diag(model, x)
+    assert torch.equal(got.diagonal(), diag)
+    assert torch.equal(got.diagonal(), model(x, diag=True))
+    # the diagonal is the float32 self pass, within float32 rounding of the float64 one
+    want = gram_diag(model.double(), x.double())
+    torch.testing.assert_close(diag.double(), want, rtol=1e-5, atol=0.0)
+
+
 def test_values_beyond_float32_are_an_error_that_suggests_float64():
     # was: all NaN at 22 layers and more
     model = architectures.convnet_gp(depth=22)

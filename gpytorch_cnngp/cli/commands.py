@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..architectures import PAPER_RESULTS
 from ..blocked_cholesky import default_memory_budget
-from ..classify import classify_store
+from ..classify import _mean_diagonal, classify_store
 from ..datasets import DATASETS, MD5, data_checksum, fetch, load_split
 from ..distributed import ArchitectureSpec, compute_store, open_client, resolve_device
 from ..memory import format_bytes
@@ -31,8 +31,32 @@ from .defaults import (
     paper_store_dir,
 )
 from .errors import UserError
-from .policy import _backend, _check_backend, _choose_threads, _default_tile, _peak_rss, _preflight, _probe, _store_name
-from .render import _fmt_count, _fmt_seconds, _markdown, _pct, _read_results, _row_key, _save_dual, _say
+from .policy import (
+    _backend,
+    _check_backend,
+    _check_budget,
+    _check_jitter,
+    _check_output_file,
+    _check_writable,
+    _choose_threads,
+    _default_tile,
+    _peak_rss,
+    _preflight,
+    _probe,
+    _reset_peak_rss,
+    _store_name,
+)
+from .render import (
+    _fmt_count,
+    _fmt_seconds,
+    _markdown,
+    _pct,
+    _read_results,
+    _record_rows,
+    _save_dual,
+    _say,
+    _write_text,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # shared steps
@@ -69,11 +93,26 @@ def _spec_and_meta(config: str, args: argparse.Namespace, sizes: dict[str, int],
     return spec, meta
 
 
-def _compute(config: str, args: argparse.Namespace, sizes: dict[str, int], out: Path, estimate: bool) -> dict[str, Any]:
-    """Compute (or resume) the kernel store of one configuration; return what the results table needs."""
+def _check_device(args: argparse.Namespace) -> None:
+    """An unavailable ``--device`` is reported before any work (remote workers' devices are theirs to check)."""
     if args.scheduler in ("sync", "local"):
-        resolve_device(args.device)  # an unavailable device is reported before anything is created
-    images, labels, checksums = _load_data(args, sizes)
+        resolve_device(args.device)
+
+
+def _compute(
+    config: str,
+    args: argparse.Namespace,
+    sizes: dict[str, int],
+    out: Path,
+    estimate: bool,
+    data: tuple[dict, dict, dict] | None = None,
+) -> dict[str, Any]:
+    """Compute (or resume) the kernel store of one configuration; return what the results table needs.
+
+    :param data: the split as :func:`_load_data` gives it (default: loaded here).
+    """
+    _check_device(args)
+    images, labels, checksums = data if data is not None else _load_data(args, sizes)
     spec, meta = _spec_and_meta(config, args, sizes, checksums)
     _check_backend(spec, images, args)  # an explicit backend that cannot run the network: refused before any work
     tile = args.tile_size or _default_tile(args)
@@ -158,6 +197,7 @@ def _compute_into(
             backend=_backend(args),
             progress=args.progress,
             log=_say,
+            worker_wait=args.worker_wait,
         )
         store.check_still_there()  # a store deleted during the run is an error, not a success
         compute_seconds = store.block_seconds()
@@ -170,21 +210,50 @@ def _compute_into(
             f"({_fmt_count(entries / max(seconds, 1e-9))} entries/s) on {', '.join(sorted(devices))}"
         )
     return {
-        "kernel_seconds": seconds,
+        "kernel_wall_seconds": seconds,
         "kernel_compute_seconds": compute_seconds,
         "kernel_device": ", ".join(sorted(devices)) or None,
         "entries_computed": entries,
     }
 
 
+def _store_jitter_check(path: Path, args: argparse.Namespace) -> None:
+    """Refuse ``--jitter`` above the mean diagonal of the store's ``Kxx`` (a complete store; the classifier itself
+    reports an incomplete or damaged one)."""
+    if args.jitter <= 0 or not path.exists():
+        return
+    with KernelStore.open(path) as store:
+        if not store.is_complete():
+            return
+        scale = _mean_diagonal(store, store.meta.n_train)
+    _check_jitter(args.jitter, scale, f"in {path}")
+
+
+def _prior_jitter_check(config: str, images: dict, args: argparse.Namespace) -> None:
+    """Refuse ``--jitter`` above the mean prior variance of the training images before any kernel is computed
+    (their self terms only: the diagonal of Kxx, at a small fraction of its cost)."""
+    if args.jitter <= 0:
+        return
+    from ..engine import gram_diag
+
+    spec = ArchitectureSpec.from_name(config)
+    device = resolve_device(args.device) if args.scheduler in ("sync", "local") else torch.device("cpu")
+    X = torch.as_tensor(images["train"]).to(device=device, dtype=getattr(torch, args.dtype))
+    with torch.no_grad():
+        scale = float(gram_diag(spec.cached(), X).double().mean())
+    _check_jitter(args.jitter, scale, f"{config} on these training images")
+
+
 def _classify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.solve_device)
+    _store_jitter_check(path, args)
     budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
     where = "dense on the GPU" if device.type == "cuda" else "blocked, within the memory budget"
     _say(
         f"classifier: float64 Cholesky of Kxx on {device} ({where}), jitter {args.jitter:g}, "
         f"memory budget {format_bytes(budget)}"
     )
+    reset = _reset_peak_rss()
     result = classify_store(
         path,
         device,
@@ -196,6 +265,8 @@ def _classify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         progress=args.progress,
         log=lambda text: _say(f"note: {text}"),
     )
+    # the solve's own peak where it could be measured apart (Linux), else the process's so far
+    result["peak_rss_bytes"] = _peak_rss(since_reset=reset)
     if result["factor"] == "disk":
         _say("note: the factor did not fit the memory budget; its panels were kept on disk beside the store")
     if result["jitter"] != args.jitter:
@@ -238,18 +309,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_kernels(args: argparse.Namespace) -> int:
     sizes = _sizes(args)
+    _check_budget(args)
+    out = Path(args.out)
+    if not out.exists():  # a new store: its folder must take it (a store being resumed is checked when opened)
+        _check_output_file(out, "--out")
     _compute(args.config, args, sizes, Path(args.out), estimate=True)
     return 0
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     path = Path(args.store)
+    _check_budget(args)
     if not path.exists():
         raise UserError(f"no kernel store at {path}; make one with `cnngp kernels ... --out {path}`")
+    for option, target in (("--json", args.json), ("--dual", args.dual)):
+        if target:
+            _check_output_file(Path(target), option)  # before the solve, not after it
     result = _classify(path, args)
     if args.json:
         row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "A"}
-        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+        _write_text(Path(args.json), json.dumps(row, indent=2) + "\n")
         _say(f"wrote {args.json}")
     if args.dual:
         _save_dual(Path(args.dual), result)
@@ -267,22 +346,27 @@ def _cmd_table(args: argparse.Namespace) -> int:
     else:
         workdir = Path(args.workdir or DEFAULT_WORKDIR)
         store_dir = Path(args.store_dir) if args.store_dir else workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    store_dir.mkdir(parents=True, exist_ok=True)
+    _check_budget(args)
+    _check_device(args)
+    resolve_device(args.solve_device)  # the classifier's device too, before the kernels
+    _check_writable(workdir, "--workdir")
+    _check_writable(store_dir, "--store-dir")
+    _read_results(workdir / "results.json")  # a results file that cannot be read is refused before any work
     if args.full or args.paper_scale:
         _say(
             f"the paper's setting: {len(configs)} configuration(s), 50000 train, 10000 validation, 10000 test images; "
             f"stores in {store_dir}, results in {workdir}. Every step resumes when the same command is run again."
         )
     _preflight(configs, args, sizes, store_dir)
+    data = _load_data(args, sizes)  # once for every configuration
+    for config in configs:
+        _prior_jitter_check(config, data[0], args)
     rows: list[dict[str, Any]] = []
-    results_json = workdir / "results.json"
-    previous = _read_results(results_json)
     for config in configs:
         _say(f"== {config} ==")
         started = time.perf_counter()
         path = store_dir / _store_name(config, args, sizes)
-        info = _compute(config, args, sizes, path, estimate=True)
+        info = _compute(config, args, sizes, path, estimate=True, data=data)
         result = _classify(path, args)
         if args.paper_scale:
             _save_dual(workdir / f"{config}_dual.npz", result)
@@ -301,13 +385,14 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 "paper_test_error": paper[1],
                 "dtype": args.dtype,
                 "jitter": result["jitter"],
-                "kernel_seconds": info["kernel_seconds"],
-                "kernel_compute_seconds": info["kernel_compute_seconds"],
+                # the kernel time results.md shows: every block's compute time, over resumed runs too
+                "kernel_seconds": info["kernel_compute_seconds"],
+                "kernel_wall_seconds": info["kernel_wall_seconds"],  # this run's, resumed stores' earlier runs aside
                 "solve_seconds": result["seconds"]["solve"],
                 "predict_seconds": result["seconds"]["predict"],
                 "memory_budget": result["memory_budget"],
                 "factor": result["factor"],
-                "peak_rss": _peak_rss(),
+                "peak_rss_bytes": result["peak_rss_bytes"],  # the solve's
                 "total_seconds": time.perf_counter() - started,
                 "device": info["kernel_device"] or result["device"],
                 "solve_device": result["device"],
@@ -315,12 +400,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 "package_version": __version__,
             }
         )
-    keys = {_row_key(r) for r in rows}
-    merged = [r for r in previous if isinstance(r, dict) and _row_key(r) not in keys] + rows
-    results_json.write_text(json.dumps(merged, indent=2) + "\n")
-    table = _markdown(merged)
-    (workdir / "results.md").write_text(table)
+        # each row is recorded as soon as it is done: a later configuration's failure does not lose it
+        merged = _record_rows(workdir, rows[-1:])
     _say("")
-    _say(table)
-    _say(f"wrote {results_json} and {workdir / 'results.md'}")
+    _say(_markdown(merged))
+    _say(f"wrote {workdir / 'results.json'} and {workdir / 'results.md'}")
     return 0

@@ -8,7 +8,9 @@ the backends starts from it, and :func:`gpytorch_cnngp.backends.choose` makes th
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argpa
     # the CPU's native kernel needs no per-shape compilation, so the probe times what the run will use;
     # torch.compile (GPUs) would time its compilation, so the probe stays eager there
     backend = _backend(args)
-    native = device == "cpu" and backend in ("auto", "compiled", "native") and _native(spec, images, args)
+    native = device.startswith("cpu") and backend in ("auto", "compiled", "native") and _native(spec, images, args)
     probe_backend = "native" if native else "eager"
     options = {"dtype": args.dtype, "device": device, "memory_budget": args.memory_budget, "backend": probe_backend}
     compute_block(spec, images[block.row_part], (0, 1), images[block.col_part], (0, 1), **options)  # one-time set-up
@@ -99,7 +101,7 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
         _say(f"torch threads: {args.threads}")
         return
     default = torch.get_num_threads()
-    if default <= 1 or str(resolve_device(args.device)) != "cpu":
+    if default <= 1 or resolve_device(args.device).type != "cpu":
         return
     backend = _backend(args)
     if backend in ("compiled", "inductor"):
@@ -150,12 +152,6 @@ def _preflight(configs: Sequence[str], args: argparse.Namespace, sizes: dict[str
 
     n = sizes["n_train"]
     budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
-    avail = available_memory()
-    if avail is not None and args.memory_budget is not None and budget > avail:
-        raise UserError(
-            f"the memory budget {format_bytes(budget)} exceeds the memory available now ({format_bytes(avail)}); "
-            "give a smaller --memory-budget"
-        )
     try:
         _, in_memory = plan_panel_width(n, budget)
     except ValueError as exc:
@@ -184,8 +180,83 @@ def _preflight(configs: Sequence[str], args: argparse.Namespace, sizes: dict[str
     )
 
 
-def _peak_rss() -> int | None:
-    """Peak resident memory of this process so far, in bytes."""
+def _check_budget(args: argparse.Namespace) -> None:
+    """Refuse a ``--memory-budget`` above the memory available now (every command, before any work)."""
+    budget = getattr(args, "memory_budget", None)
+    avail = available_memory()
+    if budget is not None and avail is not None and budget > avail:
+        raise UserError(
+            f"the memory budget {format_bytes(budget)} exceeds the memory available now ({format_bytes(avail)}); "
+            "give a smaller --memory-budget"
+        )
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Make ``folder`` if needed and check that a file can be created in it, before any work.
+
+    :raises UserError: naming ``what`` (e.g. ``"--workdir"``) and the cause.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"{what}: cannot write in {folder} ({exc.strerror or exc}); choose a folder this user can write to"
+        ) from None
+
+
+def _check_output_file(path: Path, what: str) -> None:
+    """Check, before any work, that ``path`` can be written: a file (not a folder) in a writable folder."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    _check_writable(path.parent, what)
+
+
+def _check_jitter(jitter: float, mean_diagonal: float, where: str) -> None:
+    """Refuse a first jitter above the mean diagonal of ``Kxx`` (the images' mean prior variance).
+
+    Such a jitter is noise larger than the signal: ``(Kxx + jitter I)^-1`` is then ``I / jitter`` up to the small
+    part ``Kxx / jitter``, the classifier has become a sum of kernel values per class, and a very large one
+    underflows the dual coefficients to zero (every prediction the same class).
+    """
+    if jitter > 0 and math.isfinite(mean_diagonal) and jitter > mean_diagonal:
+        raise UserError(
+            f"--jitter {jitter:g} is larger than the mean diagonal of Kxx ({mean_diagonal:.4g}, {where}): a noise "
+            f"variance above the prior variance of the images swamps the kernel; give --jitter at most "
+            f"{mean_diagonal:.4g} (0, as published, is the default)"
+        )
+
+
+def _reset_peak_rss() -> bool:
+    """Start a new peak of this process's resident memory (Linux: ``/proc/self/clear_refs``); whether it did."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _vm_hwm() is not None
+
+
+def _vm_hwm() -> int | None:
+    """The process's peak resident memory since the last reset (Linux ``VmHWM``), in bytes."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss(since_reset: bool = False) -> int | None:
+    """Peak resident memory of this process in bytes: since :func:`_reset_peak_rss` if ``since_reset`` (it
+    succeeded), else over its whole life."""
+    if since_reset:
+        peak = _vm_hwm()
+        if peak is not None:
+            return peak
     try:
         import resource
 
