@@ -454,36 +454,84 @@ class CNNGPKernel(Kernel):
         same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         im1, im2 = self._images(x1, "x1"), self._images(x2, "x2")
         batch = torch.broadcast_shapes(im1.shape[:-4], im2.shape[:-4], values.shape[:-2])
+        repeated = self._repeated(im1), self._repeated(im2)
         im1 = im1.expand(*batch, *im1.shape[-4:]).reshape(-1, *im1.shape[-4:])
         im2 = im2.expand(*batch, *im2.shape[-4:]).reshape(-1, *im2.shape[-4:])
         vals = values.expand(*batch, *values.shape[-2:]).reshape(-1, *values.shape[-2:])
-        layers = self._weight_layers()
+        if im1.shape[0] > 1 and values.shape[:-2].numel() == 1:
+            shared = self._evaluate_shared(im1, im2, diag, same, repeated, self._hyper(vals[0]))
+            if shared is not None:
+                return shared.reshape(*batch, *shared.shape[1:])
         outs = []
         for b in range(im1.shape[0]):
-            # one Hyper from here to the layers: the learned values of this batch entry
-            hyper = Hyper.of(
-                self.architecture,
-                override={
-                    layer: {"var_weight": vals[b, i, 0], "var_bias": vals[b, i, 1]} for i, layer in enumerate(layers)
-                },
-            )
-            a, z = im1[b], None if same else im2[b]
-            if diag:
-                out = gram_diag(self.architecture, a, z, hyper=hyper, get=self.get)
-            else:
-                out = gram(
-                    self.architecture,
-                    a,
-                    z,
-                    hyper=hyper,
-                    tile_size=self.tile_size,
-                    memory_budget=self.memory_budget,
-                    backend=self.backend,
-                    get=self.get,
-                )
-            outs.append(self._normalized(out, a, z, diag, hyper) if self.normalize else out)
+            outs.append(self._evaluate_one(im1[b], None if same else im2[b], diag, self._hyper(vals[b])))
         out = torch.stack(outs) if outs else values.new_zeros(0)
         return out.reshape(*batch, *out.shape[1:])
+
+    def _hyper(self, vals: Tensor) -> Hyper:
+        """One Hyper from here to the layers: the learned values ``(n_layers, 2)`` of one batch entry."""
+        override = {
+            layer: {"var_weight": vals[i, 0], "var_bias": vals[i, 1]} for i, layer in enumerate(self._weight_layers())
+        }
+        return Hyper.of(self.architecture, override=override)
+
+    def _evaluate_one(self, x: Tensor, z: Tensor | None, diag: bool, hyper: Hyper) -> Tensor:
+        """The kernel (normalised if asked) of images ``x`` ``[n, C, H, W]`` and ``z`` (``None``: ``x``)."""
+        if diag:
+            out = gram_diag(self.architecture, x, z, hyper=hyper, get=self.get)
+        else:
+            out = gram(
+                self.architecture,
+                x,
+                z,
+                hyper=hyper,
+                tile_size=self.tile_size,
+                memory_budget=self.memory_budget,
+                backend=self.backend,
+                get=self.get,
+            )
+        return self._normalized(out, x, z, diag, hyper) if self.normalize else out
+
+    def _evaluate_shared(
+        self, im1: Tensor, im2: Tensor, diag: bool, same: bool, repeated: tuple[bool, bool], hyper: Hyper
+    ) -> Tensor | None:
+        """A batch ``[B, n, C, H, W]`` of kernels with one set of variances, in one call where that is exact.
+
+        BoTorch's analytic acquisition functions ask for ``K(candidates, train)`` with ``B`` candidates of one point
+        each and the training images repeated ``B`` times: one ``B x n`` kernel instead of ``B`` kernels of one row,
+        each of which would redo the training images' self terms. ``repeated``: whether each side holds the same
+        images in every batch entry. ``None`` where no such shortcut applies.
+        """
+        batch, m = im1.shape[0], im1.shape[1]
+        flat1 = im1.reshape(-1, *im1.shape[2:])
+        if repeated[0] and (same or repeated[1]):
+            out = self._evaluate_one(im1[0], None if same else im2[0], diag, hyper)
+            return out.expand(batch, *out.shape)
+        if diag:  # entry by entry: any batch of pairs is one list of pairs
+            out = self._evaluate_one(flat1, None if same else im2.reshape(-1, *im2.shape[2:]), True, hyper)
+            return out.reshape(batch, m)
+        if same:
+            return None
+        if repeated[1]:
+            return self._evaluate_one(flat1, im2[0], False, hyper).reshape(batch, m, -1)
+        if repeated[0]:
+            out = self._evaluate_one(im1[0], im2.reshape(-1, *im2.shape[2:]), False, hyper)
+            return out.reshape(m, batch, -1).transpose(0, 1)
+        return None
+
+    @staticmethod
+    def _repeated(images: Tensor) -> bool:
+        """Whether every batch entry of ``images`` ``[..., n, C, H, W]`` holds the same images: a broadcast or
+        expanded tensor, or (when no gradient must reach each entry separately) equal entries."""
+        lead = images.shape[:-4]
+        if lead.numel() <= 1 or all(
+            stride == 0 for size, stride in zip(lead, images.stride()[: len(lead)], strict=True) if size > 1
+        ):
+            return True
+        if torch.is_grad_enabled() and images.requires_grad:
+            return False
+        flat = images.reshape(-1, *images.shape[-4:])
+        return torch.equal(flat, flat[:1].expand_as(flat))
 
     def _normalized(self, out: Tensor, x: Tensor, z: Tensor | None, diag: bool, hyper: Hyper) -> Tensor:
         """``out`` (``K(x, z)`` or its diagonal) divided by the square roots of the variances of both sides."""

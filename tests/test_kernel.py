@@ -622,6 +622,64 @@ def test_batch_kernel_equals_separate_kernels(tied):
         assert _rel_err(batched.raw_var_bias.grad[i], kernel.raw_var_bias.grad) < 1e-10
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_batches_of_inputs_with_one_set_of_variances(normalize):
+    """Batched inputs against one kernel (BoTorch's candidates of one point against repeated training images, and
+    the other arrangements) equal the layer model entry by entry, in values and in gradients."""
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=normalize).double()
+    ref_arch = _reference_from_kernel(arch, kernel)
+
+    def ref(a, b=None, diag=False):
+        if not normalize:
+            return ref_arch(a, b, diag=diag)
+        b_ = a if b is None else b
+        k = ref_arch(a, b, diag=diag)
+        va, vb = ref_arch(a, diag=True), ref_arch(b_, diag=True)
+        return k / (va * vb).sqrt() if diag else k / (va[:, None] * vb[None, :]).sqrt()
+
+    C, T = _images(5, seed=46), _images(7, seed=47)  # 5 candidates, 7 training images
+    c, t = _flat(C), _flat(T)
+    with torch.no_grad():
+        cases = {
+            "candidates x expanded train": (c.unsqueeze(1), t.expand(5, 7, -1)),
+            "candidates x equal copies": (c.unsqueeze(1), t.repeat(5, 1, 1)),
+            "expanded train x candidates": (t.expand(5, 7, -1), c.unsqueeze(1)),
+            "broadcast train": (c.unsqueeze(1), t),
+        }
+        for name, (a, b) in cases.items():
+            got = kernel(a, b).to_dense()
+            assert got.shape == (5, a.shape[-2], b.shape[-2]), name
+            for i in range(5):
+                A = a[i if a.dim() == 3 else ...].reshape(-1, 1, SIZE, SIZE)
+                B = b[i if b.dim() == 3 else ...].reshape(-1, 1, SIZE, SIZE)
+                assert _rel_err(got[i], ref(A, B)) < 1e-12, name
+        both = torch.stack([T, _images(7, seed=48)]).reshape(2, 7, -1)  # different images per entry: the loop
+        got = kernel(both).to_dense()
+        for i in range(2):
+            assert _rel_err(got[i], ref(both[i].view(7, 1, SIZE, SIZE))) < 1e-12
+        same = kernel(t.expand(3, 7, -1)).to_dense()
+        assert same.shape == (3, 7, 7) and all(_rel_err(same[i], ref(T)) < 1e-12 for i in range(3))
+        diag = kernel(c.view(5, 1, -1), diag=True)
+        assert diag.shape == (5, 1) and _rel_err(diag[:, 0], ref(C, diag=True)) < 1e-12
+        paired = kernel(c.view(5, 1, -1), t[:5].view(5, 1, -1), diag=True)
+        assert _rel_err(paired[:, 0], ref(C, T[:5], diag=True)) < 1e-12
+    # gradients: to each candidate, and to the variances
+    a = c.unsqueeze(1).clone().requires_grad_(True)
+    G = torch.randn(5, 1, 7, generator=torch.Generator().manual_seed(7), dtype=F64)
+    (kernel(a, t.expand(5, 7, -1)).to_dense() * G).sum().backward()
+    for i in range(5):
+        single = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=normalize).double()
+        ai = c[i : i + 1].clone().requires_grad_(True)
+        (single(ai, t).to_dense() * G[i]).sum().backward()
+        assert _rel_err(a.grad[i], ai.grad) < 1e-10
+        if i == 0:
+            grad_w = single.raw_var_weight.grad.clone()
+        else:
+            grad_w += single.raw_var_weight.grad
+    assert _rel_err(kernel.raw_var_weight.grad, grad_w) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------------
 # the no-grad result cache
 
