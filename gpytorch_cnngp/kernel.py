@@ -209,9 +209,15 @@ class CNNGPKernel(Kernel):
         :return: ``ScaleKernel(CNNGPKernel(..., normalize=True))``; the network kernel is its ``base_kernel``.
 
         Example:
+            >>> from botorch.fit import fit_gpytorch_mll
             >>> from botorch.models import SingleTaskGP
+            >>> from gpytorch.mlls import ExactMarginalLogLikelihood
+            >>> from gpytorch_cnngp import CNNGPKernel, architectures
             >>> covar = CNNGPKernel.recommended(architectures.convnet_gp(image_size=14), input_shape=(1, 14, 14))
+            >>> # train_x: (n, 196) float64, flat 14x14 images; train_y: (n, 1)
             >>> model = SingleTaskGP(train_x, train_y, covar_module=covar)  # doctest: +SKIP
+            >>> fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))  # doctest: +SKIP
+            >>> covar.base_kernel.var_weight, covar.base_kernel.var_bias, covar.outputscale  # doctest: +SKIP
         """
         if not prior_width > 0 or not torch.isfinite(torch.tensor(float(prior_width))):
             raise ValueError(f"prior_width must be a positive number, got {prior_width!r}")
