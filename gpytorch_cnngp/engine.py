@@ -404,19 +404,51 @@ def _select(out: Tensor, kinds, ntk: bool):
 
 
 def _in_range(out: Tensor, wide: Callable[[], Tensor], diagonal: Callable[[], Tensor] | None = None) -> Tensor:
-    """``out`` when it is finite; else the same kernel computed in float64 (``wide``) and, if it fits, cast back.
+    """``out`` when its values are within its dtype's range; else the same kernel computed in float64 (``wide``) and,
+    if it fits, cast back.
 
     Deep float32 networks overflow inside (a window sum is its window's size times larger than the values it
     gives) although their kernel values fit float32: those are computed in float64 instead. Values that do not
-    fit the dtype are an error, never infinities. ``diagonal`` (a square ``K(X, X)``) gives the values its
-    diagonal takes after the cast: those of ``gram_diag``, whose own self pass may fit the dtype where the pairs
-    did not, and which rounding the float64 diagonal would miss by an ulp or so.
+    fit the dtype are an error, never infinities. Likewise at the other end: kernel values below the dtype's
+    smallest normal number (tiny images, networks without biases) lose their digits and then become zeros, so
+    values that float64 finds non-negligible (above the dtype's epsilon times the largest) but below that
+    number are an error too, and zeros that float64 shows to be underflow are replaced by its values.
+    ``diagonal`` (a square ``K(X, X)``) gives the values its diagonal takes after a cast from float64: those of
+    ``gram_diag``, whose own self pass may fit the dtype where the pairs did not, and which rounding the float64
+    diagonal would miss by an ulp or so.
     """
-    if out.numel() == 0 or bool(torch.isfinite(out).all()):
+    if out.numel() == 0:
         return out
+    finite = bool(torch.isfinite(out).all())
+    info = torch.finfo(out.dtype)
+    if finite and not bool((out.detach().abs() < info.tiny).any()):
+        return out
+    if finite:
+        # zeros or subnormal numbers: exact zeros (blank images without biases) or underflow?
+        values = out if out.dtype == torch.float64 else wide()
+        magnitude = values.detach().abs()
+        peak = float(magnitude.max())
+        lost = (magnitude < info.tiny) & (magnitude > info.eps * peak)
+        if bool(lost.any()):
+            smallest = float(magnitude[lost].min())
+            fix = (
+                "scale the images up"
+                if out.dtype == torch.float64
+                else ("compute in float64 (dtype=torch.float64, or .double() the images), or scale the images up")
+            )
+            raise ValueError(
+                f"kernel values as small as {smallest:.3g} are below the range of {out.dtype} (smallest normal "
+                f"number {info.tiny:.3g}) and lose their digits: {fix}"
+            )
+        if values is out or not bool(((magnitude >= info.tiny) & (out.detach().abs() < info.tiny)).any()):
+            return out
+        values = values.to(out.dtype)  # zeros in this dtype that float64 computes as numbers it can hold
+        if diagonal is not None:
+            values = torch.diagonal_scatter(values, diagonal(), dim1=-2, dim2=-1)
+        return values
     if out.dtype != torch.float64:
         values = wide()
-        limit = torch.finfo(out.dtype).max
+        limit = info.max
         if bool(torch.isfinite(values).all()):
             peak = float(values.detach().abs().max())
             if peak <= limit:

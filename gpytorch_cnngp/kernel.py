@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from gpytorch.constraints import Interval, Positive
-from gpytorch.kernels import Kernel
-from gpytorch.priors import Prior
+from gpytorch.kernels import Kernel, ScaleKernel
+from gpytorch.priors import LogNormalPrior, Prior
 from linear_operator import to_linear_operator
 from linear_operator.operators import LinearOperator
 from torch import Tensor
@@ -19,6 +19,10 @@ from .layers.base import Layer
 from .state import Hyper, hyperparameters
 
 __all__ = ["CNNGPKernel"]
+
+_NO_LAST_DIM_IS_BATCH = (
+    "CNNGPKernel does not support last_dim_is_batch=True (it would split the image pixels); call it without it"
+)
 
 
 class CNNGPKernel(Kernel):
@@ -41,20 +45,23 @@ class CNNGPKernel(Kernel):
 
     .. note::
         The variances set the kernel's shape *and* its overall scale (the ConvNet GP's values are
-        about 1e12 at the paper's values). For marginal-likelihood training on targets of order one,
-        wrap the kernel in :class:`gpytorch.kernels.ScaleKernel` so that the scale has its own
-        parameter; otherwise ML-II shrinks ``var_weight`` to fit the scale. Variances spanning
-        decades are also easier to optimise through a log transform, e.g.
-        ``var_weight_constraint=Positive(transform=torch.exp, inv_transform=torch.log)``.
+        about 1e12 at the paper's values). For marginal-likelihood training (GPyTorch, BoTorch's
+        ``fit_gpytorch_mll``) use :meth:`recommended`: the kernel normalised to a correlation
+        (``normalize=True``) inside a :class:`gpytorch.kernels.ScaleKernel` that alone owns the scale,
+        with the variances in log space under priors at the architecture's values. A ``ScaleKernel``
+        around the un-normalised kernel shares the scale between ``outputscale`` and the variances,
+        and ML-II drifts along that ridge to values that mean nothing.
 
     Inputs follow GPyTorch's convention ``(..., n, d)`` with ``d = C * H * W`` (images flattened in
     C, H, W order); they are reshaped to ``input_shape`` inside. ``active_dims`` and
-    ``last_dim_is_batch`` are not supported: they select flat pixels, which breaks the image.
+    ``last_dim_is_batch`` are refused (when the kernel is made or called): they select flat pixels, which breaks
+    the image.
 
     Gradients of any loss with respect to the variances are exact; the backward pass recomputes
     one tile of pairs at a time, so memory stays bounded by the tile size. Without gradients, the
-    three most recent results are reused while their inputs and hyperparameters are unchanged
-    (:attr:`num_evaluations` counts the real computations; :meth:`clear_cache` frees them).
+    three most recent results are reused while their inputs, hyperparameters and settings (``get``,
+    ``normalize``, ``backend``, tiles, dtype, device) are unchanged (:attr:`num_evaluations` counts the real
+    computations; :meth:`clear_cache` frees them).
 
     :param architecture: a :class:`~gpytorch_cnngp.Layer` whose output is 1x1 for ``input_shape``.
     :param input_shape: ``(C, H, W)`` of one image.
@@ -69,6 +76,8 @@ class CNNGPKernel(Kernel):
     :param compile: deprecated alias of ``backend`` (see :func:`~gpytorch_cnngp.gram`).
     :param get: ``"nngp"`` (default: the CNN-GP kernel) or ``"ntk"``: the neural tangent kernel of the same
         network in the NTK parameterisation, whose variances are learned the same way.
+    :param normalize: return the correlation :math:`k(x, z) / \sqrt{k(x, x) k(z, z)}` (ones on the diagonal)
+        instead of :math:`k(x, z)`; an image with zero variance (blank, in a network without biases) is an error.
 
     Example:
         >>> import gpytorch
@@ -101,10 +110,13 @@ class CNNGPKernel(Kernel):
         backend: str = "auto",
         compile: bool | None = None,
         get: str = "nngp",
+        normalize: bool = False,
         **kwargs,
     ):
         if kwargs.get("active_dims") is not None:
             raise ValueError("CNNGPKernel does not support active_dims: it would select flat pixels of the images")
+        if kwargs.pop("last_dim_is_batch", False):
+            raise ValueError(_NO_LAST_DIM_IS_BATCH)
         super().__init__(**kwargs)
         if not isinstance(architecture, Layer):
             raise ValueError(f"architecture must be a gpytorch_cnngp layer, got {type(architecture).__name__}")
@@ -121,9 +133,10 @@ class CNNGPKernel(Kernel):
         if get not in ("nngp", "ntk"):
             raise ValueError(f"get must be 'nngp' or 'ntk', got {get!r}")
         self.get = get
+        self.normalize = bool(normalize)
         self.num_evaluations = 0
         self._exact_values: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (value set, float64; raw after)
-        self._cache: list[tuple] = []  # recent (x1, x2, diag, values, result), newest last
+        self._cache: list[tuple] = []  # recent (settings, x1, x2, diag, values, result), newest last
 
         convs = self._weight_layers()
         if not convs:
@@ -164,6 +177,74 @@ class CNNGPKernel(Kernel):
             self.var_bias = torch.tensor(b0, dtype=torch.float64)
         elif var_bias_prior is not None:
             raise ValueError("var_bias_prior given, but no bias variance is learned (see free_zero_biases)")
+
+    @classmethod
+    def recommended(
+        cls,
+        architecture: Layer,
+        input_shape: Sequence[int],
+        *,
+        prior_width: float = 1.0,
+        **kwargs,
+    ) -> ScaleKernel:
+        r"""The kernel to give a ``SingleTaskGP`` (or any ExactGP fitted by ML-II) as its ``covar_module``.
+
+        The un-normalised kernel's overall scale grows like a product of the layers' ``var_weight``, so an
+        outer ``ScaleKernel``'s ``outputscale`` and the variances share one degree of freedom: the marginal
+        likelihood has a ridge along which the fit drifts to values that mean nothing. Here the network
+        kernel is normalised to a correlation,
+
+        .. math:: \tilde k(x, z) = k(x, z) / \sqrt{k(x, x)\, k(z, z)},
+
+        so the variances set only its shape and ``outputscale`` alone owns the scale. The variances are
+        optimised in log space (an ``exp`` transform) under log-normal priors whose modes are the
+        architecture's own values (the paper's, for :mod:`gpytorch_cnngp.architectures`) and whose log
+        standard deviation is ``prior_width``; ``outputscale`` gets a ``LogNormalPrior(0, 1)``, which suits
+        standardised targets (BoTorch's default ``Standardize``).
+
+        :param architecture, input_shape: as for :class:`CNNGPKernel`.
+        :param prior_width: standard deviation of the priors on the logarithms of the variances (a factor
+            :math:`e^{\text{width}}` either side of the architecture's values is one standard deviation).
+        :param kwargs: further :class:`CNNGPKernel` arguments (``tied``, ``backend``, ``get``, ...).
+        :return: ``ScaleKernel(CNNGPKernel(..., normalize=True))``; the network kernel is its ``base_kernel``.
+
+        Example:
+            >>> from botorch.fit import fit_gpytorch_mll
+            >>> from botorch.models import SingleTaskGP
+            >>> from gpytorch.mlls import ExactMarginalLogLikelihood
+            >>> from gpytorch_cnngp import CNNGPKernel, architectures
+            >>> covar = CNNGPKernel.recommended(architectures.convnet_gp(image_size=14), input_shape=(1, 14, 14))
+            >>> # train_x: (n, 196) float64, flat 14x14 images; train_y: (n, 1)
+            >>> model = SingleTaskGP(train_x, train_y, covar_module=covar)  # doctest: +SKIP
+            >>> fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))  # doctest: +SKIP
+            >>> covar.base_kernel.var_weight, covar.base_kernel.var_bias, covar.outputscale  # doctest: +SKIP
+        """
+        if not prior_width > 0 or not torch.isfinite(torch.tensor(float(prior_width))):
+            raise ValueError(f"prior_width must be a positive number, got {prior_width!r}")
+        for name in ("normalize", "var_weight_prior", "var_bias_prior", "var_weight_constraint", "var_bias_constraint"):
+            if name in kwargs:
+                raise ValueError(f"recommended() sets {name} itself; build CNNGPKernel(...) directly to choose it")
+        log_space = {"transform": torch.exp, "inv_transform": torch.log}
+        kernel = cls(
+            architecture,
+            input_shape,
+            normalize=True,
+            var_weight_constraint=Positive(**log_space),
+            var_bias_constraint=Positive(**log_space),
+            **kwargs,
+        )
+
+        def mode_at(value: Tensor) -> LogNormalPrior:
+            # a log-normal's mode is exp(loc - width^2): put it at the architecture's value
+            loc = value.log() + prior_width**2
+            return LogNormalPrior(loc.to(kernel.raw_var_weight.dtype), prior_width)
+
+        weight_prior = mode_at(kernel._exact_values["var_weight"][0])
+        kernel.register_prior("var_weight_prior", weight_prior, kernel._var_weight_param, kernel._var_weight_closure)
+        if kernel._n_bias:
+            bias_prior = mode_at(kernel._exact_values["var_bias"][0])
+            kernel.register_prior("var_bias_prior", bias_prior, kernel._var_bias_param, kernel._var_bias_closure)
+        return ScaleKernel(kernel, outputscale_prior=LogNormalPrior(0.0, 1.0))
 
     # --- hyperparameters ---------------------------------------------------------------------
     def _weight_layers(self) -> list[Layer]:
@@ -287,15 +368,32 @@ class CNNGPKernel(Kernel):
             x = x[0]
         return x
 
+    def _settings_key(self, values: Tensor) -> tuple:
+        """Everything besides the inputs and the variances' values that changes the result."""
+        return (
+            self.get,
+            self.normalize,
+            self.backend,
+            self.tile_size,
+            self.memory_budget,
+            values.dtype,
+            values.device,
+            values.shape,
+        )
+
     def _lookup(self, x1: Tensor, x2: Tensor, diag: bool, values: Tensor) -> Tensor | None:
         x1, x2 = self._squeeze_batch(x1), self._squeeze_batch(x2)
-        for c1, c2, c_diag, c_values, result in reversed(self._cache):
+        key = self._settings_key(values)
+        for c_key, c1, c2, c_diag, c_values, result in reversed(self._cache):
             if (
-                c_diag == diag
+                c_key == key
+                and c_diag == diag
                 and c1.shape == x1.shape
                 and c2.shape == x2.shape
-                and c_values.shape == values.shape
                 and c1.dtype == x1.dtype
+                and c2.dtype == x2.dtype
+                and c1.device == x1.device
+                and c2.device == x2.device
                 and torch.equal(c_values, values.detach())
                 and torch.equal(c1, x1.detach())
                 and (c2 is c1 and x2 is x1 or torch.equal(c2, x2.detach()))
@@ -307,7 +405,8 @@ class CNNGPKernel(Kernel):
         same = x1 is x2
         x1, x2 = self._squeeze_batch(x1).detach().clone(), self._squeeze_batch(x2).detach()
         x2 = x1 if same else x2.clone()
-        self._cache.append((x1, x2, diag, values.detach().clone(), result.detach()))
+        key = self._settings_key(values)
+        self._cache.append((key, x1, x2, diag, values.detach().clone(), result.detach()))
         del self._cache[: -self._CACHE_ENTRIES]
 
     def named_sub_kernels(self) -> Iterator[tuple[str, Kernel]]:
@@ -319,9 +418,17 @@ class CNNGPKernel(Kernel):
         """Forget remembered kernel matrices (they are also dropped on pickling)."""
         self._cache = []
 
+    def __call__(
+        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ):
+        # refused here, not when a lazy result is evaluated (possibly far from the call that asked for it)
+        if last_dim_is_batch:
+            raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        return super().__call__(x1, x2, diag=diag, **params)
+
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
         if last_dim_is_batch:
-            raise ValueError("CNNGPKernel does not support last_dim_is_batch=True (it would split the image pixels)")
+            raise ValueError(_NO_LAST_DIM_IS_BATCH)
         weights, biases = self._layer_values()
         values = torch.stack([weights, biases], dim=-1)  # (*batch_shape, n_layers, 2)
         # the kernel computes in its own dtype (a float64 model stays float64 whatever the inputs)
@@ -330,6 +437,10 @@ class CNNGPKernel(Kernel):
         shape = (*batch, x1.shape[-2]) if diag else (*batch, x1.shape[-2], x2.shape[-2])
         if x1.shape[-2] == 0 or (not diag and x2.shape[-2] == 0):
             empty = values.new_zeros(shape)
+            if torch.is_grad_enabled():
+                # tied to everything it depends on, so that a loss over it back-propagates (zero gradients), as
+                # GPyTorch's own kernels do
+                empty = empty + 0.0 * (values.sum() + x1.sum() + x2.sum())
             return empty if diag else to_linear_operator(empty)
         # the cache never changes what autograd sees: a call that needs a graph (hyperparameters or inputs that
         # require grad) computes afresh, and results with a graph to the inputs are not kept
@@ -349,36 +460,104 @@ class CNNGPKernel(Kernel):
         same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         im1, im2 = self._images(x1, "x1"), self._images(x2, "x2")
         batch = torch.broadcast_shapes(im1.shape[:-4], im2.shape[:-4], values.shape[:-2])
+        repeated = self._repeated(im1), self._repeated(im2)
         im1 = im1.expand(*batch, *im1.shape[-4:]).reshape(-1, *im1.shape[-4:])
         im2 = im2.expand(*batch, *im2.shape[-4:]).reshape(-1, *im2.shape[-4:])
         vals = values.expand(*batch, *values.shape[-2:]).reshape(-1, *values.shape[-2:])
-        layers = self._weight_layers()
+        if im1.shape[0] > 1 and values.shape[:-2].numel() == 1:
+            shared = self._evaluate_shared(im1, im2, diag, same, repeated, self._hyper(vals[0]))
+            if shared is not None:
+                return shared.reshape(*batch, *shared.shape[1:])
         outs = []
         for b in range(im1.shape[0]):
-            # one Hyper from here to the layers: the learned values of this batch entry
-            hyper = Hyper.of(
-                self.architecture,
-                override={
-                    layer: {"var_weight": vals[b, i, 0], "var_bias": vals[b, i, 1]} for i, layer in enumerate(layers)
-                },
-            )
-            if diag:
-                outs.append(gram_diag(self.architecture, im1[b], None if same else im2[b], hyper=hyper, get=self.get))
-            else:
-                outs.append(
-                    gram(
-                        self.architecture,
-                        im1[b],
-                        None if same else im2[b],
-                        hyper=hyper,
-                        tile_size=self.tile_size,
-                        memory_budget=self.memory_budget,
-                        backend=self.backend,
-                        get=self.get,
-                    )
-                )
+            outs.append(self._evaluate_one(im1[b], None if same else im2[b], diag, self._hyper(vals[b])))
         out = torch.stack(outs) if outs else values.new_zeros(0)
         return out.reshape(*batch, *out.shape[1:])
+
+    def _hyper(self, vals: Tensor) -> Hyper:
+        """One Hyper from here to the layers: the learned values ``(n_layers, 2)`` of one batch entry."""
+        override = {
+            layer: {"var_weight": vals[i, 0], "var_bias": vals[i, 1]} for i, layer in enumerate(self._weight_layers())
+        }
+        return Hyper.of(self.architecture, override=override)
+
+    def _evaluate_one(self, x: Tensor, z: Tensor | None, diag: bool, hyper: Hyper) -> Tensor:
+        """The kernel (normalised if asked) of images ``x`` ``[n, C, H, W]`` and ``z`` (``None``: ``x``)."""
+        if diag:
+            out = gram_diag(self.architecture, x, z, hyper=hyper, get=self.get)
+        else:
+            out = gram(
+                self.architecture,
+                x,
+                z,
+                hyper=hyper,
+                tile_size=self.tile_size,
+                memory_budget=self.memory_budget,
+                backend=self.backend,
+                get=self.get,
+            )
+        return self._normalized(out, x, z, diag, hyper) if self.normalize else out
+
+    def _evaluate_shared(
+        self, im1: Tensor, im2: Tensor, diag: bool, same: bool, repeated: tuple[bool, bool], hyper: Hyper
+    ) -> Tensor | None:
+        """A batch ``[B, n, C, H, W]`` of kernels with one set of variances, in one call where that is exact.
+
+        BoTorch's analytic acquisition functions ask for ``K(candidates, train)`` with ``B`` candidates of one point
+        each and the training images repeated ``B`` times: one ``B x n`` kernel instead of ``B`` kernels of one row,
+        each of which would redo the training images' self terms. ``repeated``: whether each side holds the same
+        images in every batch entry. ``None`` where no such shortcut applies.
+        """
+        batch, m = im1.shape[0], im1.shape[1]
+        flat1 = im1.reshape(-1, *im1.shape[2:])
+        if repeated[0] and (same or repeated[1]):
+            out = self._evaluate_one(im1[0], None if same else im2[0], diag, hyper)
+            return out.expand(batch, *out.shape)
+        if diag:  # entry by entry: any batch of pairs is one list of pairs
+            out = self._evaluate_one(flat1, None if same else im2.reshape(-1, *im2.shape[2:]), True, hyper)
+            return out.reshape(batch, m)
+        if same:
+            return None
+        if repeated[1]:
+            return self._evaluate_one(flat1, im2[0], False, hyper).reshape(batch, m, -1)
+        if repeated[0]:
+            out = self._evaluate_one(im1[0], im2.reshape(-1, *im2.shape[2:]), False, hyper)
+            return out.reshape(m, batch, -1).transpose(0, 1)
+        return None
+
+    @staticmethod
+    def _repeated(images: Tensor) -> bool:
+        """Whether every batch entry of ``images`` ``[..., n, C, H, W]`` holds the same images: a broadcast or
+        expanded tensor, or (when no gradient must reach each entry separately) equal entries."""
+        lead = images.shape[:-4]
+        if lead.numel() <= 1 or all(
+            stride == 0 for size, stride in zip(lead, images.stride()[: len(lead)], strict=True) if size > 1
+        ):
+            return True
+        if torch.is_grad_enabled() and images.requires_grad:
+            return False
+        flat = images.reshape(-1, *images.shape[-4:])
+        return torch.equal(flat, flat[:1].expand_as(flat))
+
+    def _normalized(self, out: Tensor, x: Tensor, z: Tensor | None, diag: bool, hyper: Hyper) -> Tensor:
+        """``out`` (``K(x, z)`` or its diagonal) divided by the square roots of the variances of both sides."""
+        if z is None:
+            var_x = out if diag else out.diagonal()
+            var_z = var_x
+        else:
+            var_x = gram_diag(self.architecture, x, hyper=hyper, get=self.get)
+            var_z = gram_diag(self.architecture, z, hyper=hyper, get=self.get)
+        for name, var in (("x1", var_x), ("x2", var_z)):
+            if bool((var <= 0).any()):
+                i = int((var <= 0).nonzero()[0, 0])
+                raise ValueError(
+                    f"{name}[{i}] has zero variance under this network (a blank image and no bias variance), so "
+                    "its correlation with other images is undefined: use normalize=False, or give the network a "
+                    "bias variance"
+                )
+        if diag:
+            return out / (var_x * var_z).sqrt()
+        return out / (var_x.sqrt()[:, None] * var_z.sqrt()[None, :])
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         return 1

@@ -427,10 +427,20 @@ def test_last_dim_is_batch_raises():
         kernel.forward(x, x, last_dim_is_batch=True)
     with pytest.raises(ValueError, match="last_dim_is_batch"):
         kernel.forward(x, x, diag=True, last_dim_is_batch=True)
-    with pytest.warns(DeprecationWarning, match="last_dim_is_batch"), pytest.raises(ValueError, match="last_dim"):
-        kernel(x, last_dim_is_batch=True).to_dense()
-    with pytest.warns(DeprecationWarning, match="last_dim_is_batch"), pytest.raises(ValueError, match="last_dim"):
+
+
+def test_last_dim_is_batch_is_refused_when_the_kernel_is_called_or_made():
+    # was: the call returned a lazy tensor, and the error came only when something evaluated it
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE))
+    x = torch.rand(4, SIZE * SIZE)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        kernel(x, last_dim_is_batch=True)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        kernel(x, x[:2], diag=False, last_dim_is_batch=True)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
         kernel(x, diag=True, last_dim_is_batch=True)
+    with pytest.raises(ValueError, match="last_dim_is_batch"):
+        CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE), last_dim_is_batch=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,6 +622,64 @@ def test_batch_kernel_equals_separate_kernels(tied):
         assert _rel_err(batched.raw_var_bias.grad[i], kernel.raw_var_bias.grad) < 1e-10
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_batches_of_inputs_with_one_set_of_variances(normalize):
+    """Batched inputs against one kernel (BoTorch's candidates of one point against repeated training images, and
+    the other arrangements) equal the layer model entry by entry, in values and in gradients."""
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=normalize).double()
+    ref_arch = _reference_from_kernel(arch, kernel)
+
+    def ref(a, b=None, diag=False):
+        if not normalize:
+            return ref_arch(a, b, diag=diag)
+        b_ = a if b is None else b
+        k = ref_arch(a, b, diag=diag)
+        va, vb = ref_arch(a, diag=True), ref_arch(b_, diag=True)
+        return k / (va * vb).sqrt() if diag else k / (va[:, None] * vb[None, :]).sqrt()
+
+    C, T = _images(5, seed=46), _images(7, seed=47)  # 5 candidates, 7 training images
+    c, t = _flat(C), _flat(T)
+    with torch.no_grad():
+        cases = {
+            "candidates x expanded train": (c.unsqueeze(1), t.expand(5, 7, -1)),
+            "candidates x equal copies": (c.unsqueeze(1), t.repeat(5, 1, 1)),
+            "expanded train x candidates": (t.expand(5, 7, -1), c.unsqueeze(1)),
+            "broadcast train": (c.unsqueeze(1), t),
+        }
+        for name, (a, b) in cases.items():
+            got = kernel(a, b).to_dense()
+            assert got.shape == (5, a.shape[-2], b.shape[-2]), name
+            for i in range(5):
+                A = a[i if a.dim() == 3 else ...].reshape(-1, 1, SIZE, SIZE)
+                B = b[i if b.dim() == 3 else ...].reshape(-1, 1, SIZE, SIZE)
+                assert _rel_err(got[i], ref(A, B)) < 1e-12, name
+        both = torch.stack([T, _images(7, seed=48)]).reshape(2, 7, -1)  # different images per entry: the loop
+        got = kernel(both).to_dense()
+        for i in range(2):
+            assert _rel_err(got[i], ref(both[i].view(7, 1, SIZE, SIZE))) < 1e-12
+        same = kernel(t.expand(3, 7, -1)).to_dense()
+        assert same.shape == (3, 7, 7) and all(_rel_err(same[i], ref(T)) < 1e-12 for i in range(3))
+        diag = kernel(c.view(5, 1, -1), diag=True)
+        assert diag.shape == (5, 1) and _rel_err(diag[:, 0], ref(C, diag=True)) < 1e-12
+        paired = kernel(c.view(5, 1, -1), t[:5].view(5, 1, -1), diag=True)
+        assert _rel_err(paired[:, 0], ref(C, T[:5], diag=True)) < 1e-12
+    # gradients: to each candidate, and to the variances
+    a = c.unsqueeze(1).clone().requires_grad_(True)
+    G = torch.randn(5, 1, 7, generator=torch.Generator().manual_seed(7), dtype=F64)
+    (kernel(a, t.expand(5, 7, -1)).to_dense() * G).sum().backward()
+    for i in range(5):
+        single = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=normalize).double()
+        ai = c[i : i + 1].clone().requires_grad_(True)
+        (single(ai, t).to_dense() * G[i]).sum().backward()
+        assert _rel_err(a.grad[i], ai.grad) < 1e-10
+        if i == 0:
+            grad_w = single.raw_var_weight.grad.clone()
+        else:
+            grad_w += single.raw_var_weight.grad
+    assert _rel_err(kernel.raw_var_weight.grad, grad_w) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------------
 # the no-grad result cache
 
@@ -664,6 +732,142 @@ def test_cache_is_not_fooled_by_recycled_allocations():
             err = _rel_err(got, want)
             assert err < 1e-12, f"stale kernel at iteration {i}"
             del x, got
+
+
+def test_cache_follows_every_setting_that_changes_the_result():
+    """Each change between two no-grad calls on the same inputs must give the new kernel, not the cached one."""
+    from gpytorch_cnngp import gram
+
+    arch = _convnet()
+    X = _images(5, seed=40)
+    x = _flat(X)
+
+    def reference(kernel, get="nngp"):
+        return gram(_reference_from_kernel(arch, kernel), X, get=get, backend="eager")
+
+    with torch.no_grad():
+        kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE)).double()
+        assert _rel_err(kernel(x).to_dense(), reference(kernel)) < 1e-12
+        # get: was the cached NNGP returned as the NTK (about 70% off)
+        kernel.get = "ntk"
+        assert _rel_err(kernel(x).to_dense(), reference(kernel, "ntk")) < 1e-12
+        assert _rel_err(kernel(x, diag=True), reference(kernel, "ntk").diagonal()) < 1e-12
+        kernel.get = "nngp"
+        assert _rel_err(kernel(x).to_dense(), reference(kernel)) < 1e-12
+        # normalize
+        kernel.normalize = True
+        K = reference(kernel)
+        want = K / (K.diagonal()[:, None] * K.diagonal()[None, :]).sqrt()
+        assert _rel_err(kernel(x).to_dense(), want) < 1e-12
+        kernel.normalize = False
+        # backend: the same values to rounding, so the evaluation count tells a recomputation
+        kernel(x).to_dense()
+        before = kernel.num_evaluations
+        kernel(x).to_dense()
+        assert kernel.num_evaluations == before
+        kernel.backend = "eager"
+        assert _rel_err(kernel(x).to_dense(), reference(kernel)) < 1e-12
+        assert kernel.num_evaluations == before + 1
+        # dtype
+        kernel.float()
+        got = kernel(x).to_dense()
+        assert got.dtype == torch.float32 and _rel_err(got, reference(kernel)) < 1e-5
+        kernel.double()
+        # untied per-layer values, one layer at a time
+        untied = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), tied=False).double()
+        untied(x).to_dense()
+        for name in ("var_weight", "var_bias"):
+            value = getattr(untied, name).detach().clone()
+            value[1] *= 1.5
+            setattr(untied, name, value)
+            assert _rel_err(untied(x).to_dense(), reference(untied)) < 1e-12, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cache_follows_the_device():
+    arch = _convnet()
+    X = _images(5, seed=41)
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE)).double()
+    with torch.no_grad():
+        on_cpu = kernel(_flat(X)).to_dense()
+        kernel.cuda()
+        on_gpu = kernel(_flat(X).cuda()).to_dense()
+    assert on_gpu.device.type == "cuda" and _rel_err(on_gpu, on_cpu) < 1e-11
+
+
+# ---------------------------------------------------------------------------------------------
+# the normalised kernel and the recommended ML-II parameterisation
+
+
+def test_normalized_kernel_is_the_correlation_of_the_layer_model():
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=True, tied=False).double()
+    _set_new_values(kernel, False, F64)
+    ref = _reference_from_kernel(arch, kernel)
+    X, Z = _images(5, seed=42), _images(4, seed=43)
+    var_x, var_z = ref(X, diag=True), ref(Z, diag=True)
+    with torch.no_grad():
+        assert _rel_err(kernel(_flat(X)).to_dense(), ref(X) / (var_x[:, None] * var_x[None, :]).sqrt()) < 1e-12
+        assert _rel_err(kernel(_flat(X), _flat(Z)).to_dense(), ref(X, Z) / (var_x[:, None] * var_z).sqrt()) < 1e-12
+        assert torch.equal(kernel(_flat(X), diag=True), torch.ones(5, dtype=F64))
+        paired = ref(X[:4], Z, diag=True) / (var_x[:4] * var_z).sqrt()
+        assert _rel_err(kernel(_flat(X[:4]), _flat(Z), diag=True), paired) < 1e-12
+
+
+def test_normalized_kernel_gradient_matches_finite_differences():
+    arch = _convnet()
+    kernel = CNNGPKernel(arch, input_shape=(1, SIZE, SIZE), normalize=True).double()
+    x, z = _flat(_images(4, seed=44)), _flat(_images(3, seed=45))
+    G = torch.randn(4, 3, generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def loss() -> torch.Tensor:
+        return (kernel(x, z).to_dense() * G).sum()
+
+    gw, gb = torch.autograd.grad(loss(), [kernel.raw_var_weight, kernel.raw_var_bias])
+    eps = 1e-6
+    for raw, g in ((kernel.raw_var_weight, gw), (kernel.raw_var_bias, gb)):
+        with torch.no_grad():
+            raw += eps
+            up = float(loss())
+            raw -= 2 * eps
+            down = float(loss())
+            raw += eps
+        assert float(g) == pytest.approx((up - down) / (2 * eps), rel=1e-5)
+
+
+def test_normalized_kernel_refuses_images_of_zero_variance():
+    net = Sequential(Conv2d(3, var_weight=2.0), ReLU(), Conv2d(SIZE, padding=0, var_weight=2.0))
+    kernel = CNNGPKernel(net, input_shape=(1, SIZE, SIZE), normalize=True).double()
+    x = torch.rand(3, SIZE * SIZE, dtype=F64)
+    x[2] = 0.0
+    with torch.no_grad(), pytest.raises(ValueError, match=r"x1\[2\] has zero variance"):
+        kernel(x).to_dense()
+
+
+def test_recommended_kernel_is_normalized_with_priors_at_the_architectures_values():
+    from gpytorch.kernels import ScaleKernel
+
+    arch = architectures.convnet_gp(image_size=SIZE, depth=2, kernel_size=3)
+    covar = CNNGPKernel.recommended(arch, input_shape=(1, SIZE, SIZE), prior_width=0.7).double()
+    assert isinstance(covar, ScaleKernel) and isinstance(covar.base_kernel, CNNGPKernel)
+    kernel = covar.base_kernel
+    assert kernel.normalize
+    assert float(kernel.var_weight.detach()) == pytest.approx(2.79, rel=1e-12)
+    assert float(kernel.var_bias.detach()) == pytest.approx(7.86, rel=1e-12)
+    # optimised in log space: the raw parameters are the logarithms
+    assert float(kernel.raw_var_weight.detach()) == pytest.approx(math.log(2.79), rel=1e-12)
+    priors = {name: prior for name, _, prior, *_ in kernel.named_priors()}
+    for name, value in (("var_weight_prior", 2.79), ("var_bias_prior", 7.86)):
+        prior = priors[name]
+        # the density's maximum over the variance (not its logarithm) is at the architecture's value
+        grid = torch.linspace(math.log(value) - 0.5, math.log(value) + 0.5, 20001, dtype=F64).exp()
+        best = grid[prior.log_prob(grid).argmax()]
+        assert float(best) == pytest.approx(value, rel=1e-3)
+        assert float(prior.scale) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="normalize"):
+        CNNGPKernel.recommended(arch, input_shape=(1, SIZE, SIZE), normalize=False)
+    with pytest.raises(ValueError, match="prior_width"):
+        CNNGPKernel.recommended(arch, input_shape=(1, SIZE, SIZE), prior_width=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,6 +957,26 @@ def test_empty_inputs_give_empty_results():
         assert kernel(x, empty).to_dense().shape == (3, 0)
         assert kernel(empty, diag=True).shape == (0,)
         assert kernel(empty).to_dense().shape == (0, 0)
+
+
+@pytest.mark.parametrize("case", ["rows", "columns", "both", "diag"])
+def test_empty_inputs_carry_zero_gradients(case):
+    # was: "element 0 of tensors does not require grad" on backward. GPyTorch's RBFKernel back-propagates through
+    # K(x, empty) and K(empty, empty) (zero gradients); a sum over no entries depends on nothing, so every gradient
+    # is exactly zero, for empty rows and the diagonal too
+    x, empty = torch.rand(3, 64, dtype=F64), torch.zeros(0, 64, dtype=F64)
+    args = {"rows": (empty, x), "columns": (x, empty), "both": (empty,), "diag": (empty,)}[case]
+    diag = case == "diag"
+    kernel = CNNGPKernel(_convnet(), input_shape=(1, SIZE, SIZE)).double()
+    inputs = [a.clone().requires_grad_(True) for a in args]
+    out = kernel(*inputs, diag=diag)
+    out = out if diag else out.to_dense()
+    assert out.shape == ((0,) if diag else (inputs[0].shape[0], inputs[-1].shape[0]))
+    out.sum().backward()
+    for grad in (kernel.raw_var_weight.grad, kernel.raw_var_bias.grad):
+        assert grad is not None and bool((grad == 0).all())
+    for a in inputs:
+        assert a.grad is not None and a.grad.shape == a.shape and bool((a.grad == 0).all())
 
 
 def test_the_cache_keeps_gradients_with_respect_to_the_inputs():
