@@ -16,8 +16,9 @@ memory at a time. Why this one:
 * it computes the same float64 factor as a dense LAPACK ``potrf`` up to rounding order (no float32
   factor to refine, which could fail to converge on the ill-conditioned noise-free kernels of the paper);
 * left-looking writes each panel once and only reads afterwards, so a kill at any moment loses at most the
-  panel being computed: finished panels are kept on disk with a record of how many are done, and the next
-  run resumes from there (the store itself is only ever read);
+  panel being computed: finished panels are kept on disk with a record of how many are done and the CRC-32
+  of each, and the next run checks them and resumes from there (from the first damaged panel, if one no longer
+  matches its checksum; the store itself is only ever read);
 * the flops are the dense ``n^3 / 3`` in matrix-matrix products of panel width, and the extra disk traffic
   is about ``n^3 / (6 b)`` values read, mostly from the page cache;
 * when the whole packed factor fits the budget, the same code keeps the panels in memory: about half of one
@@ -39,6 +40,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -198,7 +200,8 @@ class _MemoryPanels:
 
 
 class _DiskPanels:
-    """Panels in one float64 file, one after another (row-major), with a JSON record of those finished.
+    """Panels in one float64 file, one after another (row-major), with a JSON record of those finished and the
+    CRC-32 of each (checked by :meth:`first_damaged` before a run resumes from them).
 
     Reads and writes go through ``pread``/``pwrite`` into our own buffers, never ``mmap``, so that the pages
     read count against the page cache, not against this process's memory.
@@ -215,9 +218,17 @@ class _DiskPanels:
         self.data_path = folder / "factor.f64"
         self.record_path = folder / "progress.json"
         self.done = 0
+        self.crcs: list[int] = []
         record = self._load_record()
         if record is not None and record.get("key") == key and self.data_path.exists():
-            self.done = int(record.get("done", 0))
+            try:
+                self.crcs = [int(c) for c in record.get("crc", [])]
+                self.done = int(record.get("done", 0))
+            except (TypeError, ValueError):
+                self.crcs, self.done = [], 0
+            if not 0 <= self.done <= min(len(self.crcs), len(shapes)):
+                self.done, self.crcs = 0, []  # a record without a checksum per finished panel: start again
+            del self.crcs[self.done :]
         else:
             with suppress(FileNotFoundError):
                 self.record_path.unlink()
@@ -255,9 +266,37 @@ class _DiskPanels:
             written += os.pwrite(self._fd, data[written:], offset + written)
         os.fsync(self._fd)
         self.done = j + 1
+        del self.crcs[j:]
+        self.crcs.append(zlib.crc32(data) & 0xFFFFFFFF)
+        self._write_record()
+
+    def _write_record(self) -> None:
         tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "done": self.done}))
+        tmp.write_text(json.dumps({"key": self.key, "done": self.done, "crc": self.crcs}))
         os.replace(tmp, self.record_path)
+
+    def first_damaged(self) -> int | None:
+        """The first finished panel whose bytes on disk no longer match their checksum (or are missing)."""
+        raw = self._work.view(np.uint8)  # the largest panel's size: each panel is read in one piece
+        for j in range(self.done):
+            begin, end = int(self.offsets[j]), int(self.offsets[j + 1])
+            crc = 0
+            try:
+                for start in range(begin, end, len(raw)):
+                    piece = raw[: min(len(raw), end - start)]
+                    self._pread_into(piece, start)
+                    crc = zlib.crc32(piece, crc)
+            except OSError:
+                return j  # the file is shorter than its finished panels
+            if crc & 0xFFFFFFFF != self.crcs[j]:
+                return j
+        return None
+
+    def truncate(self, j: int) -> None:
+        """Forget panels ``j, j + 1, ...``: they are computed again."""
+        self.done = min(self.done, j)
+        del self.crcs[self.done :]
+        self._write_record()
 
     def read(self, j: int, col0: int, col1: int, out: np.ndarray | None = None) -> np.ndarray:
         rows, cols = self.shapes[j]
@@ -407,6 +446,14 @@ class BlockedCholesky:
                     if panels is not None:
                         panels.close(delete=False)
                     panels = _DiskPanels(Path(scratch_dir), shapes, key)
+                    damaged = panels.first_damaged() if panels.done else None
+                    if damaged is not None:
+                        if log:
+                            log(
+                                f"panel {damaged + 1} of {len(shapes)} of the factor in {scratch_dir} no longer "
+                                "matches its checksum: computing the factor again from that panel on"
+                            )
+                        panels.truncate(damaged)
                     resumed = panels.done
                     if resumed and log:
                         log(f"resuming the factorisation: {resumed} of {len(shapes)} panels already on disk")

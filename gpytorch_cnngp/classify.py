@@ -5,6 +5,11 @@ at each image's class; the prediction for a test image is ``argmax(K_*x A)``. Wh
 fails, it is retried with a jitter of ``1e-10, 1e-9, ...`` times the mean of the diagonal, and the jitter used
 is reported. Optional predictive variances ``k(x*, x*) - k*x Kxx^{-1} kx*`` use the stored diagonals.
 
+The dual coefficients are checked before they are returned: finite, and solving the system to a relative residual
+``max_k ||(Kxx + jitter I) a_k - y_k|| / (||Kxx + jitter I||_F ||a_k|| + ||y_k||)`` of at most
+:data:`RESIDUAL_TOLERANCE` (one more pass over ``Kxx``). A backward-stable Cholesky solve stays orders of magnitude
+below it; a damaged factor (bytes changed in its panels on disk) or a store changed during the solve does not.
+
 :func:`classify_store` works within a memory budget whatever the size of the store: on the CPU it factorises
 with :class:`~gpytorch_cnngp.blocked_cholesky.BlockedCholesky` (panels in memory when they fit, else on disk)
 and reads the cross kernels in row chunks; on a GPU it factorises the dense float64 matrix there.
@@ -13,6 +18,7 @@ and reads the cross kernels in row chunks; on a GPU it factorises the dense floa
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +34,8 @@ from .memory import parse_bytes
 
 __all__ = [
     "CholeskyFailed",
+    "InaccurateSolve",
+    "RESIDUAL_TOLERANCE",
     "one_hot_targets",
     "cholesky_with_jitter",
     "solve_kernel",
@@ -41,6 +49,16 @@ __all__ = [
 
 class CholeskyFailed(RuntimeError):
     """Kxx could not be factorised even with the largest jitter tried."""
+
+
+class InaccurateSolve(CholeskyFailed):
+    """The dual coefficients are not finite or do not solve ``(Kxx + jitter I) A = Y`` to the stated residual."""
+
+
+RESIDUAL_TOLERANCE = 1e-8
+"""Largest relative residual accepted for the dual coefficients (see the module docstring). Below float32's
+rounding of the stored kernels (6e-8): an accepted ``A`` solves a system nearer ``Kxx`` than the kernels' own
+rounding, while a sound solve leaves a residual near float64's rounding (1e-16)."""
 
 
 def one_hot_targets(y: Tensor | np.ndarray, n_classes: int = 10, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -199,6 +217,37 @@ def _rows_per_chunk(n: int, budget: int, bytes_per_value: int = 12) -> int:
     return int(max(1, min(8192, budget // 4 // max(1, n * bytes_per_value))))
 
 
+def _relative_residual(row_blocks: Callable[[], Any], A: Tensor, Y: Tensor, jitter: float) -> float:
+    """``max_k ||(K + jitter I) a_k - y_k|| / (||K + jitter I||_F ||a_k|| + ||y_k||)`` (``inf`` when not finite).
+
+    :param row_blocks: yields ``(r0, rows)``: float64 tensors ``K[r0:r0 + m, :]`` on ``A``'s device, in order (not
+        modified).
+    """
+    if not bool(torch.isfinite(A).all()):
+        return float("inf")
+    r2 = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
+    k2 = 0.0
+    for r0, rows in row_blocks():
+        m = rows.shape[0]
+        R = rows @ A - Y[r0 : r0 + m] + jitter * A[r0 : r0 + m]
+        r2 += (R * R).sum(0)
+        diagonal = rows.diagonal(offset=r0)  # K[i, i] for the rows' i: the jitter adds to them
+        k2 += float(torch.linalg.vector_norm(rows)) ** 2 + 2 * jitter * float(diagonal.sum()) + m * jitter**2
+    den = math.sqrt(max(k2, 0.0)) * torch.linalg.vector_norm(A, dim=0) + torch.linalg.vector_norm(Y, dim=0)
+    eta = torch.sqrt(r2) / torch.where(den > 0, den, torch.ones_like(den))
+    value = float(eta.max()) if eta.numel() else 0.0
+    return value if math.isfinite(value) else float("inf")
+
+
+def _check_dual(eta: float, where: str) -> None:
+    if not eta <= RESIDUAL_TOLERANCE:
+        what = "hold NaN or infinite values" if math.isinf(eta) else f"leave a relative residual of {eta:.1e}"
+        raise InaccurateSolve(
+            f"the dual coefficients {what} (at most {RESIDUAL_TOLERANCE:.0e} is accepted); nothing was written. "
+            f"{where} Run the same command again: the factor is computed anew"
+        )
+
+
 def classify_store(
     path: str | os.PathLike[str],
     device: torch.device | str | None = None,
@@ -241,10 +290,13 @@ def classify_store(
         coefficients ``A`` (``[n_train, n_classes]`` float64 array), the predictions
         ``val_predictions``/``test_predictions`` (int arrays), ``val_variances``/``test_variances`` when asked,
         the store's metadata (``config``, ``split``, ``n_train``, ...), ``device``, ``memory_budget``,
-        ``factor`` (``"memory"``, ``"disk"`` or ``"dense"``) and timings in seconds.
+        ``factor`` (``"memory"``, ``"disk"`` or ``"dense"``), ``residual`` (the relative residual of ``A``, see
+        :data:`RESIDUAL_TOLERANCE`) and timings in seconds.
     :raises StoreIncomplete: when the store still has blocks to compute.
     :raises DamagedStore: when committed tiles fail their checksum or hold NaN/inf.
     :raises CholeskyFailed: when ``Kxx`` is not positive definite even with the largest jitter.
+    :raises InaccurateSolve: when the dual coefficients are not finite or leave a relative residual above
+        :data:`RESIDUAL_TOLERANCE` (nothing is returned; a factor on disk is deleted).
     """
     from .store import KernelStore
 
@@ -284,11 +336,19 @@ def classify_store(
             del buf
             try:
                 L, used = cholesky_with_jitter(K, candidates[0], max_tries, dev, _schedule=candidates)
+                A = torch.cholesky_solve(Y.to(dev), L)
+                step = _rows_per_chunk(n, budget, 8)
+
+                def dense_rows() -> Any:
+                    for r0 in range(0, n, step):
+                        yield r0, K[r0 : r0 + step]
+
+                eta = _relative_residual(dense_rows, A, Y.to(dev), used)
             finally:
                 del K
-            A = torch.cholesky_solve(Y.to(dev), L)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+            _check_dual(eta, "The factorisation on the device gave wrong numbers.")
             tried, mode = [c for c in candidates if c <= used], "dense"
         else:
 
@@ -310,6 +370,25 @@ def classify_store(
             except NotPositiveDefinite:
                 raise CholeskyFailed(_failure_message(n, candidates, scale)) from None
             A = fac.solve(Y)
+            step = _rows_per_chunk(n, budget // 4, 12)  # beside the factor, which may fill most of the budget
+
+            def stored_rows() -> Any:
+                buf = np.empty((min(step, n), n), dtype=np.float32)
+                for r0 in range(0, n, step):
+                    r1 = min(n, r0 + step)
+                    store.read_into("Kxx", (r0, r1), (0, n), buf[: r1 - r0])
+                    yield r0, torch.from_numpy(buf[: r1 - r0]).to(torch.float64)
+
+            eta = _relative_residual(stored_rows, A, Y, fac.jitter)
+            if not eta <= RESIDUAL_TOLERANCE:
+                on_disk = fac.report.on_disk
+                fac.close()  # a damaged factor on disk is not resumed from
+                _check_dual(
+                    eta,
+                    f"The factor's panels in {scratch} were damaged, or {path} changed during the solve."
+                    if on_disk
+                    else f"{path} changed during the solve, or the memory gave wrong numbers.",
+                )
             used, tried, mode = fac.jitter, fac.report.attempts, ("disk" if fac.report.on_disk else "memory")
         timings["solve"] = time.perf_counter() - t0
 
@@ -328,6 +407,7 @@ def classify_store(
             "device": str(dev),
             "memory_budget": budget,
             "factor": mode,
+            "residual": eta,
             "A": A.cpu().numpy(),
         }
         if fac is not None and not variances:

@@ -8,7 +8,8 @@ One file holds, for a data split of ``n_train`` training, ``n_val`` validation a
   writes per tile, which at 50,000 images made committing tiles cost about half as much as computing them.
   Stores made when the transposes were written read the same way.);
 * the diagonals ``Kvv_diag`` ``[n_val]`` and ``Ktt_diag`` ``[n_test]`` (for predictive variances);
-* the labels ``y_train``, ``y_val`` and ``y_test``;
+* the labels ``y_train``, ``y_val`` and ``y_test``, each with the CRC-32 of its bytes (attribute ``crc_y_<part>``;
+  stores made before it lack it and are checked against the labels' SHA-256 in ``checksums`` only);
 * per block of ``tile_size`` rows and columns, a completion record ``done_<name>`` (uint8), the seconds the
   block took, ``seconds_<name>`` (float64), and the CRC-32 of the block's bytes as committed, ``crc_<name>``
   (uint32; stores made before checksums were added lack it and are checked for NaN/inf only);
@@ -29,7 +30,16 @@ Crash safety (a run killed at any moment, ``kill -9`` included, resumes where it
 Integrity (damage after a tile was committed: a disk error, a stray write, a bad copy): :meth:`KernelStore.verify`
 reads every committed tile and reports those whose bytes no longer match their checksum or that hold NaN/inf;
 :meth:`KernelStore.mark_for_recompute` turns them back into pending tiles, so that only they are computed again
-(``cnngp kernels --repair``).
+(``cnngp kernels --repair``). Labels are checked against their checksums whenever they are read
+(:meth:`KernelStore.labels`); they cannot be recomputed from kernels, so damaged ones are written again from the
+data set (:meth:`KernelStore.rewrite_labels`, which refuses labels that do not match the recorded checksums).
+A file whose HDF5 structure (its metadata, not a tile) cannot be read raises :class:`UnreadableStore`, one line
+that names the file and says to move it aside; nothing of h5py's own errors reaches the caller.
+
+Failed writes (a full or read-only disk, a file made immutable): the store is opened without HDF5's raw-data sieve
+buffer, so that every write reaches the file at once and a failed one fails in :meth:`KernelStore.write_block`
+(one :class:`StoreError`; the tiles committed before it stay committed), and never later, while HDF5 closes the
+file (where it used to end in a segmentation fault).
 
 Only one process writes a store at a time (HDF5's file lock refuses a second writer).
 """
@@ -39,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import functools
 import json
 import math
 import os
@@ -52,6 +63,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .datasets.idx import data_checksum
 from .memory import format_bytes
 from .progress import progress_bar
 
@@ -68,6 +80,8 @@ __all__ = [
     "StoreExists",
     "NonFiniteTileError",
     "DamagedStore",
+    "DamagedLabels",
+    "UnreadableStore",
     "KernelStore",
 ]
 
@@ -86,6 +100,12 @@ DIAGONALS: dict[str, str] = {"Kvv_diag": "val", "Ktt_diag": "test"}
 PARTS: tuple[str, ...] = ("train", "val", "test")
 
 _DTYPES = ("float32", "float64")
+
+_DATASET_DTYPES = {"done": "u1", "seconds": "f8", "crc": "u4", "y": "i8"}
+"""dtype of the datasets by the prefix of their name (the kernels have the store's dtype)."""
+
+_HEAD_BYTES = 1 << 16
+"""At most this many bytes of the file's head are compared to notice another file copied over a store in use."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,6 +166,27 @@ class DamagedStore(StoreError):
             "Run the same `cnngp kernels` (or `cnngp table`) command again with --repair to recompute just those "
             "tiles."
         )
+
+
+class DamagedLabels(StoreError):
+    """Stored labels no longer match the checksums recorded when the store was made.
+
+    :ivar damaged: ``(part, reason)`` for every damaged part (``"train"``, ``"val"`` or ``"test"``).
+    """
+
+    def __init__(self, path: Path, damaged: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.damaged = damaged
+        which = ", ".join(f"y_{part} ({why})" for part, why in damaged)
+        super().__init__(
+            f"{path} is damaged: its labels {which} no longer match the checksums recorded when it was made. "
+            "Labels cannot be recomputed from the kernels: run the same `cnngp kernels` (or `cnngp table`) command "
+            "again with --repair to write them again from the data set"
+        )
+
+
+class UnreadableStore(StoreError):
+    """The file's HDF5 structure (its metadata, not a tile) cannot be read: damaged, or overwritten by another file."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,6 +373,44 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for an error of h5py or the OS (HDF5's own messages run over several lines, with a time stamp)."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return f"[Errno {code}] {os.strerror(code)}"
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0].rstrip(" ,(")
+
+
+def _from_hdf5(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside h5py (HDF5 could not make sense of the file), not by this module."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and "h5py" in Path(last.tb_frame.f_code.co_filename).parts
+
+
+def _guarded(method: Any) -> Any:
+    """Turn h5py's errors in ``method`` (raw KeyError, RuntimeError, OSError, ...) into :class:`UnreadableStore`."""
+
+    @functools.wraps(method)
+    def wrapper(self: KernelStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _from_hdf5(exc):
+                raise self._unreadable(exc) from exc
+            raise
+
+    return wrapper
+
+
+def _label_crc(y: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(y, dtype=np.int64)) & 0xFFFFFFFF
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the store
 
@@ -365,17 +444,25 @@ class KernelStore:
                     f"{self.path} is truncated ({reason}): a damaged or partly copied store; recompute it (delete "
                     "it and run the same command again) or copy it again"
                 ) from exc
-            raise StoreError(f"cannot open {self.path} as an HDF5 kernel store: {reason}") from exc
+            raise StoreError(
+                f"cannot open {self.path} as an HDF5 kernel store: {_reason(exc)}. If it is a damaged store, move it "
+                f"aside (e.g. `mv {self.path} {self.path}.damaged`) and run the same command to compute it again"
+            ) from exc
         self.mode = mode
-        try:
-            self._check_layout()
-        except BaseException:
-            self._file.close()
-            raise
-        self._done = {name: self._file[f"done_{name}"] for name in (*MATRICES, *DIAGONALS)}
-        self._has_crc = all(f"crc_{name}" in self._file for name in self._done)
+        self._failed: str | None = None  # why a write failed: nothing more is written then
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._head = 0  # bytes before the first dataset's values: HDF5's metadata, never written after creation
+        try:
+            self._check_layout()
+            self._done = {name: self._file[f"done_{name}"] for name in (*MATRICES, *DIAGONALS)}
+            self._has_crc = all(f"crc_{name}" in self._file for name in self._done)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise self._unreadable(exc) from exc
+            raise
         if mode == "r+":
             with contextlib.suppress(Exception):
                 self._fd = int(self._file.id.get_vfd_handle())
@@ -385,8 +472,12 @@ class KernelStore:
                 try:
                     _reserve(self._fd, self.path)  # stores made before reservation was added are sparse
                 except BaseException:
-                    self._file.close()
+                    self.close()
                     raise
+            with contextlib.suppress(Exception):
+                offsets = [self._file[name].id.get_offset() for name in self._file]
+                self._head = min(min(o for o in offsets if o is not None), _HEAD_BYTES)
+            self._stamp = self._file_stamp()
 
     def _open_h5(self, mode: str) -> h5py.File:
         if mode == "r":
@@ -396,7 +487,35 @@ class KernelStore:
                 if "locking flag" not in str(exc):
                     raise
                 # this process already has the file open (with HDF5's default locking): share that
-        return h5py.File(self.path, mode)
+                return h5py.File(self.path, "r")
+        # No sieve buffer: HDF5 otherwise holds small raw-data writes (the completion bytes, checksums, seconds)
+        # and writes them at the next flush or at close. When the file has become unwritable, that deferred write
+        # failed inside HDF5's close and the process ended in a segmentation fault; without the buffer each write
+        # reaches the file (or fails) in write_block itself.
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)
+        fapl.set_sieve_buf_size(0)
+        return h5py.File(h5py.h5f.open(os.fsencode(self.path), h5py.h5f.ACC_RDWR, fapl=fapl))
+
+    def _unreadable(self, exc: BaseException, what: str = "its HDF5 structure") -> UnreadableStore:
+        return UnreadableStore(
+            f"{self.path} cannot be read as a kernel store: {what} is damaged, or the file was overwritten "
+            f"({_reason(exc)}); --repair recomputes tiles but cannot rebuild it. Move it aside (e.g. `mv {self.path} "
+            f"{self.path}.damaged`) and run the same command to compute the store again"
+        )
+
+    def _file_stamp(self) -> tuple[int, ...] | None:
+        """Modification time, size and the CRC-32 of the metadata at the head of the open file.
+
+        Another program writing to the file changes them; this store's own writes change only the time (recorded
+        after each). The head's bytes catch a copy made within the time stamps' resolution.
+        """
+        try:
+            st = os.stat(self.path)
+            head = os.pread(self._fd, self._head, 0) if self._fd is not None and self._head else b""
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, zlib.crc32(head))
 
     # ---- creation and opening
 
@@ -454,6 +573,8 @@ class KernelStore:
         }
         for key, value in items["checksums"].items():
             attrs[f"checksum_{key}"] = value
+        for part in PARTS:
+            attrs[f"crc_y_{part}"] = _label_crc(np.asarray(labels[part]))
         for key, value in (extra_attrs or {}).items():
             if key in attrs:
                 raise ValueError(f"extra attribute {key!r} would overwrite a recorded one")
@@ -569,13 +690,18 @@ class KernelStore:
         for name in (*MATRICES, *DIAGONALS):
             if f"crc_{name}" in f:  # optional: older stores have no checksums
                 expected[f"crc_{name}"] = expected[f"done_{name}"]
+        size = os.path.getsize(self.path)
         for name, shape in expected.items():
             if name not in f:
                 raise StoreError(f"{self.path} is damaged: dataset {name!r} is missing")
-            if f[name].shape != shape:
-                raise StoreError(
-                    f"{self.path} is damaged: dataset {name!r} has shape {f[name].shape}, expected {shape}"
-                )
+            ds = f[name]
+            if ds.shape != shape:
+                raise StoreError(f"{self.path} is damaged: dataset {name!r} has shape {ds.shape}, expected {shape}")
+            want = np.dtype(_DATASET_DTYPES.get(name.split("_")[0], meta.dtype))
+            offset = ds.id.get_offset()
+            if ds.dtype != want or (ds.size and (offset is None or offset + ds.id.get_storage_size() > size)):
+                where = "lies outside the file" if ds.dtype == want else f"has dtype {ds.dtype}, expected {want}"
+                raise self._unreadable(RuntimeError(f"dataset {name!r} {where}"))
 
     def check(self, expected: StoreMeta) -> None:
         """Raise :class:`StoreMismatch` listing every field in which this store differs from ``expected``."""
@@ -595,6 +721,7 @@ class KernelStore:
     # ---- properties
 
     @property
+    @_guarded
     def attrs(self) -> dict[str, Any]:
         """All recorded attributes as plain Python values."""
         return {key: _jsonable(value) for key, value in self._file.attrs.items()}
@@ -602,23 +729,33 @@ class KernelStore:
     @property
     def meta(self) -> StoreMeta:
         """What the store was made for."""
-        a = self._file.attrs
-        return StoreMeta(
-            architecture=str(_jsonable(a["architecture"])),
-            hyperparameters=json.loads(_jsonable(a["hyperparameters"])),
-            dtype=str(_jsonable(a["dtype"])),
-            dataset=str(_jsonable(a["dataset"])),
-            split=str(_jsonable(a["split"])),
-            n_train=int(a["n_train"]),
-            n_val=int(a["n_val"]),
-            n_test=int(a["n_test"]),
-            checksums=json.loads(_jsonable(a["checksums"])),
-        )
+        try:
+            a = self._file.attrs
+            return StoreMeta(
+                architecture=str(_jsonable(a["architecture"])),
+                hyperparameters=json.loads(_jsonable(a["hyperparameters"])),
+                dtype=str(_jsonable(a["dtype"])),
+                dataset=str(_jsonable(a["dataset"])),
+                split=str(_jsonable(a["split"])),
+                n_train=int(a["n_train"]),
+                n_val=int(a["n_val"]),
+                n_test=int(a["n_test"]),
+                checksums=json.loads(_jsonable(a["checksums"])),
+            )
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            # damaged attributes read as garbage: undecodable text, bad JSON, impossible sizes
+            raise self._unreadable(exc, "the record of what it was made for") from exc
 
     @property
     def tile_size(self) -> int:
         """Edge of the blocks of this store (fixed when it was created)."""
-        return int(self._file.attrs["tile_size"])
+        try:
+            tile = int(self._file.attrs["tile_size"])
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            raise self._unreadable(exc, "its tile size") from exc
+        if tile < 1:
+            raise self._unreadable(ValueError(f"tile size {tile}"), "its tile size")
+        return tile
 
     @property
     def has_checksums(self) -> bool:
@@ -650,19 +787,23 @@ class KernelStore:
             else:
                 raise ValueError(f"unknown dataset {nm!r}; expected one of {', '.join((*MATRICES, *DIAGONALS))}")
 
+    @_guarded
     def done_mask(self, name: str) -> np.ndarray:
         """The completion record of dataset ``name`` as a boolean array (block grid)."""
         return self._done[name][...].astype(bool)
 
+    @_guarded
     def is_done(self, block: Block) -> bool:
         """Whether ``block`` is committed."""
         return bool(self._done[block.name][block.index])
 
+    @_guarded
     def pending(self, name: str | None = None) -> list[Block]:
         """The blocks not committed yet (of ``name``, or of every dataset), in computing order."""
         masks = {nm: self.done_mask(nm) for nm in (*DIAGONALS, *MATRICES)}
         return [b for b in self.blocks(name) if not masks[b.name][b.index]]
 
+    @_guarded
     def entries(self) -> tuple[int, int]:
         """``(committed, total)`` kernel entries to compute (off-diagonal ``Kxx`` blocks count once)."""
         masks = {nm: self.done_mask(nm) for nm in (*DIAGONALS, *MATRICES)}
@@ -676,10 +817,12 @@ class KernelStore:
         """Whether every block of every dataset is committed."""
         return not self.pending()
 
+    @_guarded
     def seconds(self, name: str) -> np.ndarray:
         """Compute seconds recorded per block of dataset ``name`` (block grid; 0 where not done)."""
         return self._file[f"seconds_{name}"][...]
 
+    @_guarded
     def block_seconds(self) -> float:
         """Total compute seconds recorded for the committed blocks (summed over workers and resumed runs)."""
         return float(sum(float(self._file[f"seconds_{nm}"][...].sum()) for nm in (*DIAGONALS, *MATRICES)))
@@ -702,11 +845,47 @@ class KernelStore:
                 f"{self.path} was {what} while this run was writing to it; nothing more is written. "
                 "Run the same command again to start a new store"
             )
+        if self._stamp is not None and self._file_stamp() != self._stamp:
+            # the same file, written by someone else since this run's last write (e.g. another store copied over
+            # it): this run's view of its layout is stale, and writing on would damage what is there now
+            self._disarm("it was changed by another program")
+            raise StoreError(
+                f"{self.path} was changed by another program while this run was writing to it (another file copied "
+                "over it?); nothing more is written. Run the same command again: it checks the store before resuming"
+            )
+        if self._failed is not None:
+            raise StoreError(f"{self.path} cannot be written ({self._failed}); nothing more is written")
+
+    def _disarm(self, why: str) -> None:
+        """Write nothing more to the file, HDF5's close included.
+
+        On closing, HDF5 writes its superblock and may truncate the file to the size it knows: over another file
+        copied onto this one, that would damage the copy. Its file descriptor is pointed at ``/dev/null``, read
+        only, so those writes fail (and :meth:`close` does not report them).
+        """
+        self._failed = why
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDONLY)
+                try:
+                    os.dup2(null, self._fd)
+                finally:
+                    os.close(null)
+            self._fd = None
 
     def _sync(self) -> None:
         self._file.flush()
         if self._fd is not None:
             os.fsync(self._fd)
+        self._stamp = self._file_stamp()
+
+    def _write_failed(self, what: str, exc: BaseException) -> StoreError:
+        """Record that the file cannot be written (no later write is tried) and say so in one line."""
+        self._failed = _reason(exc)
+        return StoreError(
+            f"writing {what} to {self.path} failed: {self._failed}. The tiles committed before it are kept; "
+            "once the disk is writable again, run the same command to resume"
+        )
 
     def write_block(self, block: Block, values: np.ndarray, seconds: float = 0.0) -> None:
         """Commit one computed block: check it, write it and its checksum, flush, then mark it done and flush.
@@ -739,23 +918,25 @@ class KernelStore:
             self._sync()  # the data and its checksum are in the file before the block is marked done
             self._done[block.name][block.index] = 1
             self._sync()
-        except OSError as exc:
-            raise StoreError(
-                f"writing {block.describe()} to {self.path} failed: {exc}. The tiles committed before it are kept; "
-                "once the disk is writable again, run the same command to resume"
-            ) from exc
+        except (OSError, RuntimeError) as exc:  # h5py raises either when HDF5's write or flush fails
+            raise self._write_failed(block.describe(), exc) from exc
 
+    @_guarded
     def mark_for_recompute(self, blocks: Iterable[Block]) -> None:
         """Turn committed ``blocks`` back into pending ones (e.g. the damaged blocks :meth:`verify` found)."""
         if self.mode != "r+":
             raise StoreError(f"{self.path} is open read-only")
         self.check_still_there()
-        for block in blocks:
-            self._done[block.name][block.index] = 0
-        self._sync()
+        try:
+            for block in blocks:
+                self._done[block.name][block.index] = 0
+            self._sync()
+        except (OSError, RuntimeError) as exc:
+            raise self._write_failed("the completion records", exc) from exc
 
     # ---- checking
 
+    @_guarded
     def verify(self, names: Iterable[str] | None = None, *, progress: bool = False) -> list[tuple[Block, str]]:
         """Read every committed block of ``names`` (default: all) and return the damaged ones with the reason.
 
@@ -820,14 +1001,17 @@ class KernelStore:
 
     # ---- reading
 
+    @_guarded
     def read(self, name: str, *, require_complete: bool = True) -> np.ndarray:
-        """The whole dataset ``name`` (a matrix, diagonal or ``y_<part>``) as a NumPy array.
+        """The whole dataset ``name`` (a matrix, diagonal or ``y_<part>``, see :meth:`labels`) as a NumPy array.
 
         :raises StoreIncomplete: when a kernel dataset still has blocks to compute (unless ``require_complete``
             is false, in which case those blocks read as zeros).
         """
         if name not in self._file:
             raise KeyError(f"{self.path} has no dataset {name!r}")
+        if name.startswith("y_") and name[2:] in PARTS:
+            return self.labels(name[2:])  # checked against their checksums
         if require_complete:
             self.require_complete(name)
         values = self._file[name][...]
@@ -837,6 +1021,7 @@ class KernelStore:
                 values[r0 : r0 + t, :r0] = values[:r0, r0 : r0 + t].T
         return values
 
+    @_guarded
     def require_complete(self, name: str) -> None:
         """Raise :class:`StoreIncomplete` when kernel dataset ``name`` still has blocks to compute."""
         if name not in self._done:
@@ -851,6 +1036,7 @@ class KernelStore:
                 "run `cnngp kernels` again with the same arguments to finish it"
             )
 
+    @_guarded
     def read_into(self, name: str, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray) -> None:
         """Copy ``name[r0:r1, c0:c1]`` into ``out`` (any float dtype, converted), without a temporary of its size.
 
@@ -885,16 +1071,100 @@ class KernelStore:
                 out[max(r0, e) - r0 :, a - c0 : b - c0] = dset[a:b, max(r0, e) : r1].T
             a = b
 
+    @_guarded
     def labels(self, part: str) -> np.ndarray:
-        """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""
-        return self._file[f"y_{part}"][...]
+        """The labels of ``part`` (``"train"``, ``"val"`` or ``"test"``), checked against their recorded checksums.
+
+        :raises DamagedLabels: when they no longer match them.
+        """
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; expected one of {', '.join(PARTS)}")
+        y = self._file[f"y_{part}"][...]
+        why = self._label_problem(part, y)
+        if why is not None:
+            raise DamagedLabels(self.path, [(part, why)])
+        return y
+
+    def _label_problem(self, part: str, y: np.ndarray) -> str | None:
+        """Why labels ``y`` of ``part`` are not the ones recorded when the store was made (``None``: they are)."""
+        try:
+            crc = self._file.attrs.get(f"crc_y_{part}")
+            crc = None if crc is None else int(crc)
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            raise self._unreadable(exc, "the record of its labels' checksums") from exc
+        if crc is not None and _label_crc(y) != crc:
+            return "checksum mismatch"
+        sha = self.meta.checksums.get(f"{part}_labels")
+        if sha is not None and data_checksum(np.ascontiguousarray(y, dtype=np.int64)) != sha:
+            return "SHA-256 mismatch"
+        return None
+
+    @_guarded
+    def verify_labels(self) -> list[tuple[str, str]]:
+        """``(part, reason)`` for every part whose stored labels no longer match their recorded checksums.
+
+        Labels are checked against the CRC-32 recorded in the store and against the SHA-256 of the data set's
+        labels in :attr:`meta` ``.checksums`` (``<part>_labels``), whichever the store has.
+        """
+        damaged = []
+        for part in PARTS:
+            why = self._label_problem(part, self._file[f"y_{part}"][...])
+            if why is not None:
+                damaged.append((part, why))
+        return damaged
+
+    @_guarded
+    def rewrite_labels(self, labels: Mapping[str, np.ndarray], parts: Iterable[str]) -> None:
+        """Write the labels of ``parts`` again (from the data set: labels cannot be recomputed from kernels).
+
+        Each must match the checksums recorded when the store was made, so only the original labels are accepted.
+
+        :raises StoreError: when given labels do not match them, or the store has no checksum to check them by.
+        """
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only")
+        self.check_still_there()
+        parts = list(parts)
+        for part in parts:
+            y = np.asarray(labels[part], dtype=np.int64)
+            if y.shape != (self.meta.size(part),):
+                raise ValueError(f"labels[{part!r}] has shape {y.shape}, expected ({self.meta.size(part)},)")
+            if self._file.attrs.get(f"crc_y_{part}") is None and f"{part}_labels" not in self.meta.checksums:
+                raise StoreError(f"{self.path} records no checksum of its {part} labels: they cannot be checked")
+            why = self._label_problem(part, y)
+            if why is not None:
+                raise StoreError(
+                    f"the {part} labels given do not match the checksums {self.path} recorded when it was made "
+                    f"({why}): they are not the labels it was computed for; nothing was written"
+                )
+        try:
+            for part in parts:
+                self._file[f"y_{part}"][...] = np.asarray(labels[part], dtype=np.int64)
+            self._sync()
+        except (OSError, RuntimeError) as exc:
+            raise self._write_failed("the labels", exc) from exc
 
     # ---- closing
 
     def close(self) -> None:
-        """Close the file (flushing it); idempotent."""
-        if self._file.id.valid:
+        """Close the file (flushing it); idempotent.
+
+        After a failed write, HDF5 cannot close the file cleanly either (it writes its superblock, unchanged, on
+        closing): that second failure is not reported again, and the file on disk keeps its committed tiles.
+        """
+        if not self._file.id.valid:
+            return
+        try:
             self._file.close()
+        except (OSError, RuntimeError) as exc:
+            with contextlib.suppress(Exception):
+                self._file.id.close()
+            if self._failed is None:
+                self._failed = _reason(exc)
+                raise StoreError(
+                    f"closing {self.path} failed: {self._failed}. The tiles committed before are kept; once the disk "
+                    "is writable again, run the same command to resume"
+                ) from exc
 
     def __enter__(self) -> KernelStore:
         return self

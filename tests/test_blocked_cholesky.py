@@ -191,3 +191,39 @@ def test_parse_bytes_refuses(text):
 
 def test_format_bytes():
     assert format_bytes(128 * 10**6) == "128 MB" and format_bytes(1.5e9) == "1.5 GB" and format_bytes(12) == "12 B"
+
+
+def test_a_damaged_panel_on_disk_is_found_and_computed_again_when_resuming(tmp_path):
+    # was: a finished panel changed on disk between a kill and the resume was used as it was: a wrong factor
+    n = 800
+    K = _spd(n, seed=6)
+    budget = 600_000
+    b, _ = plan_panel_width(n, budget)
+
+    def crashing(r0, r1, c0, out):
+        if r0 >= 3 * b:
+            raise KeyboardInterrupt
+        out[...] = K[r0:r1, c0 : c0 + out.shape[1]]
+
+    key = {"store": "k.h5"}
+    with pytest.raises(KeyboardInterrupt):
+        BlockedCholesky.factor(crashing, n, memory_budget=budget, scratch_dir=tmp_path, source_key=key)
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == 3
+    with open(tmp_path / "factor.f64", "r+b") as fh:  # a few bytes inside the second panel (panel 0 is [b, n])
+        fh.seek(b * n * 8 + 1000)
+        fh.write(np.random.default_rng(0).bytes(16))
+    notes: list[str] = []
+    with BlockedCholesky.factor(
+        _reader(K), n, memory_budget=budget, scratch_dir=tmp_path, source_key=key, log=notes.append
+    ) as fac:
+        assert fac.report.resumed_panels == 1, "the panels from the damaged one on are computed again"
+        assert any("panel 2 of" in t and "no longer matches its checksum" in t for t in notes), notes
+        direct = np.linalg.solve(K.astype(np.float64), np.ones(n))
+        np.testing.assert_allclose(fac.solve(np.ones(n)).numpy(), direct, rtol=1e-8)
+    # a record of finished panels without their checksums (or cut short) is not trusted: it starts again
+    with pytest.raises(KeyboardInterrupt):
+        BlockedCholesky.factor(crashing, n, memory_budget=budget, scratch_dir=tmp_path, source_key=key)
+    record = json.loads((tmp_path / "progress.json").read_text())
+    (tmp_path / "progress.json").write_text(json.dumps({"key": record["key"], "done": record["done"]}))
+    with BlockedCholesky.factor(_reader(K), n, memory_budget=budget, scratch_dir=tmp_path, source_key=key) as fac:
+        assert fac.report.resumed_panels == 0

@@ -304,3 +304,128 @@ def test_the_dense_path_used_on_gpus_runs_on_the_cpu_too(synthetic_store):
         np.testing.assert_allclose(dense[f"{part}_variances"], blocked[f"{part}_variances"], rtol=1e-6, atol=1e-3)
     with pytest.raises(ValueError, match="method must be"):
         cl.classify_store(path, "cpu", method="fast")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the factor's panels on disk are checked before a resume, the dual coefficients before they are returned
+
+SMALL_SIZES = {"n_train": 600, "n_val": 30, "n_test": 40}
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    from store_helpers import write_synthetic_store
+
+    path = tmp_path_factory.mktemp("small") / "k.h5"
+    kernels, labels = write_synthetic_store(path, SMALL_SIZES, tile=256, seed=5, scale=1e12)
+    return path, kernels, labels
+
+
+def test_a_panel_damaged_between_a_kill_and_the_resume_is_computed_again(small_store, tmp_path, monkeypatch):
+    # was: the resume used the damaged panel: NaN or 10% wrong dual coefficients, 90% errors, exit code 0
+    import json
+
+    path, kernels, labels = small_store
+    scratch = tmp_path / "scratch"
+    real = KernelStore.read_into
+
+    def killed_after_two_panels(self, *args, **kwargs):
+        progress = scratch / "progress.json"
+        if progress.exists() and json.loads(progress.read_text())["done"] >= 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(KernelStore, "read_into", killed_after_two_panels)
+    with pytest.raises(KeyboardInterrupt):
+        cl.classify_store(path, "cpu", memory_budget="2MB", scratch_dir=scratch)
+    monkeypatch.undo()
+    with open(scratch / "factor.f64", "r+b") as fh:  # the first panel, damaged on disk before the resume
+        fh.seek(4096)
+        fh.write(np.random.default_rng(0).bytes(64))
+    notes: list[str] = []
+    out = cl.classify_store(path, "cpu", memory_budget="2MB", scratch_dir=scratch, log=notes.append)
+    assert out["factor"] == "disk"
+    assert any("panel 1 of" in n and "no longer matches its checksum" in n for n in notes), notes
+    A, preds = _dense_reference(kernels, labels)
+    assert np.abs(out["A"] - A).max() <= 1e-8 * np.abs(A).max()
+    for part in ("val", "test"):
+        assert np.array_equal(out[f"{part}_predictions"], preds[part])
+
+
+def _wrong_disk_reads(monkeypatch):
+    """While the coefficients are solved, reads of the factor's second panel from disk come back 10% off (a disk
+    returning other bytes than were written)."""
+    from gpytorch_cnngp import blocked_cholesky as bc
+
+    read, solve, solving = bc._DiskPanels.read, bc.BlockedCholesky.solve, []
+
+    def wrong_read(self, j, col0, col1, out=None):
+        values = read(self, j, col0, col1, out)
+        if solving and j == 1:
+            values *= 1.1
+        return values
+
+    def solve_on_that_disk(self, Y):
+        solving.append(1)
+        try:
+            return solve(self, Y)
+        finally:
+            solving.clear()
+
+    monkeypatch.setattr(bc._DiskPanels, "read", wrong_read)
+    monkeypatch.setattr(bc.BlockedCholesky, "solve", solve_on_that_disk)
+
+
+def _nan_solve(monkeypatch):
+    from gpytorch_cnngp.blocked_cholesky import BlockedCholesky
+
+    real = BlockedCholesky.solve
+
+    def solve(self, Y):
+        A = real(self, Y)
+        A[3, 2] = float("nan")
+        return A
+
+    monkeypatch.setattr(BlockedCholesky, "solve", solve)
+
+
+def _wrong_dense_solve(monkeypatch):
+    real = torch.cholesky_solve
+    monkeypatch.setattr(torch, "cholesky_solve", lambda B, L: real(B, L) * 1.1)
+
+
+@pytest.mark.parametrize(
+    "fault, method, budget",
+    [(_wrong_disk_reads, "blocked", "2MB"), (_nan_solve, "blocked", "1GB"), (_wrong_dense_solve, "dense", "1GB")],
+    ids=["disk-panel", "memory-nan", "dense"],
+)
+def test_dual_coefficients_that_do_not_solve_the_system_are_refused(
+    small_store, tmp_path, monkeypatch, fault, method, budget
+):
+    path, kernels, labels = small_store
+    clean = cl.classify_store(path, "cpu", method=method, memory_budget=budget, scratch_dir=tmp_path / "s")
+    # a sound solve: the residual is at float64's rounding, far below the limit (float32's rounding)
+    assert clean["residual"] <= 1e-12 and cl.RESIDUAL_TOLERANCE < np.finfo(np.float32).eps
+    A = clean["A"].astype(np.float64)
+    K = kernels["Kxx"].astype(np.float64)
+    Y = cl.one_hot_targets(labels["train"]).numpy()
+    independent = np.max(np.linalg.norm(K @ A - Y, axis=0) / (np.linalg.norm(K) * np.linalg.norm(A, axis=0) + 1))
+    assert clean["residual"] == pytest.approx(independent, rel=0.5, abs=1e-16)
+    fault(monkeypatch)
+    with pytest.raises(cl.InaccurateSolve, match=r"the dual coefficients (hold NaN|leave a relative residual of)"):
+        cl.classify_store(path, "cpu", method=method, memory_budget=budget, scratch_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists(), "a factor that gave wrong coefficients is not kept for a resume"
+
+
+def test_the_cli_writes_no_dual_coefficients_that_fail_their_check(small_store, tmp_path, monkeypatch, capsys):
+    from gpytorch_cnngp import cli
+
+    path, _, _ = small_store
+    _wrong_disk_reads(monkeypatch)
+    dual, row = tmp_path / "dual.npz", tmp_path / "row.json"
+    argv = ["classify", str(path), "--memory-budget", "2MB", "--dual", str(dual), "--json", str(row), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "relative residual" in err and "nothing was written" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not dual.exists() and not row.exists()

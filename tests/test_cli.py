@@ -366,3 +366,55 @@ def test_a_store_that_becomes_unwritable_stops_the_run_and_resumes(tmp_path, cap
         for name in ("Kxx", "Kvx", "Ktx", "Kvv_diag", "Ktt_diag"):
             # equal to rounding: in the full suite the two runs' blocks have been seen to differ in the last bits
             np.testing.assert_allclose(resumed.read(name), reference.read(name), rtol=1e-6, err_msg=name)
+
+
+def test_damaged_labels_are_refused_and_repaired_from_the_data_set(data_dir, tmp_path, capsys):
+    # was: two bytes of y_test changed in a finished store: `classify` and `table` reported another test error
+    # with exit 0, and `kernels --repair` said every tile was intact
+    import h5py
+
+    store = tmp_path / "k.h5"
+    common = ["--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    kernels = ["kernels", "--out", str(store), "--n-train", "20", "--n-val", "10", "--n-test", "16", *common]
+    assert cli.main([*kernels, "--tile-size", "8"]) == 0
+    assert cli.main(["classify", str(store), "--no-progress", "--json", str(tmp_path / "clean.json")]) == 0
+    clean = json.loads((tmp_path / "clean.json").read_text())
+    with h5py.File(store, "r") as f:
+        start, y = f["y_test"].id.get_offset(), f["y_test"][...]
+    with open(store, "r+b") as fh:  # two labels made other digits
+        for i in (0, 1):
+            fh.seek(start + 8 * i)
+            fh.write(bytes([(int(y[i]) + 1) % 10]))
+    capsys.readouterr()
+    assert cli.main(["classify", str(store), "--no-progress", "--json", str(tmp_path / "damaged.json")]) == 1
+    err = capsys.readouterr().err
+    assert "labels y_test" in err and "--repair" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "damaged.json").exists()
+    assert cli.main(kernels) == 1  # a resumed run checks them too
+    assert "labels y_test" in capsys.readouterr().err
+    assert cli.main([*kernels, "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "repair: the labels y_test (" in out and "written again from the data set" in out
+    assert cli.main(["classify", str(store), "--no-progress", "--json", str(tmp_path / "repaired.json")]) == 0
+    repaired = json.loads((tmp_path / "repaired.json").read_text())
+    assert repaired["test_error"] == clean["test_error"] and repaired["test_predictions"] == clean["test_predictions"]
+
+
+def test_a_store_with_damaged_hdf5_metadata_is_one_clear_error_repair_included(data_dir, tmp_path, capsys):
+    # was: raw KeyError/RuntimeError tracebacks from `kernels`, `kernels --repair` and `classify`
+    store = tmp_path / "k.h5"
+    common = ["--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    kernels = ["kernels", "--out", str(store), "--n-train", "12", "--n-val", "4", "--n-test", "4", *common]
+    assert cli.main(kernels) == 0
+    raw = store.read_bytes()
+    with open(store, "r+b") as fh:  # the root group's symbol-table node: where its datasets are found
+        fh.seek(raw.find(b"SNOD") + 8)
+        fh.write(np.random.default_rng(1).bytes(16))
+    capsys.readouterr()
+    for argv in (kernels, [*kernels, "--repair"], ["classify", str(store), "--no-progress"]):
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"{store} cannot be read as a kernel store" in err and f"mv {store} {store}.damaged" in err
+    store.rename(tmp_path / "k.h5.damaged")  # as the message says: moved aside, the same command starts again
+    assert cli.main(kernels) == 0

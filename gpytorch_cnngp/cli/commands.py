@@ -20,7 +20,7 @@ from ..classify import _mean_diagonal, classify_store
 from ..datasets import DATASETS, MD5, data_checksum, fetch, load_split
 from ..distributed import ArchitectureSpec, compute_store, open_client, resolve_device
 from ..memory import format_bytes
-from ..store import DamagedStore, KernelStore, StoreMeta
+from ..store import DamagedLabels, DamagedStore, KernelStore, StoreMeta
 from .defaults import (
     DEFAULT_CONFIG,
     DEFAULT_SPLIT,
@@ -120,7 +120,29 @@ def _compute(
     with contextlib.ExitStack() as stack:
         client = None if args.scheduler == "sync" else stack.enter_context(open_client(args.scheduler, args.workers))
         store = KernelStore.open_or_create(out, meta, labels, tile, extra_attrs={"torch_version": torch.__version__})
+        try:
+            _check_labels(store, labels, args)
+        except BaseException:
+            store.close()
+            raise
         return _compute_into(store, client, spec, images, args, out, estimate)
+
+
+def _check_labels(store: KernelStore, labels: dict, args: argparse.Namespace) -> None:
+    """Check the stored labels against their checksums; with --repair write damaged ones again from the data set.
+
+    Labels cannot be recomputed from kernels; the data set's are the store's (its recorded checksums of them were
+    compared with this run's when the store was opened), and the store checks them once more before writing.
+
+    :raises DamagedLabels: when labels are damaged and --repair was not given.
+    """
+    damaged = store.verify_labels()
+    if damaged and not args.repair:
+        raise DamagedLabels(store.path, damaged)
+    if damaged:
+        store.rewrite_labels(labels, [part for part, _ in damaged])
+        names = ", ".join(f"y_{part} ({why})" for part, why in damaged)
+        _say(f"repair: the labels {names} no longer matched their checksums; written again from the data set")
 
 
 def _check_store(store: KernelStore, args: argparse.Namespace) -> int:

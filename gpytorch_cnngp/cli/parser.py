@@ -172,7 +172,8 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "--repair",
             action="store_true",
             help="when a resumed store has damaged tiles (checksum mismatch, NaN or inf), compute just those again "
-            "instead of refusing the store (default: off, a damaged store is refused)",
+            "(and write damaged labels again from the data set) instead of refusing the store (default: off, a "
+            "damaged store is refused)",
         )
         p.add_argument(
             "--threads",
