@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=8, help="images per side of the cross kernel")
     p.add_argument("--size", type=int, default=28, help="crop the digits to size x size (28: whole)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's; 1 is steadier on a busy machine)"
+    )
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for name in args.cases:

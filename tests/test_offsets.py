@@ -44,8 +44,9 @@ def _box(r: int, step: int = 1) -> frozenset:
 
 
 def _plan(model, size, mode="offsets"):
+    hw = (size, size) if isinstance(size, int) else size
     with settings.spatial_path(mode):
-        return Requirements(model).plan(model, (size, size))
+        return Requirements(model).plan(model, hw)
 
 
 # --- the offsets each layer needs -----------------------------------------------------------------------------
@@ -180,6 +181,13 @@ NETWORKS = {
         (7, 5),
     ),
     "pooled_cnn_gp_12": (lambda: pooled_cnn_gp(12), 12),
+    # no nonlinearity between windows: each layer's zeros where p + d leaves the map are all the next one sees
+    "linear_conv_pool_chain": (
+        lambda: Sequential(
+            Conv2d(3, var_bias=0.3), AvgPool2d(3, stride=1, padding=1), Conv2d(2, stride=2, var_bias=0.1), AvgPool2d(2)
+        ),
+        8,
+    ),
 }
 
 
@@ -219,9 +227,8 @@ def test_offset_maps_equal_full_maps(name, get):
     body, size = NETWORKS[name]
     model = _readout(body(), size)
     x, z = _inputs(size, seed=len(name))
-    hw = (size, size) if isinstance(size, int) else size
-    plan = _plan(model, hw[0]) if hw[0] == hw[1] else None
-    assert plan is None or plan.input is not None
+    plan = _plan(model, size)
+    assert plan is not None and plan.input is not None  # the offset path runs
     with settings.spatial_path("full"):
         expected = _all_kernels(model, x, z, get)
     with settings.spatial_path("offsets"):
@@ -283,3 +290,22 @@ def test_hyperparameter_gradients_equal_full_maps_and_finite_differences(name):
                     leaves[k] -= sign * step
             fd = (values[0] - values[1]) / (2 * step)
             assert abs(fd - float(got[k])) <= 1e-6 * max(1.0, abs(float(got[k]))), k
+
+
+def test_image_gradients_and_float32_equal_full_maps():
+    body, size = NETWORKS["relu_pool3s2_odd"]
+    model = _readout(body(), size)
+    x, z = _inputs(size, seed=11)
+    grads = {}
+    for path in ("full", "offsets"):
+        xg = x.clone().requires_grad_(True)
+        with settings.spatial_path(path):
+            (grad,) = torch.autograd.grad(gram(model, xg, z).sum(), xg)
+            grads[path] = grad
+    assert float((grads["offsets"] - grads["full"]).abs().max()) <= 1e-12 * float(grads["full"].abs().max())
+    with settings.spatial_path("full"):
+        expected = gram(model, x, z)
+    with settings.spatial_path("offsets"):
+        got = gram(model, x.float(), z.float())
+    assert got.dtype == torch.float32
+    assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
