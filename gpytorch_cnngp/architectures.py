@@ -88,9 +88,9 @@ def pooled_cnn_gp(
     ``Conv2d(3, stride=2), ReLU, Conv2d(3), ReLU, AvgPool2d(2), Conv2d(3), ReLU`` and a
     :class:`~gpytorch_cnngp.Dense` readout; with ``global_pool=True`` a
     :class:`~gpytorch_cnngp.GlobalAvgPool2d` comes before the readout. Convolutions average their
-    window (``var_weight = 2`` keeps the ReLU's variance scale). The strided first convolution keeps
-    the full spatial covariances, which every layer before the last pool carries, at a quarter of the
-    input's size; their cost is in ``benchmarks/RESULTS.md``.
+    window (``var_weight = 2`` keeps the ReLU's variance scale). Without the global pool, every layer
+    before the pool carries nine spatial offsets (the pool's 3x3 of tap differences, doubled by the strided
+    first convolution); with it, every offset, on maps a quarter of the input's size after that convolution.
     """
     _check_size(image_size, 4)
 

@@ -1,4 +1,4 @@
-"""Tensor math behind the layers: uniform window sums and the ReLU Gaussian expectation.
+"""Tensor math behind the layers: uniform window sums, offset maps and the ReLU Gaussian expectation.
 
 Covariance maps are laid out spatial dimensions first, ``[H, W, ...]``, with any trailing
 dimensions: self terms ``[H, W, N]``, matched pairs ``[H, W, N]`` and pair blocks ``[H, W, N1, N2]``.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ __all__ = [
     "window_sum",
     "diagonal_window_sum",
     "window_sum_both_sides",
+    "Offsets",
+    "offset_window_sum",
+    "offset_pool",
     "position_diagonal",
     "same_location",
     "relu_expectation",
@@ -218,6 +222,162 @@ def window_sum_both_sides(
     m = window_sum(m, win_h, win_w, method)
     m = window_sum(m.movedim((2, 3), (0, 1)), win_h, win_w, method, scale)
     return m.movedim((0, 1), (2, 3)).contiguous()
+
+
+# --- covariances at spatial offsets ----------------------------------------------------------------
+#
+# A convolution with shared weights moves both positions of a covariance together, and a pointwise
+# nonlinearity acts entry by entry, so each offset d = q - p evolves on its own between pooling layers. The
+# offset layout keeps only the offsets a later layer needs: [H, W, O, ...] with m[p, i] = K(p, p + d_i), zero
+# where p + d_i lies outside the map (which is what zero padding reads there).
+
+
+class Offsets:
+    """The spatial offsets ``d = q - p`` a map of size ``(H, W)`` carries, in a fixed order (``(0, 0)`` always
+    among them), and the index tensors of its layout ``[H, W, O, ...]``, made once per device.
+
+    Instances are made once per network and size (:class:`gpytorch_cnngp.state.SpatialPlan`) and compared by
+    identity.
+    """
+
+    def __init__(self, size: tuple[int, int], offsets) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.offsets = tuple(sorted(offsets))
+        self.index = {d: i for i, d in enumerate(self.offsets)}
+        if (0, 0) not in self.index:
+            raise ValueError("an offset set must hold (0, 0), the same-location map")
+        self.zero = self.index[(0, 0)]
+        self._cache: dict[tuple, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __repr__(self) -> str:
+        return f"Offsets({self.size[0]}x{self.size[1]}, {len(self)} offsets)"
+
+    def _cached(self, key: tuple, make) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    def mask(self, m: Tensor, pair_ndim: int) -> Tensor:
+        """``[H, W, O, 1, ...]`` in ``m``'s dtype: 1 where ``p + d`` lies inside the map, else 0."""
+
+        def make() -> Tensor:
+            h, w = self.size
+            dy = torch.tensor([d[0] for d in self.offsets])
+            dx = torch.tensor([d[1] for d in self.offsets])
+            inside_y = (torch.arange(h)[:, None] + dy >= 0) & (torch.arange(h)[:, None] + dy < h)
+            inside_x = (torch.arange(w)[:, None] + dx >= 0) & (torch.arange(w)[:, None] + dx < w)
+            return (inside_y[:, None, :] & inside_x[None, :, :]).to(dtype=m.dtype, device=m.device)
+
+        mask = self._cached(("mask", m.dtype, m.device), make)
+        return mask.view(*mask.shape, *([1] * pair_ndim))
+
+    def shifted(self, s: Tensor) -> Tensor:
+        """``s`` ``[H, W, ...]`` seen from each offset: ``[H, W, O, ...]`` holding ``s[p + d]`` (0 outside)."""
+        h, w = self.size
+        rest = s.shape[2:]
+
+        def make() -> Tensor:
+            ys, xs = torch.arange(h)[:, None, None], torch.arange(w)[None, :, None]
+            dy = torch.tensor([d[0] for d in self.offsets])
+            dx = torch.tensor([d[1] for d in self.offsets])
+            qy, qx = ys + dy, xs + dx
+            inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+            return torch.where(inside, qy * w + qx, h * w).reshape(-1).to(s.device)
+
+        index = self._cached(("shift", s.device), make)
+        flat = torch.cat([s.reshape(h * w, *rest), s.new_zeros(1, *rest)])
+        return flat.index_select(0, index).view(h, w, len(self), *rest)
+
+    def gather(self, m: Tensor, key: tuple, targets) -> Tensor:
+        """The maps of offsets ``targets`` (a sequence of ``(dy, dx)``) from ``m`` ``[H, W, O, ...]`` laid out
+        by this set, along dimension 2; an offset this set lacks gives zeros (it lies outside the map).
+        ``key`` names ``targets`` in the index cache (callers pass the destination set and the rule)."""
+
+        def make() -> tuple[Tensor | None, bool]:
+            n = len(self)
+            found = [self.index.get(tuple(t), n) for t in targets]
+            if found == list(range(n)):  # the same offsets in the same order: nothing to move
+                return None, False
+            return torch.tensor(found, device=m.device), n in found
+
+        index, missing = self._cached(("gather", key, m.device), make)
+        if index is None:
+            return m
+        if missing:
+            pad = m.new_zeros(*m.shape[:2], 1, *m.shape[3:])
+            m = torch.cat([m, pad], dim=2)
+        return m.index_select(2, index)
+
+    def select(self, m: Tensor, source: Offsets) -> Tensor:
+        """``m`` laid out by ``source`` with this set's offsets (a subset of ``source``'s)."""
+        if source is self:
+            return m
+        return source.gather(m, ("select", self), self.offsets)
+
+
+def offset_window_sum(
+    m: Tensor, source: Offsets, target: Offsets, win_h: Window, win_w: Window, method: str, scale: Tensor | None
+) -> Tensor:
+    """A convolution's window sum on offset maps: output offset ``D`` is the same-location window sum of the
+    input offset ``stride * D`` (both positions move together under each tap; dilation moves both alike).
+    Entries whose ``P + D`` lies outside the output still need the caller's mask."""
+    sh, sw = win_h.stride, win_w.stride
+    if source is target and sh == 1 and sw == 1:
+        picked = m
+    else:
+        picked = source.gather(m, ("conv", target, sh, sw), [(sh * dy, sw * dx) for dy, dx in target.offsets])
+    return window_sum(picked, win_h, win_w, method, scale)
+
+
+@lru_cache(maxsize=1024)
+def _tap_matrix_cpu64(win: Window, n: int, shift: int) -> Tensor:
+    """``[out, n]``: row ``o`` selects the window's taps ``a`` whose partner ``a + shift`` is a tap too."""
+    out = win.out_size(n)
+    mat = torch.zeros(out, n, dtype=torch.float64)
+    for o in range(out):
+        for a in range(max(0, -shift), min(win.size, win.size - shift)):
+            q = o * win.stride - win.pad_before + a * win.dilation
+            if 0 <= q < n:
+                mat[o, q] = 1.0
+    return mat
+
+
+def _tap_matrix(win: Window, n: int, shift: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = ("taps", win, n, shift, dtype, str(device))
+    mat = _matrix_cache.get(key)
+    if mat is None:
+        mat = _tap_matrix_cpu64(win, n, shift).to(dtype=dtype, device=device)
+        if len(_matrix_cache) > 512:
+            _matrix_cache.clear()
+        _matrix_cache[key] = mat
+    return mat
+
+
+def offset_pool(m: Tensor, source: Offsets, target: Offsets, win: Window, scale: float) -> Tensor:
+    """Average pooling on offset maps (both images' windows taken independently).
+
+    Output offset ``D`` at ``P`` sums ``K(s P + a, s (P + D) + b)`` over taps ``a, b``: grouped by ``e = b - a``,
+    it is the input offset ``s D + e`` summed over the taps ``a`` whose ``a + e`` is a tap too, per axis.
+    Entries whose ``P + D`` lies outside the output still need the caller's mask.
+    """
+    (h, w), k, s = source.size, win.size, win.stride
+    rest = m.shape[3:]
+    size = len(target) * math.prod(rest)
+    total = None
+    for ey in range(-(k - 1), k):
+        rows = _tap_matrix(win, h, ey, m.dtype, m.device)
+        for ex in range(-(k - 1), k):
+            cols = _tap_matrix(win, w, ex, m.dtype, m.device)
+            targets = [(s * dy + ey, s * dx + ex) for dy, dx in target.offsets]
+            part = source.gather(m, ("pool", target, win, ey, ex), targets)
+            part = torch.matmul(cols, part.reshape(h, w, size))
+            part = torch.matmul(rows, part.reshape(h, -1)).reshape(rows.shape[0], cols.shape[0], len(target), *rest)
+            total = part if total is None else total.add_(part)
+    return total.mul_(scale)
 
 
 # --- arc-cosine expectation --------------------------------------------------------------------

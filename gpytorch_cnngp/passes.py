@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .state import CovState, Hyper, Pass, Requirements
+from .ops import Offsets
+from .state import CovState, Hyper, Pass, Requirements, SpatialPlan
 from .state import KernelLayer as Layer
 
 __all__ = ["spatial_first", "self_pass", "pair_block", "paired", "input_matched", "input_pair"]
@@ -47,13 +48,34 @@ def input_pair(x: Tensor, z: Tensor, full: bool = False) -> Tensor:
     return torch.matmul(x.transpose(2, 3), z) / x.shape[2]
 
 
+def input_offsets(x: Tensor, z: Tensor, offsets: Offsets, pairs: bool) -> Tensor:
+    """Channel mean of ``x_c[p] z_c[p + d]`` at each offset ``d``: ``[H, W, O, N]`` for matched images,
+    ``[H, W, O, n1, n2]`` for every pair (``pairs``); 0 where ``p + d`` lies outside the image."""
+    zs = offsets.shifted(z)  # [H, W, O, C, n]
+    if pairs:
+        return _channel_mean(torch.einsum("hwca,hwocb->hwoab", x, zs), x.shape[2])
+    return (x[:, :, None] * zs).mean(3)
+
+
 def _requirements(model: Layer, requirements: Requirements | None) -> Requirements:
     return requirements if requirements is not None else Requirements(model)
 
 
+def _plan(model: Layer, req: Requirements, x: Tensor, compiled: bool = False) -> SpatialPlan | None:
+    # compiled code keeps the full maps: the offset layout's index tensors are made outside the graph
+    return None if compiled else req.plan(model, (x.shape[0], x.shape[1]))
+
+
 def _start(m: Tensor, run: Pass, ntk: bool) -> CovState:
     # the input layer has no parameters: its tangent kernel is zero
-    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None)
+    offsets = None if run.plan is None else run.plan.input
+    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None, offsets=offsets)
+
+
+def _input(x: Tensor, z: Tensor, req: Requirements, plan: SpatialPlan | None, pairs: bool) -> Tensor:
+    if plan is not None and plan.input is not None:
+        return input_offsets(x, z, plan.input, pairs)
+    return input_pair(x, z, req.full) if pairs else input_matched(x, z, req.full)
 
 
 def _result(out: CovState, *shape: int) -> Tensor:
@@ -78,8 +100,9 @@ def self_pass(
         ``k(x, x)`` of shape ``[N]`` (``[2, N]``: NNGP and NTK, with ``ntk``).
     """
     req = _requirements(model, requirements)
-    run = Pass(mode="self", hyper=hyper, requirements=req, window_method=window_method)
-    out = model.propagate(_start(input_matched(x, x, req.full), run, ntk))
+    plan = _plan(model, req, x)
+    run = Pass(mode="self", hyper=hyper, requirements=req, window_method=window_method, plan=plan)
+    out = model.propagate(_start(_input(x, x, req, plan, False), run, ntk))
     return run.trace, _result(out, x.shape[-1])
 
 
@@ -115,8 +138,9 @@ def pair_block(
         compiled=compiled,
         window_method=window_method,
         pair_ndim=2,
+        plan=_plan(model, req, x, compiled),
     )
-    out = model.propagate(_start(input_pair(x, z, req.full), run, ntk))
+    out = model.propagate(_start(_input(x, z, req, run.plan, True), run, ntk))
     return _result(out, x.shape[-1], z.shape[-1])
 
 
@@ -134,8 +158,15 @@ def paired(
     """``k(x_i, z_i)`` for matched images ``[H, W, C, N]`` on both sides, given their traces (``[N]``, or
     ``[2, N]`` with ``ntk``)."""
     req = _requirements(model, requirements)
+    plan = _plan(model, req, x)
     run = Pass(
-        mode="pair", hyper=hyper, requirements=req, trace_x=trace_x, trace_z=trace_z, window_method=window_method
+        mode="pair",
+        hyper=hyper,
+        requirements=req,
+        trace_x=trace_x,
+        trace_z=trace_z,
+        window_method=window_method,
+        plan=plan,
     )
-    out = model.propagate(_start(input_matched(x, z, req.full), run, ntk))
+    out = model.propagate(_start(_input(x, z, req, plan, False), run, ntk))
     return _result(out, x.shape[-1])

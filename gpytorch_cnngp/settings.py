@@ -31,6 +31,8 @@ setting                       environment variable     meaning
 :class:`data_dir`             ``CNNGP_DATA``           the data sets' folder (default: the cache folder)
 :class:`store_dir`            ``CNNGP_STORE_DIR``      where ``cnngp table --paper-scale`` keeps its stores
 :class:`traceback`            ``CNNGP_TRACEBACK``      ``cnngp`` shows tracebacks instead of one-line errors
+:class:`spatial_path`         ``CNNGP_SPATIAL``        pooled networks' maps between positions: ``"auto"``
+                                                       (default), ``"offsets"`` or ``"full"``
 ============================  =======================  =========================================================
 """
 
@@ -53,6 +55,7 @@ __all__ = [
     "data_dir",
     "store_dir",
     "traceback",
+    "spatial_path",
     "parse_flag",
 ]
 
@@ -251,3 +254,30 @@ class traceback(_Flag):
 
     env = "CNNGP_TRACEBACK"
     default = False
+
+
+class spatial_path(_Setting):
+    """How the eager passes of a pooled network carry covariances between positions.
+
+    ``"offsets"``: one map per spatial offset ``d = q - p`` that the readout needs (``[H, W, n_offsets, ...]``,
+    see :class:`gpytorch_cnngp.ops.Offsets`); ``"full"``: every pair of positions, ``[H, W, H, W, ...]``;
+    ``"auto"`` (default): offsets unless some layer would carry more offsets than its map has positions (a
+    global pool needs every offset, and an offset map stores each at every position, so the full map is then
+    the smaller one). Both give the same kernel; ``torch.compile`` always runs the full form.
+    """
+
+    env = "CNNGP_SPATIAL"
+    default = "auto"
+
+    @classmethod
+    def parse(cls, text: str) -> str:
+        word = text.strip().lower()
+        if word not in ("auto", "offsets", "full"):
+            raise ValueError(f"CNNGP_SPATIAL={text!r} is not a spatial path; use auto, offsets or full")
+        return word
+
+    @classmethod
+    def check(cls, value: Any) -> str:
+        if value not in ("auto", "offsets", "full"):
+            raise ValueError(f"settings.spatial_path takes 'auto', 'offsets' or 'full', got {value!r}")
+        return value

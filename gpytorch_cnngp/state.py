@@ -13,11 +13,13 @@ state, the pass it belongs to (:class:`Pass`) is shared. A state carries the NNG
 computes it, the neural tangent kernel's map beside it (``ntk``), so that a second kernel needs no new
 signature in any layer. Only the pass's tape of standard deviations is
 mutable, and only through :meth:`Pass.record` and :meth:`Pass.recall`. Maps keep the spatial dimensions
-first and the images last: ``[H, W, ...]`` on the same-location path, ``[H, W, H, W, ...]`` on the full
-path that pooling needs (see :mod:`gpytorch_cnngp.ops`).
+first and the images last: ``[H, W, ...]`` on the same-location path; where a later layer pools, covariances
+between positions either as one map per spatial offset the readout needs, ``[H, W, O, ...]``
+(:class:`SpatialPlan`, :class:`~gpytorch_cnngp.ops.Offsets`), or as every pair of positions,
+``[H, W, H, W, ...]`` (the full path, see :mod:`gpytorch_cnngp.ops`).
 
 This module knows nothing of tiles, backends or GPyTorch; it only relies on the layer protocol
-(``kernel_layers()``, ``hyperparameter_names``, ``needs_full()``).
+(``kernel_layers()``, ``hyperparameter_names``, ``needs_full()``, ``out_size()``, ``offsets_needed()``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["CovState", "Hyper", "KernelLayer", "Pass", "Requirements", "hyperparameters"]
+from . import settings
+from .ops import Offsets
+
+__all__ = ["CovState", "Hyper", "KernelLayer", "Pass", "Requirements", "SpatialPlan", "enter", "hyperparameters"]
+
+#: offsets as sets of ``(dy, dx)``, what a layer's :meth:`offsets_needed` takes and returns
+OffsetSet = frozenset[tuple[int, int]]
+SAME_LOCATION: OffsetSet = frozenset({(0, 0)})
 
 
 class KernelLayer(Protocol):
@@ -44,6 +53,10 @@ class KernelLayer(Protocol):
     def kernel_layers(self) -> Iterator[KernelLayer]: ...
 
     def needs_full(self) -> bool: ...
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]: ...
+
+    def offsets_needed(self, out: OffsetSet, in_size: tuple[int, int], rule=None) -> OffsetSet: ...
 
 
 Layer = KernelLayer  # the name the annotations below read best with
@@ -146,6 +159,7 @@ class Requirements:
 
     def __init__(self, model: Layer) -> None:
         self._needs: dict[int, bool] = {}
+        self._plans: dict[tuple[int, int], SpatialPlan | None] = {}
         self._visit(model)
         self.full = self._needs[id(model)]
 
@@ -159,6 +173,122 @@ class Requirements:
 
     def needs(self, layer: Layer) -> bool:
         return self._needs[id(layer)]
+
+    def plan(self, model: Layer, size: tuple[int, int]) -> SpatialPlan | None:
+        """The offsets each layer carries for ``size`` images, or ``None`` where the passes keep today's maps:
+        same-location networks, ``settings.spatial_path("full")``, a layer without an offset rule, and under
+        ``"auto"`` a network where some layer would carry more offsets than its map has positions (the full
+        map ``[H, W, H, W]`` is then the smaller one)."""
+        if not self.full:
+            return None
+        mode = settings.spatial_path.value()
+        if mode == "full":
+            return None
+        plan = self.offset_plan(model, size)
+        if plan is None or (mode == "auto" and plan.worst > 1.0):
+            return None
+        return plan
+
+    def offset_plan(self, model: Layer, size: tuple[int, int]) -> SpatialPlan | None:
+        """The :class:`SpatialPlan` of a pooled network for ``size`` images whatever the setting (``None``
+        without pooling or where a layer has no offset rule); made once per size."""
+        if not self.full:
+            return None
+        size = (int(size[0]), int(size[1]))
+        if size not in self._plans:
+            try:
+                self._plans[size] = SpatialPlan(model, size)
+            except NotImplementedError:
+                self._plans[size] = None
+        return self._plans[size]
+
+
+class SpatialPlan:
+    """The spatial offsets every layer of a pooled network carries for one input size, decided once from the
+    readout backwards through each layer's :meth:`offsets_needed` rule.
+
+    A layer whose output must carry the offsets ``want`` (an :class:`~gpytorch_cnngp.ops.Offsets`, ``None``
+    for the same-location map alone) needs ``needed(layer, size, want)`` at its input. Offset sets are clipped
+    to the map (an offset at least as large as the map only meets positions outside it), always hold
+    ``(0, 0)``, and are made once per size and set, so layers compare them by identity.
+
+    :ivar input: the offsets of the network's input map (``None``: same-location).
+    :ivar worst: the largest ratio of a layer's offset count to its map's positions (above 1 an offset map
+        ``[H, W, O]`` is larger than the full map ``[H, W, H, W]``).
+    :ivar largest: the largest offset map of one pair, ``H W O`` entries.
+    """
+
+    def __init__(self, model: Layer, size: tuple[int, int]) -> None:
+        self._sets: dict[tuple, Offsets] = {}
+        self._needed: dict[tuple, Offsets | None] = {}
+        self._chains: dict[tuple, list[Offsets | None]] = {}
+        self.input = self.needed(model, size, None)
+        shapes = [(o.size[0] * o.size[1], len(o)) for o in self._sets.values()]
+        self.worst = max((n / area for area, n in shapes), default=0.0)
+        self.largest = max((area * n for area, n in shapes), default=size[0] * size[1])
+
+    def offsets(self, size: tuple[int, int], wanted) -> Offsets | None:
+        """The one :class:`~gpytorch_cnngp.ops.Offsets` of ``wanted`` clipped to a ``size`` map (``None``:
+        only ``(0, 0)``)."""
+        h, w = size
+        kept = frozenset(d for d in wanted if abs(d[0]) < h and abs(d[1]) < w) | SAME_LOCATION
+        if kept == SAME_LOCATION:
+            return None
+        key = (size, kept)
+        if key not in self._sets:
+            self._sets[key] = Offsets(size, kept)
+        return self._sets[key]
+
+    def same_location(self, size: tuple[int, int]) -> Offsets:
+        """The set of ``(0, 0)`` alone, as an :class:`~gpytorch_cnngp.ops.Offsets` (for layers that read only
+        the same-location map but give other offsets)."""
+        key = (size, None)
+        if key not in self._sets:
+            self._sets[key] = Offsets(size, SAME_LOCATION)
+        return self._sets[key]
+
+    def needed(self, layer: Layer, size: tuple[int, int], want: Offsets | None) -> Offsets | None:
+        """The offsets ``layer`` needs at its input of ``size`` to give the offsets ``want`` at its output."""
+        key = (id(layer), size, id(want))
+        if key not in self._needed:
+            out = SAME_LOCATION if want is None else frozenset(want.offsets)
+            self._needed[key] = self.offsets(size, layer.offsets_needed(out, size, self._rule))
+        return self._needed[key]
+
+    def _rule(self, layer: Layer, out: OffsetSet, size: tuple[int, int]) -> OffsetSet:
+        """What containers ask of their children (through the plan, so that every set is recorded)."""
+        out_size = layer.out_size(size)
+        found = self.needed(layer, size, self.offsets(out_size, out))
+        return SAME_LOCATION if found is None else frozenset(found.offsets)
+
+    def chain(self, layers, size: tuple[int, int], want: Offsets | None) -> list[Offsets | None]:
+        """The offsets each of ``layers`` (in series, the first taking ``size`` maps) must give at its output
+        so that the last gives ``want``."""
+        key = (tuple(id(layer) for layer in layers), size, id(want))
+        if not layers:
+            return []
+        if key not in self._chains:
+            sizes = [size]
+            for layer in layers[:-1]:
+                sizes.append(layer.out_size(sizes[-1]))
+            wants = [want]
+            for layer, in_size in zip(reversed(layers[1:]), reversed(sizes[1:]), strict=True):
+                wants.append(self.needed(layer, in_size, wants[-1]))
+            self._chains[key] = wants[::-1]
+        return self._chains[key]
+
+
+def enter(layer: Layer, state: CovState, want: Offsets | None) -> CovState:
+    """``layer.propagate`` on the offset path: the input reduced to what ``layer`` reads (its same-location
+    map when it needs no other offset), the output giving exactly the offsets ``want``."""
+    plan = state.run.plan
+    needs = plan.needed(layer, state.size, want)
+    if needs is None:
+        state = state.at(None)
+        if want is not None:  # a layer that reads only d = 0 but gives other offsets (a bias, a strided window)
+            single = plan.same_location(state.size)
+            state = state.map(lambda m: m.unsqueeze(2)).replace(offsets=single)
+    return layer.propagate(state.replace(want=want)).at(want)
 
 
 @dataclass
@@ -176,6 +306,8 @@ class Pass:
         vectorisable approximations whose error is far below the dtype's resolution.
     :ivar window_method: ``"matmul"`` or ``"slices"``, see :func:`gpytorch_cnngp.ops.window_sum`.
     :ivar pair_ndim: trailing image dimensions of the maps (1 for ``[.., n]``, 2 for ``[.., n1, n2]``).
+    :ivar plan: the offsets a pooled network's maps carry (:class:`SpatialPlan`), or ``None``: same-location
+        maps, and full maps ``[H, W, H, W, ...]`` up to the last pooling layer.
     """
 
     mode: str
@@ -187,6 +319,7 @@ class Pass:
     compiled: bool = False
     window_method: str = "matmul"
     pair_ndim: int = 1
+    plan: SpatialPlan | None = None
     trace: list[Tensor] = field(default_factory=list)
     _slot: int = field(default=0, repr=False)
 
@@ -211,17 +344,47 @@ class CovState:
     :ivar keep_full: a layer after the current one needs full spatial covariances, so containers must
         not reduce the map to its same-location part yet.
     :ivar ntk: the neural tangent kernel's map, of the same shape, when the pass computes it (else ``None``).
+    :ivar offsets: on the offset path (``run.plan``), the offsets the maps carry (``[H, W, O, ...]``), or
+        ``None`` for a same-location map.
+    :ivar want: on the offset path, the offsets the current layer must give at its output (``None``: the
+        same-location map alone).
     """
 
     nngp: Tensor
     run: Pass
     keep_full: bool = False
     ntk: Tensor | None = None
+    offsets: Offsets | None = None
+    want: Offsets | None = None
 
     @property
     def full(self) -> bool:
-        """Whether the map is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``)."""
-        return self.nngp.dim() == 4 + self.run.pair_ndim
+        """Whether the map is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``, or offset
+        maps ``[H, W, O, ...]``)."""
+        return self.offsets is None and self.nngp.dim() == 4 + self.run.pair_ndim
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The map's spatial size ``(H, W)``."""
+        return int(self.nngp.shape[0]), int(self.nngp.shape[1])
+
+    def at(self, offsets: Offsets | None) -> CovState:
+        """The same covariances laid out by ``offsets`` (a subset of the state's; ``None``: same-location)."""
+        if offsets is self.offsets:
+            return self
+        if self.offsets is None:
+            raise RuntimeError("a same-location map cannot give covariances at other offsets")
+        if offsets is None:
+            zero = self.offsets.zero
+            return self.map(lambda m: m.select(2, zero)).replace(offsets=None)
+        source = self.offsets
+        return self.map(lambda m: offsets.select(m, source)).replace(offsets=offsets)
+
+    def masked(self, nngp: Tensor, ntk: Tensor | None = None) -> CovState:
+        """A state on the output offsets ``want`` (zero where ``p + d`` leaves the map, in place)."""
+        mask = self.want.mask(nngp, self.run.pair_ndim)
+        nngp = nngp.mul_(mask)
+        return self.replace(nngp=nngp, ntk=None if ntk is None else ntk.mul_(mask), offsets=self.want)
 
     def hyper(self, layer: Layer, name: str) -> Tensor:
         """``layer``'s hyperparameter ``name`` for this pass."""

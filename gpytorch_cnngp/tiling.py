@@ -65,8 +65,9 @@ def network_info(model: Layer, size: tuple[int, int]) -> NetworkInfo:
     )
     areas = [t.shape[0] * t.shape[1] for t in trace]
     largest = max([size[0] * size[1], *areas])
-    if requirements.full:  # maps [H, W, H, W] up to the last pooling layer
-        largest = largest * largest
+    if requirements.full:  # maps [H, W, H, W] up to the last pooling layer, or [H, W, offsets] (either path)
+        plan = requirements.offset_plan(model, size)
+        largest = max(largest * largest, 0 if plan is None else plan.largest)
     info = NetworkInfo(requirements, largest, sum(areas))
     _NETWORKS[key] = info
     if len(_NETWORKS) > 32:

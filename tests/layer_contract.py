@@ -63,6 +63,15 @@ class LayerContract:
     def test_the_layer_is_in_the_model(self):
         assert any(type(layer) is self.layer_class for layer in self.create_model().kernel_layers())
 
+    def test_every_layer_states_its_offset_rule(self):
+        # the spatial offsets a layer needs at its input for given output offsets (pooled networks carry only
+        # those): a set of integer pairs, for every layer of the model
+        out = frozenset({(0, 0), (1, -1)})
+        for layer in self.create_model().kernel_layers():
+            got = layer.offsets_needed(out, (self.image_size, self.image_size))
+            assert isinstance(got, frozenset) and got, type(layer).__name__
+            assert all(isinstance(dy, int) and isinstance(dx, int) for dy, dx in got), type(layer).__name__
+
     def test_gram_is_finite_symmetric_psd_and_equals_the_reference(self):
         model = self.create_model()
         x = self.images(5, seed=1)

@@ -176,6 +176,8 @@ def _channel_sum(mp):
     # the passes hold images as [H, W, C, N]
     mp.setattr(passes, "input_matched", lambda x, z, *full: matched_in(x, z, *full) * x.shape[2])
     mp.setattr(passes, "input_pair", lambda x, z, *full: pair_in(x, z, *full) * x.shape[2])
+    offsets_in = passes.input_offsets
+    mp.setattr(passes, "input_offsets", lambda x, z, *rest: offsets_in(x, z, *rest) * x.shape[2])
 
 
 def _bias_over_k2(mp):
@@ -198,7 +200,17 @@ def _avgpool_same_tap(mp):
     weight variance 1), instead of averaging both windows independently."""
 
     def conv_like(self, state):
-        return state.replace(nngp=ops.diagonal_window_sum(state.nngp, self.window, self.window) / self.kernel_size**2)
+        if state.run.plan is None:  # full maps [H, W, H, W, ...]
+            return state.replace(
+                nngp=ops.diagonal_window_sum(state.nngp, self.window, self.window) / self.kernel_size**2
+            )
+        # offset maps: output offset D from input offset stride * D, as a convolution reads it
+        state = pooling._spatial(self, state)
+        target = state.want or state.run.plan.same_location(self.out_size(state.size))
+        m = ops.offset_window_sum(state.nngp, state.offsets, target, self.window, self.window, "matmul", None)
+        m = m / self.kernel_size**2 * target.mask(m, state.run.pair_ndim)
+        out = state.replace(nngp=m, offsets=target)
+        return out if state.want is not None else out.at(None)
 
     mp.setattr(pooling.AvgPool2d, "propagate", conv_like)
 
@@ -207,7 +219,11 @@ def _gap_same_location(mp):
     """GlobalAvgPool2d averages only the same-location entries K[p, p] (as a Dense readout would)."""
 
     def same_location_mean(self, state):
-        return state.replace(nngp=ops.same_location(state.nngp).mean(dim=(0, 1), keepdim=True)[:, :, None, None])
+        if state.run.plan is None:  # full maps [H, W, H, W, ...]
+            return state.replace(nngp=ops.same_location(state.nngp).mean(dim=(0, 1), keepdim=True)[:, :, None, None])
+        state = pooling._spatial(self, state)  # offset maps: the offset (0, 0) alone
+        local = state.nngp.select(2, state.offsets.zero).mean(dim=(0, 1), keepdim=True)
+        return state.replace(nngp=local, offsets=None)
 
     mp.setattr(pooling.GlobalAvgPool2d, "propagate", same_location_mean)
 

@@ -119,3 +119,14 @@ def test_bench_revisions_call_by_call_smoke(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| convnet_gp | float64 | eager |"))
     cells = [c.strip() for c in row.split("|")]
     assert float(cells[6]) > 0.0 and "-" in cells[7]  # the median ratio and its quartiles
+
+
+def test_bench_pooling_smoke(tmp_path):
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_pooling.py"), "--cases", "pooled_cnn_gp", "--size", "8"]
+    cmd += ["--n", "2", "--repeats", "1", "--dtype", "float64", "--paths", "full", "offsets", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| pooled_cnn_gp")]
+    assert [r[2].strip() for r in rows] == ["full", "offsets"]
+    assert all(float(r[6]) < 1e-12 for r in rows)  # both paths give the same kernel

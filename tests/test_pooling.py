@@ -40,6 +40,7 @@ from gpytorch_cnngp import (
     ReLU,
     Sequential,
     Sum,
+    settings,
 )
 
 F64 = torch.float64
@@ -224,9 +225,11 @@ def _library(model, x, z, dtype):
     return {key: value.numpy() for key, value in out.items()}
 
 
-def test_reference_agreement_float64(case):
+@pytest.mark.parametrize("path", ["offsets", "full"])
+def test_reference_agreement_float64(case, path):
     name, model, x, z, ref = case
-    got = _library(model, x, z, F64)
+    with settings.spatial_path(path):  # maps per spatial offset, or per pair of positions
+        got = _library(model, x, z, F64)
     errors = {key: entry_rel_err(got[key], ref[key]) for key in ref}
     assert max(errors.values()) <= RTOL64, f"{name}: {errors}"
     # exact diagonal: K(X, X) exactly symmetric, its diagonal bitwise the self values of diag=True

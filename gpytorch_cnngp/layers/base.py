@@ -88,8 +88,10 @@ class Layer(nn.Module):
 
     def propagate(self, state: CovState) -> CovState:
         """The next covariance state: ``state.nngp`` is a covariance (pair pass) or variance (self pass) map
-        ``[H, W, ...]`` (``[H, W, H, W, ...]`` when ``state.full``); read hyperparameters with
-        ``state.hyper(self, name)`` and return ``state.replace(nngp=...)``."""
+        ``[H, W, ...]`` (``[H, W, H, W, ...]`` when ``state.full``; ``[H, W, O, ...]`` at the offsets
+        ``state.offsets`` on the offset path, where the output must carry ``state.want``, zero where ``p + d``
+        leaves the map: :meth:`CovState.masked`); read hyperparameters with ``state.hyper(self, name)`` and
+        return ``state.replace(nngp=...)``."""
         raise NotImplementedError
 
     def children_layers(self) -> Iterator[Layer]:
@@ -99,10 +101,22 @@ class Layer(nn.Module):
         """Whether this layer (or one inside it) needs covariances between different positions.
 
         Pooling does; convolutions and pointwise layers only need same-location terms unless a later
-        layer needs the full covariance. The engine then carries ``[H, W, H, W, ...]`` maps up to the
-        last such layer and the cheap ``[H, W, ...]`` maps after it.
+        layer needs the full covariance. The engine then carries the offsets each layer needs
+        (:meth:`offsets_needed`), or ``[H, W, H, W, ...]`` maps, up to the last such layer and the cheap
+        ``[H, W, ...]`` maps after it.
         """
         return any(child.needs_full() for child in self.children_layers())
+
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        """The spatial offsets ``d = q - p`` (``(dy, dx)`` pairs) this layer needs between the positions of its
+        input, of size ``in_size``, to give the offsets ``out`` at its output.
+
+        A layer that reads each position alone needs what it gives; a strided window reads ``stride * d``;
+        a pooling layer mixes offsets. The plan clips the answer to the map and adds ``(0, 0)``. Containers
+        ask their children through ``rule(child, out, in_size)`` (given by the plan). A layer without a rule
+        keeps its network on the full maps ``[H, W, H, W]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no offset rule")
 
     def has_weights(self) -> bool:
         """Whether the finite network of this layer has weights (and so sets its channel count)."""
@@ -267,6 +281,10 @@ class Nonlinearity(Layer):
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        # each entry alone, plus the same-location variances (the standard deviations it records)
+        return out | {(0, 0)}
+
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -310,7 +328,26 @@ class Nonlinearity(Layer):
                 out.diagonal(0, -2, -1).copy_(value)
         return out
 
+    def _offset_maps(self, state: CovState, sides: tuple[Tensor, ...], pair, own) -> Tensor:
+        """:meth:`_maps` on offset maps ``[H, W, O, ...]``: the left image's standard deviation at ``p``, the
+        right one's at ``p + d``; the same-location map (``d = 0``) takes the exact self values as :meth:`_maps`
+        does. Zero where ``p + d`` leaves the map (the caller masks)."""
+        m, offsets, run = state.nngp, state.offsets, state.run
+        if run.mode == "self":
+            (s,) = sides
+            out = pair(m, s[:, :, None], offsets.shifted(s), run.compiled)
+            out.select(2, offsets.zero).copy_(own(m.select(2, offsets.zero), s))
+            return out
+        sx, sz = sides
+        out = pair(m, sx[:, :, None], offsets.shifted(sz), run.compiled)
+        if run.same:
+            s = sx.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
+            out.select(2, offsets.zero).diagonal(0, -2, -1).copy_(own(s * s, s))
+        return out
+
     def propagate(self, state: CovState) -> CovState:
+        if state.offsets is not None:
+            return self._propagate_offsets(state.at(state.want))
         run = state.run
         if run.mode == "self":
             s = safe_sqrt(same_location(state.nngp) if state.full else state.nngp)
@@ -323,3 +360,17 @@ class Nonlinearity(Layer):
             return state.replace(nngp=nngp)
         derivative = self._maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
         return state.replace(nngp=nngp, ntk=state.ntk * derivative)
+
+    def _propagate_offsets(self, state: CovState) -> CovState:
+        run = state.run
+        if run.mode == "self":
+            s = safe_sqrt(state.nngp.select(2, state.offsets.zero))
+            run.record(s)
+            sides = (s,)
+        else:
+            sides = run.recall()
+        nngp = self._offset_maps(state, sides, self.pair_map, self.self_map)
+        if state.ntk is None:
+            return state.masked(nngp)
+        derivative = self._offset_maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
+        return state.masked(nngp, state.ntk * derivative)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor, nn
 
 from ..ops import same_location
-from ..state import CovState
+from ..state import CovState, enter
 from .base import FiniteBuild, Layer
 from .conv import Conv2d
 from .relu import ReLU
@@ -24,6 +24,10 @@ def _as_layers(layers: Iterable, owner: str) -> list[Layer]:
                 + (" (use gpytorch_cnngp.Conv2d/ReLU, not torch.nn)" if isinstance(layer, nn.Module) else "")
             )
     return layers
+
+
+def _own_rule(layer: Layer, out: frozenset, size: tuple[int, int]) -> frozenset:
+    return layer.offsets_needed(out, size)
 
 
 class Sequential(Layer):
@@ -55,7 +59,23 @@ class Sequential(Layer):
             size = layer.out_size(size)
         return size
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        rule = rule or _own_rule
+        if not self.layers:  # the identity
+            return out
+        sizes = [in_size]
+        for layer in self.layers[:-1]:
+            sizes.append(layer.out_size(sizes[-1]))
+        for layer, size in zip(reversed(self.layers), reversed(sizes), strict=True):
+            out = rule(layer, out, size)
+        return out
+
     def propagate(self, state: CovState) -> CovState:
+        if state.run.plan is not None:  # a pooled network on offset maps
+            want, layers = state.want, list(self.layers)
+            for layer, layer_want in zip(layers, state.run.plan.chain(layers, state.size, want), strict=True):
+                state = enter(layer, state, layer_want)
+            return state.at(want)
         keep = state.keep_full
         needs = [state.run.requirements.needs(layer) for layer in self.layers]
         for i, layer in enumerate(self.layers):
@@ -124,7 +144,18 @@ class Sum(Layer):
             raise ValueError(f"Sum branches give different spatial sizes ({shown}) for a {size[0]}x{size[1]} input")
         return sizes[0]
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        rule = rule or _own_rule
+        return frozenset().union(*(rule(branch, out, in_size) for branch in self.branches))
+
     def propagate(self, state: CovState) -> CovState:
+        if state.run.plan is not None:  # a pooled network on offset maps: every branch gives the same offsets
+            outs = [enter(branch, state, state.want) for branch in self.branches]
+            total = outs[0]
+            for out in outs[1:]:
+                ntk = None if out.ntk is None else total.ntk + out.ntk
+                total = total.replace(nngp=total.nngp + out.nngp, ntk=ntk)
+            return total
         total = None
         for branch in self.branches:
             out = branch.propagate(state)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import Window, diagonal_window_sum, window_sum
+from ..ops import Window, diagonal_window_sum, offset_window_sum, window_sum
 from ..state import CovState
 from .base import FiniteBuild, ScaledAffine, WeightedLayer, check_variance
 
@@ -104,10 +104,23 @@ class Conv2d(WeightedLayer):
             )
         return h, w
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        # both positions move together under each tap, so only the stride scales offsets (dilation does not)
+        s = self.window.stride
+        return frozenset((s * dy, s * dx) for dy, dx in out)
+
     def propagate(self, state: CovState) -> CovState:
         scale = state.hyper(self, "var_weight") / (self.kernel_size * self.kernel_size)
         bias = state.hyper(self, "var_bias")
         win, method = self.window, state.run.window_method
+        if state.offsets is not None:  # output offset D from input offset stride * D; bias where P + D is inside
+            source, target = state.offsets, state.want
+            nngp = offset_window_sum(state.nngp, source, target, win, win, method, scale).add_(bias)
+            if state.ntk is None:
+                return state.masked(nngp)
+            ntk = offset_window_sum(state.ntk, source, target, win, win, method, scale)
+            state = state.masked(nngp)
+            return state.replace(ntk=ntk.mul_(target.mask(ntk, state.run.pair_ndim)).add_(state.nngp))
 
         def average(m: Tensor) -> Tensor:
             if state.full:  # covariances between positions: both sides share each tap's weight

@@ -43,6 +43,9 @@ class Dense(WeightedLayer):
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return 1, 1
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        return frozenset({(0, 0)})  # only same-location covariances survive the sum over inputs
+
     def propagate(self, state: CovState) -> CovState:
         full = state.full
         weight, bias = state.hyper(self, "var_weight"), state.hyper(self, "var_bias")

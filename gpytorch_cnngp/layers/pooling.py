@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import Window, window_sum_both_sides
+from ..ops import Window, offset_pool, window_sum_both_sides
 from ..state import CovState
 from .base import FiniteBuild, Layer
 
 __all__ = ["AvgPool2d", "GlobalAvgPool2d"]
 
 
-def _check_full(layer: Layer, state: CovState) -> None:
-    if not state.full:  # the engine starts on the full path whenever a layer needs it
+def _spatial(layer: Layer, state: CovState) -> CovState:
+    """The state on a spatial path: a same-location map where the plan found no other offset needed (a map of
+    one position, a window of one tap) becomes the offset map of ``(0, 0)`` alone."""
+    plan = state.run.plan
+    if state.offsets is None and plan is not None:
+        single = plan.same_location(state.size)
+        return state.map(lambda m: m.unsqueeze(2)).replace(offsets=single)
+    if not state.full and state.offsets is None:  # the engine starts on a spatial path whenever a layer needs it
         raise RuntimeError(f"{layer!r} needs full spatial covariances; compute kernels through gpytorch_cnngp.gram")
+    return state
 
 
 class AvgPool2d(Layer):
@@ -25,9 +32,11 @@ class AvgPool2d(Layer):
     .. math::
         K'[p, q] = \frac{1}{k^4} \sum_{t \in \mathrm{window}(p)} \sum_{t' \in \mathrm{window}(q)} K[t, t'].
 
-    Every layer before the last pooling layer therefore works on full covariance maps
-    ``[H, W, H, W]`` per pair of images (chosen automatically); layers after it keep the cheap
-    same-location maps. Padding positions count as zeros in the ``k^2`` average.
+    Every layer before the last pooling layer therefore carries covariances between positions: one map per
+    spatial offset that the readout needs (output offset ``D`` reads input offsets ``stride D + b - a`` for
+    taps ``a, b``; a dense readout after one pool needs ``(2k - 1)^2`` of them), or the full maps
+    ``[H, W, H, W]`` where that is smaller (see :class:`gpytorch_cnngp.settings.spatial_path`); layers after
+    it keep the cheap same-location maps. Padding positions count as zeros in the ``k^2`` average.
 
     :param kernel_size: window width ``k``.
     :param stride: window step; defaults to ``kernel_size`` (non-overlapping windows, like torch and
@@ -72,9 +81,23 @@ class AvgPool2d(Layer):
             )
         return h, w
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        # output offset D reads input offsets s D + (b - a) for taps a, b of the window
+        s, span = self.stride, range(-(self.kernel_size - 1), self.kernel_size)
+        return frozenset((s * dy + ey, s * dx + ex) for dy, dx in out for ey in span for ex in span)
+
     def propagate(self, state: CovState) -> CovState:
-        _check_full(self, state)
+        state = _spatial(self, state)
         scale = 1.0 / self.kernel_size**4
+        if state.offsets is not None:
+            source, target = state.offsets, state.want
+            if target is None:  # the same-location map alone: the offset (0, 0), which no position leaves
+                single = state.run.plan.same_location(self.out_size(state.size))
+                return state.map(lambda m: offset_pool(m, source, single, self.window, scale).squeeze(2)).replace(
+                    offsets=None
+                )
+            ntk = None if state.ntk is None else offset_pool(state.ntk, source, target, self.window, scale)
+            return state.masked(offset_pool(state.nngp, source, target, self.window, scale), ntk)
         method = state.run.window_method
         return state.map(lambda m: window_sum_both_sides(m, self.window, self.window, method, scale))
 
@@ -97,8 +120,19 @@ class GlobalAvgPool2d(Layer):
     def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return 1, 1
 
+    def offsets_needed(self, out: frozenset, in_size: tuple[int, int], rule=None) -> frozenset:
+        h, w = in_size
+        return frozenset((dy, dx) for dy in range(1 - h, h) for dx in range(1 - w, w))
+
     def propagate(self, state: CovState) -> CovState:
-        _check_full(self, state)
+        state = _spatial(self, state)
+        if state.offsets is not None:  # every pair of positions is one offset at one position, or outside
+            area = state.size[0] * state.size[1]
+
+            def mean(m):
+                return m.sum(dim=(0, 1, 2), keepdim=True).squeeze(2).div_(area * area)
+
+            return state.map(mean).replace(offsets=None)
         return state.map(lambda m: m.mean(dim=(0, 1, 2, 3), keepdim=True))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
