@@ -221,4 +221,4 @@ def test_ntk_parameterisation_keeps_the_output_distribution_and_checks_its_argum
     scale = want.diagonal().sqrt()
     err = (second - want) / (scale[:, None] * scale[None, :])
     # 800 networks: standard errors about sqrt(2 / 800) = 0.05 of the scale; the width-16 bias is smaller
-    assert float(err.abs().max()) < 0.2, err
+    assert float(err.detach().abs().max()) < 0.2, err
