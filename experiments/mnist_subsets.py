@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=10000)
     p.add_argument("--workdir", type=Path, default=Path("runs/mnist_subsets"))
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "inductor", "native"])
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     store_path = args.workdir / f"{args.config}_{args.split}_{sizes[-1]}_{args.n_val}_{args.n_test}_{args.dtype}.h5"
     kernels = ["kernels", "--config", args.config, "--split", args.split, "--n-train", str(sizes[-1])]
     kernels += ["--n-val", str(args.n_val), "--n-test", str(args.n_test), "--out", str(store_path)]
-    kernels += ["--dtype", args.dtype, "--compile", args.compile]
+    kernels += ["--dtype", args.dtype, "--backend", args.backend]
     if args.tile_size:
         kernels += ["--tile-size", str(args.tile_size)]
     if args.data_dir:

@@ -276,7 +276,6 @@ def gram(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     backend: str = "auto",
-    compile: bool | None = None,
     hyper: HyperArg = None,
     get: str | tuple[str, ...] = "nngp",
 ) -> Tensor | tuple[Tensor, ...]:
@@ -306,8 +305,6 @@ def gram(
         raises a ValueError naming the layer. Gradients with respect to the hyperparameters run natively
         where the native kernel runs the network (the NNGP), else eagerly; those with respect to the images
         always run eagerly.
-    :param compile: deprecated: ``False`` is ``backend="eager"``, ``True`` the native kernel where it runs,
-        else ``torch.compile``.
     :param hyper: a :class:`~gpytorch_cnngp.state.Hyper` or ``{layer: {"var_weight": tensor, ...}}``
         overriding the layers' own values.
     :param get: ``"nngp"`` (the CNN-GP kernel), ``"ntk"`` (the neural tangent kernel of the network in the NTK
@@ -316,7 +313,7 @@ def gram(
     :return: ``[N1, N2]`` tensor (a tuple of them for a tuple ``get``). When hyperparameters require grad,
         the backward pass recomputes one tile at a time, so it needs no more memory than the forward.
     """
-    requested = resolve(backend, compile)
+    requested = resolve(backend)
     kinds, ntk = _kinds(get)
     x, z = _prepare(model, X, Z, dtype, device)
     hyper_values = Hyper.of(model, x.dtype, x.device, hyper)

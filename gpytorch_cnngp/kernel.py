@@ -73,7 +73,6 @@ class CNNGPKernel(Kernel):
     :param tile_size, memory_budget, backend: passed to :func:`~gpytorch_cnngp.gram` (``backend``:
         ``"auto"``, ``"eager"``, ``"inductor"`` or ``"native"``; the variances' gradients run natively where the
         native kernel runs the network, else eagerly).
-    :param compile: deprecated alias of ``backend`` (see :func:`~gpytorch_cnngp.gram`).
     :param get: ``"nngp"`` (default: the CNN-GP kernel) or ``"ntk"``: the neural tangent kernel of the same
         network in the NTK parameterisation, whose variances are learned the same way.
     :param normalize: return the correlation :math:`k(x, z) / \sqrt{k(x, x) k(z, z)}` (ones on the diagonal)
@@ -108,7 +107,6 @@ class CNNGPKernel(Kernel):
         tile_size: int | None = None,
         memory_budget: int | None = None,
         backend: str = "auto",
-        compile: bool | None = None,
         get: str = "nngp",
         normalize: bool = False,
         **kwargs,
@@ -117,6 +115,9 @@ class CNNGPKernel(Kernel):
             raise ValueError("CNNGPKernel does not support active_dims: it would select flat pixels of the images")
         if kwargs.pop("last_dim_is_batch", False):
             raise ValueError(_NO_LAST_DIM_IS_BATCH)
+        if "compile" in kwargs:
+            # gpytorch's Kernel accepts any keyword: refuse this one as Python does, not silently
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument 'compile'")
         super().__init__(**kwargs)
         if not isinstance(architecture, Layer):
             raise ValueError(f"architecture must be a gpytorch_cnngp layer, got {type(architecture).__name__}")
@@ -129,7 +130,7 @@ class CNNGPKernel(Kernel):
         self.input_shape = input_shape
         self.tied = bool(tied)
         self.tile_size, self.memory_budget = tile_size, memory_budget
-        self.backend = resolve(backend, compile)
+        self.backend = resolve(backend)
         if get not in ("nngp", "ntk"):
             raise ValueError(f"get must be 'nngp' or 'ntk', got {get!r}")
         self.get = get

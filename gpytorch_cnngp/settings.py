@@ -17,7 +17,7 @@ Context managers apply to the whole process (as GPyTorch's do), not to one threa
 setting                       environment variable     meaning
 ============================  =======================  =========================================================
 :class:`compile_mode`         ``CNNGP_COMPILE``        ``"auto"`` (default), ``"on"`` or ``"off"``: the backend
-                                                       of calls that do not choose one (``compile=None``)
+                                                       of calls that do not choose one (``backend="auto"``)
 :class:`native`               ``CNNGP_NATIVE``         the native CPU kernel may be used (default true)
 :class:`auto_native_pairs`    --                       smallest number of pairs that ``"auto"`` runs natively
 :class:`auto_compile_pairs`   --                       smallest number of pairs that ``"auto"`` compiles with
@@ -154,7 +154,7 @@ def _user_cache() -> Path:
 
 
 class compile_mode(_Setting):
-    """The backend of calls that leave it open (``compile=None``): ``"auto"``, ``"on"`` or ``"off"``.
+    """The backend of calls that leave it open (``backend="auto"``): ``"auto"``, ``"on"`` or ``"off"``.
 
     ``"auto"``: the native CPU kernel from :class:`auto_native_pairs` pairs on where the network allows it,
     ``torch.compile`` from :class:`auto_compile_pairs` pairs on (except for networks with pooling), else

@@ -20,25 +20,27 @@ def _native_or_skip():
         pytest.skip("the native kernel cannot be built here")
 
 
-def test_unknown_names_and_conflicting_aliases_are_refused():
+def test_unknown_backend_names_are_refused():
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'eager', 'inductor', 'native'"):
         resolve("fast")
     with pytest.raises(ValueError, match="backend must be one of"):
         gram(Sequential(Conv2d(3), ReLU(), Dense()), _images(2, 0), backend="cuda")
-    with pytest.warns(DeprecationWarning, match="compile= is deprecated"), pytest.raises(ValueError, match="not both"):
-        resolve("native", compile=False)
-    with pytest.raises(ValueError, match="compile must be True, False or None"):
-        resolve("auto", compile="yes")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CNNGPKernel(Sequential(Conv2d(3), ReLU(), Dense()), input_shape=(1, 6, 6), backend="compiled")
+    with pytest.raises(ValueError, match="backend must be one of"):  # the old alias's internal name too
+        choose("compiled", Sequential(Conv2d(3), ReLU(), Dense()), (6, 6), F32, CPU, 10)
 
 
-def test_the_deprecated_compile_flag_maps_onto_backends():
-    with pytest.warns(DeprecationWarning):
-        assert resolve("auto", compile=False) == "eager"
-    model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
-    with pytest.warns(DeprecationWarning):
-        requested = resolve("auto", compile=True)
-    # compile=True: the native kernel where it runs, else torch.compile, at any size
-    assert choose(requested, model, (6, 6), F32, CPU, 1) is Inductor
+def test_the_removed_compile_keyword_is_refused_as_unknown():
+    """``compile=`` is gone: gram and CNNGPKernel refuse it as Python refuses an unknown keyword (gpytorch's
+    Kernel takes any keyword, so CNNGPKernel checks it itself rather than ignoring it)."""
+    model = Sequential(Conv2d(3), ReLU(), Dense())
+    with pytest.raises(TypeError, match="unexpected keyword argument 'compile'"):
+        gram(model, _images(2, 0), compile=True)
+    with pytest.raises(TypeError, match=r"CNNGPKernel.__init__\(\) got an unexpected keyword argument 'compile'"):
+        CNNGPKernel(model, input_shape=(1, 6, 6), compile=False)
+    with pytest.raises(TypeError):
+        resolve("auto", compile=True)  # the alias rule itself is gone
 
 
 def test_explicit_backends_that_cannot_run_the_network_name_the_layer():

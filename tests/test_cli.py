@@ -137,8 +137,10 @@ def test_kernels_classify_and_clear_errors(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--backend native cannot run pooled_cnn_gp here" in err and "AvgPool2d" in err and "Traceback" not in err
     assert not pooled.exists()
-    assert cli.main([*argv[: -len(sizes) - len(common)], "--compile", "on", *sizes, *common]) == 1
-    assert "not both" in capsys.readouterr().err
+    # the removed --compile is an unknown option (argparse's own error, exit status 2)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv[: -len(sizes) - len(common)], "--compile", "on", *sizes, *common])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --compile on" in capsys.readouterr().err
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, offline, capsys):

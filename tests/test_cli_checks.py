@@ -352,3 +352,47 @@ def test_the_default_output_folder_is_ignored_by_git():
     for path in (f"{cli.defaults.DEFAULT_WORKDIR}/results.json", "paper-table/results.md"):
         check = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, capture_output=True)
         assert check.returncode == 0, f"{path} is not ignored by git"
+
+
+def test_the_command_follows_the_library_backend_policy(data_dir, tmp_path, capsys):  # noqa: F811
+    # was: the command decided "native" from the --backend string and the kernel's availability alone, so under
+    # CNNGP_COMPILE=off it timed its first tile natively and took all cores for a kernel its blocks never ran
+    from gpytorch_cnngp import settings
+
+    argv = ["kernels", "--out", str(tmp_path / "k.h5"), "--data-dir", str(data_dir), *TINY[:-3], "--no-progress"]
+    with settings.compile_mode("off"):  # backends.choose: "auto" runs eagerly
+        assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "timed on the first tile on cpu)" in out and "native kernel" not in out
+    assert "(native CPU kernel)" not in out
+
+
+def test_the_command_takes_the_backend_from_backends_choose(data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Whatever ``backends.choose`` answers decides the probe's note and the threads (here torch.compile: the
+    first tile is timed eagerly, noted as slower than the compiled blocks, and the default threads are kept)."""
+    import torch
+
+    from gpytorch_cnngp.backends import Inductor
+    from gpytorch_cnngp.cli import policy
+
+    asked = []
+
+    def fake_choose(requested, model, size, dtype, device, n_pairs, *args, **kwargs):
+        asked.append((requested, tuple(size), dtype, device.type, n_pairs))
+        return Inductor
+
+    monkeypatch.setattr(policy, "choose", fake_choose)
+    # the blocks themselves run eagerly (the library's own choose is not patched), so no compilation happens
+    argv = ["kernels", "--out", str(tmp_path / "k.h5"), "--data-dir", str(data_dir), *TINY[:-3], "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main([*argv, "--backend", "eager"]) == 0
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "timed on the first tile on cpu, eager; compiled blocks are faster" in out
+    assert "torch threads" not in out  # compiled blocks keep the default threads, untimed
+    # asked with --backend, the images' size, --dtype, the device, and a block's pairs (tile 4: 16)
+    assert asked and all(a[:4] == ("eager", (28, 28), torch.float32, "cpu") for a in asked), asked
+    assert {a[4] for a in asked} == {16}, asked

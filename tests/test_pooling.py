@@ -716,7 +716,7 @@ def test_cnngp_kernel_with_pooled_architecture():
 
 
 def test_auto_compile_skips_full_covariance_networks(monkeypatch):
-    """compile=None compiles large jobs, but not networks on the full path (slower compiled, see RESULTS.md)."""
+    """backend="auto" compiles large jobs, but not networks on the full path (slower compiled, see RESULTS.md)."""
     from gpytorch_cnngp import settings
     from gpytorch_cnngp.backends import Eager, Inductor, choose
 

@@ -14,8 +14,6 @@ Every caller (:func:`gpytorch_cnngp.gram`, :class:`gpytorch_cnngp.CNNGPKernel`, 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .. import settings
@@ -43,28 +41,15 @@ BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Eager, Inductor,
 """The backends by name."""
 
 _NAMES = ("auto", *BACKENDS)
-_COMPILED = "compiled"  # the deprecated compile=True: native where it runs, else inductor
 
 
-def resolve(backend: str | None, compile: bool | None = None) -> str:
-    """The requested backend name from ``backend`` and the deprecated ``compile`` flag.
-
-    ``compile=False`` is ``backend="eager"``; ``compile=True`` is the native kernel where it runs and
-    ``torch.compile`` elsewhere. Giving both with different meanings is an error.
-    """
+def resolve(backend: str | None) -> str:
+    """The requested backend name, checked: ``"auto"`` (also for ``None``), ``"eager"``, ``"inductor"`` or
+    ``"native"``."""
     name = "auto" if backend is None else backend
-    if name not in _NAMES and name != _COMPILED:
+    if name not in _NAMES:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {backend!r}")
-    if compile is None:
-        return name
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True, False or None, got {compile!r}")
-    warnings.warn(
-        "compile= is deprecated; use backend='eager', 'inductor', 'native' or 'auto'", DeprecationWarning, stacklevel=3
-    )
-    if name != "auto":
-        raise ValueError(f"give backend={name!r} or compile={compile}, not both")
-    return _COMPILED if compile else "eager"
+    return name
 
 
 def choose(
@@ -98,7 +83,7 @@ def choose(
     :param ntk: the call computes the neural tangent kernel.
     :param input_grad: the call is differentiated with respect to the images.
     """
-    if requested not in _NAMES and requested != _COMPILED:
+    if requested not in _NAMES:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _NAMES)}, got {requested!r}")
     if input_grad:
         return Eager
@@ -111,7 +96,7 @@ def choose(
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run this network here: {reason}; use backend='auto'")
         return cls
-    mode = "on" if requested == _COMPILED else settings.compile_mode.value()
+    mode = settings.compile_mode.value()
     if mode == "off":
         return Eager
     native_wanted = mode == "on" or n_pairs >= settings.auto_native_pairs.value()

@@ -15,9 +15,9 @@ One job per module; each imports only the ones listed below it:
 - ``parser``: the argparse parser, its options and argument types; it binds each subcommand to its function
 - ``commands``: the subcommands ``data``, ``kernels``, ``classify`` and ``table``, and the steps they share (load the
   split, compute or resume a store, check it, classify)
-- ``policy``: the choices made for the user: torch threads, the blocks' backend (``_backend``
-  alone reads ``--backend``), the tile size, the stores' names, the checks made before any work (disk, memory
-  budget, writable folders, jitter), peak memory
+- ``policy``: the choices made for the user: torch threads, the blocks' backend (asked of ``backends.choose``
+  by ``_block_backend``), the tile size, the stores' names, the checks made before any work (disk, memory budget,
+  writable folders, jitter), peak memory
 - ``render``: status lines, seconds/counts/percentages, the markdown results table, ``results.json`` (rewritten
   under a lock) and the dual coefficients; every result file is written atomically
 - ``defaults``: the subset sizes, the paper's configurations, the default names and the paper-scale store folder

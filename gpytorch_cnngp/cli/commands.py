@@ -32,7 +32,6 @@ from .defaults import (
 )
 from .errors import UserError
 from .policy import (
-    _backend,
     _check_backend,
     _check_budget,
     _check_jitter,
@@ -114,8 +113,9 @@ def _compute(
     _check_device(args)
     images, labels, checksums = data if data is not None else _load_data(args, sizes)
     spec, meta = _spec_and_meta(config, args, sizes, checksums)
-    _check_backend(spec, images, args)  # an explicit backend that cannot run the network: refused before any work
     tile = args.tile_size or _default_tile(args)
+    # an explicit backend that cannot run the network: refused before any work
+    _check_backend(spec, images, args, tile * tile)
     # the scheduler is reached before the store is made: a failed connection leaves nothing behind
     with contextlib.ExitStack() as stack:
         client = None if args.scheduler == "sync" else stack.enter_context(open_client(args.scheduler, args.workers))
@@ -195,7 +195,7 @@ def _compute_into(
             n_threads = sum(client.nthreads().values())
             _say(f"Dask scheduler {client.scheduler.address}: {len(client.nthreads())} workers, {n_threads} threads")
         if remaining and client is None:
-            _choose_threads(spec, images, args)
+            _choose_threads(spec, images, args, store.tile_size**2)
         if remaining and estimate:
             probe = _probe(store, spec, images, args)
             if probe is not None:
@@ -216,7 +216,7 @@ def _compute_into(
             scheduler=client,
             device=args.device,
             memory_budget=args.memory_budget,
-            backend=_backend(args),
+            backend=args.backend,
             progress=args.progress,
             log=_say,
             worker_wait=args.worker_wait,

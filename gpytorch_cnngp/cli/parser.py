@@ -191,13 +191,6 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             "torch.compile for large blocks of networks without pooling (GPUs), else eager; eager: plain torch; "
             "inductor: torch.compile; native: the native CPU kernel (an error where it cannot run the network)",
         )
-        p.add_argument(
-            "--compile",
-            default=None,
-            choices=("auto", "on", "off"),
-            help="deprecated: on is the native kernel where it runs, else torch.compile; off is --backend eager "
-            "(default: not given, --backend decides)",
-        )
     if kernels or solve:
         uses = {
             (True, False): "the kernel engine's memory per block (default: $CNNGP_MEMORY_BUDGET, else a quarter of "

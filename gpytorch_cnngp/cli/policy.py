@@ -1,8 +1,9 @@
 """The choices ``cnngp`` makes for the user: torch threads (timed), native kernel or compiled or eager blocks,
 the tile size, the stores' file names, the disk and memory checks before a long run, and its peak memory.
 
-``_backend`` is the only reader of ``--backend`` (and of the deprecated ``--compile``): every decision between
-the backends starts from it, and :func:`gpytorch_cnngp.backends.choose` makes the rest, as for any call.
+Every decision between the backends is :func:`gpytorch_cnngp.backends.choose`'s, asked through
+:func:`_block_backend` with ``--backend`` and a block's size, as :func:`gpytorch_cnngp.gram` asks it for the blocks
+themselves: this module names no backend by string.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backends import BACKENDS, native_ready, resolve
+from ..backends import Backend, Inductor, Native, choose
 from ..blocked_cholesky import default_memory_budget, plan_panel_width
 from ..distributed import ArchitectureSpec, compute_block, default_tile_size, resolve_device
 from ..memory import available_memory, format_bytes
@@ -26,33 +27,27 @@ from .errors import UserError
 from .render import _fmt_count, _say
 
 
-def _backend(args: argparse.Namespace) -> str:
-    """The backend the kernel blocks ask for: ``--backend``, or the deprecated ``--compile``
-    (``on``: the native kernel where it runs, else torch.compile; ``off``: eager)."""
-    if args.compile is None:
-        return args.backend
-    if args.backend != "auto":
-        raise UserError("give --backend or --compile (deprecated), not both")
-    # the library's own alias rule: --compile auto/on/off is compile=None/True/False
-    return resolve("auto", {"auto": None, "on": True, "off": False}[args.compile])
+def _block_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace, n_pairs: int) -> type[Backend]:
+    """The backend :func:`gpytorch_cnngp.backends.choose` gives an in-process block of ``n_pairs`` kernel entries
+    of ``spec`` under ``--backend``, ``--device`` and ``--dtype``: the one the block's ``gram`` call will run.
 
-
-def _check_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> None:
-    """Refuse an explicit ``--backend`` that cannot run ``spec`` here before any work, saying why."""
-    name = _backend(args)
-    if name not in BACKENDS:
-        return
+    :raises ValueError: for an explicit ``--backend`` that cannot run ``spec`` here (the reason named).
+    """
+    size = tuple(np.shape(images["train"])[-2:])
     device = resolve_device(args.device)
-    size = tuple(np.shape(images["train"])[-2:])
-    reason = BACKENDS[name].unsupported(spec.cached(), size, getattr(torch, args.dtype), device)
-    if reason is not None:
-        raise UserError(f"--backend {name} cannot run {spec.name} here: {reason}; use --backend auto")
+    return choose(args.backend, spec.cached(), size, getattr(torch, args.dtype), device, n_pairs)
 
 
-def _native(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> bool:
-    """Whether this machine's CPU runs the blocks of ``spec`` in the native kernel."""
-    size = tuple(np.shape(images["train"])[-2:])
-    return native_ready(spec.cached(), size, getattr(torch, args.dtype), "cpu")
+def _check_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace, n_pairs: int) -> None:
+    """Refuse an explicit ``--backend`` that cannot run ``spec`` here before any work, saying why."""
+    if args.backend == "auto":
+        return  # "auto" always runs (eagerly at worst); asking here would build the native kernel needlessly
+    try:
+        _block_backend(spec, images, args, n_pairs)
+    except ValueError as exc:
+        reason = str(exc).removeprefix(f"backend={args.backend!r} cannot run this network here: ")
+        reason = reason.removesuffix("; use backend='auto'")
+        raise UserError(f"--backend {args.backend} cannot run {spec.name} here: {reason}; use --backend auto") from None
 
 
 def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> tuple | None:
@@ -68,9 +63,8 @@ def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argpa
     device = str(resolve_device(args.device))
     # the CPU's native kernel needs no per-shape compilation, so the probe times what the run will use;
     # torch.compile (GPUs) would time its compilation, so the probe stays eager there
-    backend = _backend(args)
-    native = device.startswith("cpu") and backend in ("auto", "compiled", "native") and _native(spec, images, args)
-    probe_backend = "native" if native else "eager"
+    chosen = _block_backend(spec, images, args, block.entries)
+    probe_backend = "native" if chosen is Native else "eager"
     options = {"dtype": args.dtype, "device": device, "memory_budget": args.memory_budget, "backend": probe_backend}
     compute_block(spec, images[block.row_part], (0, 1), images[block.col_part], (0, 1), **options)  # one-time set-up
     values, seconds, dev = compute_block(
@@ -83,18 +77,19 @@ def _probe(store: KernelStore, spec: ArchitectureSpec, images: dict, args: argpa
         **options,
     )
     store.write_block(block, values, seconds)
-    compiled = backend in ("compiled", "inductor") or (backend == "auto" and dev.startswith("cuda"))
-    note = dev + (", native kernel" if native else ", eager; compiled blocks are faster" if compiled else "")
+    note = dev + {Native: ", native kernel", Inductor: ", eager; compiled blocks are faster"}.get(chosen, "")
     return block.entries / max(seconds, 1e-9), block.entries, note
 
 
-def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespace) -> None:
+def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespace, n_pairs: int) -> None:
     """Set the torch threads of this process: ``--threads``, or on the CPU the faster of 1 and the default.
 
     On a CPU shared with other work, several threads can be many times slower than one (every operation waits
     for its slowest thread), so unless the blocks are compiled "auto" times a small block both ways (a fraction of a
     second) and keeps the default only when it is more than 1.5 times faster than one thread. Compiled runs
     keep the default number of threads.
+
+    :param n_pairs: kernel entries of one block (the backend of ``"auto"`` depends on it).
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -103,12 +98,12 @@ def _choose_threads(spec: ArchitectureSpec, images: dict, args: argparse.Namespa
     default = torch.get_num_threads()
     if default <= 1 or resolve_device(args.device).type != "cpu":
         return
-    backend = _backend(args)
-    if backend in ("compiled", "inductor"):
+    chosen = _block_backend(spec, images, args, n_pairs)
+    if chosen is Inductor:
         # compiled loops are split over pairs by OpenMP and scale with threads (about 1.8x on 2 cores),
         # unlike the eager small block timed below
         return
-    if backend in ("auto", "native") and _native(spec, images, args):
+    if chosen is Native:
         # the native kernel hands out blocks of pairs to its threads one at a time, so a thread slowed
         # by other work delays only its own block: all cores
         _say(f"torch threads: {default} (native CPU kernel)")
