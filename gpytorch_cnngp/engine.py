@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import Backend, choose, native_ready, resolve
+from .backends import Backend, choose, resolve
 from .backends.base import Traces
 from .devices import parse_device
 from .layers.base import Layer, set_evaluator
@@ -23,21 +23,10 @@ from .memory import keep_freed_memory
 from .ops import first_order_only
 from .passes import paired, self_pass, spatial_first
 from .progress import progress_bar
-from .state import Hyper, Requirements, hyperparameters
+from .state import Hyper, Requirements
 from .tiling import GramPlan, estimate_tile_size, network_info, self_chunk, tiles
 
-# self_pass, hyperparameters, estimate_tile_size, native_ready and GramPlan live in passes, state, tiling and
-# backends; they stay importable from here for existing code
-__all__ = [
-    "gram",
-    "gram_diag",
-    "check_architecture",
-    "self_pass",
-    "hyperparameters",
-    "estimate_tile_size",
-    "native_ready",
-    "GramPlan",
-]
+__all__ = ["gram", "gram_diag", "check_architecture"]
 
 HyperArg = Hyper | Mapping[Layer, Mapping[str, Tensor]] | None
 

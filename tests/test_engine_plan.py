@@ -81,3 +81,14 @@ def test_self_pass_chunks():
     assert self_chunk(torch.device("cpu"), 10**6) == CPU_SELF_CHUNK and self_chunk("cuda:1", 10**6) == SELF_CHUNK
     assert self_chunk("cpu", 100) == 100 and self_chunk("cuda", 100) == 100
     assert self_chunk("cpu", 0) == 1
+
+
+def test_the_engine_exports_only_its_own_names():
+    """The engine's public names are its own; the passes, the plans, the hyperparameters and the backends' checks
+    are imported from their home modules (passes, tiling, state, backends), not through the engine."""
+    from gpytorch_cnngp import engine
+
+    assert sorted(engine.__all__) == ["check_architecture", "gram", "gram_diag"]
+    assert all(getattr(engine, name).__module__ == engine.__name__ for name in engine.__all__)
+    for gone in ("native_ready", "hyperparameters"):  # imported only to be re-exported
+        assert not hasattr(engine, gone), gone
