@@ -20,6 +20,8 @@ inherits these checks, each against something obtained independently of the engi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import reference_full
@@ -46,6 +48,8 @@ class LayerContract:
 
     #: the layer class under test (it must occur in :meth:`create_model`)
     layer_class: type[Layer]
+    #: the exported function under test that builds :attr:`layer_class` layers (``resnet_block``), if any
+    factory: Callable[..., Layer] | None = None
     #: relative tolerance against the float64 reference (quadrature-based layers need more)
     rtol_reference: float = 1e-10
     #: width of the finite networks of the Monte-Carlo check

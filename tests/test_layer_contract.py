@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from layer_contract import LayerContract
 
+import gpytorch_cnngp
 from gpytorch_cnngp import (
     GELU,
     AvgPool2d,
@@ -17,8 +20,10 @@ from gpytorch_cnngp import (
     ReLU,
     Sequential,
     Sum,
+    layers,
     resnet_block,
 )
+from gpytorch_cnngp.layers import base
 
 
 class TestConv2d(LayerContract):
@@ -117,8 +122,35 @@ class TestSequential(LayerContract):
 
 class TestResnetBlock(LayerContract):
     layer_class = Sum  # resnet_block builds Sums of Sequentials
+    factory = staticmethod(resnet_block)
 
     def create_model(self):
         return Sequential(
             Conv2d(3), resnet_block(), resnet_block(stride=2, projection_shortcut=True, multiplier=2), ReLU(), Dense()
         )
+
+
+def _exported_layers() -> tuple[set[type], set]:
+    """The layer classes and the layer-building functions exported by ``gpytorch_cnngp`` and
+    ``gpytorch_cnngp.layers``; the protocol's classes in ``layers.base`` (``Layer``, ``Nonlinearity``,
+    ``WeightedLayer``) are what layers derive from, not layers of a network."""
+    classes, functions = set(), set()
+    for module in (gpytorch_cnngp, layers):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isclass(obj) and issubclass(obj, base.Layer) and obj.__module__ != base.__name__:
+                classes.add(obj)
+            elif inspect.isfunction(obj) and obj.__module__.startswith(layers.__name__ + "."):
+                functions.add(obj)
+    return classes, functions
+
+
+def test_every_exported_layer_has_a_contract_class():
+    contracts = [c for c in globals().values() if inspect.isclass(c) and issubclass(c, LayerContract)]
+    contracts = [c for c in contracts if c is not LayerContract and c.__name__.startswith("Test")]
+    classes, functions = _exported_layers()
+    assert {Conv2d, Sum, GELU} <= classes and resnet_block in functions  # the collection itself works
+    missing = sorted(c.__name__ for c in classes - {c.layer_class for c in contracts})
+    assert not missing, f"exported layers without a contract class here: {missing}"
+    missing = sorted(f.__name__ for f in functions - {c.factory for c in contracts})
+    assert not missing, f"exported layer builders without a contract class (with factory = ...) here: {missing}"
