@@ -298,7 +298,7 @@ def gram(
         overriding the layers' own values.
     :param get: ``"nngp"`` (the CNN-GP kernel), ``"ntk"`` (the neural tangent kernel of the network in the NTK
         parameterisation), or a tuple of both, computed in one pass and returned in that order. Every backend
-        computes the NTK where it computes the NNGP (``torch.compile`` excepted for GELU and ``Elementwise``).
+        computes the NTK where it computes the NNGP (``torch.compile`` excepted for ``Elementwise``).
     :return: ``[N1, N2]`` tensor (a tuple of them for a tuple ``get``). When hyperparameters require grad,
         the backward pass recomputes one tile at a time, so it needs no more memory than the forward.
     """

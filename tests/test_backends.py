@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpytorch_cnngp import AvgPool2d, CNNGPKernel, Conv2d, Dense, Erf, ReLU, Sequential, gram, settings
+from gpytorch_cnngp import AvgPool2d, CNNGPKernel, Conv2d, Dense, Elementwise, Erf, ReLU, Sequential, gram, settings
 from gpytorch_cnngp.backends import Eager, Inductor, Native, choose, native, resolve
 
 CPU, F32, F64 = torch.device("cpu"), torch.float32, torch.float64
@@ -99,7 +99,6 @@ def test_cnngp_kernel_passes_its_backend_on(monkeypatch):
 
 def test_elementwise_networks_are_never_compiled():
     """Elementwise's quadrature unrolls into a graph too large to compile: refused by name, avoided by "auto"."""
-    from gpytorch_cnngp import Elementwise
 
     model = Sequential(Conv2d(3), Elementwise(torch.sin, degree=8), Dense())
     assert choose("auto", model, (6, 6), F32, CPU, 10**9) is Eager
@@ -115,8 +114,22 @@ def test_the_ntk_is_never_given_to_backends_that_cannot_run_it():
     model = Sequential(Conv2d(3), ReLU(), Dense())
     with settings.native(False):
         assert choose("auto", model, (6, 6), F32, CPU, 10**9, ntk=True) is Inductor  # large same-location jobs
+    elementwise = Sequential(Conv2d(3), Elementwise(torch.sin, degree=8), Dense())
+    assert choose("auto", elementwise, (6, 6), F32, CPU, 10**9, ntk=True) is Eager
+    with pytest.raises(ValueError, match=r"backend='inductor' cannot run this network here: Elementwise"):
+        gram(elementwise, _images(2, 4), backend="inductor", get="ntk")
+    # GELU's NNGP and NTK factor are closed forms of a few elementwise operations: compiled like ReLU's
     gelu = Sequential(Conv2d(3), GELU(), Dense())
-    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9) is Inductor  # GELU's NNGP is a closed form
-    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9, ntk=True) is Eager  # its NTK factor is a quadrature
-    with pytest.raises(ValueError, match=r"backend='inductor' cannot run this network here: GELU"):
-        gram(gelu, _images(2, 4), backend="inductor", get="ntk")
+    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9) is Inductor
+    assert choose("auto", gelu, (6, 6), F32, CPU, 10**9, ntk=True) is Inductor
+
+
+def test_gelu_ntk_compiled_equals_eager():
+    from gpytorch_cnngp import GELU
+
+    gelu = Sequential(Conv2d(3, var_weight=2.0, var_bias=0.1), GELU(), Dense())
+    x = _images(3, 4)
+    want = gram(gelu, x, backend="eager", get=("nngp", "ntk"))
+    got = gram(gelu, x, backend="inductor", get=("nngp", "ntk"))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=0.0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -391,3 +392,121 @@ def test_gelu_monte_carlo_exact_at_any_width():
     K = model(x)
     S = sample_second_moments(model, x, channels=8, n_networks=600, out_channels=32, seed=71)
     check_against_kernel(second_moment_errors(S, K), torch.zeros(4, 4, dtype=F64), "conv-gelu-dense")
+
+
+# GELU's NTK factor E[phi'(u) phi'(v)], phi'(x) = Phi(x) + x pdf(x), against a one-dimensional float64 integral:
+# given u = s1 x, v is N(rho s2 x, tau^2) with tau^2 = v2 (1 - rho^2), and E[Phi(w) + w pdf(w)] over w ~ N(m, tau^2)
+# is Phi(m / k) + m pdf(m / k) / k^3 with k = sqrt(1 + tau^2) (one-dimensional Gaussian identities), leaving an
+# adaptive integral over x, split where the integrand turns (scales 1 / s1 and k / (rho s2)); ~1e-15 accurate.
+def _gelu_prime_reference(v1: float, v2: float, rho: float) -> float:
+    from scipy.integrate import IntegrationWarning, quad
+
+    s1, s2 = math.sqrt(v1), math.sqrt(v2)
+    k = math.sqrt(1.0 + v2 * (1.0 - rho * rho))
+
+    def cdf(t):
+        return 0.5 * math.erfc(-t / math.sqrt(2.0))
+
+    def pdf(t):
+        return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+    def f(x):
+        u, m = s1 * x, rho * s2 * x
+        return (cdf(u) + u * pdf(u)) * (cdf(m / k) + m / k**3 * pdf(m / k)) * pdf(x)
+
+    cuts = {0.0, 40.0}
+    for scale in (s1, abs(rho) * s2 / k):
+        if scale > 0:
+            cuts |= {min(t / scale, 40.0) for t in (0.1, 1.0, 4.0, 10.0)}
+    cuts = sorted(cuts)
+    cuts = [-t for t in reversed(cuts[1:])] + cuts
+    with warnings.catch_warnings():  # quad asks for 2e-14 and may report that rounding stops it short of that
+        warnings.simplefilter("ignore", IntegrationWarning)
+        return sum(
+            quad(f, a, b, epsabs=1e-16, epsrel=2e-14, limit=200)[0] for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        )
+
+
+def _gelu_factor(c, v1, v2, dtype=F64):
+    s1, s2 = torch.tensor(v1, dtype=dtype).sqrt(), torch.tensor(v2, dtype=dtype).sqrt()
+    return GELU().pair_derivative_map(torch.as_tensor(c, dtype=dtype), s1, s2, False)
+
+
+GELU_VARIANCES = [0.0, 1e-12, 1e-3, 0.5, 2.0, 30.0, 1e4]
+GELU_RHOS = [-1.0, -1.0 + 1e-9, -0.7, 0.0, 0.4, 1.0 - 1e-9, 1.0]
+
+
+def test_gelu_ntk_factor_against_a_one_dimensional_integral():
+    """Zero, tiny, moderate and huge variances, |rho| -> 1: within 1e-12 relative (plus 1e-14 absolute where the
+    terms of order 1 cancel to a small value); self values likewise."""
+    for v1 in GELU_VARIANCES:
+        for v2 in [*GELU_VARIANCES, 1e6]:
+            for rho in GELU_RHOS:
+                c = rho * math.sqrt(v1) * math.sqrt(v2)
+                got, want = float(_gelu_factor(c, v1, v2)), _gelu_prime_reference(v1, v2, rho)
+                assert abs(got - want) <= 1e-12 * abs(want) + 1e-14, (v1, v2, rho, got, want)
+        v = torch.tensor(v1, dtype=F64)
+        own = float(GELU().self_derivative_map(v, v.sqrt()))
+        assert own == pytest.approx(_gelu_prime_reference(v1, v1, 1.0), rel=1e-12, abs=1e-14)
+
+
+def test_gelu_ntk_factor_equals_the_former_gauss_hermite_rule():
+    """The 64 x 64-node product rule the layer used before (Elementwise's, with phi' by autograd) converges fast
+    for variances up to about 1: the closed form matches it to 1e-12 relative there."""
+    from gpytorch_cnngp import Elementwise
+
+    rule = Elementwise(torch.nn.functional.gelu, degree=64)
+    cases = [(v1, v2, r) for v1 in [0.0, 1e-12, 1e-3, 0.2, 1.0] for v2 in [0.0, 1e-6, 0.5, 1.0] for r in GELU_RHOS]
+    v1, v2, rho = (torch.tensor(column, dtype=F64) for column in zip(*cases, strict=True))
+    s1, s2 = v1.sqrt(), v2.sqrt()
+    got = GELU().pair_derivative_map(rho * s1 * s2, s1, s2, False)
+    torch.testing.assert_close(got, rule.expectation(rho * s1 * s2, s1, s2, 1), rtol=1e-12, atol=0.0)
+
+
+def test_gelu_ntk_factor_special_values():
+    """phi'(0) = 1/2, so zero variance on either side gives 1/4 (E[phi'(v)] = 1/2 for any v); E[phi'(u) phi'(-u)]
+    at variance 0 is 1/4 too; large variances approach the ReLU's step, E[H(u)^2] = 1/2."""
+    for v in [0.0, 1e-9, 0.3, 5.0, 1e8]:
+        assert float(_gelu_factor(0.0, 0.0, v)) == pytest.approx(0.25, rel=1e-15)
+        assert float(_gelu_factor(0.0, v, 0.0)) == pytest.approx(0.25, rel=1e-15)
+    v = torch.tensor(1e12, dtype=F64)
+    assert float(GELU().self_derivative_map(v, v.sqrt())) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_gelu_ntk_factor_against_monte_carlo():
+    """2e6 samples of (u, v) per case: within 5 standard errors of the sample mean."""
+    gen = torch.Generator().manual_seed(5)
+    n = 2_000_000
+    for v1, v2, rho in [(0.7, 2.0, 0.3), (3.0, 0.4, -0.8), (1.0, 1.0, 1.0), (9.0, 0.0, 0.0)]:
+        g1, g2 = torch.randn(n, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+        u = math.sqrt(v1) * g1
+        v = math.sqrt(v2) * (rho * g1 + math.sqrt(1.0 - rho * rho) * g2)
+
+        def prime(t):
+            return 0.5 * torch.erfc(-t / math.sqrt(2.0)) + t * torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+        sample = prime(u) * prime(v)
+        err = float(sample.std()) / math.sqrt(n)
+        got = float(_gelu_factor(rho * math.sqrt(v1 * v2), v1, v2))
+        assert abs(got - float(sample.mean())) <= 5.0 * err + 1e-15, (v1, v2, rho, got, float(sample.mean()), err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_gelu_self_and_identical_pair_values_stay_exact_at_huge_variances(dtype):
+    """Where r = v / (1 + v) rounds to 1 (from ~1.7e7 in float32, ~1e16 in float64), 1 - r^2 used to be floored
+    at the smallest normal number: the NNGP came out 147 v at v = 1e8 in float32 and 1e113 v at 1e20 in float64.
+    Now E[phi(u)^2] / v -> 1/2 and E[phi'(u)^2] -> 1/2, finite with finite gradients."""
+    layer = GELU()
+    rules = [
+        lambda v: layer.self_map(v, v.sqrt()) / v,
+        lambda v: layer.pair_map(v, v.sqrt(), v.sqrt(), False) / v,
+        lambda v: layer.self_derivative_map(v, v.sqrt()),
+        lambda v: layer.pair_derivative_map(v, v.sqrt(), v.sqrt(), False),
+    ]
+    for value in [1e6, 1e8, 1e12, 1e20]:
+        for i, rule in enumerate(rules):
+            v = torch.tensor(value, dtype=dtype, requires_grad=True)
+            out = rule(v)
+            assert float(out.detach()) == pytest.approx(0.5, rel=1e-3), (i, value, dtype)
+            (grad,) = torch.autograd.grad(out, v)
+            assert math.isfinite(float(grad)), (i, value, dtype)

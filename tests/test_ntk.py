@@ -12,6 +12,7 @@ import reference_full
 import torch
 
 from gpytorch_cnngp import (
+    GELU,
     CNNGPKernel,
     Conv2d,
     Dense,
@@ -94,7 +95,7 @@ def test_two_layer_relu_closed_form():
 
 
 @pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "duplicates"])
-@pytest.mark.parametrize("nonlinearity", [ReLU, Erf], ids=["relu", "erf"])
+@pytest.mark.parametrize("nonlinearity", [ReLU, Erf, GELU], ids=["relu", "erf", "gelu"])
 def test_hyperparameter_gradients_are_finite_and_match_finite_differences(nonlinearity, duplicates):
     """d sum(W * Theta) / d variances with black images (zero variances inside) and, with ``duplicates``,
     identical images within and across the two sets: finite, and equal to central differences.

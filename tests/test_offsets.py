@@ -214,12 +214,7 @@ def _all_kernels(model, x, z, get):
     return torch.cat([p.flatten() for p in parts])
 
 
-# GELU's NTK factor is a 64 x 64-node quadrature at every entry of every map: tens of seconds even at 5x5
-CASES = [
-    pytest.param(name, get, marks=[pytest.mark.slow] if (name, get) == ("gelu_two_pools", "ntk") else [])
-    for name in NETWORKS
-    for get in ("nngp", "ntk")
-]
+CASES = [pytest.param(name, get) for name in NETWORKS for get in ("nngp", "ntk")]
 
 
 @pytest.mark.parametrize("name, get", CASES)

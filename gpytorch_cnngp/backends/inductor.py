@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layers import GELU, Elementwise
+from ..layers import Elementwise
 from ..passes import pair_block
 from .base import Backend, BlockFn
 
@@ -50,14 +50,11 @@ class Inductor(Backend):
             return "it computes kernels, not their gradients"
         for layer in model.kernel_layers():
             # a product rule of degree^2 terms is a Python loop, which tracing unrolls into a graph too large to
-            # compile in reasonable time: Elementwise's kernel, and GELU's NTK factor
+            # compile in reasonable time (Elementwise's kernel)
             if isinstance(layer, Elementwise):
                 return (
                     f"Elementwise (its quadrature of {layer.degree}^2 terms unrolls into a graph too large to compile)"
                 )
-            if ntk and isinstance(layer, GELU):
-                terms = f"{layer.ntk_quadrature_degree}^2"
-                return f"GELU (its NTK factor is a quadrature of {terms} terms, a graph too large to compile)"
         return None
 
     @classmethod
