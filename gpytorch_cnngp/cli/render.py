@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..store import _fsync_dir
 from .errors import UserError
 
 try:
@@ -82,12 +83,7 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         tmp = None
-        with contextlib.suppress(OSError):  # the rename itself reaches the disk with the folder's entry
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        _fsync_dir(path.parent)  # the rename itself reaches the disk with the folder's entry
     except OSError as exc:
         kept = "the previous file is unchanged" if path.exists() else "nothing was written"
         raise UserError(f"could not write {path}: {exc.strerror or exc}; {kept}") from None

@@ -346,31 +346,23 @@ class Nonlinearity(Layer):
         return out
 
     def propagate(self, state: CovState) -> CovState:
-        if state.offsets is not None:
-            return self._propagate_offsets(state.at(state.want))
+        offsets = state.offsets is not None
+        if offsets:
+            state = state.at(state.want)
         run = state.run
         if run.mode == "self":
-            s = safe_sqrt(same_location(state.nngp) if state.full else state.nngp)
+            if offsets:
+                v = state.nngp.select(2, state.offsets.zero)
+            else:
+                v = same_location(state.nngp) if state.full else state.nngp
+            s = safe_sqrt(v)
             run.record(s)
             sides = (s,)
         else:
             sides = run.recall()
-        nngp = self._maps(state, sides, self.pair_map, self.self_map)
-        if state.ntk is None:
-            return state.replace(nngp=nngp)
-        derivative = self._maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
-        return state.replace(nngp=nngp, ntk=state.ntk * derivative)
-
-    def _propagate_offsets(self, state: CovState) -> CovState:
-        run = state.run
-        if run.mode == "self":
-            s = safe_sqrt(state.nngp.select(2, state.offsets.zero))
-            run.record(s)
-            sides = (s,)
-        else:
-            sides = run.recall()
-        nngp = self._offset_maps(state, sides, self.pair_map, self.self_map)
-        if state.ntk is None:
-            return state.masked(nngp)
-        derivative = self._offset_maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
-        return state.masked(nngp, state.ntk * derivative)
+        maps = self._offset_maps if offsets else self._maps
+        nngp = maps(state, sides, self.pair_map, self.self_map)
+        ntk = None
+        if state.ntk is not None:
+            ntk = state.ntk * maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
+        return state.masked(nngp, ntk) if offsets else state.replace(nngp=nngp, ntk=ntk)
