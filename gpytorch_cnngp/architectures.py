@@ -1,4 +1,5 @@
-"""The three architectures of the paper's MNIST table, with its hyperparameters.
+"""The three architectures of the paper's MNIST table, with its hyperparameters, a pooled network of ours
+and the Myrtle networks of Shankar et al. (2020).
 
 ``image_size`` lets the same architectures run on smaller images (tests, Monte-Carlo studies): the
 readout layer always covers the whole final map.
@@ -8,7 +9,16 @@ from __future__ import annotations
 
 from .layers import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d, Layer, ReLU, Sequential, Sum, resnet_block
 
-__all__ = ["convnet_gp", "residual_cnn_gp", "resnet32_gp", "pooled_cnn_gp", "ARCHITECTURES", "PAPER_RESULTS"]
+__all__ = [
+    "convnet_gp",
+    "residual_cnn_gp",
+    "resnet32_gp",
+    "pooled_cnn_gp",
+    "myrtle",
+    "MYRTLE_STAGES",
+    "ARCHITECTURES",
+    "PAPER_RESULTS",
+]
 
 #: Published MNIST errors (validation, test) of the paper's table, as fractions.
 PAPER_RESULTS = {
@@ -18,9 +28,11 @@ PAPER_RESULTS = {
 }
 
 
-def _check_size(image_size: int, multiple: int = 1) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < multiple:
-        raise ValueError(f"image_size must be an integer >= {multiple}, got {image_size!r}")
+def _check_size(image_size: int, multiple: int = 1, minimum: int | None = None) -> None:
+    """Refuse an ``image_size`` that is not an integer >= ``minimum`` (default ``multiple``) or not a multiple."""
+    least = multiple if minimum is None else max(minimum, multiple)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < least:
+        raise ValueError(f"image_size must be an integer >= {least}, got {image_size!r}")
     if image_size % multiple:
         raise ValueError(f"image_size must be a multiple of {multiple} for this architecture, got {image_size}")
 
@@ -103,9 +115,66 @@ def pooled_cnn_gp(
     return Sequential(*layers, Dense(var_weight=var_weight, var_bias=var_bias))
 
 
+#: Myrtle depth -> number of ``(Conv2d(3), ReLU)`` blocks in each of its three stages (Shankar et al. 2020).
+MYRTLE_STAGES = {5: (2, 1, 1), 7: (2, 2, 2), 10: (3, 3, 3)}
+
+
+def myrtle(depth: int = 5, image_size: int = 28, var_weight: float = 2.0, var_bias: float = 0.0) -> Layer:
+    """The Myrtle network of Shankar et al. (2020, "Neural Kernels Without Tangents") of ``depth`` 5, 7 or 10.
+
+    Three stages of ``(Conv2d(3, padding="same"), ReLU)`` blocks, :data:`MYRTLE_STAGES` ``[depth]`` of them
+    per stage (2, 1, 1 for depth 5; 2, 2, 2 for 7; 3, 3, 3 for 10), an ``AvgPool2d(2)`` after the first and
+    the second stage, a :class:`~gpytorch_cnngp.GlobalAvgPool2d` after the third and a
+    :class:`~gpytorch_cnngp.Dense` readout: ``depth`` weighted layers in all. The published network, made
+    for 32x32 images, ends with three more 2x2 average pools that take the third stage's 8x8 map to 1x1;
+    that is the same as one global average over the 8x8 map, which is how it is written here, so that the
+    network fits any ``image_size`` (28 -> 14 -> 7 on MNIST; an odd size is floored by each pool, as in
+    :class:`torch.nn.AvgPool2d`).
+
+    Every layer is He-scaled: ``var_weight`` is the total weight variance over a convolution's window
+    (:class:`~gpytorch_cnngp.Conv2d` divides it by ``k^2``; the finite layer draws ``N(0, var_weight /
+    (C_in k^2))``), so the default 2.0 keeps the ReLU's variance scale, and the readout uses the same
+    ``var_weight`` and ``var_bias``.
+
+    The global pool makes every layer before it carry covariances between all pairs of positions (full
+    maps, or every offset), so a pair costs far more than in the paper's same-location networks, most of it
+    in the first stage at the input's full size.
+
+    :param depth: 5, 7 or 10.
+    :param image_size: input height and width, an integer >= 4.
+    :param var_weight: weight variance of every convolution (over its window) and of the readout.
+    :param var_bias: bias variance of every layer.
+    :raises ValueError: for another depth or an image size below 4.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in MYRTLE_STAGES:
+        allowed = ", ".join(map(str, MYRTLE_STAGES))
+        raise ValueError(f"Myrtle depth must be one of {allowed}, got {depth!r}")
+    _check_size(image_size, minimum=4)
+    layers: list[Layer] = []
+    for stage, blocks in enumerate(MYRTLE_STAGES[depth]):
+        if stage:
+            layers.append(AvgPool2d(2))
+        for _ in range(blocks):
+            layers += [Conv2d(3, var_weight=var_weight, var_bias=var_bias), ReLU()]
+    return Sequential(*layers, GlobalAvgPool2d(), Dense(var_weight=var_weight, var_bias=var_bias))
+
+
+def _myrtle_config(depth: int):
+    """The configuration ``myrtle<depth>_gp``: :func:`myrtle` at one depth, with the other factories' signature."""
+
+    def build(image_size: int = 28, var_weight: float = 2.0, var_bias: float = 0.0) -> Layer:
+        return myrtle(depth, image_size=image_size, var_weight=var_weight, var_bias=var_bias)
+
+    build.__name__ = build.__qualname__ = f"myrtle{depth}_gp"
+    build.__doc__ = f"The Myrtle-{depth} GP: :func:`myrtle` with ``depth={depth}``."
+    return build
+
+
+#: Configuration name -> factory taking ``image_size`` and the variances (the names ``cnngp`` accepts).
 ARCHITECTURES = {
     "convnet_gp": convnet_gp,
     "residual_cnn_gp": residual_cnn_gp,
     "resnet32_gp": resnet32_gp,
     "pooled_cnn_gp": pooled_cnn_gp,
+    **{f"myrtle{depth}_gp": _myrtle_config(depth) for depth in MYRTLE_STAGES},
 }

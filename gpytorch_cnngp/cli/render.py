@@ -34,6 +34,9 @@ _PAPER_NAMES = {
     "residual_cnn_gp": "Residual CNN GP",
     "resnet32_gp": "ResNet GP",
     "pooled_cnn_gp": "Pooled CNN GP (ours)",
+    "myrtle5_gp": "Myrtle-5 GP (Shankar et al.)",
+    "myrtle7_gp": "Myrtle-7 GP (Shankar et al.)",
+    "myrtle10_gp": "Myrtle-10 GP (Shankar et al.)",
 }
 _DATA_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
