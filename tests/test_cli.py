@@ -160,6 +160,26 @@ def test_data_command_verifies(data_dir, capsys):
     assert "verified" in capsys.readouterr().out
 
 
+def test_table_runs_a_myrtle_configuration(data_dir, tmp_path, capsys):
+    """`--configs myrtle5_gp` is a configuration like the paper's: listed in the help, computed, classified, and
+    shown under its name with no paper errors beside it."""
+    with pytest.raises(SystemExit):
+        cli.main(["table", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in ("myrtle5_gp", "myrtle7_gp", "myrtle10_gp"))
+    workdir = tmp_path / "work"
+    argv = ["table", "--configs", "myrtle5_gp", "--n-train", "6", "--n-val", "2", "--n-test", "2"]
+    argv += ["--workdir", str(workdir), "--data-dir", str(data_dir), "--no-progress", "--threads", "1"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    (row,) = json.loads((workdir / "results.json").read_text())
+    assert (row["config"], row["n_train"]) == ("myrtle5_gp", 6)
+    assert row["paper_val_error"] is None and row["paper_test_error"] is None
+    assert 0.0 <= row["val_error"] <= 1.0 and 0.0 <= row["test_error"] <= 1.0
+    line = next(x for x in (workdir / "results.md").read_text().splitlines() if "myrtle" in x.lower())
+    assert line.startswith("| Myrtle-5 GP (Shankar et al.) | MNIST |") and "| - | - |" in line
+
+
 def test_help_states_the_default_subset(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["table", "--help"])
