@@ -26,7 +26,13 @@ def test_docs_build_without_warnings(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     api = (out / "api.html").read_text(encoding="utf-8")
-    for name in ("kernel.CNNGPKernel", "models.SharedCovarianceExactGP", "engine.gram", "layers.conv.Conv2d"):
+    for name in (
+        "kernel.CNNGPKernel",
+        "models.SharedCovarianceExactGP",
+        "engine.gram",
+        "layers.conv.Conv2d",
+        "architectures.myrtle",
+    ):
         assert f'id="gpytorch_cnngp.{name}"' in api, f"{name} missing from the API reference"
     guide = (out / "guide.html").read_text(encoding="utf-8")
     assert "Kernels from architectures" in guide and 'href="results.html"' in guide  # the README is the guide
