@@ -1,5 +1,5 @@
 """The Myrtle networks of Shankar et al. (2020): their layers, their errors, their configurations and their
-kernel against the independent float64 reference of ``tests/reference_full.py``.
+kernel against the independent float64 reference of ``tests/reference_full.py`` and random finite networks.
 
 The reference architectures are written out here as plain data from the published layer counts, not read
 from the library's layer tree, so a wrong count, order or variance in :func:`myrtle` shows as a wrong value.
@@ -11,6 +11,14 @@ import numpy as np
 import pytest
 import torch
 from reference_full import kernel
+from test_monte_carlo import (
+    Z,
+    allowance,
+    check_against_kernel,
+    make_inputs,
+    sample_second_moments,
+    second_moment_errors,
+)
 
 from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d, ReLU, Sequential, architectures, gram
 from gpytorch_cnngp.architectures import ARCHITECTURES, PAPER_RESULTS, myrtle
@@ -130,3 +138,17 @@ def test_global_pool_is_the_published_chain_of_2x2_pools():
     with torch.no_grad():
         got = gram(myrtle(5, image_size=16), x, backend="eager").numpy()
     np.testing.assert_allclose(got, kernel(published, x.numpy()), rtol=1e-12, atol=0.0)
+
+
+def test_finite_myrtle_networks_match_the_kernel():
+    """Monte-Carlo: random finite Myrtle-5 networks (``model.nn``, 32 channels) have the kernel's second moments
+    within ``Z`` standard errors plus the ``1 / C`` finite-width allowance of tests/test_monte_carlo.py, and the
+    same samples reject the kernel that drops the global pool's covariances between positions."""
+    model = myrtle(5, image_size=8)
+    x = make_inputs(in_channels=1, size=8)
+    width = 32
+    S = sample_second_moments(model, x, channels=width, n_networks=600, out_channels=32, seed=90)
+    check_against_kernel(second_moment_errors(S, model(x)), allowance(width, exact_diagonal=False), "Myrtle-5")
+    same_location_only = Sequential(*(layer for layer in model.layers if not isinstance(layer, GlobalAvgPool2d)))
+    e = second_moment_errors(S, same_location_only(x))
+    assert (e.err.abs() > Z * e.se + allowance(width, exact_diagonal=False)).any(), "the samples cannot tell"
