@@ -144,7 +144,7 @@ def myrtle(depth: int = 5, image_size: int = 28, var_weight: float = 2.0, var_bi
     :param image_size: input height and width, an integer >= 4.
     :param var_weight: weight variance of every convolution (over its window) and of the readout.
     :param var_bias: bias variance of every layer.
-    :raises ValueError: for another depth or an image size below 4.
+    :raises ValueError: for another depth, or an image size that is not an integer >= 4.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth not in MYRTLE_STAGES:
         allowed = ", ".join(map(str, MYRTLE_STAGES))
