@@ -42,6 +42,7 @@ from gpytorch_cnngp.cli.policy import _block_backend, _check_budget, _check_writ
 from gpytorch_cnngp.cli.render import _fmt_seconds, _read_results, _say
 from gpytorch_cnngp.datasets import DatasetError, split_indices
 from gpytorch_cnngp.distributed import SchedulerUnavailable, resolve_device
+from gpytorch_cnngp.memory import available_memory, format_bytes
 from gpytorch_cnngp.store import KernelStore, StoreError
 
 # experiments/ is not an installed package: find the sibling package beyond_paper_search from here
@@ -152,6 +153,29 @@ def _chosen(names: Sequence[str] | None) -> list[registry.Candidate]:
     return chosen
 
 
+def solve_bytes(n_train: int, n_val: int, dtype: str) -> int:
+    """Memory the solves of one candidate hold at once: ``Kxx`` and ``Kvx`` as stored, and ``Kxx`` in float64 with
+    its Cholesky factor (dense: the search is meant for subsets)."""
+    item = 4 if dtype == "float32" else 8
+    return item * n_train * (n_train + n_val) + 16 * n_train * n_train
+
+
+def _check_memory(n_train: int, n_val: int, dtype: str, solve_device: torch.device) -> None:
+    """Refuse, before any kernel is computed, sizes whose dense solves this machine cannot hold."""
+    need = solve_bytes(n_train, n_val, dtype)
+    if solve_device.type == "cuda":
+        have = torch.cuda.mem_get_info(solve_device)[0]
+        where = f"free on {solve_device}"
+        need_there = 16 * n_train * n_train
+    else:
+        have, where, need_there = available_memory(), "available", need
+    if have is not None and need_there > have:
+        raise UserError(
+            f"the dense float64 solves of --n-train {n_train} need about {format_bytes(need_there)}, and "
+            f"{format_bytes(have)} is {where}; give a smaller --n-train (the search is meant for subsets)"
+        )
+
+
 def _kernel_args(args: argparse.Namespace) -> argparse.Namespace:
     """The namespace ``cnngp``'s steps read (``commands._compute``, ``commands._load_data``)."""
     return argparse.Namespace(**{**vars(args), "n_test": 0})
@@ -173,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scheduler in ("sync", "local"):
         resolve_device(args.device)
     solve_device = resolve_device(args.solve_device)
+    _check_memory(args.n_train, args.n_val, args.dtype, solve_device)
     kargs = _kernel_args(args)
     data = None
     for c in chosen:

@@ -287,3 +287,15 @@ def test_ties_go_to_the_smallest_lambda(script):
         regularise.check_lambdas([])
     with pytest.raises(ValueError, match="finite"):
         regularise.check_lambdas([float("nan")])
+
+
+def test_sizes_whose_solves_do_not_fit_are_refused_before_any_work(script, data_dir, tmp_path, capsys, monkeypatch):
+    need = 4 * N_TRAIN * (N_TRAIN + N_VAL) + 16 * N_TRAIN * N_TRAIN  # float32 Kxx and Kvx, float64 Kxx and factor
+    assert script.solve_bytes(N_TRAIN, N_VAL, "float32") == need
+    monkeypatch.setattr(script, "available_memory", lambda: need - 1)
+    assert script.main(_argv(tmp_path, data_dir, "tiny")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "give a smaller --n-train" in err and "\n" not in err
+    assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
+    monkeypatch.setattr(script, "available_memory", lambda: need)
+    assert script.main(_argv(tmp_path, data_dir, "tiny")) == 0
