@@ -128,16 +128,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    xs = []
     for r in rows:
         x, y = r.get("projected_hours_50k"), 100 * r["best_val_error"]
         if x is None or not math.isfinite(x) or x <= 0:
             continue
+        xs.append(x)
         marker = "s" if r["kernel"] == "ntk" else "o"
         ax.scatter([x], [y], marker=marker, color="C1" if r["kernel"] == "ntk" else "C0")
         ax.annotate(r["candidate"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 12, not 1.2 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    # within a decade the minor ticks carry the only labels; across decades they would crowd the axis
+    ax.xaxis.set_minor_formatter(plain if xs and max(xs) < 10 * min(xs) else matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.set_xlabel("projected kernel time at 50k train + 10k val + 10k test (hours, this machine)")
     ax.set_ylabel("validation error (%)")
     sizes = sorted({(r["n_train"], r["n_val"]) for r in rows})
