@@ -17,8 +17,7 @@ and returns it as a NumPy array. Only the client writes the HDF5 store, committi
 (killed, out of memory, its machine gone) costs only the blocks it was computing: they are submitted again, and
 the images it held are scattered again from the client, which keeps them. This holds for every worker the run
 started with, as long as one worker remains or joins: when none is left, the run waits ``worker_wait`` seconds
-for one and then stops with
-:class:`WorkersLost`, its finished blocks committed.
+for one and then stops with :class:`WorkersLost`, its finished blocks committed.
 """
 
 from __future__ import annotations
