@@ -10,14 +10,14 @@ Three schedulers, one code path:
   --nworkers 1 --nthreads 1``).
 
 The image arrays are scattered to the workers once; each task rebuilds the architecture from its configuration
-name and hyperparameters (:class:`ArchitectureSpec`, so nothing unpicklable travels), computes one block with
-:func:`gpytorch_cnngp.gram` (or :func:`gpytorch_cnngp.gram_diag`) and returns it as a NumPy array. Only the
-client writes the HDF5 store, committing each block as it arrives (:meth:`KernelStore.write_block`); a bounded
-number of blocks is in flight at any time. A worker lost mid-run (killed, out of memory, its machine gone) costs
-only the blocks it was computing: they are submitted again, and the images it held are scattered again from the
-client, which keeps them. This holds for every worker the run started with, as long as one worker remains or
-joins: when none is left, the run waits ``worker_wait`` seconds for one and then stops with
-:class:`WorkersLost`, its finished blocks committed.
+name (or factory function) and hyperparameters (:class:`ArchitectureSpec`, so nothing unpicklable travels),
+computes one block of the NNGP or the NTK with :func:`gpytorch_cnngp.gram` (or :func:`gpytorch_cnngp.gram_diag`)
+and returns it as a NumPy array. Only the client writes the HDF5 store, committing each block as it arrives
+(:meth:`KernelStore.write_block`); a bounded number of blocks is in flight at any time. A worker lost mid-run
+(killed, out of memory, its machine gone) costs only the blocks it was computing: they are submitted again, and
+the images it held are scattered again from the client, which keeps them. This holds for every worker the run
+started with, as long as one worker remains or joins: when none is left, the run waits ``worker_wait`` seconds
+for one and then stops with :class:`WorkersLost`, its finished blocks committed.
 """
 
 from __future__ import annotations
@@ -62,35 +62,59 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # architectures that travel
 
 
-_MODELS: dict[tuple[str, str], Layer] = {}
+_MODELS: dict[tuple[Any, ...], Layer] = {}
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """A paper architecture by name plus every keyword argument of its factory (picklable, JSON-able).
+    """An architecture by name plus every keyword argument of its factory, and the kernel to compute (picklable).
 
-    :ivar name: a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`.
+    :ivar name: a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`, or with ``factory`` the name the
+        stores record for that network.
     :ivar kwargs: the factory's keyword arguments, defaults included (see :meth:`from_name`).
+    :ivar get: the kernel, as :func:`gpytorch_cnngp.gram`'s ``get``: ``"nngp"`` (default) or ``"ntk"``.
+    :ivar factory: a network not in ``ARCHITECTURES``: a module-level function returning the layer tree (it is
+        pickled by reference, so Dask workers must be able to import it); ``None`` looks ``name`` up there.
     """
 
     name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    get: str = "nngp"
+    factory: Callable[..., Layer] | None = None
+
+    def __post_init__(self) -> None:
+        if self.get not in _KERNELS:
+            raise ValueError(f"get must be one of {', '.join(_KERNELS)}, got {self.get!r}")
+        if "get" in self.kwargs:
+            raise ValueError(f"{self.name}: 'get' is the kernel's kind, not an argument of the network's factory")
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> ArchitectureSpec:
+    def from_name(
+        cls, name: str, *, get: str = "nngp", factory: Callable[..., Layer] | None = None, **overrides: Any
+    ) -> ArchitectureSpec:
         """The spec of configuration ``name`` with its defaults filled in and ``overrides`` applied.
 
+        :param get: the kernel (``"nngp"`` or ``"ntk"``).
+        :param factory: build the network with this function instead of ``ARCHITECTURES[name]``.
         :raises ValueError: for an unknown name or an argument the factory does not take.
         """
-        if name not in ARCHITECTURES:
-            raise ValueError(f"unknown configuration {name!r}; expected one of {', '.join(ARCHITECTURES)}")
-        params = inspect.signature(ARCHITECTURES[name]).parameters
+        function = factory if factory is not None else _architecture(name)
+        params = inspect.signature(function).parameters
         unknown = sorted(set(overrides) - set(params))
         if unknown:
             raise ValueError(f"{name} takes no argument(s) {', '.join(unknown)}; it takes {', '.join(params)}")
         kwargs = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
         kwargs.update(overrides)
-        return cls(name, kwargs)
+        return cls(name, kwargs, get, factory)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """What a store records as its hyperparameters: the factory's keyword arguments, and ``get`` for a kernel
+        other than the NNGP (so NNGP stores read as before, and an NTK store is never taken for an NNGP one)."""
+        out = dict(self.kwargs)
+        if self.get != "nngp":
+            out["get"] = self.get
+        return out
 
     def cached(self) -> Layer:
         """A model of this architecture shared by every block this process computes.
@@ -98,7 +122,7 @@ class ArchitectureSpec:
         Reusing one model matters for the compiled path: ``torch.compile`` keys its graphs on the layer
         objects, so a fresh model per block would be recompiled (seconds) for every block.
         """
-        key = (self.name, repr(sorted(dict(self.kwargs).items())))
+        key = (self.name, self.factory, repr(sorted(dict(self.kwargs).items())))
         model = _MODELS.get(key)
         if model is None:
             if len(_MODELS) >= 8:
@@ -108,9 +132,17 @@ class ArchitectureSpec:
 
     def build(self) -> Layer:
         """A fresh model of this architecture."""
-        if self.name not in ARCHITECTURES:
-            raise ValueError(f"unknown configuration {self.name!r}; expected one of {', '.join(ARCHITECTURES)}")
-        return ARCHITECTURES[self.name](**dict(self.kwargs))
+        function = self.factory if self.factory is not None else _architecture(self.name)
+        return function(**dict(self.kwargs))
+
+
+_KERNELS = ("nngp", "ntk")
+
+
+def _architecture(name: str) -> Callable[..., Layer]:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown configuration {name!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,13 +224,13 @@ def compute_block(
     model = spec.cached()
     x = torch.as_tensor(np.asarray(row_images[rows[0] : rows[1]])).to(device=dev, dtype=tdtype)
     if cols is None:
-        values = gram_diag(model, x)
+        values = gram_diag(model, x, get=spec.get)
     elif symmetric:
-        values = gram(model, x, memory_budget=memory_budget, backend=backend)
+        values = gram(model, x, memory_budget=memory_budget, backend=backend, get=spec.get)
     else:
         assert col_images is not None
         z = torch.as_tensor(np.asarray(col_images[cols[0] : cols[1]])).to(device=dev, dtype=tdtype)
-        values = gram(model, x, z, memory_budget=memory_budget, backend=backend)
+        values = gram(model, x, z, memory_budget=memory_budget, backend=backend, get=spec.get)
     out = values.detach().to("cpu").numpy()
     return out, time.perf_counter() - started, str(dev)
 
@@ -347,9 +379,9 @@ def compute_store(
     if store.mode != "r+":
         raise ValueError("compute_store needs a store opened for writing (mode='r+')")
     meta = store.meta
-    if spec.name != meta.architecture or dict(spec.kwargs) != dict(meta.hyperparameters):
+    if spec.name != meta.architecture or spec.hyperparameters != dict(meta.hyperparameters):
         raise ValueError(
-            f"the architecture {spec.name} {dict(spec.kwargs)} is not the store's "
+            f"the architecture {spec.name} {spec.hyperparameters} is not the store's "
             f"{meta.architecture} {dict(meta.hyperparameters)}"
         )
     arrays: dict[str, np.ndarray] = {}

@@ -197,8 +197,10 @@ class UnreadableStore(StoreError):
 class StoreMeta:
     """What a store was computed for; a store is reused only for an identical :class:`StoreMeta`.
 
-    :ivar architecture: the configuration name (a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`).
-    :ivar hyperparameters: the keyword arguments of the architecture factory (every one, defaults included).
+    :ivar architecture: the configuration name (a key of :data:`gpytorch_cnngp.architectures.ARCHITECTURES`, or
+        the name of a network built by a function of the caller's).
+    :ivar hyperparameters: the keyword arguments of the architecture factory (every one, defaults included), and
+        ``get`` for a kernel other than the NNGP (see ``ArchitectureSpec.hyperparameters``).
     :ivar dtype: ``"float32"`` or ``"float64"``, the dtype the kernels are computed and stored in.
     :ivar dataset: ``"mnist"`` or ``"fashion_mnist"``.
     :ivar split: the split name (see :data:`gpytorch_cnngp.datasets.SPLITS`).

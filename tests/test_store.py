@@ -773,3 +773,69 @@ def test_another_store_copied_over_a_live_one_stops_the_run_and_is_left_whole(tm
     assert path.read_bytes() == other.read_bytes(), "the copy is left as it was copied, closing included"
     with KernelStore.open(path) as store:
         assert store.meta == other_meta and store.verify() == [] and store.verify_labels() == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# specs beyond ARCHITECTURES' NNGP: the NTK, and networks built by a function of the caller's
+
+
+def _small_pooled_net(var_weight: float = 2.0, pool: int = 2):
+    """A network outside ARCHITECTURES (module level: a spec pickles its factory by reference)."""
+    from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, ReLU, Sequential
+
+    return Sequential(Conv2d(3, var_weight=var_weight, var_bias=0.1), ReLU(), AvgPool2d(pool), Dense(var_weight))
+
+
+def _store_of(tmp_path, spec, sizes, name="k.h5"):
+    _, meta, labels, images = tiny_problem(dtype="float64", sizes=sizes)
+    meta = StoreMeta(**{**meta.items(), "architecture": spec.name, "hyperparameters": spec.hyperparameters})
+    path = tmp_path / name
+    with KernelStore.create(path, meta, labels, 3) as store:
+        dist.compute_store(store, spec, images, progress=False)
+    return path, meta, images
+
+
+def test_an_ntk_store_holds_the_ntk_and_is_never_taken_for_the_nngp(tmp_path):
+    import reference_full
+
+    sizes = {"n_train": 5, "n_val": 3, "n_test": 2}
+    spec = dist.ArchitectureSpec.from_name("convnet_gp", get="ntk", image_size=8, depth=2, kernel_size=3)
+    assert spec.hyperparameters == {**spec.kwargs, "get": "ntk"}
+    path, meta, images = _store_of(tmp_path, spec, sizes)
+    arch = reference_full.describe(spec.build())
+    X, V = images["train"], images["val"]
+    with KernelStore.open(path) as store:
+        np.testing.assert_allclose(store.read("Kxx"), reference_full.kernel(arch, X, ntk=True), rtol=1e-10)
+        np.testing.assert_allclose(store.read("Kvx"), reference_full.kernel(arch, V, X, ntk=True), rtol=1e-10)
+        np.testing.assert_allclose(store.read("Kvv_diag"), reference_full.kernel_diag(arch, V, ntk=True), rtol=1e-10)
+        # the NNGP of this network is another matrix: the store does hold the NTK
+        assert not np.allclose(store.read("Kxx"), reference_full.kernel(arch, X), rtol=1e-3)
+    nngp = dist.ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=2, kernel_size=3)
+    assert nngp.hyperparameters == nngp.kwargs  # NNGP stores record what they always did
+    wanted = StoreMeta(**{**meta.items(), "hyperparameters": nngp.hyperparameters})
+    with pytest.raises(StoreMismatch, match="hyperparameters.get: the store has 'ntk', this run wants None"):
+        KernelStore.open(path, wanted)
+    with KernelStore.open(path, mode="r+") as store, pytest.raises(ValueError, match="is not the store's"):
+        dist.compute_store(store, nngp, images, progress=False)
+
+
+def test_a_spec_builds_a_network_from_its_own_factory(tmp_path):
+    import reference_full
+
+    sizes = {"n_train": 4, "n_val": 2, "n_test": 0}
+    spec = dist.ArchitectureSpec.from_name("small_pooled", factory=_small_pooled_net, pool=4)
+    assert spec.kwargs == {"var_weight": 2.0, "pool": 4} and spec.build().layers[2].kernel_size == 4
+    path, _, images = _store_of(tmp_path, spec, sizes)
+    arch = reference_full.describe(_small_pooled_net(pool=4))
+    with KernelStore.open(path) as store:
+        assert store.meta.architecture == "small_pooled" and store.read("Ktx").shape == (0, 4)
+        np.testing.assert_allclose(store.read("Kxx"), reference_full.kernel(arch, images["train"]), rtol=1e-10)
+        np.testing.assert_allclose(
+            store.read("Kvx"), reference_full.kernel(arch, images["val"], images["train"]), rtol=1e-10
+        )
+    with pytest.raises(ValueError, match="small_pooled takes no argument"):
+        dist.ArchitectureSpec.from_name("small_pooled", factory=_small_pooled_net, depth=3)
+    with pytest.raises(ValueError, match="get must be one of nngp, ntk"):
+        dist.ArchitectureSpec.from_name("convnet_gp", get="cov")
+    with pytest.raises(ValueError, match="'get' is the kernel's kind"):
+        dist.ArchitectureSpec("convnet_gp", {"get": "ntk"})

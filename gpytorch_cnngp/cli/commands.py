@@ -78,11 +78,14 @@ def _load_data(args: argparse.Namespace, sizes: dict[str, int]) -> tuple[dict, d
     return images, labels, checksums
 
 
-def _spec_and_meta(config: str, args: argparse.Namespace, sizes: dict[str, int], checksums: dict) -> tuple:
-    spec = ArchitectureSpec.from_name(config)
+def _spec_and_meta(
+    config: str | ArchitectureSpec, args: argparse.Namespace, sizes: dict[str, int], checksums: dict
+) -> tuple:
+    """The spec of ``config`` (a configuration name, or a spec as it is) and the metadata of its store."""
+    spec = config if isinstance(config, ArchitectureSpec) else ArchitectureSpec.from_name(config)
     meta = StoreMeta(
-        architecture=config,
-        hyperparameters=spec.kwargs,
+        architecture=spec.name,
+        hyperparameters=spec.hyperparameters,
         dtype=args.dtype,
         dataset=args.dataset,
         split=args.split,
@@ -99,7 +102,7 @@ def _check_device(args: argparse.Namespace) -> None:
 
 
 def _compute(
-    config: str,
+    config: str | ArchitectureSpec,
     args: argparse.Namespace,
     sizes: dict[str, int],
     out: Path,
@@ -108,6 +111,8 @@ def _compute(
 ) -> dict[str, Any]:
     """Compute (or resume) the kernel store of one configuration; return what the results table needs.
 
+    :param config: a configuration name, or an :class:`ArchitectureSpec` (a network outside ``ARCHITECTURES``, the
+        NTK).
     :param data: the split as :func:`_load_data` gives it (default: loaded here).
     """
     _check_device(args)

@@ -35,7 +35,7 @@ def _block_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespac
     """
     size = tuple(np.shape(images["train"])[-2:])
     device = resolve_device(args.device)
-    return choose(args.backend, spec.cached(), size, getattr(torch, args.dtype), device, n_pairs)
+    return choose(args.backend, spec.cached(), size, getattr(torch, args.dtype), device, n_pairs, ntk=spec.get == "ntk")
 
 
 def _check_backend(spec: ArchitectureSpec, images: dict, args: argparse.Namespace, n_pairs: int) -> None:
