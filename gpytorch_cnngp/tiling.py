@@ -35,11 +35,14 @@ class NetworkInfo:
     :ivar requirements: :class:`~gpytorch_cnngp.state.Requirements` (the full spatial path).
     :ivar largest: the largest map area of one pair (squared on the full path).
     :ivar trace_area: the total area of the recorded self-trace slots of one image.
+    :ivar local_largest: the largest same-location map area (what a backend that keeps a pair's spatial maps
+        in per-thread buffers holds per pair: its repacked traces).
     """
 
     requirements: Requirements
     largest: int
     trace_area: int
+    local_largest: int = 0
 
 
 _NETWORKS: OrderedDict[tuple, NetworkInfo] = OrderedDict()
@@ -64,11 +67,11 @@ def network_info(model: Layer, size: tuple[int, int]) -> NetworkInfo:
         model, torch.empty(*size, 1, 1, device=meta), Hyper.of(model, torch.float32, meta), requirements=requirements
     )
     areas = [t.shape[0] * t.shape[1] for t in trace]
-    largest = max([size[0] * size[1], *areas])
+    largest = local_largest = max([size[0] * size[1], *areas])
     if requirements.full:  # maps [H, W, H, W] up to the last pooling layer, or [H, W, offsets] (either path)
         plan = requirements.offset_plan(model, size)
         largest = max(largest * largest, 0 if plan is None else plan.largest)
-    info = NetworkInfo(requirements, largest, sum(areas))
+    info = NetworkInfo(requirements, largest, sum(areas), local_largest)
     _NETWORKS[key] = info
     if len(_NETWORKS) > 32:
         _NETWORKS.popitem(last=False)
@@ -132,7 +135,7 @@ def estimate_tile_size(
     factor = runner.workspace_factor
     if grad:
         factor += runner.grad_workspace_per_layer * sum(1 for _ in model.kernel_layers())
-    pair_bytes = info.largest * item * factor
+    pair_bytes = runner.pair_area(info) * item * factor
     free = budget - trace_bytes
     max_pairs = free // pair_bytes if free > 0 else 0
     if max_pairs < 1:

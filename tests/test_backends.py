@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpytorch_cnngp import AvgPool2d, CNNGPKernel, Conv2d, Dense, Elementwise, Erf, ReLU, Sequential, gram, settings
+from gpytorch_cnngp import (
+    AvgPool2d,
+    CNNGPKernel,
+    Conv2d,
+    Dense,
+    Elementwise,
+    Erf,
+    ReLU,
+    Sequential,
+    Sum,
+    gram,
+    settings,
+)
 from gpytorch_cnngp.backends import Eager, Inductor, Native, choose, native, resolve
 
 CPU, F32, F64 = torch.device("cpu"), torch.float32, torch.float64
@@ -45,7 +57,7 @@ def test_the_removed_compile_keyword_is_refused_as_unknown():
 
 def test_explicit_backends_that_cannot_run_the_network_name_the_layer():
     x = _images(3, 1)
-    pooled = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
+    pooled = Sequential(Conv2d(3), ReLU(), Sum([Sequential(), AvgPool2d(3, stride=1, padding=1)]), Dense())
     with pytest.raises(ValueError, match=r"backend='native' cannot run this network here: the network has AvgPool2d"):
         gram(pooled, x, backend="native")
     with pytest.raises(ValueError, match=r"backend='native' cannot run this network here: the network has Erf"):
@@ -74,7 +86,11 @@ def test_auto_falls_back_quietly_and_gradients_run_where_they_can():
     # gradients with respect to the images: always eager
     assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True, input_grad=True) is Eager
     pooled = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
-    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9) is Eager  # full maps: eager beats torch.compile
+    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9) is Native
+    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9, grad=True) is Eager  # its gradients run eagerly
+    assert "without pooling" in Native.unsupported(pooled, (6, 6), F32, CPU, grad=True)
+    inside = Sequential(Conv2d(3), ReLU(), Sum([Sequential(), AvgPool2d(3, stride=1, padding=1)]), Dense())
+    assert choose("auto", inside, (6, 6), F32, CPU, 10**9) is Eager  # full maps: eager beats torch.compile
     with settings.compile_mode("off"):
         assert choose("auto", model, (6, 6), F32, CPU, 10**9) is Eager
         assert choose("native", model, (6, 6), F32, CPU, 1) is Native  # an explicit backend beats the setting

@@ -204,17 +204,22 @@ def test_hyperparameters_are_read_at_call_time():
     assert not torch.allclose(before, after)
 
 
-def test_lowering_supports_only_same_location_relu_networks():
+def test_lowering_supports_relu_networks_and_pools_outside_sums():
     assert native.lower(MODELS["sums"][0], (7, 7)) is not None
     assert native.lower(Sequential(Conv2d(3), Erf(), Dense()), (6, 6)) is None
-    assert native.lower(Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense()), (6, 6)) is None
+    assert native.lower(Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense()), (6, 6)).pooled
+    inside = Sequential(Conv2d(3), Sum([Sequential(), AvgPool2d(3, stride=1, padding=1)]), Dense())
+    assert native.lower(inside, (6, 6)) is None
+    assert "AvgPool2d (a pooling layer inside a branch of a Sum" in native.unsupported(inside, (6, 6))
+    # the reverse mode runs same-location networks only: pooled networks' gradients run eagerly
+    assert native.lower(Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense()), (6, 6), reuse=False) is None
 
 
 def test_register_allocation_reuses_registers():
     """A ResNet-32 GP has 70 maps per pair but only a handful live at once."""
     program = native.lower(architectures.resnet32_gp(), (28, 28))
     code = program.code
-    assert code.shape[1] == 19
+    assert code.shape[1] == 22
     assert program.n_regs <= 4
     # only the first convolution reads the input's NTK map, which is zero, so only it carries that flag
     flagged = (code[:, 18] & 1).nonzero().flatten().tolist()
@@ -431,7 +436,7 @@ def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
     lib = native._build_and_load()
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].startswith("cnngp_native_") and built[0].endswith(".so")
-    assert lib.cnngp_fields() == 19
+    assert lib.cnngp_fields() == 22
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "building the native CPU kernel" in said[0] and str(tmp_path) in said[0]
     native._build_and_load()  # loads the cached file, builds nothing new
@@ -474,12 +479,21 @@ def test_experiment_blocks_use_it_by_default_on_cpu(monkeypatch, spy):
     spy.clear()
     compute_block(spec, x, (0, 5), x, (3, 9), dtype="float64", backend="eager")
     assert not spy
-    # networks it cannot run stay eager under backend="auto" (not torch.compile)
+    # pooled networks too
     pooled = ArchitectureSpec.from_name("pooled_cnn_gp", image_size=8)
-    assert not native_ready(pooled.cached(), (8, 8), F64)
+    assert native_ready(pooled.cached(), (8, 8), F64)
+    spy.clear()
+    values, _, _ = compute_block(pooled, x, (0, 4), x, (0, 9), dtype="float64", backend="auto")
+    reference = gram(pooled.cached(), torch.from_numpy(x[:4]), torch.from_numpy(x), backend="eager")
+    torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
+    assert spy
+    # networks it cannot run stay eager under backend="auto" (not torch.compile)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
-    values, _, _ = compute_block(pooled, x, (0, 3), x, (0, 3), dtype="float64", backend="auto")
-    reference = gram(pooled.cached(), torch.from_numpy(x[:3]), backend="eager")
+    spy.clear()
+    small = ArchitectureSpec.from_name("convnet_gp", image_size=8, depth=1, kernel_size=3)
+    with settings.native(False):
+        values, _, _ = compute_block(small, x, (0, 3), x, (0, 3), dtype="float64", backend="auto")
+    reference = gram(small.cached(), torch.from_numpy(x[:3]), backend="eager")
     torch.testing.assert_close(torch.from_numpy(values), reference, rtol=1e-12, atol=0.0)
     assert not spy
     monkeypatch.setenv("CNNGP_NATIVE", "0")

@@ -81,6 +81,12 @@ class Backend:
     grad_workspace_per_layer: ClassVar[int] = 0
 
     @classmethod
+    def pair_area(cls, info) -> int:
+        """Entries of the largest map one pair of a tile holds (a :class:`~gpytorch_cnngp.tiling.NetworkInfo`
+        gives the map sizes); :attr:`workspace_factor` copies of it are budgeted per pair."""
+        return info.largest
+
+    @classmethod
     def unsupported(
         cls,
         model: Layer,

@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 
 from .. import settings
-from ..layers import Conv2d, Dense, Layer, LeakyReLU, ReLU, Sequential, Sum
+from ..layers import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d, Layer, LeakyReLU, ReLU, Sequential, Sum
 from ..ops import relu_derivative_poly_coefficients, relu_poly_coefficients
 from ..passes import pair_block, self_pass, spatial_first
-from ..state import Hyper
+from ..state import Hyper, SpatialPlan
 from .base import Backend, BlockFn, SelfFn, SelfTerms, VjpFn
 
 __all__ = [
@@ -76,8 +76,8 @@ _FLAGS = [
 ]
 #: pairs per block (512 bits of lanes: one AVX-512 vector, or two AVX2 ones), as compiled into native_kernel.cpp
 LANES = {torch.float32: 16, torch.float64: 8}
-_OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT = range(5)
-_FIELDS = 19
+_OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT, _OP_ZERO, _OP_POOL = range(7)
+_FIELDS = 22
 _NTK_IN_ZERO = 1  # instruction flag: the source's NTK map is the input's (zero)
 
 
@@ -101,6 +101,11 @@ class _Instr:
     param: int = -1  # index of the instruction's first value in the parameter vector
     slot: int = -1  # trace slot of a nonlinearity
     flags: int = 0
+    # a spatial offset's map (see native_kernel.cpp): where the first and second image's values start, and the
+    # row length of the map they come from (-1: the instruction's input width, the same-location map)
+    xoff: int = 0
+    zoff: int = 0
+    full_w: int = -1
 
 
 @dataclass
@@ -112,13 +117,15 @@ class NativeProgram:
     a variance needs no new program).
     """
 
-    code: Tensor  # int32 [n_instr, 19]
+    code: Tensor  # int32 [n_instr, 22]
     n_regs: int
+    reg_off: Tensor  # int64 [n_regs + 1]: each register's first position
     reg_area: int
     tmp_area: int
     slot_areas: list[int]  # positions of each nonlinearity's trace, in slot order
     params: list[tuple[Layer | None, str | float, int]]
     slopes: list[tuple[Layer, float]]  # the negative slopes whose constants are in params (see _memoised)
+    pooled: bool = False  # spatial offsets (a pooled network): no self pass or gradients in the kernel
     # parameter_vector's gather per (hyperparameter list, dtype), and its last result (one call asks for it
     # once for the self terms and once for the pairs)
     _gathers: dict = field(default_factory=dict, repr=False, compare=False)
@@ -297,10 +304,268 @@ def _needs_full(model: Layer) -> str | None:
     return _describe(pooling, "it needs covariances between positions, which the native kernel lacks")
 
 
+_POOLS = (AvgPool2d, GlobalAvgPool2d)
+
+
+def _flat(layer: Layer) -> list[Layer]:
+    """The layers of ``layer`` in series, nested :class:`Sequential` containers opened."""
+    if type(layer) is Sequential:
+        return [inner for child in layer.layers for inner in _flat(child)]
+    return [layer]
+
+
+def _rect(d: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where offset ``d``'s map lies in a ``size`` map: the first position ``p`` with ``p`` and ``p + d`` both
+    inside, and the rectangle's height and width (zero when the offset leaves the map)."""
+    (dy, dx), (h, w) = d, size
+    return (max(0, -dy), max(0, -dx)), (max(0, h - abs(dy)), max(0, w - abs(dx)))
+
+
+def _offset_in(layer: Layer, d: tuple[int, int]) -> tuple[int, int]:
+    """The one input offset a layer that does not pool reads for its output offset ``d``."""
+    if type(layer) is Sequential:
+        for child in reversed(layer.layers):
+            d = _offset_in(child, d)
+        return d
+    if type(layer) is Sum:
+        found = {_offset_in(branch, d) for branch in layer.branches}
+        if len(found) != 1:  # pragma: no cover - branches of one Sum have the same strides (their sizes agree)
+            raise Unsupported(_describe(layer, "branches that move offsets differently"))
+        return found.pop()
+    if type(layer) is Conv2d:
+        s = layer.window.stride
+        return s * d[0], s * d[1]
+    if type(layer) is Dense:
+        return 0, 0
+    return d
+
+
+class _PooledLowering(_Lowering):
+    """A pooled network lowered to maps of spatial offsets (see :class:`gpytorch_cnngp.state.SpatialPlan`).
+
+    Between two pooling layers each offset ``d`` evolves on its own through the same window sums and
+    nonlinearities as the same-location map, on the rectangle of positions ``p`` with ``p`` and ``p + d``
+    inside the map: a window sum on that rectangle with zeros outside it is the convolution (outside lie the
+    padding of either image), with its padding moved by the rectangles' corners. So the program runs, stage by
+    stage, each offset the next pooling layer reads through the stage's layers and adds it at once into that
+    pool's output offsets (``OP_POOL``: for an average pool's offset ``D`` and tap difference ``e = d - s D``, a
+    window of the ``k - |e|`` taps ``a`` with ``a + e`` in the window too), which are the next stage's inputs.
+    One offset's maps live only while it runs, so a block holds the pools' outputs and one offset's maps.
+    """
+
+    def __init__(self, model: Layer, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+        self.layers = _flat(model)
+        self.plan = SpatialPlan(model, size)
+        self.slots: dict[tuple, int] = {}
+        self.constants: dict[float, int] = {}
+        self._assign_slots(model, size, ())
+
+    def _assign_slots(self, layer: Layer, size: tuple[int, int], path: tuple) -> tuple[int, int]:
+        """Trace slots in the self pass's order (one per nonlinearity in the tree), keyed by the layer's path."""
+        if type(layer) is Sequential:
+            for k, child in enumerate(layer.layers):
+                size = self._assign_slots(child, size, (*path, k))
+            return size
+        if type(layer) is Sum:
+            for k, branch in enumerate(layer.branches):
+                out = self._assign_slots(branch, size, (*path, k))
+            return out
+        if type(layer) in (ReLU, LeakyReLU):
+            self.slots[path] = len(self.slot_areas)
+            self.slot_areas.append(size[0] * size[1])
+        return layer.out_size(size)
+
+    def constant(self, value: float) -> int:
+        if value not in self.constants:
+            self.constants[value] = self.param((None, value, 1))
+        return self.constants[value]
+
+    def program(self) -> NativeProgram:
+        layers, size = self.layers, self.size
+        sizes = [size]
+        for layer in layers:
+            sizes.append(layer.out_size(sizes[-1]))
+        wants = self.plan.chain(layers, size, None)  # the offsets each layer's output carries
+        paths = _top_paths(self.model)
+        source: dict[tuple[int, int], int] | None = None  # None: the images
+        start, last = 0, -1
+        while start <= len(layers):
+            stop = next((k for k in range(start, len(layers)) if isinstance(layers[k], _POOLS)), len(layers))
+            local = list(zip(layers[start:stop], paths[start:stop], sizes[start:stop], strict=True))
+            if stop == len(layers):  # the readout: offset (0, 0) of a 1x1 map
+                last = self._chain(local, (0, 0), sizes[start], source)
+                break
+            pool, pool_in, pool_out = layers[stop], sizes[stop], sizes[stop + 1]
+            targets = self.plan.needed(pool, pool_in, wants[stop])
+            outputs = [(0, 0)] if wants[stop] is None else list(wants[stop].offsets)
+            accs = {}
+            for big_d in outputs:
+                hw = _rect(big_d, pool_out)[1]
+                accs[big_d] = self.new_reg(hw)
+                self.instrs.append(_Instr(_OP_ZERO, accs[big_d], in_hw=hw, out_hw=hw))
+            for d in [(0, 0)] if targets is None else targets.offsets:
+                reg = self._chain(local, d, sizes[start], source)
+                if reg is not None:
+                    self._pool(pool, reg, d, pool_in, pool_out, accs)
+            source, start = accs, stop + 1
+            if start == len(layers):  # a network that ends with its pool
+                last = accs[(0, 0)]
+                break
+        self.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
+        code, n_regs, reg_off = _allocate(self, True, uniform=False)
+        sizes_ = (reg_off[1:] - reg_off[:-1]).tolist()
+        return NativeProgram(
+            code,
+            n_regs,
+            reg_off,
+            max(sizes_),
+            max(self.tmp_area, 1),
+            self.slot_areas,
+            self.params,
+            self.slopes,
+            pooled=True,
+        )
+
+    def _chain(self, local, d: tuple[int, int], size: tuple[int, int], source) -> int | None:
+        """Offset ``d`` of the last of ``local`` (layers in series, from ``size`` maps), from the stage's input:
+        the images (``source`` None) or the previous pool's outputs. ``None`` for a map outside the rectangle
+        of positions (it only meets padding)."""
+        outs = [d] if local else []
+        for layer, _, _ in reversed(local[1:]):
+            outs.append(_offset_in(layer, outs[-1]))
+        outs.reverse()
+        first = _offset_in(local[0][0], outs[0]) if local else d
+        origin, hw = _rect(first, size)
+        if hw[0] == 0 or hw[1] == 0:
+            reg = None
+        elif source is None:
+            reg = self.new_reg(hw)
+            w = size[1]
+            xoff = origin[0] * w + origin[1]
+            zoff = (origin[0] + first[0]) * w + origin[1] + first[1]
+            self.instrs.append(_Instr(_OP_INPUT, reg, in_hw=hw, out_hw=hw, xoff=xoff, zoff=zoff))
+            self.zero_ntk.add(reg)
+        else:
+            reg = source.get(first)
+        for (layer, path, in_size), out in zip(local, outs, strict=True):
+            reg = self._emit_offset(layer, path, reg, out, in_size)
+        return reg
+
+    def _emit_offset(self, layer: Layer, path: tuple, reg: int | None, d: tuple[int, int], size: tuple[int, int]):
+        """Emit ``layer`` for its output offset ``d`` from ``reg``, its input map at the offset it reads."""
+        if type(layer) is Sequential:
+            children = list(layer.layers)
+            outs = [d] if children else []
+            for child in reversed(children[1:]):
+                outs.append(_offset_in(child, outs[-1]))
+            outs.reverse()
+            for k, (child, out) in enumerate(zip(children, outs, strict=True)):
+                reg = self._emit_offset(child, (*path, k), reg, out, size)
+                size = child.out_size(size)
+            return reg
+        out_size = layer.out_size(size)
+        origin, hw = _rect(d, out_size)
+        if type(layer) is Sum:
+            regs = [self._emit_offset(b, (*path, k), reg, d, size) for k, b in enumerate(layer.branches)]
+            total = regs[0]
+            for other in regs[1:]:
+                dst = self.new_reg(hw)
+                self.instrs.append(_Instr(_OP_ADD, dst, total, other, hw, hw))
+                if total in self.zero_ntk and other in self.zero_ntk:
+                    self.zero_ntk.add(dst)
+                total = dst
+            return total
+        if type(layer) in (Conv2d, Dense):
+            d_in = _offset_in(layer, d)
+            in_origin, in_hw = _rect(d_in, size)
+            if reg is None:
+                in_hw = (0, 0)
+            if type(layer) is Conv2d:
+                win, k2 = layer.window, layer.kernel_size * layer.kernel_size
+                s = win.stride
+                pt = win.pad_before + in_origin[0] - s * origin[0]
+                pl = win.pad_before + in_origin[1] - s * origin[1]
+                geometry = (win.size, win.size, s, s, win.dilation, win.dilation, pt, pl)
+            else:
+                k2 = size[0] * size[1]
+                geometry = (size[0], size[1], 1, 1, 1, 1, 0, 0)
+            dst = self.new_reg(hw)
+            self.tmp_area = max(self.tmp_area, (in_hw[0] + 1) * hw[1], (hw[0] + 1) * in_hw[1])
+            p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
+            flags = _NTK_IN_ZERO if reg is None or reg in self.zero_ntk else 0
+            source = dst if reg is None else reg  # an empty map is never read
+            self.instrs.append(_Instr(_OP_CONV, dst, source, -1, in_hw, hw, geometry, p, flags=flags))
+            return dst
+        if type(layer) in (ReLU, LeakyReLU):
+            dst = self.new_reg(hw)
+            alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
+            if type(layer) is LeakyReLU:
+                self.slopes.append((layer, alpha))
+            p = self.param(
+                (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
+            )
+            w = size[1]
+            xoff = origin[0] * w + origin[1]
+            zoff = (origin[0] + d[0]) * w + origin[1] + d[1]
+            self.instrs.append(
+                _Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=self.slots[path], xoff=xoff, zoff=zoff, full_w=w)
+            )
+            if reg in self.zero_ntk:
+                self.zero_ntk.add(dst)
+            return dst
+        raise Unsupported(_describe(layer, "a layer the native kernel does not implement"))
+
+    def _pool(self, pool: Layer, reg: int, d, in_size, out_size, accs: dict) -> None:
+        """Add offset ``d``'s map (``reg``) into each output offset of ``pool`` that reads it."""
+        in_origin, in_hw = _rect(d, in_size)
+        if type(pool) is GlobalAvgPool2d:
+            area = in_size[0] * in_size[1]
+            p = self.constant(1.0 / (area * area))
+            geometry = (in_hw[0], in_hw[1], 1, 1, 1, 1, 0, 0)
+            self.tmp_area = max(self.tmp_area, in_hw[0] + 1, 2 * in_hw[1])
+            self.instrs.append(_Instr(_OP_POOL, accs[(0, 0)], reg, -1, in_hw, (1, 1), geometry, p))
+            return
+        k, s, pad = pool.kernel_size, pool.stride, pool.padding
+        p = self.constant(1.0 / k**4)
+
+        def candidates(n: int) -> range:  # output offsets D with |n - s D| < k
+            return range(-((k - 1 - n) // s), (n + k - 1) // s + 1)
+
+        for big_y in candidates(d[0]):
+            for big_x in candidates(d[1]):
+                big_d = (big_y, big_x)
+                if big_d not in accs:
+                    continue
+                ey, ex = d[0] - s * big_y, d[1] - s * big_x
+                origin, hw = _rect(big_d, out_size)
+                pt = pad + in_origin[0] - s * origin[0] - max(0, -ey)
+                pl = pad + in_origin[1] - s * origin[1] - max(0, -ex)
+                geometry = (k - abs(ey), k - abs(ex), s, s, 1, 1, pt, pl)
+                self.tmp_area = max(self.tmp_area, (in_hw[0] + 1) * hw[1], (hw[0] + 1) * in_hw[1])
+                self.instrs.append(_Instr(_OP_POOL, accs[big_d], reg, -1, in_hw, hw, geometry, p))
+
+
+def _top_paths(model: Layer) -> list[tuple]:
+    """The tree path of each of :func:`_flat`'s layers (as :meth:`_PooledLowering._assign_slots` keys them)."""
+    if type(model) is not Sequential:
+        return [()]
+    out = []
+    for k, child in enumerate(model.layers):
+        out += [(k, *sub) for sub in _top_paths(child)]
+    return out
+
+
 def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram:
-    reason = _needs_full(model)
-    if reason is not None:
-        raise Unsupported(reason)
+    if model.needs_full():
+        reason = unsupported(model, size)
+        if reason is not None:
+            raise Unsupported(reason)
+        if not reuse:
+            reason = _needs_full(model).replace("which the native kernel lacks", "whose gradients run eagerly")
+            raise Unsupported(reason)
+        return _PooledLowering(model, tuple(size)).program()
     low = _Lowering()
     first = low.new_reg(size)
     low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
@@ -311,8 +576,10 @@ def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool =
     low.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
     if fuse:
         low.instrs = _fuse_sums(low.instrs)
-    code, n_regs = _allocate(low, reuse)
-    return NativeProgram(code, n_regs, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params, low.slopes)
+    code, n_regs, reg_off = _allocate(low, reuse)
+    return NativeProgram(
+        code, n_regs, reg_off, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params, low.slopes
+    )
 
 
 def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram | None:
@@ -332,12 +599,14 @@ def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = 
 
 def unsupported(model: Layer, size: tuple[int, int]) -> str | None:
     """Why the native kernel cannot run ``model`` (naming the first layer it lacks), or ``None`` if it can."""
-    reason = _needs_full(model)
-    if reason is not None:
-        return reason
-    for layer in model.kernel_layers():  # the layers _Lowering.emit knows
-        if not isinstance(layer, (Sequential, Sum)) and type(layer) not in (Conv2d, Dense, ReLU, LeakyReLU):
+    for layer in model.kernel_layers():  # the layers _Lowering.emit and _PooledLowering know
+        if not isinstance(layer, (Sequential, Sum)) and type(layer) not in (Conv2d, Dense, ReLU, LeakyReLU, *_POOLS):
             return _describe(layer, "a layer the native kernel does not implement")
+    if model.needs_full():
+        for top in _flat(model):
+            if not isinstance(top, _POOLS) and top.needs_full():
+                pool = next(x for x in top.kernel_layers() if isinstance(x, _POOLS))
+                return _describe(pool, "a pooling layer inside a branch of a Sum, which the native kernel lacks")
     return None
 
 
@@ -361,41 +630,73 @@ def _memoised(
     return program
 
 
-def _allocate(low: _Lowering, reuse: bool = True) -> tuple[Tensor, int]:
+def _allocate(low: _Lowering, reuse: bool = True, uniform: bool = True) -> tuple[Tensor, int, Tensor]:
     """Assign physical registers by linear scan: a register is reused once its last reader has run
-    (``reuse=False``: every map keeps its own register)."""
+    (``reuse=False``: every map keeps its own register). ``uniform``: every register as large as the largest
+    map (the reverse mode's layout); else each as large as the largest map it holds, a free register of the
+    right size preferred (the many small maps of a pooled network's offsets). Returns the instructions, the
+    register count and each register's first position."""
     last_use: dict[int, int] = {}
     for k, ins in enumerate(low.instrs):
-        for r in (ins.a, ins.b):
+        for r in (ins.a, ins.b, ins.dst if ins.op == _OP_POOL else -1):
             if r >= 0:
                 last_use[r] = k
     phys: dict[int, int] = {}
-    free: list[int] = []
-    n_phys = 0
+    capacity: list[int] = []
+    free: dict[int, list[int]] = {}  # capacity -> free registers (uniform: all under one key)
+
+    def take(area: int) -> int:
+        key = 0 if uniform else area
+        if free.get(key):
+            return free[key].pop()
+        larger = [c for c, regs in free.items() if regs and c >= key]
+        if larger:
+            return free[min(larger)].pop()
+        smaller = [c for c, regs in free.items() if regs]
+        if smaller:
+            return free[max(smaller)].pop()
+        capacity.append(0)
+        return len(capacity) - 1
+
+    def release(reg: int) -> None:
+        free.setdefault(0 if uniform else capacity[reg], []).append(reg)
+
     rows = []
     for k, ins in enumerate(low.instrs):
         dst = -1
-        if ins.dst >= 0:
+        if ins.op == _OP_POOL:  # adds to its destination, made by an OP_ZERO
+            dst = phys[ins.dst]
+        elif ins.dst >= 0:
+            area = low.areas[ins.dst]
             if reuse and ins.op == _OP_NONLIN and last_use.get(ins.a) == k:
                 dst = phys[ins.a]  # in place
-                phys[ins.dst] = dst
-            elif free and reuse:
-                dst = free.pop()
+            elif reuse:
+                dst = take(area)
             else:
-                dst, n_phys = n_phys, n_phys + 1
+                capacity.append(0)
+                dst = len(capacity) - 1
+            capacity[dst] = max(capacity[dst], area)
             phys[ins.dst] = dst
         a = phys[ins.a] if ins.a >= 0 else -1
         b = phys[ins.b] if ins.b >= 0 else -1
-        for r in {ins.a, ins.b} - {-1}:
-            if last_use.get(r) == k and phys[r] != dst:
-                free.append(phys[r])
+        for r in {ins.a, ins.b, ins.dst if ins.op == _OP_POOL else -1} - {-1}:
+            if last_use.get(r) == k and (phys[r] != dst or ins.op == _OP_POOL and r == ins.dst):
+                release(phys[r])
         if ins.dst >= 0 and ins.dst not in last_use and ins.op != _OP_OUTPUT:
-            free.append(dst)  # never read (cannot happen for a connected network)
+            release(dst)  # never read (cannot happen for a connected network)
         kh, kw, sh, sw, dh, dw, pt, pl = ins.window
+        full_w = ins.in_hw[1] if ins.full_w < 0 else ins.full_w
         rows.append(
             [ins.op, dst, a, b, *ins.in_hw, *ins.out_hw, kh, kw, sh, sw, dh, dw, pt, pl, ins.param, ins.slot, ins.flags]
+            + [ins.xoff, ins.zoff, full_w]
         )
-    return torch.tensor(rows, dtype=torch.int32), max(n_phys, 1)
+    n_phys = max(len(capacity), 1)
+    if uniform:
+        sizes = [max(low.areas)] * n_phys
+    else:
+        sizes = [max(c, 1) for c in capacity] or [1]
+    reg_off = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+    return torch.tensor(rows, dtype=torch.int32), n_phys, reg_off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +816,7 @@ def _build_and_load() -> ctypes.CDLL:
 
 
 def _self_test(lib: ctypes.CDLL) -> None:
-    """Check the freshly loaded kernel against the eager float64 path on a tiny network that uses
+    """Check the freshly loaded kernel against the eager float64 path on tiny networks that use
     every instruction (a compiler that miscompiles the kernel must not give wrong kernels)."""
     model = Sequential(
         Conv2d(3, stride=2, var_bias=0.2),
@@ -527,6 +828,16 @@ def _self_test(lib: ctypes.CDLL) -> None:
     gen = torch.Generator().manual_seed(0)
     images = spatial_first(torch.rand(5, 2, 7, 7, generator=gen, dtype=torch.float64))
     program, fused = lower(model, (7, 7)), lower(model, (7, 7), fuse=True)
+    pooled_model = Sequential(
+        Conv2d(3, stride=2, var_bias=0.2),
+        LeakyReLU(0.1),
+        AvgPool2d(2, stride=1),
+        Conv2d(2),
+        ReLU(),
+        GlobalAvgPool2d(),
+        Dense(var_bias=0.1),
+    )
+    pooled = lower(pooled_model, (7, 7))
     for dtype in LANES:
         hyper = Hyper.of(model, dtype, "cpu")
         x = images.to(dtype)
@@ -553,6 +864,18 @@ def _self_test(lib: ctypes.CDLL) -> None:
         own = self_terms(lib, fused, params, x, 2, final=True)[2]
         if not torch.allclose(own, want_self, rtol=tol, atol=0.0):
             raise RuntimeError(f"its self-test failed in {dtype} for the images' own values")
+        # spatial offsets: a strided window, a pool that overlaps, a global pool
+        params = pooled.parameter_vector(pooled_hyper := Hyper.of(pooled_model, dtype, "cpu"), dtype)
+        with torch.no_grad():
+            trace, _ = self_pass(pooled_model, x, pooled_hyper)
+            tx, tz = [t[..., :2] for t in trace], [t[..., 2:] for t in trace]
+            want = pair_block(pooled_model, x[..., :2], x[..., 2:], tx, tz, pooled_hyper, ntk=True)
+        got = run_block(lib, pooled, params, x[..., :2], x[..., 2:], tx, tz, 2, ntk=True)
+        if not torch.allclose(got, want, rtol=tol, atol=0.0):
+            raise RuntimeError(
+                f"its self-test failed in {dtype} for a pooled network (largest difference "
+                f"{float((got - want).abs().max()):.3g})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,7 +1026,7 @@ class _Packed:
     def arguments(self) -> tuple:
         p = self.program
         return (
-            _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs,
+            _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs, _ptr(p.reg_off),
             _ptr(self.xs), _ptr(self.zs), self.h, self.w, self.c, self.n1, self.padded,
             _ptr(self.tx), _ptr(self.tz), _ptr(self.offsets), self.n_trace,
             _ptr(self.params), _ptr(self.coefs), _ptr(self.dcoefs), len(self.coefs), len(self.dcoefs),
@@ -726,6 +1049,8 @@ def self_terms(
     ``[n]`` (``[2, n]`` with ``ntk``: NNGP, NTK), else ``None``. (The engine takes the images' own values from
     :func:`~gpytorch_cnngp.passes.self_pass`, so that the diagonal of ``K(X, X)`` is the same whatever the
     backend; these agree with them to rounding.)"""
+    if program.pooled:  # pragma: no cover - Native.self_fn leaves pooled networks to the eager self pass
+        raise ValueError("the native self pass runs same-location networks only")
     dtype, lanes = x.dtype, LANES[x.dtype]
     h, w, c, n = x.shape
     n_trace = sum(program.slot_areas)
@@ -740,7 +1065,7 @@ def self_terms(
     images, offsets = _pack_right(x, lanes), p.slot_offsets  # held until the call returns
     fn = lib.cnngp_self_f64 if dtype == torch.float64 else lib.cnngp_self_f32
     status = fn(
-        _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs, _ptr(images), h, w, c, n,
+        _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs, _ptr(p.reg_off), _ptr(images), h, w, c, n,
         _ptr(offsets), n_trace, _ptr(params), _ptr(coefs), _ptr(dcoefs), len(coefs), len(dcoefs),
         _ptr(tx) if left else None, _ptr(tz) if right else None, _ptr(own) if final else None, int(ntk),
         int(n_threads),
@@ -786,7 +1111,7 @@ def _check(status: int) -> None:
         raise RuntimeError(
             f"the native kernel failed with status {status} (2: bad block shape, 3: out of memory, "
             "4: bad coefficients, 5: no gradients of the NTK, 6: a fused sum in a program for the NTK or the "
-            "gradients)"
+            "gradients, 7: no gradients of a pooled network)"
         )
 
 
@@ -807,9 +1132,16 @@ class Native(Backend):
     cpu_tile = 256
 
     @classmethod
+    def pair_area(cls, info) -> int:
+        # per pair only the repacked traces: the spatial offsets' maps live in each thread's registers
+        return info.local_largest or info.largest
+
+    @classmethod
     def unsupported(cls, model, size, dtype, device, ntk=False, grad=False) -> str | None:
         if grad and ntk:
             return "its gradients cover the NNGP, not the NTK"
+        if grad and model.needs_full():
+            return "its gradients cover networks without pooling"
         if torch.device(device).type != "cpu":
             return f"it runs on CPUs only, not {device}"
         if dtype not in LANES:
@@ -824,9 +1156,11 @@ class Native(Backend):
         return None
 
     @classmethod
-    def self_fn(cls, model, size, hyper, requirements, ntk=False) -> SelfFn:
+    def self_fn(cls, model, size, hyper, requirements, ntk=False) -> SelfFn | None:
         lib = load_library()
         program = _memoised(model, size, requirements, fuse=not ntk)
+        if program.pooled:  # the eager self pass (on offset maps) gives its traces
+            return None
         threads = torch.get_num_threads()
 
         def own(x: Tensor, both: bool) -> SelfTerms:

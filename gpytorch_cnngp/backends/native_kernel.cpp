@@ -57,13 +57,18 @@ void parallel(int n_threads, F&& work) {
   for (auto& th : pool) th.join();
 }
 
-enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4 };
+enum Op : int32_t { OP_INPUT = 0, OP_CONV = 1, OP_NONLIN = 2, OP_ADD = 3, OP_OUTPUT = 4, OP_ZERO = 5, OP_POOL = 6 };
 
-// one instruction: 19 int32 fields (native.py builds them in this order)
+// one instruction: 22 int32 fields (native.py builds them in this order). A spatial offset's map covers only the
+// rectangle of positions p where both p and p + d lie inside the layer's map: an input or a nonlinearity reads
+// the first image's values from position xoff on and the second's from zoff on, rows full_w apart (the same-
+// location map: xoff = zoff = 0 and full_w = its width). OP_ZERO clears a map; OP_POOL adds a window sum
+// (scale params[param], no bias) to its destination: an average pool gathers its output offsets that way.
 struct Instr {
   int32_t op, dst, a, b, in_h, in_w, out_h, out_w, kh, kw, sh, sw, dh, dw, pt, pl, param, slot, flags;
+  int32_t xoff, zoff, full_w;
 };
-constexpr int kFields = 19;
+constexpr int kFields = 22;
 // flags: the source's NTK map is zero (the input's), so a window sum's NTK is its NNGP
 constexpr int32_t kNtkInZero = 1;
 static_assert(sizeof(Instr) == kFields * sizeof(int32_t), "Instr layout");
@@ -75,6 +80,7 @@ template <typename T>
 struct Args {
   const Instr* prog;
   int n_instr, reg_area, tmp_area, n_regs;
+  const int64_t* reg_off;  // [n_regs + 1]: each register's first position (a register's maps hold its area's)
   const T* x;  // [n1][H][W][C]
   const T* z;  // [n2 / VL][H][W][C][VL]
   int H, W, C, n1, n2;
@@ -94,27 +100,32 @@ struct Args {
 };
 
 // The input's channel mean of x_c z_c for the pairs (i, group jb), or with kSelf of z_c^2 for group jb's images.
+// A spatial offset's map (instruction ins) pairs x's positions from ins.xoff on with z's from ins.zoff on.
 template <typename T, int VL, bool kSelf = false>
-void input_map(const Args<T>& g, int i, int jb, T* __restrict dst) {
-  const int area = g.H * g.W, C = g.C;
+void input_map(const Args<T>& g, const Instr& ins, int i, int jb, T* __restrict dst) {
+  const int area = g.H * g.W, C = g.C, rows = ins.out_h, cols = ins.out_w;
   const T* xi = kSelf ? nullptr : g.x + static_cast<int64_t>(i) * area * C;
   const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
-  for (int p = 0; p < area; ++p) {
-    T* __restrict d = dst + static_cast<int64_t>(p) * VL;
-    for (int v = 0; v < VL; ++v) d[v] = T(0);
-    for (int c = 0; c < C; ++c) {
-      const T* __restrict zv = zb + (static_cast<int64_t>(p) * C + c) * VL;
-      if constexpr (kSelf) {
+  for (int r = 0; r < rows; ++r) {
+    for (int q = 0; q < cols; ++q) {
+      const int64_t p = static_cast<int64_t>(r) * cols + q;
+      const int64_t px = ins.xoff + static_cast<int64_t>(r) * g.W + q, pz = ins.zoff + static_cast<int64_t>(r) * g.W + q;
+      T* __restrict d = dst + p * VL;
+      for (int v = 0; v < VL; ++v) d[v] = T(0);
+      for (int c = 0; c < C; ++c) {
+        const T* __restrict zv = zb + (pz * C + c) * VL;
+        if constexpr (kSelf) {
 #pragma omp simd
-        for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
-      } else {
-        const T xv = xi[static_cast<int64_t>(p) * C + c];
+          for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
+        } else {
+          const T xv = xi[px * C + c];
 #pragma omp simd
-        for (int v = 0; v < VL; ++v) d[v] += xv * zv[v];
+          for (int v = 0; v < VL; ++v) d[v] += xv * zv[v];
+        }
       }
-    }
-    if (C > 1) {
-      for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
+      if (C > 1) {
+        for (int v = 0; v < VL; ++v) d[v] /= static_cast<T>(C);
+      }
     }
   }
 }
@@ -519,9 +530,17 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
 // a sum of branches done in the store (the instruction's b), the same bits as the separate sum.
 template <typename T, int VL, bool kDirect = false>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
-          const T* __restrict add = nullptr, const T* __restrict branch = nullptr) {
+          const T* __restrict add = nullptr, const T* __restrict branch = nullptr, bool accumulate = false) {
   using H = typename Lanes<T, VL>::H;
-  if (branch != nullptr) {
+  if (accumulate) {  // out += scale * sum (OP_POOL)
+    auto store = [dst, scale](int64_t at, int, H sum) {
+      H out;
+      std::memcpy(&out, dst + at, sizeof(H));
+      out += sum * scale;
+      std::memcpy(dst + at, &out, sizeof(H));
+    };
+    window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
+  } else if (branch != nullptr) {
     auto store = [dst, branch, scale, bias](int64_t at, int, H sum) {
       H out;
       std::memcpy(&out, branch + at, sizeof(H));
@@ -679,12 +698,36 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T*
 // D = 0 and h = 0 for a zero variance, else h = 1/2 (ReLU: k1 = 1, k3 = k4 = 0; leaky: (1 - alpha)^2,
 // alpha (1 - alpha), alpha^2), as ReLU/LeakyReLU.pair_derivative_map.
 template <typename T, int VL, int NR, int NA>
+void nonlin_rows(const Args<T>& g, const Instr& ins, const T* tx, const T* tz, const T* src, T* dst,
+                 const T* src_ntk, T* dst_ntk);
+
+template <typename T, int VL, int NR, int NA>
 void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* src, T* dst,
             const T* src_ntk, T* dst_ntk) {
-  const int area = ins.in_h * ins.in_w;
   const int64_t first = g.slot_offset[ins.slot];
-  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first) * 2;
-  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL;
+  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first + ins.xoff) * 2;
+  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first + ins.zoff) * 2 * VL;
+  if (ins.in_w != ins.full_w) {  // a spatial offset's rectangle: row by row, each row's traces full_w apart
+    Instr row = ins;
+    row.in_h = 1;
+    row.xoff = row.zoff = 0;
+    row.full_w = row.in_w;
+    const int64_t step = static_cast<int64_t>(ins.in_w) * VL;
+    for (int r = 0; r < ins.in_h; ++r) {
+      const int64_t at = r * step;
+      nonlin_rows<T, VL, NR, NA>(g, row, tx + static_cast<int64_t>(r) * ins.full_w * 2,
+                                 tz + static_cast<int64_t>(r) * ins.full_w * 2 * VL, src + at, dst + at,
+                                 src_ntk ? src_ntk + at : nullptr, dst_ntk ? dst_ntk + at : nullptr);
+    }
+    return;
+  }
+  nonlin_rows<T, VL, NR, NA>(g, ins, tx, tz, src, dst, src_ntk, dst_ntk);
+}
+
+template <typename T, int VL, int NR, int NA>
+void nonlin_rows(const Args<T>& g, const Instr& ins, const T* tx, const T* tz, const T* src, T* dst,
+                 const T* src_ntk, T* dst_ntk) {
+  const int area = ins.in_h * ins.in_w;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
   const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
   if (dst_ntk == nullptr) {
@@ -771,18 +814,29 @@ void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* src, T* ds
 template <typename T, int VL, int NR, int NA, bool kSelf = false>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
   // a register: the NNGP's map, then (with the NTK) the NTK's map
-  const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
-  const int64_t stride = g.ntk ? 2 * map : map;
-  auto reg = [&](int r) { return regs + r * stride; };
-  auto tangent = [&](int r) { return g.ntk ? regs + r * stride + map : nullptr; };
+  const int64_t mult = g.ntk ? 2 : 1;
+  auto reg = [&](int r) { return regs + g.reg_off[r] * mult * VL; };
+  auto tangent = [&](int r) {
+    return g.ntk ? regs + (g.reg_off[r] * 2 + (g.reg_off[r + 1] - g.reg_off[r])) * VL : nullptr;
+  };
   for (int k = 0; k < g.n_instr; ++k) {
     const Instr& ins = g.prog[k];
     const int64_t area = static_cast<int64_t>(ins.out_h) * ins.out_w * VL;
     switch (ins.op) {
       case OP_INPUT:
-        input_map<T, VL, kSelf>(g, i, jb, reg(ins.dst));
+        input_map<T, VL, kSelf>(g, ins, i, jb, reg(ins.dst));
         if (g.ntk) std::memset(tangent(ins.dst), 0, area * sizeof(T));  // the input has no parameters
         break;
+      case OP_ZERO:
+        std::memset(reg(ins.dst), 0, area * sizeof(T));
+        if (g.ntk) std::memset(tangent(ins.dst), 0, area * sizeof(T));
+        break;
+      case OP_POOL: {  // both maps pooled alike: a pool has no parameters
+        const T scale = g.params[ins.param];
+        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
+        if (g.ntk) conv<T, VL>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
+        break;
+      }
       case OP_CONV: {
         const T scale = g.params[ins.param];
         // a sum of branches in the store (b >= 0) comes only in programs without the NTK (native.py)
@@ -805,9 +859,9 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       case OP_ADD: {
         for (int part = 0; part < (g.ntk ? 2 : 1); ++part) {
-          const T* __restrict a = reg(ins.a) + part * map;
-          const T* __restrict b = reg(ins.b) + part * map;
-          T* __restrict d = reg(ins.dst) + part * map;
+          const T* __restrict a = part ? tangent(ins.a) : reg(ins.a);
+          const T* __restrict b = part ? tangent(ins.b) : reg(ins.b);
+          T* __restrict d = part ? tangent(ins.dst) : reg(ins.dst);
 #pragma omp simd
           for (int64_t e = 0; e < area; ++e) d[e] = a[e] + b[e];
         }
@@ -860,7 +914,7 @@ int run(const Args<T>& g, int n_threads) {
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&](int) {
-    const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * (g.ntk ? 2 : 1);
+    const size_t maps = static_cast<size_t>(g.reg_off[g.n_regs]) * (g.ntk ? 2 : 1);
     const size_t bytes = (maps + g.tmp_area) * VL * sizeof(T);
     const size_t rounded = (bytes + 63) / 64 * 64;
     T* mem = static_cast<T*>(std::aligned_alloc(64, rounded));
@@ -1167,6 +1221,11 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
   if (g.ntk) return 5;
   if (has_fused_sums(g)) return 6;
+  for (int k = 0; k < g.n_instr; ++k) {
+    const Instr& ins = g.prog[k];
+    if (ins.op == OP_ZERO || ins.op == OP_POOL || ins.full_w != ins.in_w || ins.xoff != 0 || ins.zoff != 0) return 7;
+  }
+  if (g.reg_off[g.n_regs] != static_cast<int64_t>(g.n_regs) * g.reg_area) return 7;
   const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
   const int64_t groups = g.n2 / VL;
   const size_t tx_size = static_cast<size_t>(g.n1) * g.n_trace;
@@ -1313,12 +1372,12 @@ int pack_traces(const Slots<T>& sl, int right, T* out, int n_threads) {
 }
 
 template <typename T>
-Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,
-                  int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,
-                  int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs, T* out,
-                  int ntk) {
-  return Args<T>{reinterpret_cast<const Instr*>(prog), n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,
-                 tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, out, ntk};
+Args<T> make_args(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const int64_t* reg_off,
+                  const T* x, const T* z, int H, int W, int C, int n1, int n2, const T* tx, const T* tz,
+                  const int32_t* slot_offset, int n_trace, const T* params, const T* coefs, const T* dcoefs,
+                  int n_coefs, int n_dcoefs, T* out, int ntk) {
+  return Args<T>{reinterpret_cast<const Instr*>(prog), n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C,
+                 n1, n2, tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, out, ntk};
 }
 
 }  // namespace
@@ -1331,11 +1390,12 @@ int cnngp_fields() { return kFields; }
 int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
 
 #define CNNGP_ENTRY(NAME, T, VL, NR, NA)                                                                          \
-  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const int64_t* reg_off, \
+           const T* x, const T* z, \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
            int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs, T* out,   \
            int ntk, int n_threads) {                                                                          \
-    return run<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1, n2,  \
+    return run<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1, n2,  \
                                            tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs,       \
                                            n_dcoefs, out, ntk),                                                \
                               n_threads);                                                                     \
@@ -1348,10 +1408,11 @@ CNNGP_ENTRY(cnngp_run_f64, double, 8, 17, 17)
 // the self pass of n images z (packed as the second set): final [n] (then the NTK's [n]), the traces in the
 // layouts of tx (left, [n][n_trace][2]) and tz (right, [groups][n_trace][2][VL]); either may be null
 #define CNNGP_SELF(NAME, T, VL, NR, NA)                                                                           \
-  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* z, int H, int W, \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const int64_t* reg_off, \
+           const T* z, int H, int W, \
            int C, int n, const int32_t* slot_offset, int n_trace, const T* params, const T* coefs,            \
            const T* dcoefs, int n_coefs, int n_dcoefs, T* left, T* right, T* final, int ntk, int n_threads) {     \
-    Args<T> g = make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, nullptr, z, H, W, C, 0, n, nullptr,       \
+    Args<T> g = make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, nullptr, z, H, W, C, 0, n, nullptr,       \
                              nullptr, slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, final, ntk); \
     g.self_left = left;                                                                                          \
     g.self_right = right;                                                                                        \
@@ -1363,11 +1424,12 @@ CNNGP_SELF(cnngp_self_f64, double, 8, 17, 17)
 
 // the VJP: gout [n1][n2] (zero in padding lanes); g_params [n_params], g_tx [n1][n_trace], g_tz [n2/VL][n_trace][VL]
 #define CNNGP_VJP(NAME, T, VL, NR, NA)                                                                            \
-  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const T* x, const T* z,  \
+  int NAME(const int32_t* prog, int n_instr, int reg_area, int tmp_area, int n_regs, const int64_t* reg_off, \
+           const T* x, const T* z, \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
            int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs,           \
            const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {                         \
-    return run_vjp<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, x, z, H, W, C, n1,  \
+    return run_vjp<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1,  \
                                                n2, tx, tz, slot_offset, n_trace, params, coefs, dcoefs,         \
                                                n_coefs, n_dcoefs, nullptr, 0),                                 \
                                   gout, n_params, g_params, g_tx, g_tz, n_threads);                            \

@@ -1,0 +1,201 @@
+"""The native kernel on pooled networks: spatial offsets' maps on their rectangles, gathered by the pools.
+
+Values against the eager path (NNGP and NTK together, float64 and float32, partial lane blocks) and against the
+independent float64 reference; which offsets a network's program computes, from the readout backwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference_full import describe, kernel
+
+from gpytorch_cnngp import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    GlobalAvgPool2d,
+    LeakyReLU,
+    ReLU,
+    Sequential,
+    Sum,
+    architectures,
+    gram,
+    resnet_block,
+)
+from gpytorch_cnngp.backends import Native, native
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+BOTH = ("nngp", "ntk")
+
+
+def _native_or_skip():
+    reason = Native.unsupported(Sequential(Conv2d(3), ReLU(), Dense()), (6, 6), F64, CPU)
+    if reason is not None and ("no C++ compiler" in reason or "switched off" in reason):  # pragma: no cover
+        pytest.skip(f"the native kernel is not available here: {reason}")
+
+
+def _images(n, c, size, seed, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, *size, generator=gen, dtype=dtype)
+
+
+# (name, network, image size (h, w), channels): every pooling geometry the lowering distinguishes
+NETWORKS = [
+    ("pool_then_dense", lambda: Sequential(Conv2d(3, var_weight=2.0), ReLU(), AvgPool2d(2), Dense()), (8, 8), 1),
+    ("global_pool", lambda: Sequential(Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense(var_bias=0.1)), (7, 7), 2),
+    (
+        "two_stages_global",
+        lambda: Sequential(
+            Conv2d(3, var_bias=0.2), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense(var_weight=2.0)
+        ),
+        (9, 8),  # odd, not square: the 2x2 pool drops a row
+        1,
+    ),
+    (
+        "strides_pads_dilation",
+        lambda: Sequential(
+            Conv2d(3, stride=2, padding=0, var_bias=0.3),
+            LeakyReLU(0.2),
+            AvgPool2d(3, stride=2, padding=1),
+            Conv2d(2, dilation=2, var_bias=0.1),  # an even window: padding differs before and after
+            ReLU(),
+            AvgPool2d(2, stride=1),
+            Dense(var_bias=0.2),
+        ),
+        (11, 9),
+        2,
+    ),
+    ("pool_first", lambda: Sequential(AvgPool2d(2), Conv2d(3), ReLU(), Dense()), (6, 7), 1),
+    (
+        "residual_then_pool",
+        lambda: Sequential(
+            Conv2d(3), resnet_block(stride=2, projection_shortcut=True, multiplier=2), AvgPool2d(2, stride=1), Dense()
+        ),
+        (8, 8),
+        1,
+    ),
+    (
+        "sum_after_pool",
+        lambda: Sequential(
+            Conv2d(3),
+            ReLU(),
+            AvgPool2d(2),
+            Sum([Sequential(), Sequential(Conv2d(3, var_weight=1.5), ReLU())]),
+            GlobalAvgPool2d(),
+            Dense(),
+        ),
+        (8, 8),
+        1,
+    ),
+    ("ends_in_its_pool", lambda: Sequential(Conv2d(3), ReLU(), Conv2d(3), GlobalAvgPool2d()), (6, 6), 1),
+    # a stride-3 window whose output offset 1 reads input offset 3, which no position of a 3x3 map has: a bias map
+    (
+        "offset_outside_the_input",
+        lambda: Sequential(Conv2d(2, stride=3, padding=1, var_bias=0.4), ReLU(), GlobalAvgPool2d(), Dense()),
+        (3, 3),
+        1,
+    ),  # fmt: skip
+    ("pooled_cnn_gp", lambda: architectures.pooled_cnn_gp(8), (8, 8), 1),
+    ("pooled_cnn_gp_global", lambda: architectures.pooled_cnn_gp(8, global_pool=True), (8, 8), 1),
+]
+
+
+@pytest.fixture(params=NETWORKS, ids=[n[0] for n in NETWORKS])
+def network(request):
+    _native_or_skip()
+    name, make, size, c = request.param
+    return name, make(), size, c
+
+
+def test_pooled_networks_run_natively_with_the_eager_values(network):
+    name, model, size, c = network
+    assert Native.unsupported(model, size, F64, CPU, ntk=True) is None
+    x, z = _images(5, c, size, 1), _images(19, c, size, 2)  # 19: a partial block of lanes
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        xd, zd = x.to(dtype), z.to(dtype)
+        for args in ((xd, zd), (xd,)):
+            want = gram(model, *args, backend="eager", get=BOTH)
+            got = gram(model, *args, backend="native", get=BOTH)
+            for w, g, what in zip(want, got, BOTH, strict=True):
+                err = float((w - g).abs().max() / w.abs().max())
+                assert err < tol, f"{name} {what} {dtype}: relative difference {err:.2e}"
+                assert g.dtype == dtype
+
+
+@pytest.mark.parametrize("name", ["two_stages_global", "strides_pads_dilation", "residual_then_pool"])
+def test_pooled_native_kernel_equals_the_independent_reference(name):
+    _native_or_skip()
+    _, make, size, c = next(n for n in NETWORKS if n[0] == name)
+    model = make()
+    x, z = _images(4, c, size, 3), _images(16, c, size, 4)
+    got = gram(model, x, z, backend="native").numpy()
+    want = kernel(describe(model), x.numpy(), z.numpy())
+    assert np.abs(got - want).max() <= 1e-12 * np.abs(want).max()
+    got_ntk = gram(model, x, z, backend="native", get="ntk").numpy()
+    want_ntk = kernel(describe(model), x.numpy(), z.numpy(), ntk=True)
+    assert np.abs(got_ntk - want_ntk).max() <= 1e-12 * np.abs(want_ntk).max()
+
+
+def _inputs_of(program) -> int:
+    return int((program.code[:, 0] == native._OP_INPUT).sum())
+
+
+def test_a_program_computes_only_the_offsets_its_readout_needs():
+    _native_or_skip()
+    # a 2x2 pool before a dense readout reads tap differences e in {-1, 0, 1}^2 of its input; the strided first
+    # convolution doubles them: nine offsets of the 28x28 input, not all (2 * 28 - 1)^2
+    program = native.lower(architectures.pooled_cnn_gp(28), (28, 28))
+    assert program.pooled and _inputs_of(program) == 9
+    # a global pool needs every offset of its input, and through a 2x2 pool every offset of the image
+    gap = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense())
+    assert _inputs_of(native.lower(gap, (12, 12))) == 23 * 23
+    # a 3x3 pool with stride 1 before a dense readout: the (2 * 3 - 1)^2 differences of its taps
+    local = Sequential(Conv2d(3), ReLU(), AvgPool2d(3, stride=1), Dense())
+    assert _inputs_of(native.lower(local, (10, 10))) == 25
+    # the offset that leaves the input (see NETWORKS) reaches its convolution as an empty map
+    _, make, size, _ = next(n for n in NETWORKS if n[0] == "offset_outside_the_input")
+    code = native.lower(make(), size).code
+    convs = code[code[:, 0] == native._OP_CONV]
+    assert ((convs[:, 4] == 0) & (convs[:, 5] == 0)).any()
+
+
+def test_black_and_identical_images_give_finite_exact_values():
+    _native_or_skip()
+    model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense(var_bias=0.1))
+    x = _images(6, 1, (8, 8), 5)
+    x[1] = 0.0  # black
+    x[2] = x[3]  # identical
+    x[4, :, :4] = 0.0  # black half
+    for dtype in (F64, torch.float32):
+        got = gram(model, x.to(dtype), backend="native", get=BOTH)
+        want = gram(model, x.to(dtype), backend="eager", get=BOTH)
+        # the NTK's derivative factor has a square-root singularity at correlation 1, which identical images
+        # reach up to rounding: there both paths agree to the square root of the rounding error
+        for g, w, tol in zip(got, want, (1e-12, 1e-7), strict=True):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g.diagonal(), w.diagonal(), rtol=0.0, atol=0.0)  # the one self pass
+            err = float((g - w).abs().max() / w.abs().max())
+            assert err < (tol if dtype == F64 else 2e-5)
+        torch.testing.assert_close(got[0][2], got[0][3], rtol=0.0, atol=0.0)
+
+
+def test_pooled_hyperparameters_are_read_at_call_time_and_gradients_run_eagerly():
+    _native_or_skip()
+    model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense(var_bias=0.1))
+    x, z = _images(4, 1, (6, 6), 6), _images(16, 1, (6, 6), 7)
+    before = gram(model, x, z, backend="native")
+    with torch.no_grad():
+        model[0].var_weight = 2.5
+    after = gram(model, x, z, backend="native")
+    torch.testing.assert_close(after, gram(model, x, z, backend="eager"), rtol=1e-12, atol=0.0)
+    assert not torch.allclose(before, after)
+    # gradients with respect to the variances: eager, whatever was asked for (the same values)
+    value = torch.tensor(1.7, dtype=F64, requires_grad=True)
+    k = gram(model, x, z, backend="native", hyper={model[0]: {"var_weight": value}})
+    (grad,) = torch.autograd.grad(k.sum(), value)
+    ref_value = torch.tensor(1.7, dtype=F64, requires_grad=True)
+    ref = gram(model, x, z, backend="eager", hyper={model[0]: {"var_weight": ref_value}})
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_value)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=0.0)
