@@ -199,3 +199,26 @@ def test_pooled_hyperparameters_are_read_at_call_time_and_gradients_run_eagerly(
     ref = gram(model, x, z, backend="eager", hyper={model[0]: {"var_weight": ref_value}})
     (ref_grad,) = torch.autograd.grad(ref.sum(), ref_value)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=0.0)
+
+
+def test_the_kernels_self_pass_gives_the_eager_traces_and_own_values(network):
+    """Each offset of an image with itself reads the deviations its layer's same-location map just recorded."""
+    from gpytorch_cnngp.passes import self_pass, spatial_first
+    from gpytorch_cnngp.state import Hyper
+
+    name, model, size, c = network
+    lib = native.load_library()
+    x = spatial_first(_images(19, c, size, 8))
+    program = native.lower(model, size)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        hyper = Hyper.of(model, dtype, "cpu")
+        with torch.no_grad():
+            traces, want = self_pass(model, x.to(dtype), hyper, ntk=True)
+        params = program.parameter_vector(hyper, dtype)
+        left, right, own = native.self_terms(lib, program, params, x.to(dtype), 2, ntk=True, final=True)
+        for k in range(2):
+            assert float((own[k] - want[k]).abs().max() / want[k].abs().max()) < tol, name
+        for side, packed in ((False, left), (True, right)):
+            expected = native._pack_traces(lib, traces, 19, dtype, side, 2)
+            scale = float(expected.abs().max())
+            assert float((packed.data - expected).abs().max()) <= tol * scale, f"{name} traces, right={side}"

@@ -405,7 +405,8 @@ class _PooledLowering(_Lowering):
                 hw = _rect(big_d, pool_out)[1]
                 accs[big_d] = self.new_reg(hw)
                 self.instrs.append(_Instr(_OP_ZERO, accs[big_d], in_hw=hw, out_hw=hw))
-            for d in [(0, 0)] if targets is None else targets.offsets:
+            # (0, 0) first: in the self pass its nonlinearities record the deviations the other offsets read
+            for d in [(0, 0)] if targets is None else sorted(targets.offsets, key=lambda e: e != (0, 0)):
                 reg = self._chain(local, d, sizes[start], source)
                 if reg is not None:
                     self._pool(pool, reg, d, pool_in, pool_out, accs)
@@ -1049,8 +1050,6 @@ def self_terms(
     ``[n]`` (``[2, n]`` with ``ntk``: NNGP, NTK), else ``None``. (The engine takes the images' own values from
     :func:`~gpytorch_cnngp.passes.self_pass`, so that the diagonal of ``K(X, X)`` is the same whatever the
     backend; these agree with them to rounding.)"""
-    if program.pooled:  # pragma: no cover - Native.self_fn leaves pooled networks to the eager self pass
-        raise ValueError("the native self pass runs same-location networks only")
     dtype, lanes = x.dtype, LANES[x.dtype]
     h, w, c, n = x.shape
     n_trace = sum(program.slot_areas)
@@ -1058,7 +1057,8 @@ def self_terms(
     groups = -(-n // lanes)
     alloc = torch.zeros if n_trace == 0 else torch.empty  # a network without nonlinearities: one zero position
     tx = alloc(n, positions, 2, dtype=dtype) if left else None
-    tz = alloc(groups, positions, 2, lanes, dtype=dtype) if right else None
+    # a pooled network's offsets read the standard deviations of their layer's same-location map from this layout
+    tz = alloc(groups, positions, 2, lanes, dtype=dtype) if right or program.pooled else None
     own = torch.empty(*((2,) if ntk else ()), n, dtype=dtype) if final else None
     coefs, dcoefs = _coefficients(dtype)
     p = program
@@ -1067,7 +1067,7 @@ def self_terms(
     status = fn(
         _ptr(p.code), p.code.shape[0], p.reg_area, p.tmp_area, p.n_regs, _ptr(p.reg_off), _ptr(images), h, w, c, n,
         _ptr(offsets), n_trace, _ptr(params), _ptr(coefs), _ptr(dcoefs), len(coefs), len(dcoefs),
-        _ptr(tx) if left else None, _ptr(tz) if right else None, _ptr(own) if final else None, int(ntk),
+        _ptr(tx) if left else None, _ptr(tz) if tz is not None else None, _ptr(own) if final else None, int(ntk),
         int(n_threads),
     )  # fmt: skip
     _check(status)
@@ -1159,8 +1159,6 @@ class Native(Backend):
     def self_fn(cls, model, size, hyper, requirements, ntk=False) -> SelfFn | None:
         lib = load_library()
         program = _memoised(model, size, requirements, fuse=not ntk)
-        if program.pooled:  # the eager self pass (on offset maps) gives its traces
-            return None
         threads = torch.get_num_threads()
 
         def own(x: Tensor, both: bool) -> SelfTerms:

@@ -115,8 +115,9 @@ void input_map(const Args<T>& g, const Instr& ins, int i, int jb, T* __restrict 
       for (int c = 0; c < C; ++c) {
         const T* __restrict zv = zb + (pz * C + c) * VL;
         if constexpr (kSelf) {
+          const T* __restrict zx = zb + (px * C + c) * VL;  // the same image at p (pz: at p + d)
 #pragma omp simd
-          for (int v = 0; v < VL; ++v) d[v] += zv[v] * zv[v];
+          for (int v = 0; v < VL; ++v) d[v] += zx[v] * zv[v];
         } else {
           const T xv = xi[px * C + c];
 #pragma omp simd
@@ -589,9 +590,9 @@ inline H polynomial(H a, const H* cf) {
 // same bits: k1 J + k2 c for covariances cv, right-side deviations sv and their inverses iv, with cf the
 // coefficients of k1 R / (2 pi). Also returns a = min(|rho|, 1) and root = sqrt(1 - a). It is written for the
 // multiply-add units, which bound it: max(c, 0) / 2 is (c + |c|) / 4.
-template <typename T, int VL, int NR, bool kLinearPart>
+template <typename T, int VL, int NR, bool kLinearPart, typename S = T>
 inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typename Lanes<T, VL>::H sv,
-                                            typename Lanes<T, VL>::H iv, T s1, T i1,
+                                            typename Lanes<T, VL>::H iv, S s1, S i1,
                                             const typename Lanes<T, VL>::H* cf, typename Lanes<T, VL>::H quarter_k1,
                                             T k2, typename Lanes<T, VL>::H& a, typename Lanes<T, VL>::H& root) {
   using L = Lanes<T, VL>;
@@ -810,6 +811,71 @@ void self_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* src, T* ds
   }
 }
 
+// The self pass at a spatial offset d != 0: each lane's image with itself, its standard deviations at p and at
+// p + d both per lane (t1, t2: the second set's trace layout, which the same-location map's nonlinearity of this
+// layer has just written), the pair formulas of nonlin_nngp and nonlin_ntk otherwise.
+template <typename T, int VL, int NR, int NA, bool kLinearPart>
+void self_offset_rows(const T* __restrict t1, const T* __restrict t2, const T* src, T* dst, const T* src_ntk,
+                      T* dst_ntk, int area, T k1, T k2, T k3, T k4, const T* __restrict coefs,
+                      const T* __restrict dcoefs) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int P = L::kParts, K = L::kPer;
+  H cf[NR], df[NA];
+  for (int k = 0; k < NR; ++k) cf[k] = H{} + coefs[k] * k1;
+  for (int k = 0; k < NA; ++k) df[k] = H{} + dcoefs[k] * k1;
+  const H zero = H{}, one = zero + T(1), quarter_k1 = zero + T(0.25) * k1, half_k1 = zero + T(0.5) * k1;
+  const H half_k3 = zero + T(0.5) * k3, k4v = zero + k4;
+  for (int p = 0; p < area; ++p) {
+    const int64_t at = static_cast<int64_t>(p) * VL, tr = static_cast<int64_t>(p) * 2 * VL;
+    for (int k = 0; k < P; ++k) {
+      H cv, s1, i1, sv, iv, a, root;
+      std::memcpy(&cv, src + at + k * K, sizeof(H));
+      std::memcpy(&s1, t1 + tr + k * K, sizeof(H));
+      std::memcpy(&i1, t1 + tr + VL + k * K, sizeof(H));
+      std::memcpy(&sv, t2 + tr + k * K, sizeof(H));
+      std::memcpy(&iv, t2 + tr + VL + k * K, sizeof(H));
+      const H out = relu_vector<T, VL, NR, kLinearPart, H>(cv, sv, iv, s1, i1, cf, quarter_k1, k2, a, root);
+      std::memcpy(dst + at + k * K, &out, sizeof(H));
+      if (dst_ntk == nullptr) continue;
+      H tv;
+      std::memcpy(&tv, src_ntk + at + k * K, sizeof(H));
+      H q = df[NA - 1];
+      for (int m = NA - 2; m >= 0; --m) q = q * a + df[m];
+      q *= a < one ? root : zero;
+      const H left = i1 > zero ? one : zero;
+      const H deriv = (cv > zero ? half_k1 - q : q) * left;
+      const H right = iv > zero ? deriv + half_k3 : zero;
+      const H ntk = tv * (right + left * half_k3 + k4v);
+      std::memcpy(dst_ntk + at + k * K, &ntk, sizeof(H));
+    }
+  }
+}
+
+template <typename T, int VL, int NR, int NA>
+void self_offset_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* src, T* dst, const T* src_ntk,
+                        T* dst_ntk) {
+  const int64_t first = g.slot_offset[ins.slot];
+  const T* base = g.self_right + (static_cast<int64_t>(jb) * g.n_trace + first) * 2 * VL;
+  const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
+  const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
+  const int64_t step = static_cast<int64_t>(ins.in_w) * VL;
+  for (int r = 0; r < ins.in_h; ++r) {
+    const T* t1 = base + (ins.xoff + static_cast<int64_t>(r) * ins.full_w) * 2 * VL;
+    const T* t2 = base + (ins.zoff + static_cast<int64_t>(r) * ins.full_w) * 2 * VL;
+    const int64_t at = r * step;
+    const T* sn = src_ntk ? src_ntk + at : nullptr;
+    T* dn = dst_ntk ? dst_ntk + at : nullptr;
+    if (k2 == T(0)) {
+      self_offset_rows<T, VL, NR, NA, false>(t1, t2, src + at, dst + at, sn, dn, ins.in_w, k1, k2, k3, k4, g.coefs,
+                                             g.dcoefs);
+    } else {
+      self_offset_rows<T, VL, NR, NA, true>(t1, t2, src + at, dst + at, sn, dn, ins.in_w, k1, k2, k3, k4, g.coefs,
+                                            g.dcoefs);
+    }
+  }
+}
+
 // One instruction for the pairs (i, group jb), or with kSelf for the images of group jb on their own.
 template <typename T, int VL, int NR, int NA, bool kSelf = false>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
@@ -833,8 +899,8 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       case OP_POOL: {  // both maps pooled alike: a pool has no parameters
         const T scale = g.params[ins.param];
-        conv<T, VL>(ins, reg(ins.a), reg(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
-        if (g.ntk) conv<T, VL>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
+        conv<T, VL, kSelf>(ins, reg(ins.a), reg(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
+        if (g.ntk) conv<T, VL, kSelf>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
         break;
       }
       case OP_CONV: {
@@ -852,7 +918,11 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
       }
       case OP_NONLIN:
         if constexpr (kSelf) {
-          self_nonlin<T, VL>(g, ins, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+          if (ins.xoff == ins.zoff) {  // offset (0, 0): records the standard deviations the other offsets read
+            self_nonlin<T, VL>(g, ins, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+          } else {
+            self_offset_nonlin<T, VL, NR, NA>(g, ins, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
+          }
         } else {
           nonlin<T, VL, NR, NA>(g, ins, i, jb, reg(ins.a), reg(ins.dst), tangent(ins.a), tangent(ins.dst));
         }
