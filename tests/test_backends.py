@@ -87,8 +87,8 @@ def test_auto_falls_back_quietly_and_gradients_run_where_they_can():
     assert choose("native", model, (6, 6), F32, CPU, 10**6, grad=True, input_grad=True) is Eager
     pooled = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense())
     assert choose("auto", pooled, (6, 6), F32, CPU, 10**9) is Native
-    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9, grad=True) is Eager  # its gradients run eagerly
-    assert "without pooling" in Native.unsupported(pooled, (6, 6), F32, CPU, grad=True)
+    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9, grad=True) is Native
+    assert choose("auto", pooled, (6, 6), F32, CPU, 10**9, grad=True, ntk=True) is Eager
     inside = Sequential(Conv2d(3), ReLU(), Sum([Sequential(), AvgPool2d(3, stride=1, padding=1)]), Dense())
     assert choose("auto", inside, (6, 6), F32, CPU, 10**9) is Eager  # full maps: eager beats torch.compile
     with settings.compile_mode("off"):

@@ -296,14 +296,6 @@ def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
     return out
 
 
-def _needs_full(model: Layer) -> str | None:
-    """The reason naming the layer, if ``model`` needs covariances between positions (a pooling layer)."""
-    if not model.needs_full():
-        return None
-    pooling = next(layer for layer in model.kernel_layers() if not any(layer.children_layers()) and layer.needs_full())
-    return _describe(pooling, "it needs covariances between positions, which the native kernel lacks")
-
-
 _POOLS = (AvgPool2d, GlobalAvgPool2d)
 
 
@@ -353,9 +345,9 @@ class _PooledLowering(_Lowering):
     One offset's maps live only while it runs, so a block holds the pools' outputs and one offset's maps.
     """
 
-    def __init__(self, model: Layer, size: tuple[int, int]) -> None:
+    def __init__(self, model: Layer, size: tuple[int, int], reuse: bool = True) -> None:
         super().__init__()
-        self.model, self.size = model, size
+        self.model, self.size, self.reuse = model, size, reuse
         self.layers = _flat(model)
         self.plan = SpatialPlan(model, size)
         self.slots: dict[tuple, int] = {}
@@ -378,8 +370,10 @@ class _PooledLowering(_Lowering):
         return layer.out_size(size)
 
     def constant(self, value: float) -> int:
+        """A pool's scale, followed by a zero: the reverse mode treats a pool as a window sum with a bias, whose
+        two gradients then go to these constants (which no hyperparameter reads)."""
         if value not in self.constants:
-            self.constants[value] = self.param((None, value, 1))
+            self.constants[value] = self.param((None, value, 1), (None, 0.0, 1))
         return self.constants[value]
 
     def program(self) -> NativeProgram:
@@ -415,7 +409,7 @@ class _PooledLowering(_Lowering):
                 last = accs[(0, 0)]
                 break
         self.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
-        code, n_regs, reg_off = _allocate(self, True, uniform=False)
+        code, n_regs, reg_off = _allocate(self, self.reuse, uniform=False)
         sizes_ = (reg_off[1:] - reg_off[:-1]).tolist()
         return NativeProgram(
             code,
@@ -563,10 +557,7 @@ def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool =
         reason = unsupported(model, size)
         if reason is not None:
             raise Unsupported(reason)
-        if not reuse:
-            reason = _needs_full(model).replace("which the native kernel lacks", "whose gradients run eagerly")
-            raise Unsupported(reason)
-        return _PooledLowering(model, tuple(size)).program()
+        return _PooledLowering(model, tuple(size), reuse).program()
     low = _Lowering()
     first = low.new_reg(size)
     low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
@@ -1140,8 +1131,6 @@ class Native(Backend):
     def unsupported(cls, model, size, dtype, device, ntk=False, grad=False) -> str | None:
         if grad and ntk:
             return "its gradients cover the NNGP, not the NTK"
-        if grad and model.needs_full():
-            return "its gradients cover networks without pooling"
         if torch.device(device).type != "cpu":
             return f"it runs on CPUs only, not {device}"
         if dtype not in LANES:

@@ -1151,17 +1151,36 @@ void conv_adjoint(const Instr& ins, const T* __restrict adj, const T* __restrict
 // with D = c > 0 ? 1/2 - q : q, q = sqrt(1 - a) A(a) / (2 pi) as in nonlin_ntk, a = min(|rho|, 1), and
 // sqrt(1 - rho^2) = sqrt(1 - a) sqrt(1 + a). One pass over each position's SIMD vectors.
 template <typename T, int VL, int NR, int NA>
+void nonlin_adjoint_rows(const Args<T>& g, const Instr& ins, int area, const T* tx, const T* tz, T* gx, T* gz,
+                         const T* __restrict c_map, const T* __restrict adj_out, T* __restrict adj_in, bool first);
+
+// A spatial offset's rectangle row by row, as nonlin: each row's traces and their gradients full_w apart.
+template <typename T, int VL, int NR, int NA>
 void nonlin_adjoint(const Args<T>& g, const Instr& ins, int i, int jb, const T* __restrict c_map,
                     const T* __restrict adj_out, T* __restrict adj_in, bool first, const Grads<T>& gr) {
+  const int64_t off = g.slot_offset[ins.slot];
+  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + off + ins.xoff) * 2;
+  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + off + ins.zoff) * 2 * VL;
+  T* gx = gr.tx + static_cast<int64_t>(i) * g.n_trace + off + ins.xoff;
+  T* gz = gr.tz + (static_cast<int64_t>(jb) * g.n_trace + off + ins.zoff) * VL;
+  if (ins.in_w == ins.full_w) {
+    nonlin_adjoint_rows<T, VL, NR, NA>(g, ins, ins.in_h * ins.in_w, tx, tz, gx, gz, c_map, adj_out, adj_in, first);
+    return;
+  }
+  const int64_t step = static_cast<int64_t>(ins.in_w) * VL, full = ins.full_w;
+  for (int r = 0; r < ins.in_h; ++r) {
+    nonlin_adjoint_rows<T, VL, NR, NA>(g, ins, ins.in_w, tx + r * full * 2, tz + r * full * 2 * VL, gx + r * full,
+                                       gz + r * full * VL, c_map + r * step, adj_out + r * step, adj_in + r * step,
+                                       first);
+  }
+}
+
+template <typename T, int VL, int NR, int NA>
+void nonlin_adjoint_rows(const Args<T>& g, const Instr& ins, int area, const T* tx, const T* tz, T* gx, T* gz,
+                         const T* __restrict c_map, const T* __restrict adj_out, T* __restrict adj_in, bool first) {
   using L = Lanes<T, VL>;
   using H = typename L::H;
   constexpr int P = L::kParts, K = L::kPer;
-  const int area = ins.in_h * ins.in_w;
-  const int64_t off = g.slot_offset[ins.slot];
-  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + off) * 2;
-  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * 2 * VL;
-  T* gx = gr.tx + static_cast<int64_t>(i) * g.n_trace + off;
-  T* gz = gr.tz + (static_cast<int64_t>(jb) * g.n_trace + off) * VL;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
   H df[NA];
   for (int k = 0; k < NA; ++k) df[k] = H{} + g.dcoefs[k];
@@ -1234,9 +1253,14 @@ int adjoint_slots(const Args<T>& g, std::vector<int>& slot) {
       continue;
     }
     if (ins.op == OP_INPUT || slot[ins.dst] < 0) continue;  // as vjp_block
+    if (ins.op == OP_ZERO) {  // a pool's output: its adjoint was read by every OP_POOL into it
+      free_slots.push_back(slot[ins.dst]);
+      continue;
+    }
     take(ins.a);
     if (ins.op == OP_ADD) take(ins.b);
-    free_slots.push_back(slot[ins.dst]);  // read by this instruction, never written again
+    // read by this instruction, never written again (a pool's output is, until its OP_ZERO)
+    if (ins.op != OP_POOL) free_slots.push_back(slot[ins.dst]);
   }
   return std::max(1, n_slots);
 }
@@ -1246,7 +1270,7 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
                bool* touched, const Grads<T>& gr) {
   run_block<T, VL, NR, NA>(g, i, jb, regs, tmp);
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
-  auto reg = [&](int r) { return regs + r * map; };
+  auto reg = [&](int r) { return regs + g.reg_off[r] * VL; };
   auto adj = [&](int r) { return adjs + slot[r] * map; };
   for (int r = 0; r < g.n_regs; ++r) touched[r] = false;
   for (int k = g.n_instr - 1; k >= 0; --k) {
@@ -1258,11 +1282,20 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
       touched[ins.a] = true;
       continue;
     }
-    if (ins.op == OP_INPUT || !touched[ins.dst]) continue;  // images' gradients stay with autograd
+    // images' gradients stay with autograd; a pool's output map is zero before its first OP_POOL
+    if (ins.op == OP_INPUT || ins.op == OP_ZERO || !touched[ins.dst]) continue;
     const T* ad = adj(ins.dst);
     const int64_t in_area = static_cast<int64_t>(ins.in_h) * ins.in_w * VL;
     switch (ins.op) {
       case OP_CONV: {
+        T* gs = gr.params + static_cast<int64_t>(ins.param) * VL;
+        conv_adjoint<T, VL>(ins, ad, reg(ins.a), adj(ins.a), !touched[ins.a], g.params[ins.param], tmp, res, gs,
+                            gs + VL);
+        touched[ins.a] = true;
+        break;
+      }
+      case OP_POOL: {  // dst += scale S src: src's adjoint gets scale S^T adj (a constant scale: its gradient
+                       // and the bias's go to the pool's own two constants, which no hyperparameter reads)
         T* gs = gr.params + static_cast<int64_t>(ins.param) * VL;
         conv_adjoint<T, VL>(ins, ad, reg(ins.a), adj(ins.a), !touched[ins.a], g.params[ins.param], tmp, res, gs,
                             gs + VL);
@@ -1291,11 +1324,6 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
   if (g.ntk) return 5;
   if (has_fused_sums(g)) return 6;
-  for (int k = 0; k < g.n_instr; ++k) {
-    const Instr& ins = g.prog[k];
-    if (ins.op == OP_ZERO || ins.op == OP_POOL || ins.full_w != ins.in_w || ins.xoff != 0 || ins.zoff != 0) return 7;
-  }
-  if (g.reg_off[g.n_regs] != static_cast<int64_t>(g.n_regs) * g.reg_area) return 7;
   const int64_t n_blocks = static_cast<int64_t>(g.n1) * (g.n2 / VL);
   const int64_t groups = g.n2 / VL;
   const size_t tx_size = static_cast<size_t>(g.n1) * g.n_trace;
@@ -1308,7 +1336,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&](int t) {
-    const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+    const size_t maps = static_cast<size_t>(g.reg_off[g.n_regs]) * VL;
     const size_t scratch = static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
     const size_t total = maps + adj_maps + scratch + p_size + tx_size + tz_size;
     T* mem = static_cast<T*>(std::aligned_alloc(64, (total * sizeof(T) + 63) / 64 * 64));
@@ -1339,7 +1367,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     for (T* b : buffers) std::free(b);
     return 3;
   }
-  const size_t maps = static_cast<size_t>(g.n_regs) * g.reg_area * VL;
+  const size_t maps = static_cast<size_t>(g.reg_off[g.n_regs]) * VL;
   const size_t offset = maps + adj_maps + static_cast<size_t>(g.tmp_area) * VL + static_cast<size_t>(g.reg_area) * VL;
   for (int p = 0; p < n_params; ++p) g_params[p] = T(0);
   std::memset(g_tx, 0, tx_size * sizeof(T));
