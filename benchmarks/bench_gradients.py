@@ -46,11 +46,26 @@ def _digits(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         )
 
 
-def ml2_step(x: torch.Tensor, y: torch.Tensor, tied: bool, backend: str) -> tuple[float, list[torch.Tensor]]:
+def network(arch: str):
+    """The network of ``--arch``: an architecture of the package, or ``gap_cnn`` (Conv3-ReLU-AvgPool2-Conv3-ReLU-
+    GlobalAvgPool-Dense, the neural-tangents comparison's pooled network)."""
+    from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, GlobalAvgPool2d, ReLU, Sequential, architectures
+
+    if arch == "gap_cnn":
+        return Sequential(
+            Conv2d(3, var_weight=2.0, var_bias=0.05), ReLU(), AvgPool2d(2), Conv2d(3, var_weight=2.0, var_bias=0.05),
+            ReLU(), GlobalAvgPool2d(), Dense(var_weight=2.0, var_bias=0.05),
+        )  # fmt: skip
+    return architectures.ARCHITECTURES[arch]()
+
+
+def ml2_step(
+    x: torch.Tensor, y: torch.Tensor, tied: bool, backend: str, arch: str = "convnet_gp"
+) -> tuple[float, list[torch.Tensor]]:
     """Seconds for one exact-MLL value and gradient, and the gradients."""
     import gpytorch
 
-    from gpytorch_cnngp import CNNGPKernel, SharedCovarianceExactGP, architectures
+    from gpytorch_cnngp import CNNGPKernel, SharedCovarianceExactGP
 
     flat = x.flatten(1)
     targets = 2.0 * torch.nn.functional.one_hot(y, 10).T.double() - 1.0
@@ -62,7 +77,7 @@ def ml2_step(x: torch.Tensor, y: torch.Tensor, tied: bool, backend: str) -> tupl
             )
             super().__init__(flat, targets, likelihood)
             self.mean_module = gpytorch.means.ZeroMean()
-            kernel = CNNGPKernel(architectures.convnet_gp(), input_shape=(1, 28, 28), tied=tied, backend=backend)
+            kernel = CNNGPKernel(network(arch), input_shape=(1, 28, 28), tied=tied, backend=backend)
             self.covar_module = gpytorch.kernels.ScaleKernel(kernel)
 
         def forward(self, inputs):
@@ -85,24 +100,25 @@ def ml2_step(x: torch.Tensor, y: torch.Tensor, tied: bool, backend: str) -> tupl
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=256)
+    p.add_argument("--arch", default="convnet_gp", help="an architecture's name, or gap_cnn (default: convnet_gp)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="also time the tied step on the eager backend")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
-    from gpytorch_cnngp import architectures, gram
+    from gpytorch_cnngp import gram
 
     x, y, source = _digits(args.n)
-    model = architectures.convnet_gp()
+    model = network(args.arch)
     gram(model, x[:8], backend="native")  # builds or loads the native kernel outside the timings
     methods = {
         "forward Gram (native, no gradients)": lambda: _timed(lambda: gram(model, x, backend="native")),
-        "ML-II step, tied": lambda: ml2_step(x, y, True, "auto")[0],
-        "ML-II step, untied": lambda: ml2_step(x, y, False, "auto")[0],
+        "ML-II step, tied": lambda: ml2_step(x, y, True, "auto", args.arch)[0],
+        "ML-II step, untied": lambda: ml2_step(x, y, False, "auto", args.arch)[0],
     }
     if args.eager:
-        methods["ML-II step, tied, eager"] = lambda: ml2_step(x, y, True, "eager")[0]
+        methods["ML-II step, tied, eager"] = lambda: ml2_step(x, y, True, "eager", args.arch)[0]
     times: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.rounds):
         for name, fn in methods.items():
@@ -117,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         f"### Hyperparameter gradients: ML-II steps against the forward Gram ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}. Command: `python benchmarks/bench_gradients.py {' '.join(argv or sys.argv[1:])}`. "
-        f"ConvNet GP, {args.n} {source}, float64; a step is the exact marginal likelihood of "
-        "`ScaleKernel(CNNGPKernel(convnet_gp()))` with 10 outputs and its gradient; medians over interleaved rounds.",
+        f"{args.arch}, {args.n} {source}, float64; a step is the exact marginal likelihood of "
+        f"`ScaleKernel(CNNGPKernel({args.arch}))` with 10 outputs and its gradient; medians over interleaved rounds.",
         "",
         "| computation | seconds | / forward Gram | rounds |",
         "|---|---:|---:|---:|",
