@@ -3,8 +3,8 @@
 ==============  ===============================================================================
 ``"eager"``     plain torch (:mod:`.eager`): every network, device and dtype; gradients
 ``"inductor"``  ``torch.compile`` (:mod:`.inductor`): fused loops, compiled once per shape
-``"native"``    the native CPU kernel (:mod:`.native`): same-location networks of Conv2d, Dense,
-                (Leaky)ReLU, Sum and Sequential in float32/float64 on a CPU
+``"native"``    the native CPU kernel (:mod:`.native`): networks of Conv2d, Dense, (Leaky)ReLU, Sum,
+                Sequential, AvgPool2d and GlobalAvgPool2d in float32/float64 on a CPU
 ``"auto"``      :func:`choose` decides per call (see there)
 ==============  ===============================================================================
 

@@ -5,7 +5,8 @@ maps through memory and the threads meet at a barrier after each loop. The pair 
 same-location network has a simpler shape that those loops cannot exploit: every pair is
 independent, and one pair's maps are a few kilobytes. This module lowers such a network
 (:class:`~gpytorch_cnngp.Conv2d`, :class:`~gpytorch_cnngp.Dense`, :class:`~gpytorch_cnngp.ReLU`,
-:class:`~gpytorch_cnngp.LeakyReLU`, :class:`~gpytorch_cnngp.Sum`, :class:`~gpytorch_cnngp.Sequential`)
+:class:`~gpytorch_cnngp.LeakyReLU`, :class:`~gpytorch_cnngp.Sum`, :class:`~gpytorch_cnngp.Sequential`, and the
+pools below)
 to instructions on map registers; ``native_kernel.cpp`` runs them for a block of 16 (float32) or 8
 (float64) pairs at a time, one SIMD lane per pair, so a thread keeps all of a block's maps in its
 own cache from the first layer to the last. It computes the same formulas as the compiled
@@ -16,6 +17,14 @@ for the (leaky) ReLU's factor). Its self pass (:func:`self_terms`) runs the same
 per lane, and writes each nonlinearity's standard deviations and their inverses straight into the layouts the
 pair pass reads, so a forward call packs no traces in Python; a sum of branches that follows a window sum is
 done in that window sum's store (``lower(..., fuse=True)``, the NNGP's forward only).
+
+A pooled network (:class:`~gpytorch_cnngp.AvgPool2d`, :class:`~gpytorch_cnngp.GlobalAvgPool2d`, outside
+:class:`~gpytorch_cnngp.Sum` branches) is lowered by :class:`_PooledLowering` to the same instructions on maps of
+spatial offsets: between two pools each offset ``d`` the next pool reads runs through the layers on its own, on
+the rectangle of positions ``p`` with ``p + d`` inside the map, and is added into that pool's outputs at once
+(:class:`~gpytorch_cnngp.state.SpatialPlan` says which offsets; :func:`_rect` where each lies). Its self pass runs
+offset ``(0, 0)`` first in each stage, whose nonlinearities record the deviations that the image's other offsets
+then read.
 
 The kernel is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``; the same one
 ``torch.compile`` needs on CPU) for this machine's instruction set, and cached under
@@ -576,7 +585,7 @@ def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool =
 
 def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram | None:
     """The native program of ``model`` for ``size`` images, or ``None`` if a layer is not supported
-    (pooling, full spatial covariances, or nonlinearities other than (Leaky)ReLU).
+    (nonlinearities other than (Leaky)ReLU, a pool inside a branch of a ``Sum``).
 
     :param reuse: share registers between maps whose lives do not overlap; the gradient's program keeps
         every map (``reuse=False``) for its backward sweep.
@@ -1111,9 +1120,10 @@ def _check(status: int) -> None:
 
 
 class Native(Backend):
-    """The native CPU kernel: networks of ``Conv2d``, ``Dense``, ``ReLU``, ``LeakyReLU``, ``Sum`` and
-    ``Sequential`` in float32/float64 on a CPU, the NNGP and the NTK, and the NNGP's gradients with respect to the
-    hyperparameters (reverse mode per block of pairs); the fastest backend on a CPU."""
+    """The native CPU kernel: networks of ``Conv2d``, ``Dense``, ``ReLU``, ``LeakyReLU``, ``Sum``, ``Sequential``,
+    ``AvgPool2d`` and ``GlobalAvgPool2d`` (pools outside ``Sum`` branches) in float32/float64 on a CPU, the NNGP and
+    the NTK, and the NNGP's gradients with respect to the hyperparameters (reverse mode per block of pairs); the
+    fastest backend on a CPU."""
 
     name = "native"
     # about one map per pair: the repacked traces of a tile's rows and columns

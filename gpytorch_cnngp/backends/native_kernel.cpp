@@ -1,4 +1,4 @@
-// Native CPU kernel of the same-location pair pass (see gpytorch_cnngp/native.py).
+// Native CPU kernel of the pair pass and the self pass (see gpytorch_cnngp/backends/native.py).
 //
 // The Python side lowers a layer tree to a short list of instructions on map "registers"
 // ([h][w][VL] arrays); this file runs that list for one block of VL pairs at a time, every block
