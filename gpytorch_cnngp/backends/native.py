@@ -191,88 +191,6 @@ class NativeProgram:
         return vector
 
 
-class _Lowering:
-    def __init__(self) -> None:
-        self.instrs: list[_Instr] = []
-        self.params: list[tuple[Layer | None, str | float, int]] = []
-        self.n_vregs = 0
-        self.slot_areas: list[int] = []
-        self.areas: list[int] = []
-        self.tmp_area = 0
-        self.zero_ntk: set[int] = set()  # registers whose NTK map is zero (the input's)
-        self.slopes: list[tuple[Layer, float]] = []
-
-    def new_reg(self, hw: tuple[int, int]) -> int:
-        self.n_vregs += 1
-        self.areas.append(hw[0] * hw[1])
-        return self.n_vregs - 1
-
-    def param(self, *entries: tuple[Layer | None, str | float, int]) -> int:
-        self.params.extend(entries)
-        return len(self.params) - len(entries)
-
-    def emit(self, layer: Layer, reg: int, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-        if isinstance(layer, Sequential):
-            for child in layer.layers:
-                reg, hw = self.emit(child, reg, hw)
-            return reg, hw
-        if isinstance(layer, Sum):
-            outs = [self.emit(branch, reg, hw) for branch in layer.branches]
-            total, out_hw = outs[0]
-            for other, _ in outs[1:]:
-                dst = self.new_reg(out_hw)
-                self.instrs.append(_Instr(_OP_ADD, dst, total, other, out_hw, out_hw))
-                if total in self.zero_ntk and other in self.zero_ntk:
-                    self.zero_ntk.add(dst)
-                total = dst
-            return total, out_hw
-        if type(layer) is Conv2d:
-            win = layer.window
-            out_hw = layer.out_size(hw)
-            dst = self.new_reg(out_hw)
-            geometry = (
-                win.size,
-                win.size,
-                win.stride,
-                win.stride,
-                win.dilation,
-                win.dilation,
-                win.pad_before,
-                win.pad_before,
-            )
-            # + the running sum's row; the transposed sum of the gradients runs on the mirrored shape
-            self.tmp_area = max(self.tmp_area, (hw[0] + 1) * out_hw[1], (out_hw[0] + 1) * hw[1])
-            k2 = layer.kernel_size * layer.kernel_size
-            p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
-            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, out_hw, geometry, p, flags=self._flags(reg)))
-            return dst, out_hw
-        if type(layer) is Dense:
-            dst = self.new_reg((1, 1))
-            self.tmp_area = max(self.tmp_area, hw[0] + 1, 2 * hw[1])
-            p = self.param((layer, "var_weight", hw[0] * hw[1]), (layer, "var_bias", 1))
-            geometry = (hw[0], hw[1], 1, 1, 1, 1, 0, 0)
-            self.instrs.append(_Instr(_OP_CONV, dst, reg, -1, hw, (1, 1), geometry, p, flags=self._flags(reg)))
-            return dst, (1, 1)
-        if type(layer) in (ReLU, LeakyReLU):
-            dst = self.new_reg(hw)
-            # NNGP k1 J + k2 c, as LeakyReLU.pair_map; NTK factor k1 D + k3 (h1 + h2) + k4, as pair_derivative_map
-            alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
-            if type(layer) is LeakyReLU:
-                self.slopes.append((layer, alpha))
-            p = self.param(
-                (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
-            )
-            self.instrs.append(_Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=len(self.slot_areas)))
-            if reg in self.zero_ntk:
-                self.zero_ntk.add(dst)
-            self.slot_areas.append(hw[0] * hw[1])
-            return dst, hw
-        raise Unsupported(_describe(layer, "a layer the native kernel does not implement"))
-
-    def _flags(self, source: int) -> int:
-        return _NTK_IN_ZERO if source in self.zero_ntk else 0
-
-
 def _describe(layer: Layer, what: str) -> str:
     return f"{type(layer).__name__} ({what})"
 
@@ -305,14 +223,21 @@ def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
     return out
 
 
-_POOLS = (AvgPool2d, GlobalAvgPool2d)
-
-
 def _flat(layer: Layer) -> list[Layer]:
     """The layers of ``layer`` in series, nested :class:`Sequential` containers opened."""
     if type(layer) is Sequential:
         return [inner for child in layer.layers for inner in _flat(child)]
     return [layer]
+
+
+def _top_paths(model: Layer) -> list[tuple]:
+    """The tree path of each of :func:`_flat`'s layers (as :meth:`_Lowering._assign_slots` keys them)."""
+    if type(model) is not Sequential:
+        return [()]
+    out = []
+    for k, child in enumerate(model.layers):
+        out += [(k, *sub) for sub in _top_paths(child)]
+    return out
 
 
 def _rect(d: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -323,26 +248,25 @@ def _rect(d: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], t
 
 
 def _offset_in(layer: Layer, d: tuple[int, int]) -> tuple[int, int]:
-    """The one input offset a layer that does not pool reads for its output offset ``d``."""
-    if type(layer) is Sequential:
-        for child in reversed(layer.layers):
-            d = _offset_in(child, d)
-        return d
-    if type(layer) is Sum:
-        found = {_offset_in(branch, d) for branch in layer.branches}
-        if len(found) != 1:  # pragma: no cover - branches of one Sum have the same strides (their sizes agree)
-            raise Unsupported(_describe(layer, "branches that move offsets differently"))
-        return found.pop()
-    if type(layer) is Conv2d:
-        s = layer.window.stride
-        return s * d[0], s * d[1]
-    if type(layer) is Dense:
-        return 0, 0
+    """The one input offset a layer that does not pool reads for its output offset ``d`` (see :data:`_LAYERS`)."""
+    return _LAYERS[type(layer)][1](layer, d)
+
+
+def _series_offset(layer: Sequential, d: tuple[int, int]) -> tuple[int, int]:
+    for child in reversed(layer.layers):
+        d = _offset_in(child, d)
     return d
 
 
-class _PooledLowering(_Lowering):
-    """A pooled network lowered to maps of spatial offsets (see :class:`gpytorch_cnngp.state.SpatialPlan`).
+def _sum_offset(layer: Sum, d: tuple[int, int]) -> tuple[int, int]:
+    found = {_offset_in(branch, d) for branch in layer.branches}
+    if len(found) != 1:  # pragma: no cover - branches of one Sum have the same strides (their sizes agree)
+        raise Unsupported(_describe(layer, "branches that move offsets differently"))
+    return found.pop()
+
+
+class _Lowering:
+    """A network lowered to instructions on maps of spatial offsets (see :class:`gpytorch_cnngp.state.SpatialPlan`).
 
     Between two pooling layers each offset ``d`` evolves on its own through the same window sums and
     nonlinearities as the same-location map, on the rectangle of positions ``p`` with ``p`` and ``p + d``
@@ -351,17 +275,37 @@ class _PooledLowering(_Lowering):
     stage, each offset the next pooling layer reads through the stage's layers and adds it at once into that
     pool's output offsets (``OP_POOL``: for an average pool's offset ``D`` and tap difference ``e = d - s D``, a
     window of the ``k - |e|`` taps ``a`` with ``a + e`` in the window too), which are the next stage's inputs.
-    One offset's maps live only while it runs, so a block holds the pools' outputs and one offset's maps.
+    One offset's maps live only while it runs, so a block holds the pools' outputs and one offset's maps. A
+    network without pools is the one stage of offset ``(0, 0)``, the same-location map.
+
+    What each layer lowers to is :data:`_LAYERS` (layers between pools) and :data:`_POOLS` (pools).
     """
 
-    def __init__(self, model: Layer, size: tuple[int, int], reuse: bool = True) -> None:
-        super().__init__()
-        self.model, self.size, self.reuse = model, size, reuse
+    def __init__(self, model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> None:
+        self.instrs: list[_Instr] = []
+        self.params: list[tuple[Layer | None, str | float, int]] = []
+        self.n_vregs = 0
+        self.slot_areas: list[int] = []
+        self.areas: list[int] = []
+        self.tmp_area = 0
+        self.zero_ntk: set[int] = set()  # registers whose NTK map is zero (the input's)
+        self.slopes: list[tuple[Layer, float]] = []
+        self.model, self.size, self.reuse, self.fuse = model, size, reuse, fuse
         self.layers = _flat(model)
-        self.plan = SpatialPlan(model, size)
+        self.pooled = any(type(layer) in _POOLS for layer in self.layers)
+        self.plan = SpatialPlan(model, size) if self.pooled else None
         self.slots: dict[tuple, int] = {}
         self.constants: dict[float, int] = {}
         self._assign_slots(model, size, ())
+
+    def new_reg(self, hw: tuple[int, int]) -> int:
+        self.n_vregs += 1
+        self.areas.append(hw[0] * hw[1])
+        return self.n_vregs - 1
+
+    def param(self, *entries: tuple[Layer | None, str | float, int]) -> int:
+        self.params.extend(entries)
+        return len(self.params) - len(entries)
 
     def _assign_slots(self, layer: Layer, size: tuple[int, int], path: tuple) -> tuple[int, int]:
         """Trace slots in the self pass's order (one per nonlinearity in the tree), keyed by the layer's path."""
@@ -390,12 +334,13 @@ class _PooledLowering(_Lowering):
         sizes = [size]
         for layer in layers:
             sizes.append(layer.out_size(sizes[-1]))
-        wants = self.plan.chain(layers, size, None)  # the offsets each layer's output carries
+        # the offsets each layer's output carries (same-location networks: (0, 0) alone)
+        wants = self.plan.chain(layers, size, None) if self.pooled else [None] * len(layers)
         paths = _top_paths(self.model)
         source: dict[tuple[int, int], int] | None = None  # None: the images
         start, last = 0, -1
         while start <= len(layers):
-            stop = next((k for k in range(start, len(layers)) if isinstance(layers[k], _POOLS)), len(layers))
+            stop = next((k for k in range(start, len(layers)) if type(layers[k]) in _POOLS), len(layers))
             local = list(zip(layers[start:stop], paths[start:stop], sizes[start:stop], strict=True))
             if stop == len(layers):  # the readout: offset (0, 0) of a 1x1 map
                 last = self._chain(local, (0, 0), sizes[start], source)
@@ -412,25 +357,23 @@ class _PooledLowering(_Lowering):
             for d in [(0, 0)] if targets is None else sorted(targets.offsets, key=lambda e: e != (0, 0)):
                 reg = self._chain(local, d, sizes[start], source)
                 if reg is not None:
-                    self._pool(pool, reg, d, pool_in, pool_out, accs)
+                    getattr(self, _POOLS[type(pool)])(pool, reg, d, pool_in, pool_out, accs)
             source, start = accs, stop + 1
             if start == len(layers):  # a network that ends with its pool
                 last = accs[(0, 0)]
                 break
+        if self.areas[last] != 1:  # pragma: no cover - check_architecture runs first
+            raise ValueError("the network's output map is not 1x1")
         self.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
-        code, n_regs, reg_off = _allocate(self, self.reuse, uniform=False)
-        sizes_ = (reg_off[1:] - reg_off[:-1]).tolist()
+        if self.fuse:
+            self.instrs = _fuse_sums(self.instrs)
+        # registers as large as the largest map for the reverse mode of same-location networks, which addresses
+        # them so; a pooled network's many small offset maps each get its own size
+        code, n_regs, reg_off = _allocate(self, self.reuse, uniform=not self.pooled)
         return NativeProgram(
-            code,
-            n_regs,
-            reg_off,
-            max(sizes_),
-            max(self.tmp_area, 1),
-            self.slot_areas,
-            self.params,
-            self.slopes,
-            pooled=True,
-        )
+            code, n_regs, reg_off, max(self.areas), max(self.tmp_area, 1), self.slot_areas, self.params, self.slopes,
+            pooled=self.pooled,
+        )  # fmt: skip
 
     def _chain(self, local, d: tuple[int, int], size: tuple[int, int], source) -> int | None:
         """Offset ``d`` of the last of ``local`` (layers in series, from ``size`` maps), from the stage's input:
@@ -454,83 +397,93 @@ class _PooledLowering(_Lowering):
         else:
             reg = source.get(first)
         for (layer, path, in_size), out in zip(local, outs, strict=True):
-            reg = self._emit_offset(layer, path, reg, out, in_size)
+            reg = self.emit(layer, path, reg, out, in_size)
         return reg
 
-    def _emit_offset(self, layer: Layer, path: tuple, reg: int | None, d: tuple[int, int], size: tuple[int, int]):
-        """Emit ``layer`` for its output offset ``d`` from ``reg``, its input map at the offset it reads."""
-        if type(layer) is Sequential:
-            children = list(layer.layers)
-            outs = [d] if children else []
-            for child in reversed(children[1:]):
-                outs.append(_offset_in(child, outs[-1]))
-            outs.reverse()
-            for k, (child, out) in enumerate(zip(children, outs, strict=True)):
-                reg = self._emit_offset(child, (*path, k), reg, out, size)
-                size = child.out_size(size)
-            return reg
-        out_size = layer.out_size(size)
-        origin, hw = _rect(d, out_size)
-        if type(layer) is Sum:
-            regs = [self._emit_offset(b, (*path, k), reg, d, size) for k, b in enumerate(layer.branches)]
-            total = regs[0]
-            for other in regs[1:]:
-                dst = self.new_reg(hw)
-                self.instrs.append(_Instr(_OP_ADD, dst, total, other, hw, hw))
-                if total in self.zero_ntk and other in self.zero_ntk:
-                    self.zero_ntk.add(dst)
-                total = dst
-            return total
-        if type(layer) in (Conv2d, Dense):
-            d_in = _offset_in(layer, d)
-            in_origin, in_hw = _rect(d_in, size)
-            if reg is None:
-                in_hw = (0, 0)
-            if type(layer) is Conv2d:
-                win, k2 = layer.window, layer.kernel_size * layer.kernel_size
-                s = win.stride
-                pt = win.pad_before + in_origin[0] - s * origin[0]
-                pl = win.pad_before + in_origin[1] - s * origin[1]
-                geometry = (win.size, win.size, s, s, win.dilation, win.dilation, pt, pl)
-            else:
-                k2 = size[0] * size[1]
-                geometry = (size[0], size[1], 1, 1, 1, 1, 0, 0)
-            dst = self.new_reg(hw)
-            self.tmp_area = max(self.tmp_area, (in_hw[0] + 1) * hw[1], (hw[0] + 1) * in_hw[1])
-            p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
-            flags = _NTK_IN_ZERO if reg is None or reg in self.zero_ntk else 0
-            source = dst if reg is None else reg  # an empty map is never read
-            self.instrs.append(_Instr(_OP_CONV, dst, source, -1, in_hw, hw, geometry, p, flags=flags))
-            return dst
-        if type(layer) in (ReLU, LeakyReLU):
-            dst = self.new_reg(hw)
-            alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
-            if type(layer) is LeakyReLU:
-                self.slopes.append((layer, alpha))
-            p = self.param(
-                (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
-            )
-            w = size[1]
-            xoff = origin[0] * w + origin[1]
-            zoff = (origin[0] + d[0]) * w + origin[1] + d[1]
-            self.instrs.append(
-                _Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=self.slots[path], xoff=xoff, zoff=zoff, full_w=w)
-            )
-            if reg in self.zero_ntk:
-                self.zero_ntk.add(dst)
-            return dst
-        raise Unsupported(_describe(layer, "a layer the native kernel does not implement"))
+    def emit(self, layer: Layer, path: tuple, reg: int | None, d: tuple[int, int], size: tuple[int, int]):
+        """Emit ``layer`` (between pools) for its output offset ``d`` from ``reg``, its input map at the offset it
+        reads (``None``: a map outside every position); returns the output's register."""
+        return getattr(self, _LAYERS[type(layer)][0])(layer, path, reg, d, size)
 
-    def _pool(self, pool: Layer, reg: int, d, in_size, out_size, accs: dict) -> None:
-        """Add offset ``d``'s map (``reg``) into each output offset of ``pool`` that reads it."""
+    def _series(self, layer: Sequential, path, reg, d, size):
+        children = list(layer.layers)
+        outs = [d] if children else []
+        for child in reversed(children[1:]):
+            outs.append(_offset_in(child, outs[-1]))
+        outs.reverse()
+        for k, (child, out) in enumerate(zip(children, outs, strict=True)):
+            reg = self.emit(child, (*path, k), reg, out, size)
+            size = child.out_size(size)
+        return reg
+
+    def _sum(self, layer: Sum, path, reg, d, size):
+        hw = _rect(d, layer.out_size(size))[1]
+        regs = [self.emit(b, (*path, k), reg, d, size) for k, b in enumerate(layer.branches)]
+        total = regs[0]
+        for other in regs[1:]:
+            dst = self.new_reg(hw)
+            self.instrs.append(_Instr(_OP_ADD, dst, total, other, hw, hw))
+            if total in self.zero_ntk and other in self.zero_ntk:
+                self.zero_ntk.add(dst)
+            total = dst
+        return total
+
+    def _window(self, layer: Conv2d | Dense, path, reg, d, size):
+        """A convolution (or a dense readout, a window over the whole map): ``b + w / k^2 * sum``."""
+        origin, hw = _rect(d, layer.out_size(size))
+        in_origin, in_hw = _rect(_offset_in(layer, d), size)
+        if reg is None:
+            in_hw = (0, 0)
+        if type(layer) is Conv2d:
+            win, k2 = layer.window, layer.kernel_size * layer.kernel_size
+            s = win.stride
+            pt = win.pad_before + in_origin[0] - s * origin[0]
+            pl = win.pad_before + in_origin[1] - s * origin[1]
+            geometry = (win.size, win.size, s, s, win.dilation, win.dilation, pt, pl)
+        else:
+            k2 = size[0] * size[1]
+            geometry = (size[0], size[1], 1, 1, 1, 1, 0, 0)
+        dst = self.new_reg(hw)
+        # + the running sum's row; the transposed sum of the gradients runs on the mirrored shape
+        self.tmp_area = max(self.tmp_area, (in_hw[0] + 1) * hw[1], (hw[0] + 1) * in_hw[1])
+        p = self.param((layer, "var_weight", k2), (layer, "var_bias", 1))
+        flags = _NTK_IN_ZERO if reg is None or reg in self.zero_ntk else 0
+        source = dst if reg is None else reg  # an empty map is never read
+        self.instrs.append(_Instr(_OP_CONV, dst, source, -1, in_hw, hw, geometry, p, flags=flags))
+        return dst
+
+    def _nonlin(self, layer: ReLU | LeakyReLU, path, reg, d, size):
+        """NNGP k1 J + k2 c, as LeakyReLU.pair_map; NTK factor k1 D + k3 (h1 + h2) + k4, as pair_derivative_map."""
+        origin, hw = _rect(d, size)
+        dst = self.new_reg(hw)
+        alpha = 0.0 if type(layer) is ReLU else layer.negative_slope
+        if type(layer) is LeakyReLU:
+            self.slopes.append((layer, alpha))
+        p = self.param(
+            (None, (1.0 - alpha) ** 2, 1), (None, alpha, 1), (None, alpha * (1.0 - alpha), 1), (None, alpha**2, 1)
+        )
+        w = size[1]
+        xoff = origin[0] * w + origin[1]
+        zoff = (origin[0] + d[0]) * w + origin[1] + d[1]
+        self.instrs.append(
+            _Instr(_OP_NONLIN, dst, reg, -1, hw, hw, param=p, slot=self.slots[path], xoff=xoff, zoff=zoff, full_w=w)
+        )
+        if reg in self.zero_ntk:
+            self.zero_ntk.add(dst)
+        return dst
+
+    def _global_pool(self, pool: GlobalAvgPool2d, reg: int, d, in_size, out_size, accs: dict) -> None:
+        """Every offset's whole rectangle into the one output, over (H W)^2."""
+        in_hw = _rect(d, in_size)[1]
+        area = in_size[0] * in_size[1]
+        p = self.constant(1.0 / (area * area))
+        geometry = (in_hw[0], in_hw[1], 1, 1, 1, 1, 0, 0)
+        self.tmp_area = max(self.tmp_area, in_hw[0] + 1, 2 * in_hw[1])
+        self.instrs.append(_Instr(_OP_POOL, accs[(0, 0)], reg, -1, in_hw, (1, 1), geometry, p))
+
+    def _avg_pool(self, pool: AvgPool2d, reg: int, d, in_size, out_size, accs: dict) -> None:
+        """Offset ``d``'s map into each output offset ``D`` with ``|d - s D| < k``, over ``k^4``."""
         in_origin, in_hw = _rect(d, in_size)
-        if type(pool) is GlobalAvgPool2d:
-            area = in_size[0] * in_size[1]
-            p = self.constant(1.0 / (area * area))
-            geometry = (in_hw[0], in_hw[1], 1, 1, 1, 1, 0, 0)
-            self.tmp_area = max(self.tmp_area, in_hw[0] + 1, 2 * in_hw[1])
-            self.instrs.append(_Instr(_OP_POOL, accs[(0, 0)], reg, -1, in_hw, (1, 1), geometry, p))
-            return
         k, s, pad = pool.kernel_size, pool.stride, pool.padding
         p = self.constant(1.0 / k**4)
 
@@ -551,36 +504,25 @@ class _PooledLowering(_Lowering):
                 self.instrs.append(_Instr(_OP_POOL, accs[big_d], reg, -1, in_hw, hw, geometry, p))
 
 
-def _top_paths(model: Layer) -> list[tuple]:
-    """The tree path of each of :func:`_flat`'s layers (as :meth:`_PooledLowering._assign_slots` keys them)."""
-    if type(model) is not Sequential:
-        return [()]
-    out = []
-    for k, child in enumerate(model.layers):
-        out += [(k, *sub) for sub in _top_paths(child)]
-    return out
+#: What each layer between pools lowers to: its :class:`_Lowering` method, and the one input offset it reads for
+#: an output offset ``d`` (a convolution with stride ``s``: ``s d``; a dense readout: ``(0, 0)``).
+_LAYERS = {
+    Sequential: ("_series", _series_offset),
+    Sum: ("_sum", _sum_offset),
+    Conv2d: ("_window", lambda layer, d: (layer.window.stride * d[0], layer.window.stride * d[1])),
+    Dense: ("_window", lambda layer, d: (0, 0)),
+    ReLU: ("_nonlin", lambda layer, d: d),
+    LeakyReLU: ("_nonlin", lambda layer, d: d),
+}
+#: ... and each pooling layer: the :class:`_Lowering` method that adds one input offset into its outputs.
+_POOLS = {AvgPool2d: "_avg_pool", GlobalAvgPool2d: "_global_pool"}
 
 
 def _lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram:
-    if model.needs_full():
-        reason = unsupported(model, size)
-        if reason is not None:
-            raise Unsupported(reason)
-        return _PooledLowering(model, tuple(size), reuse).program()
-    low = _Lowering()
-    first = low.new_reg(size)
-    low.instrs.append(_Instr(_OP_INPUT, first, in_hw=size, out_hw=size))
-    low.zero_ntk.add(first)
-    last, hw = low.emit(model, first, tuple(size))
-    if hw != (1, 1):  # pragma: no cover - check_architecture runs first
-        raise ValueError(f"the network's output map is {hw[0]}x{hw[1]}, not 1x1")
-    low.instrs.append(_Instr(_OP_OUTPUT, -1, last, in_hw=(1, 1), out_hw=(1, 1)))
-    if fuse:
-        low.instrs = _fuse_sums(low.instrs)
-    code, n_regs, reg_off = _allocate(low, reuse)
-    return NativeProgram(
-        code, n_regs, reg_off, max(low.areas), max(low.tmp_area, 1), low.slot_areas, low.params, low.slopes
-    )
+    reason = unsupported(model, size)
+    if reason is not None:
+        raise Unsupported(reason)
+    return _Lowering(model, tuple(size), reuse, fuse).program()
 
 
 def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = False) -> NativeProgram | None:
@@ -600,14 +542,13 @@ def lower(model: Layer, size: tuple[int, int], reuse: bool = True, fuse: bool = 
 
 def unsupported(model: Layer, size: tuple[int, int]) -> str | None:
     """Why the native kernel cannot run ``model`` (naming the first layer it lacks), or ``None`` if it can."""
-    for layer in model.kernel_layers():  # the layers _Lowering.emit and _PooledLowering know
-        if not isinstance(layer, (Sequential, Sum)) and type(layer) not in (Conv2d, Dense, ReLU, LeakyReLU, *_POOLS):
+    for layer in model.kernel_layers():
+        if type(layer) not in _LAYERS and type(layer) not in _POOLS:
             return _describe(layer, "a layer the native kernel does not implement")
-    if model.needs_full():
-        for top in _flat(model):
-            if not isinstance(top, _POOLS) and top.needs_full():
-                pool = next(x for x in top.kernel_layers() if isinstance(x, _POOLS))
-                return _describe(pool, "a pooling layer inside a branch of a Sum, which the native kernel lacks")
+    for top in _flat(model):
+        if type(top) not in _POOLS and top.needs_full():
+            pool = next(x for x in top.kernel_layers() if type(x) in _POOLS)
+            return _describe(pool, "a pooling layer inside a branch of a Sum, which the native kernel lacks")
     return None
 
 
