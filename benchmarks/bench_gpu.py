@@ -35,7 +35,14 @@ sys.path.insert(0, str(HERE))
 
 from bench_memory import _status  # noqa: E402
 
-ARCHS = {"convnet_gp": "ConvNet GP", "resnet32_gp": "ResNet-32 GP", "residual_cnn_gp": "Residual CNN GP"}
+ARCHS = {
+    "convnet_gp": "ConvNet GP",
+    "resnet32_gp": "ResNet-32 GP",
+    "residual_cnn_gp": "Residual CNN GP",
+    # pooled networks: spatial offsets (torch.compile on a GPU keeps their full maps; the native kernel on a CPU)
+    "pooled_cnn_gp": "Pooled CNN GP",
+    "myrtle5_gp": "Myrtle-5 GP",
+}
 
 
 def _images(n: int) -> tuple[torch.Tensor, str]:
@@ -71,7 +78,7 @@ def _device_name(device: torch.device) -> str:
 def run_arch(name: str, x: torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype, args) -> dict:
     from gpytorch_cnngp import architectures, gram
 
-    model = getattr(architectures, name)()
+    model = architectures.ARCHITECTURES[name]()
     n = x.shape[0]
     rows = min(rows, n)
     kw = dict(device=device, dtype=dtype, backend=args.backend, tile_size=args.tile_size)

@@ -45,11 +45,16 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     # against eager float64 runs inside the script and fails it on a mismatch
     out = tmp_path / "gpu.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--n", "24"]
-    cmd += ["--rows", "24", "8", "--warmup", "8", "--check", "8", "--out", str(out)]
+    cmd += ["--archs", "convnet_gp", "resnet32_gp", "pooled_cnn_gp", "--rows", "24", "8", "8"]
+    cmd += ["--warmup", "8", "--check", "8", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
-    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("ConvNet GP", "24 x 24"), ("ResNet-32 GP", "8 x 24")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("ConvNet GP", "24 x 24"),
+        ("ResNet-32 GP", "8 x 24"),
+        ("Pooled CNN GP", "8 x 24"),
+    ]
     assert all(float(r[8]) < 1e-4 for r in rows)
     assert "(measured)" in rows[0][5] and "(projected)" in rows[1][5]
 
