@@ -106,6 +106,26 @@ void input_map(const Args<T>& g, const Instr& ins, int i, int jb, T* __restrict 
   const int area = g.H * g.W, C = g.C, rows = ins.out_h, cols = ins.out_w;
   const T* xi = kSelf ? nullptr : g.x + static_cast<int64_t>(i) * area * C;
   const T* zb = g.z + static_cast<int64_t>(jb) * area * C * VL;
+  if (C == 1) {  // one product per lane, row by row (grey images: MNIST)
+    for (int r = 0; r < rows; ++r) {
+      const int64_t px = ins.xoff + static_cast<int64_t>(r) * g.W, pz = ins.zoff + static_cast<int64_t>(r) * g.W;
+      T* __restrict d = dst + static_cast<int64_t>(r) * cols * VL;
+      const T* __restrict zv = zb + pz * VL;
+      if constexpr (kSelf) {
+        const T* __restrict zx = zb + px * VL;
+#pragma omp simd
+        for (int64_t e = 0; e < static_cast<int64_t>(cols) * VL; ++e) d[e] = zx[e] * zv[e];
+      } else {
+        const T* __restrict xr = xi + px;
+        for (int q = 0; q < cols; ++q) {
+          const T xv = xr[q];
+#pragma omp simd
+          for (int v = 0; v < VL; ++v) d[q * VL + v] = xv * zv[q * VL + v];
+        }
+      }
+    }
+    return;
+  }
   for (int r = 0; r < rows; ++r) {
     for (int q = 0; q < cols; ++q) {
       const int64_t p = static_cast<int64_t>(r) * cols + q;
