@@ -75,7 +75,8 @@ def _start(m: Tensor, run: Pass, ntk: bool) -> CovState:
 def _input(x: Tensor, z: Tensor, req: Requirements, plan: SpatialPlan | None, pairs: bool) -> Tensor:
     if plan is not None and plan.input is not None:
         return input_offsets(x, z, plan.input, pairs)
-    return input_pair(x, z, req.full) if pairs else input_matched(x, z, req.full)
+    full = req.full and plan is None  # a plan that needs no offset at the input starts from the same-location map
+    return input_pair(x, z, full) if pairs else input_matched(x, z, full)
 
 
 def _result(out: CovState, *shape: int) -> Tensor:
