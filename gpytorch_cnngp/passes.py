@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import FULL, SAME_LOCATION, layout_of
 from .ops import Offsets
 from .state import CovState, Hyper, Pass, Requirements, SpatialPlan
 from .state import KernelLayer as Layer
@@ -68,8 +69,11 @@ def _plan(model: Layer, req: Requirements, x: Tensor, compiled: bool = False) ->
 
 def _start(m: Tensor, run: Pass, ntk: bool) -> CovState:
     # the input layer has no parameters: its tangent kernel is zero
-    offsets = None if run.plan is None else run.plan.input
-    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None, offsets=offsets)
+    if run.plan is not None:
+        layout = layout_of(run.plan.input)
+    else:
+        layout = FULL if run.requirements.full else SAME_LOCATION
+    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None, layout=layout)
 
 
 def _input(x: Tensor, z: Tensor, req: Requirements, plan: SpatialPlan | None, pairs: bool) -> Tensor:
