@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import FULL, SAME_LOCATION, layout_of
 from .ops import Offsets
 from .state import CovState, Hyper, Pass, Requirements, SpatialPlan
 from .state import KernelLayer as Layer
@@ -68,14 +69,18 @@ def _plan(model: Layer, req: Requirements, x: Tensor, compiled: bool = False) ->
 
 def _start(m: Tensor, run: Pass, ntk: bool) -> CovState:
     # the input layer has no parameters: its tangent kernel is zero
-    offsets = None if run.plan is None else run.plan.input
-    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None, offsets=offsets)
+    if run.plan is not None:
+        layout = layout_of(run.plan.input)
+    else:
+        layout = FULL if run.requirements.full else SAME_LOCATION
+    return CovState(m, run, ntk=torch.zeros_like(m) if ntk else None, layout=layout)
 
 
 def _input(x: Tensor, z: Tensor, req: Requirements, plan: SpatialPlan | None, pairs: bool) -> Tensor:
     if plan is not None and plan.input is not None:
         return input_offsets(x, z, plan.input, pairs)
-    return input_pair(x, z, req.full) if pairs else input_matched(x, z, req.full)
+    full = req.full and plan is None  # a plan that needs no offset at the input starts from the same-location map
+    return input_pair(x, z, full) if pairs else input_matched(x, z, full)
 
 
 def _result(out: CovState, *shape: int) -> Tensor:

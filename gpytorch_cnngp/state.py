@@ -16,7 +16,8 @@ mutable, and only through :meth:`Pass.record` and :meth:`Pass.recall`. Maps keep
 first and the images last: ``[H, W, ...]`` on the same-location path; where a later layer pools, covariances
 between positions either as one map per spatial offset the readout needs, ``[H, W, O, ...]``
 (:class:`SpatialPlan`, :class:`~gpytorch_cnngp.ops.Offsets`), or as every pair of positions,
-``[H, W, H, W, ...]`` (the full path, see :mod:`gpytorch_cnngp.ops`).
+``[H, W, H, W, ...]`` (the full path, see :mod:`gpytorch_cnngp.ops`). The state names its maps' layout
+(:mod:`gpytorch_cnngp.layout`) and hands them to it for whatever depends on it, so layers never branch on it.
 
 This module knows nothing of tiles, backends or GPyTorch; it only relies on the layer protocol
 (``kernel_layers()``, ``hyperparameter_names``, ``needs_full()``, ``out_size()``, ``offsets_needed()``).
@@ -32,13 +33,14 @@ import torch
 from torch import Tensor
 
 from . import settings
+from .layout import SAME_LOCATION, Layout, layout_of
 from .ops import Offsets
 
 __all__ = ["CovState", "Hyper", "KernelLayer", "Pass", "Requirements", "SpatialPlan", "enter", "hyperparameters"]
 
 #: offsets as sets of ``(dy, dx)``, what a layer's :meth:`offsets_needed` takes and returns
 OffsetSet = frozenset[tuple[int, int]]
-SAME_LOCATION: OffsetSet = frozenset({(0, 0)})
+ZERO_OFFSET: OffsetSet = frozenset({(0, 0)})
 
 
 class KernelLayer(Protocol):
@@ -231,8 +233,8 @@ class SpatialPlan:
         """The one :class:`~gpytorch_cnngp.ops.Offsets` of ``wanted`` clipped to a ``size`` map (``None``:
         only ``(0, 0)``)."""
         h, w = size
-        kept = frozenset(d for d in wanted if abs(d[0]) < h and abs(d[1]) < w) | SAME_LOCATION
-        if kept == SAME_LOCATION:
+        kept = frozenset(d for d in wanted if abs(d[0]) < h and abs(d[1]) < w) | ZERO_OFFSET
+        if kept == ZERO_OFFSET:
             return None
         key = (size, kept)
         if key not in self._sets:
@@ -244,14 +246,14 @@ class SpatialPlan:
         the same-location map but give other offsets)."""
         key = (size, None)
         if key not in self._sets:
-            self._sets[key] = Offsets(size, SAME_LOCATION)
+            self._sets[key] = Offsets(size, ZERO_OFFSET)
         return self._sets[key]
 
     def needed(self, layer: Layer, size: tuple[int, int], want: Offsets | None) -> Offsets | None:
         """The offsets ``layer`` needs at its input of ``size`` to give the offsets ``want`` at its output."""
         key = (id(layer), size, id(want))
         if key not in self._needed:
-            out = SAME_LOCATION if want is None else frozenset(want.offsets)
+            out = ZERO_OFFSET if want is None else frozenset(want.offsets)
             self._needed[key] = self.offsets(size, layer.offsets_needed(out, size, self._rule))
         return self._needed[key]
 
@@ -259,7 +261,7 @@ class SpatialPlan:
         """What containers ask of their children (through the plan, so that every set is recorded)."""
         out_size = layer.out_size(size)
         found = self.needed(layer, size, self.offsets(out_size, out))
-        return SAME_LOCATION if found is None else frozenset(found.offsets)
+        return ZERO_OFFSET if found is None else frozenset(found.offsets)
 
     def chain(self, layers, size: tuple[int, int], want: Offsets | None) -> list[Offsets | None]:
         """The offsets each of ``layers`` (in series, the first taking ``size`` maps) must give at its output
@@ -284,11 +286,10 @@ def enter(layer: Layer, state: CovState, want: Offsets | None) -> CovState:
     plan = state.run.plan
     needs = plan.needed(layer, state.size, want)
     if needs is None:
-        state = state.at(None)
+        state = state.at(SAME_LOCATION)
         if want is not None:  # a layer that reads only d = 0 but gives other offsets (a bias, a strided window)
-            single = plan.same_location(state.size)
-            state = state.map(lambda m: m.unsqueeze(2)).replace(offsets=single)
-    return layer.propagate(state.replace(want=want)).at(want)
+            state = state.at(layout_of(plan.same_location(state.size)))
+    return layer.propagate(state.replace(want=want)).at(layout_of(want))
 
 
 @dataclass
@@ -336,16 +337,16 @@ class Pass:
 
 @dataclass(frozen=True)
 class CovState:
-    """The covariance state between two layers: the map and the pass it belongs to.
+    """The covariance state between two layers: the map, its layout and the pass it belongs to.
 
-    :ivar nngp: the map: variances (self pass) or covariances (pair pass) of the pre-activations,
-        ``[H, W, ...]`` or, on the full path, ``[H, W, H, W, ...]``.
+    :ivar nngp: the map: variances (self pass) or covariances (pair pass) of the pre-activations, laid out by
+        :attr:`layout`.
     :ivar run: the :class:`Pass` this state belongs to.
     :ivar keep_full: a layer after the current one needs full spatial covariances, so containers must
         not reduce the map to its same-location part yet.
     :ivar ntk: the neural tangent kernel's map, of the same shape, when the pass computes it (else ``None``).
-    :ivar offsets: on the offset path (``run.plan``), the offsets the maps carry (``[H, W, O, ...]``), or
-        ``None`` for a same-location map.
+    :ivar layout: how the maps are laid out (:mod:`gpytorch_cnngp.layout`): same-location ``[H, W, ...]``, full
+        ``[H, W, H, W, ...]`` or, on the offset path (``run.plan``), per offset ``[H, W, O, ...]``.
     :ivar want: on the offset path, the offsets the current layer must give at its output (``None``: the
         same-location map alone).
     """
@@ -354,37 +355,64 @@ class CovState:
     run: Pass
     keep_full: bool = False
     ntk: Tensor | None = None
-    offsets: Offsets | None = None
+    layout: Layout = SAME_LOCATION
     want: Offsets | None = None
-
-    @property
-    def full(self) -> bool:
-        """Whether the map is a full spatial covariance ``[H, W, H, W, ...]`` (else ``[H, W, ...]``, or offset
-        maps ``[H, W, O, ...]``)."""
-        return self.offsets is None and self.nngp.dim() == 4 + self.run.pair_ndim
 
     @property
     def size(self) -> tuple[int, int]:
         """The map's spatial size ``(H, W)``."""
         return int(self.nngp.shape[0]), int(self.nngp.shape[1])
 
-    def at(self, offsets: Offsets | None) -> CovState:
-        """The same covariances laid out by ``offsets`` (a subset of the state's; ``None``: same-location)."""
-        if offsets is self.offsets:
+    @property
+    def target(self) -> Layout:
+        """The layout the current layer gives: on the offset path that of :attr:`want`, else the input's (a full
+        map stays full until a container drops it)."""
+        return self.layout if self.run.plan is None else layout_of(self.want)
+
+    def at(self, layout: Layout) -> CovState:
+        """The same covariances laid out by ``layout`` (the same-location map, or a subset of the offsets)."""
+        if layout == self.layout:
             return self
-        if self.offsets is None:
-            raise RuntimeError("a same-location map cannot give covariances at other offsets")
-        if offsets is None:
-            zero = self.offsets.zero
-            return self.map(lambda m: m.select(2, zero)).replace(offsets=None)
-        source = self.offsets
-        return self.map(lambda m: offsets.select(m, source)).replace(offsets=offsets)
+        source = self.layout
+        return self.map(lambda m: source.convert(m, layout)).replace(layout=layout)
+
+    def output(self, nngp: Tensor, ntk: Tensor | None = None) -> CovState:
+        """The layer's result: maps already in :attr:`target`."""
+        return replace(self, nngp=nngp, ntk=ntk, layout=self.target)
+
+    def each(self, fn) -> CovState:
+        """The layer's result when it maps every map the state carries alike: ``fn(m)``, in :attr:`target`."""
+        return self.output(fn(self.nngp), None if self.ntk is None else fn(self.ntk))
 
     def masked(self, nngp: Tensor, ntk: Tensor | None = None) -> CovState:
-        """A state on the output offsets ``want`` (zero where ``p + d`` leaves the map, in place)."""
-        mask = self.want.mask(nngp, self.run.pair_ndim)
-        nngp = nngp.mul_(mask)
-        return self.replace(nngp=nngp, ntk=None if ntk is None else ntk.mul_(mask), offsets=self.want)
+        """The layer's result from maps in :attr:`target` whose entries it lacks (``p + d`` outside the map on the
+        offset path) may hold anything: those are set to zero, in place."""
+        target, pair_ndim = self.target, self.run.pair_ndim
+        nngp = target.mask_(nngp, pair_ndim)
+        return replace(self, nngp=nngp, ntk=None if ntk is None else target.mask_(ntk, pair_ndim), layout=target)
+
+    # --- the layout's operations on this state's maps (see :class:`gpytorch_cnngp.layout.Layout`) ---------
+    def window_sum(self, m: Tensor, window, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+        """A convolution's window sum of ``m`` (both positions moved together) times ``scale`` plus ``bias``, in
+        :attr:`target`."""
+        return self.layout.window_sum(m, self.target, window, self.run.window_method, scale, bias)
+
+    def pool(self, m: Tensor, window, scale: float) -> Tensor:
+        """Average pooling of ``m``: ``scale`` times the sum over ``window`` on each image's positions, in
+        :attr:`target`."""
+        return self.layout.pool(m, self.target, window, self.run.window_method, scale, self._single())
+
+    def global_mean(self, m: Tensor) -> Tensor:
+        """The mean of ``m`` over every pair of positions, as a 1x1 map in :attr:`target`."""
+        return self.layout.global_mean(m, self._single())
+
+    def readout(self, m: Tensor) -> Tensor:
+        """The mean over positions of ``m``'s same-location map, as a 1x1 map in :attr:`target`."""
+        return self.layout.readout(m)
+
+    def _single(self):
+        plan = self.run.plan
+        return None if plan is None else plan.same_location
 
     def hyper(self, layer: Layer, name: str) -> Tensor:
         """``layer``'s hyperparameter ``name`` for this pass."""

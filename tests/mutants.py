@@ -1,7 +1,7 @@
 """Deliberately wrong variants of the library's formulas, to prove that the exactness tests can fail.
 
-Each mutant patches the library at the narrowest point (an ``ops`` function, the name a layer module
-imported, one layer method) through a ``pytest.MonkeyPatch``; the source files are never modified.
+Each mutant patches the library at the narrowest point (an ``ops`` function, the name a layer or the
+layout module imported, one layer method) through a ``pytest.MonkeyPatch``; the source files are never modified.
 ``tests/conftest.py`` applies the mutant named by the environment variable ``CNNGP_MUTANT`` for a
 whole session and ``tests/mutation_check.py`` runs the test files once per mutant.
 
@@ -25,6 +25,7 @@ import gpytorch_cnngp.layers.erf as erf
 import gpytorch_cnngp.layers.leaky_relu as leaky_relu
 import gpytorch_cnngp.layers.pooling as pooling
 import gpytorch_cnngp.layers.relu as relu
+import gpytorch_cnngp.layout as layout
 import gpytorch_cnngp.ops as ops
 import gpytorch_cnngp.passes as passes
 
@@ -102,7 +103,7 @@ def _relu_no_sqrt_term(mp):
 
 def _pad_not_counted(mp):
     """Window sums divided by the number of in-image taps instead of k^2 (padding not counted)."""
-    window_sum = conv.window_sum
+    window_sum = layout.window_sum
 
     def per_tap_mean_times_k2(m, win_h, win_w, method="matmul", scale=None):
         summed = window_sum(m, win_h, win_w, method, scale)
@@ -111,12 +112,12 @@ def _pad_not_counted(mp):
         count = count.reshape(*count.shape, *([1] * (m.dim() - 2)))
         return summed * (win_h.size * win_w.size) / count
 
-    mp.setattr(conv, "window_sum", per_tap_mean_times_k2)
+    mp.setattr(layout, "window_sum", per_tap_mean_times_k2)
 
 
 def _even_k_flipped(mp):
     """Even k under "same" padded mirrored: one more before than after (PyTorch-style, not TF SAME)."""
-    window_sum = conv.window_sum
+    window_sum = layout.window_sum
 
     def flip(win):
         if win.pad_before == win.pad_after:
@@ -126,7 +127,7 @@ def _even_k_flipped(mp):
     def flipped(m, win_h, win_w, method="matmul", scale=None):
         return window_sum(m, flip(win_h), flip(win_w), method, scale)
 
-    mp.setattr(conv, "window_sum", flipped)
+    mp.setattr(layout, "window_sum", flipped)
 
 
 def _no_exact_diag(mp):
@@ -200,32 +201,15 @@ def _avgpool_same_tap(mp):
     weight variance 1), instead of averaging both windows independently."""
 
     def conv_like(self, state):
-        if state.run.plan is None:  # full maps [H, W, H, W, ...]
-            return state.replace(
-                nngp=ops.diagonal_window_sum(state.nngp, self.window, self.window) / self.kernel_size**2
-            )
-        # offset maps: output offset D from input offset stride * D, as a convolution reads it
-        state = pooling._spatial(self, state)
-        target = state.want or state.run.plan.same_location(self.out_size(state.size))
-        m = ops.offset_window_sum(state.nngp, state.offsets, target, self.window, self.window, "matmul", None)
-        m = m / self.kernel_size**2 * target.mask(m, state.run.pair_ndim)
-        out = state.replace(nngp=m, offsets=target)
-        return out if state.want is not None else out.at(None)
+        # a convolution's window sum in whatever layout the state carries (both positions moved together)
+        return state.each(lambda m: state.window_sum(m, self.window, 1.0 / self.kernel_size**2))
 
     mp.setattr(pooling.AvgPool2d, "propagate", conv_like)
 
 
 def _gap_same_location(mp):
     """GlobalAvgPool2d averages only the same-location entries K[p, p] (as a Dense readout would)."""
-
-    def same_location_mean(self, state):
-        if state.run.plan is None:  # full maps [H, W, H, W, ...]
-            return state.replace(nngp=ops.same_location(state.nngp).mean(dim=(0, 1), keepdim=True)[:, :, None, None])
-        state = pooling._spatial(self, state)  # offset maps: the offset (0, 0) alone
-        local = state.nngp.select(2, state.offsets.zero).mean(dim=(0, 1), keepdim=True)
-        return state.replace(nngp=local, offsets=None)
-
-    mp.setattr(pooling.GlobalAvgPool2d, "propagate", same_location_mean)
+    mp.setattr(pooling.GlobalAvgPool2d, "propagate", lambda self, state: state.each(state.readout))
 
 
 def _erf_missing_2(mp):

@@ -42,6 +42,7 @@ from gpytorch_cnngp import (
     Sum,
     settings,
 )
+from gpytorch_cnngp.state import Requirements
 
 F64 = torch.float64
 RTOL64 = 1e-10
@@ -463,6 +464,21 @@ def test_avgpool1_before_readout_changes_nothing(name, readout):
     with torch.no_grad():
         for call in calls:
             torch.testing.assert_close(call(pooled), call(plain), rtol=1e-12, atol=0.0)
+
+
+def test_pool_needing_no_offset_runs_on_same_location_maps():
+    """A pooled network whose plan needs no offset but (0, 0) (here AvgPool2d(1)) starts from the same-location
+    input map and runs every layer on it, so it gives the plain network's kernel bit for bit (it used to start
+    from the full map [H, W, H, W] and carry it through the body, whose window sums round differently)."""
+    body, _ = _bodies()["relu_stack"]
+    plain = Sequential(copy.deepcopy(body), Dense(var_weight=1.3, var_bias=0.2))
+    pooled = Sequential(copy.deepcopy(body), AvgPool2d(1), Dense(var_weight=1.3, var_bias=0.2))
+    plan = Requirements(pooled).plan(pooled, (8, 8))
+    assert plan is not None and plan.input is None  # the offset path, with nothing but the same-location map
+    x, z = _images(3, 2, 8, seed=7), _images(4, 2, 8, seed=8)
+    with torch.no_grad():
+        for call in (lambda m: m(x), lambda m: m(x, z), lambda m: m(x, z[:3], diag=True)):
+            assert torch.equal(call(pooled), call(plain))
 
 
 def test_gap_is_avgpool_of_the_whole_map():

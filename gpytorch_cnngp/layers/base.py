@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..ops import position_diagonal, safe_sqrt, same_location
+from ..ops import safe_sqrt
 from ..state import CovState
 
 __all__ = ["Layer", "FiniteBuild", "Nonlinearity", "WeightedLayer", "check_variance", "set_evaluator"]
@@ -87,11 +87,12 @@ class Layer(nn.Module):
         raise NotImplementedError
 
     def propagate(self, state: CovState) -> CovState:
-        """The next covariance state: ``state.nngp`` is a covariance (pair pass) or variance (self pass) map
-        ``[H, W, ...]`` (``[H, W, H, W, ...]`` when ``state.full``; ``[H, W, O, ...]`` at the offsets
-        ``state.offsets`` on the offset path, where the output must carry ``state.want``, zero where ``p + d``
-        leaves the map: :meth:`CovState.masked`); read hyperparameters with ``state.hyper(self, name)`` and
-        return ``state.replace(nngp=...)``."""
+        """The next covariance state: ``state.nngp`` is a covariance (pair pass) or variance (self pass) map laid
+        out by ``state.layout`` (same-location ``[H, W, ...]``, full ``[H, W, H, W, ...]`` or per offset
+        ``[H, W, O, ...]``, see :mod:`gpytorch_cnngp.layout`); the output is laid out by ``state.target``. Read
+        hyperparameters with ``state.hyper(self, name)``, ask the state for what depends on the layout
+        (``state.window_sum``, ``state.pool``, ``state.readout``, ``state.layout.own_variances``, ...) and return
+        ``state.output(nngp, ntk)`` (``state.masked(...)`` where entries the target lacks may be non-zero)."""
         raise NotImplementedError
 
     def children_layers(self) -> Iterator[Layer]:
@@ -300,69 +301,33 @@ class Nonlinearity(Layer):
         raise NotImplementedError(f"{type(self).__name__} has no neural tangent kernel rule")
 
     def _maps(self, state: CovState, sides: tuple[Tensor, ...], pair, own) -> Tensor:
-        """The pair expectation ``pair(c, s1, s2, compiled)``, with the exact self values ``own(v, s)`` where an
-        image meets itself. ``sides``: the recorded standard deviations (``(s,)`` in the self pass, ``(s_x, s_z)``
-        in a pair pass)."""
-        m, full, run = state.nngp, state.full, state.run
+        """The pair expectation ``pair(c, s1, s2, compiled)`` at every entry of the state's layout (the first side's
+        standard deviation at the first position, the second's at the second), with the exact self values
+        ``own(v, s)`` where an image meets itself at one position. ``sides``: the recorded standard deviations
+        (``(s,)`` in the self pass, ``(s_x, s_z)`` in a pair pass)."""
+        m, layout, run = state.nngp, state.layout, state.run
         if run.mode == "self":
-            v = same_location(m) if full else m
             (s,) = sides
-            if not full:
-                return own(v, s)
-            # covariances between the positions of one image; each position with itself is exact
-            out = pair(m, s[:, :, None, None], s[None, None], run.compiled)
-            position_diagonal(out).copy_(own(v, s).flatten(0, 1).movedim(0, -1))
-            return out
+            return layout.self_map(m, s, pair, own, run.compiled)
         sx, sz = sides
-        s1, s2 = (sx[:, :, None, None], sz[None, None]) if full else (sx, sz)
-        out = pair(m, s1, s2, run.compiled)
+        out = layout.pointwise(m, sx, sz, pair, run.compiled)
         if run.same:
             # An image with itself: use the self value instead of the pair formula at rho ~ 1, which rounding spoils.
             s = sx.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
-            value = own(s * s, s)
-            if full:  # entries (p, p, a, a): each position of image a with itself, as [n, H * W]
-                hw = s.shape[0] * s.shape[1]
-                target = out.view(hw, hw, *out.shape[4:]).diagonal(0, -2, -1).diagonal(0, 0, 1)
-                target.copy_(value.reshape(hw, -1).t())
-            else:
-                out.diagonal(0, -2, -1).copy_(value)
-        return out
-
-    def _offset_maps(self, state: CovState, sides: tuple[Tensor, ...], pair, own) -> Tensor:
-        """:meth:`_maps` on offset maps ``[H, W, O, ...]``: the left image's standard deviation at ``p``, the
-        right one's at ``p + d``; the same-location map (``d = 0``) takes the exact self values as :meth:`_maps`
-        does. Zero where ``p + d`` leaves the map (the caller masks)."""
-        m, offsets, run = state.nngp, state.offsets, state.run
-        if run.mode == "self":
-            (s,) = sides
-            out = pair(m, s[:, :, None], offsets.shifted(s), run.compiled)
-            out.select(2, offsets.zero).copy_(own(m.select(2, offsets.zero), s))
-            return out
-        sx, sz = sides
-        out = pair(m, sx[:, :, None], offsets.shifted(sz), run.compiled)
-        if run.same:
-            s = sx.squeeze(-1)  # [H, W, n, 1] -> [H, W, n]
-            out.select(2, offsets.zero).diagonal(0, -2, -1).copy_(own(s * s, s))
+            layout.write_same_image(out, own(s * s, s))
         return out
 
     def propagate(self, state: CovState) -> CovState:
-        offsets = state.offsets is not None
-        if offsets:
-            state = state.at(state.want)
+        state = state.at(state.target)  # only the entries the output carries
         run = state.run
         if run.mode == "self":
-            if offsets:
-                v = state.nngp.select(2, state.offsets.zero)
-            else:
-                v = same_location(state.nngp) if state.full else state.nngp
-            s = safe_sqrt(v)
+            s = safe_sqrt(state.layout.own_variances(state.nngp))
             run.record(s)
             sides = (s,)
         else:
             sides = run.recall()
-        maps = self._offset_maps if offsets else self._maps
-        nngp = maps(state, sides, self.pair_map, self.self_map)
+        nngp = self._maps(state, sides, self.pair_map, self.self_map)
         ntk = None
         if state.ntk is not None:
-            ntk = state.ntk * maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
-        return state.masked(nngp, ntk) if offsets else state.replace(nngp=nngp, ntk=ntk)
+            ntk = state.ntk * self._maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
+        return state.masked(nngp, ntk)  # zero where p + d leaves the map (offset maps)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import Tensor, nn
 
-from ..ops import same_location
+from ..layout import SAME_LOCATION, layout_of
 from ..state import CovState, enter
 from .base import FiniteBuild, Layer
 from .conv import Conv2d
@@ -75,16 +75,16 @@ class Sequential(Layer):
             want, layers = state.want, list(self.layers)
             for layer, layer_want in zip(layers, state.run.plan.chain(layers, state.size, want), strict=True):
                 state = enter(layer, state, layer_want)
-            return state.at(want)
+            return state.at(layout_of(want))
         keep = state.keep_full
         needs = [state.run.requirements.needs(layer) for layer in self.layers]
         for i, layer in enumerate(self.layers):
             later = keep or any(needs[i + 1 :])
-            if not (needs[i] or later) and state.full:
-                state = state.map(same_location)  # nothing from here on needs positions
+            if not (needs[i] or later):
+                state = state.at(SAME_LOCATION)  # nothing from here on needs positions
             state = layer.propagate(state.replace(keep_full=later))
         state = state.replace(keep_full=keep)
-        return state if keep or not state.full else state.map(same_location)
+        return state if keep else state.at(SAME_LOCATION)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         # The first layer with weights reads the input channels and the last one writes the output
@@ -159,8 +159,8 @@ class Sum(Layer):
         total = None
         for branch in self.branches:
             out = branch.propagate(state)
-            if not state.keep_full and out.full:
-                out = out.map(same_location)
+            if not state.keep_full:
+                out = out.at(SAME_LOCATION)
             if total is None:
                 total = out
             else:  # independent branches: both kernels add

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import Window, diagonal_window_sum, offset_window_sum, window_sum
+from ..ops import Window
 from ..state import CovState
 from .base import FiniteBuild, ScaledAffine, WeightedLayer, check_variance
 
@@ -112,29 +112,12 @@ class Conv2d(WeightedLayer):
     def propagate(self, state: CovState) -> CovState:
         scale = state.hyper(self, "var_weight") / (self.kernel_size * self.kernel_size)
         bias = state.hyper(self, "var_bias")
-        win, method = self.window, state.run.window_method
-        if state.offsets is not None:  # output offset D from input offset stride * D; bias where P + D is inside
-            source, target = state.offsets, state.want
-            nngp = offset_window_sum(state.nngp, source, target, win, win, method, scale).add_(bias)
-            if state.ntk is None:
-                return state.masked(nngp)
-            ntk = offset_window_sum(state.ntk, source, target, win, win, method, scale)
-            state = state.masked(nngp)
-            return state.replace(ntk=ntk.mul_(target.mask(ntk, state.run.pair_ndim)).add_(state.nngp))
-
-        def average(m: Tensor) -> Tensor:
-            if state.full:  # covariances between positions: both sides share each tap's weight
-                return diagonal_window_sum(m, win, win, scale)
-            return window_sum(m, win, win, method, scale)
-
-        # the window sums return fresh tensors when given a scale, and neither matmul nor mul keeps its
-        # output for the backward pass, so the bias can be added in place (one pass, no allocation)
-        nngp = average(state.nngp).add_(bias)
+        nngp = state.window_sum(state.nngp, self.window, scale, bias)
         if state.ntk is None:
-            return state.replace(nngp=nngp)
+            return state.output(nngp)
         # NTK parameterisation: the weights' and bias' own gradients give the new NNGP, the earlier layers'
         # come through the same window average
-        return state.replace(nngp=nngp, ntk=average(state.ntk).add_(nngp))
+        return state.output(nngp, state.window_sum(state.ntk, self.window, scale).add_(nngp))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         c_in = in_channels * self.in_channel_multiplier

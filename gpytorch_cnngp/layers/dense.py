@@ -7,7 +7,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import same_location
 from ..state import CovState
 from .base import FiniteBuild, ScaledAffine, WeightedLayer
 
@@ -47,20 +46,11 @@ class Dense(WeightedLayer):
         return frozenset({(0, 0)})  # only same-location covariances survive the sum over inputs
 
     def propagate(self, state: CovState) -> CovState:
-        full = state.full
         weight, bias = state.hyper(self, "var_weight"), state.hyper(self, "var_bias")
-
-        def mean(m: Tensor) -> Tensor:
-            local = same_location(m) if full else m
-            return local.mean(dim=(0, 1), keepdim=True) * weight
-
-        def shaped(m: Tensor) -> Tensor:
-            return m[:, :, None, None] if full else m
-
-        nngp = mean(state.nngp) + bias
+        nngp = state.readout(state.nngp) * weight + bias
         if state.ntk is None:
-            return state.replace(nngp=shaped(nngp))
-        return state.replace(nngp=shaped(nngp), ntk=shaped(mean(state.ntk) + nngp))  # as Conv2d
+            return state.output(nngp)
+        return state.output(nngp, state.readout(state.ntk) * weight + nngp)  # as Conv2d
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         var_w = float(self.var_weight.detach())

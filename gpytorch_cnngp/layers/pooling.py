@@ -4,23 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import Window, offset_pool, window_sum_both_sides
+from ..ops import Window
 from ..state import CovState
 from .base import FiniteBuild, Layer
 
 __all__ = ["AvgPool2d", "GlobalAvgPool2d"]
-
-
-def _spatial(layer: Layer, state: CovState) -> CovState:
-    """The state on a spatial path: a same-location map where the plan found no other offset needed (a map of
-    one position, a window of one tap) becomes the offset map of ``(0, 0)`` alone."""
-    plan = state.run.plan
-    if state.offsets is None and plan is not None:
-        single = plan.same_location(state.size)
-        return state.map(lambda m: m.unsqueeze(2)).replace(offsets=single)
-    if not state.full and state.offsets is None:  # the engine starts on a spatial path whenever a layer needs it
-        raise RuntimeError(f"{layer!r} needs full spatial covariances; compute kernels through gpytorch_cnngp.gram")
-    return state
 
 
 class AvgPool2d(Layer):
@@ -87,19 +75,8 @@ class AvgPool2d(Layer):
         return frozenset((s * dy + ey, s * dx + ex) for dy, dx in out for ey in span for ex in span)
 
     def propagate(self, state: CovState) -> CovState:
-        state = _spatial(self, state)
         scale = 1.0 / self.kernel_size**4
-        if state.offsets is not None:
-            source, target = state.offsets, state.want
-            if target is None:  # the same-location map alone: the offset (0, 0), which no position leaves
-                single = state.run.plan.same_location(self.out_size(state.size))
-                return state.map(lambda m: offset_pool(m, source, single, self.window, scale).squeeze(2)).replace(
-                    offsets=None
-                )
-            ntk = None if state.ntk is None else offset_pool(state.ntk, source, target, self.window, scale)
-            return state.masked(offset_pool(state.nngp, source, target, self.window, scale), ntk)
-        method = state.run.window_method
-        return state.map(lambda m: window_sum_both_sides(m, self.window, self.window, method, scale))
+        return state.each(lambda m: state.pool(m, self.window, scale))
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, count_include_pad=True), incoming
@@ -125,15 +102,7 @@ class GlobalAvgPool2d(Layer):
         return frozenset((dy, dx) for dy in range(1 - h, h) for dx in range(1 - w, w))
 
     def propagate(self, state: CovState) -> CovState:
-        state = _spatial(self, state)
-        if state.offsets is not None:  # every pair of positions is one offset at one position, or outside
-            area = state.size[0] * state.size[1]
-
-            def mean(m):
-                return m.sum(dim=(0, 1, 2), keepdim=True).squeeze(2).div_(area * area)
-
-            return state.map(mean).replace(offsets=None)
-        return state.map(lambda m: m.mean(dim=(0, 1, 2, 3), keepdim=True))
+        return state.each(state.global_mean)
 
     def build_nn(self, in_channels: int, out_channels: int, incoming: int, build: FiniteBuild) -> tuple[nn.Module, int]:
         return nn.AdaptiveAvgPool2d(1), incoming
