@@ -72,7 +72,7 @@ def test_compile_mode(monkeypatch):
     monkeypatch.setenv("CNNGP_COMPILE", "0")
     assert _auto(10**9, pooled=True) is Eager and _auto(10**9) is Eager
     with settings.compile_mode("on"):
-        assert _auto(1, pooled=True) is Inductor  # the native kernel cannot run pooling
+        assert _auto(1, pooled=True) in (Native, Inductor)  # native where the kernel builds
         assert _auto(1) in (Native, Inductor)
         assert _choose("eager", 1) is Eager  # an explicit argument beats the setting
 
