@@ -19,7 +19,7 @@ pair pass reads, so a forward call packs no traces in Python; a sum of branches 
 done in that window sum's store (``lower(..., fuse=True)``, the NNGP's forward only).
 
 A pooled network (:class:`~gpytorch_cnngp.AvgPool2d`, :class:`~gpytorch_cnngp.GlobalAvgPool2d`, outside
-:class:`~gpytorch_cnngp.Sum` branches) is lowered by :class:`_PooledLowering` to the same instructions on maps of
+:class:`~gpytorch_cnngp.Sum` branches) is lowered by :class:`_Lowering` to the same instructions on maps of
 spatial offsets: between two pools each offset ``d`` the next pool reads runs through the layers on its own, on
 the rectangle of positions ``p`` with ``p + d`` inside the map, and is added into that pool's outputs at once
 (:class:`~gpytorch_cnngp.state.SpatialPlan` says which offsets; :func:`_rect` where each lies). Its self pass runs
