@@ -551,17 +551,9 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
 // a sum of branches done in the store (the instruction's b), the same bits as the separate sum.
 template <typename T, int VL, bool kDirect = false>
 void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale, T bias,
-          const T* __restrict add = nullptr, const T* __restrict branch = nullptr, bool accumulate = false) {
+          const T* __restrict add = nullptr, const T* __restrict branch = nullptr) {
   using H = typename Lanes<T, VL>::H;
-  if (accumulate) {  // out += scale * sum (OP_POOL)
-    auto store = [dst, scale](int64_t at, int, H sum) {
-      H out;
-      std::memcpy(&out, dst + at, sizeof(H));
-      out += sum * scale;
-      std::memcpy(dst + at, &out, sizeof(H));
-    };
-    window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
-  } else if (branch != nullptr) {
+  if (branch != nullptr) {
     auto store = [dst, branch, scale, bias](int64_t at, int, H sum) {
       H out;
       std::memcpy(&out, branch + at, sizeof(H));
@@ -584,6 +576,19 @@ void conv(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __res
     };
     window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
   }
+}
+
+// An average pool's step (OP_POOL): out += scale * sum, a window sum of its own so that conv's paths stay as they were.
+template <typename T, int VL, bool kDirect = false>
+void pool_sum(const Instr& ins, const T* __restrict src, T* __restrict dst, T* __restrict tmp, T scale) {
+  using H = typename Lanes<T, VL>::H;
+  auto store = [dst, scale](int64_t at, int, H sum) {
+    H out;
+    std::memcpy(&out, dst + at, sizeof(H));
+    out += sum * scale;
+    std::memcpy(dst + at, &out, sizeof(H));
+  };
+  window_sum<T, VL, decltype(store), kDirect>(ins, src, tmp, store);
 }
 
 // sum_m cf[m] a^m by Estrin's scheme: neighbours paired as cf[2k] + cf[2k + 1] a, then pairs of those with a^2,
@@ -919,8 +924,8 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       case OP_POOL: {  // both maps pooled alike: a pool has no parameters
         const T scale = g.params[ins.param];
-        conv<T, VL, kSelf>(ins, reg(ins.a), reg(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
-        if (g.ntk) conv<T, VL, kSelf>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale, T(0), nullptr, nullptr, true);
+        pool_sum<T, VL, kSelf>(ins, reg(ins.a), reg(ins.dst), tmp, scale);
+        if (g.ntk) pool_sum<T, VL, kSelf>(ins, tangent(ins.a), tangent(ins.dst), tmp, scale);
         break;
       }
       case OP_CONV: {
