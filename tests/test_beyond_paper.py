@@ -7,8 +7,6 @@ dense solve on the stored kernels, and the test images are never asked for.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -17,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mnist_files import disable_sources, write_mnist
 
-from gpytorch_cnngp import datasets as ds
 from gpytorch_cnngp import distributed as dist
 from gpytorch_cnngp.cli import commands
 from gpytorch_cnngp.store import KernelStore
@@ -38,11 +36,6 @@ def load_script():
     return module
 
 
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
 @pytest.fixture
 def digits():
     """The first 60 training images of the mnist_as_tf split: 40 to train on, 20 placed where validation starts."""
@@ -53,31 +46,13 @@ def digits():
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch, digits):
     """MNIST-shaped IDX files, real digits where the tiny split looks, patched MD5s and no network."""
-
-    def fail(names, scratch, progress):
-        raise OSError("network disabled in tests")
-
-    for name in ds.DATASETS:
-        monkeypatch.setitem(ds.SOURCES, name, [ds.Source("offline", fail)])
+    disable_sources(monkeypatch)
     x, y = digits["images"], digits["labels"]
     train_x, train_y = np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8)
     train_x[5000 : 5000 + N_TRAIN], train_y[5000 : 5000 + N_TRAIN] = x[:N_TRAIN], y[:N_TRAIN]
     train_x[55000 : 55000 + N_VAL], train_y[55000 : 55000 + N_VAL] = x[N_TRAIN:60], y[N_TRAIN:60]
     test_x, test_y = np.full((4, 28, 28), 255, np.uint8), np.zeros(4, np.uint8)
-    folder = tmp_path / "data" / "mnist"
-    folder.mkdir(parents=True)
-    md5 = {}
-    for name, array in (
-        (ds.TRAIN_IMAGES, train_x),
-        (ds.TRAIN_LABELS, train_y),
-        (ds.TEST_IMAGES, test_x),
-        (ds.TEST_LABELS, test_y),
-    ):
-        raw = _idx(array)
-        md5[name] = hashlib.md5(raw).hexdigest()
-        (folder / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=1))
-    monkeypatch.setitem(ds.MD5, "mnist", md5)
-    return tmp_path / "data"
+    return write_mnist(tmp_path / "data", monkeypatch, train_x, train_y, test_x, test_y)
 
 
 @pytest.fixture

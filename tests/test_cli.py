@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mnist_files import disable_sources, write_mnist
 
 from gpytorch_cnngp import cli, settings
 from gpytorch_cnngp import datasets as ds
@@ -22,20 +21,10 @@ from gpytorch_cnngp.cli import commands
 SAMPLE = Path(__file__).parent / "data" / "mnist_sample.npz"
 
 
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
 @pytest.fixture
 def offline(monkeypatch):
     """No network: every configured source fails."""
-
-    def fail(names, scratch, progress):
-        raise OSError("network disabled in tests")
-
-    for name in ds.DATASETS:
-        monkeypatch.setitem(ds.SOURCES, name, [ds.Source("offline", fail)])
+    disable_sources(monkeypatch)
 
 
 @pytest.fixture
@@ -48,20 +37,7 @@ def data_dir(tmp_path, monkeypatch, offline):
     train_x[5000:5020], train_y[5000:5020] = sample["train_images"][:20], sample["train_labels"][:20]
     train_x[55000:55010], train_y[55000:55010] = sample["train_images"][20:30], sample["train_labels"][20:30]
     test_x, test_y = sample["test_images"][:16], sample["test_labels"][:16]
-    folder = tmp_path / "data" / "mnist"
-    folder.mkdir(parents=True)
-    md5 = {}
-    for name, array in (
-        (ds.TRAIN_IMAGES, train_x),
-        (ds.TRAIN_LABELS, train_y),
-        (ds.TEST_IMAGES, test_x),
-        (ds.TEST_LABELS, test_y),
-    ):
-        raw = _idx(array)
-        md5[name] = hashlib.md5(raw).hexdigest()
-        (folder / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=1))
-    monkeypatch.setitem(ds.MD5, "mnist", md5)
-    return tmp_path / "data"
+    return write_mnist(tmp_path / "data", monkeypatch, train_x, train_y, test_x, test_y)
 
 
 def test_sample_has_the_expected_keys():

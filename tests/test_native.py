@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from variance_leaves import variance_leaves
 
 from gpytorch_cnngp import (
     AvgPool2d,
@@ -302,26 +303,13 @@ def vjp_spy(monkeypatch):
     return calls
 
 
-def _leaves(model, seed):
-    """Every weighted layer gets its own float64 variances that require grad."""
-    gen = torch.Generator().manual_seed(seed)
-    leaves = []
-    for layer in model.kernel_layers():
-        if "var_weight" in getattr(layer, "hyperparameter_names", ()):
-            for name in ("var_weight", "var_bias"):
-                leaf = (0.2 + 1.8 * torch.rand((), generator=gen, dtype=F64)).requires_grad_(True)
-                setattr(layer, name, leaf)
-                leaves.append(leaf)
-    return leaves
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_native_hyperparameter_gradients_match_eager(name, spy, vjp_spy):
     """Reverse mode in the native kernel (the transposed window sums, the ReLU's adjoint into the covariance and
     both standard deviations, sums) against autograd through the eager pair pass, for K(X, X) over several tiles
     and for K(X, Z); float64 to 1e-10, float32 to 1e-4."""
     model, size = MODELS[name]
-    leaves = _leaves(model, seed=20)
+    leaves = variance_leaves(model, seed=20)
     x = _images(11, 3, size, seed=21)
     z = _images(21, 3, size, seed=22)
     for zz, tile in ((None, 4), (z, None)):
@@ -345,7 +333,7 @@ def test_native_gradients_match_finite_differences_at_black_and_identical_images
     """Central differences of a weighted K(X, Z) in each hyperparameter (relative step 1e-5), with a black image
     and an image paired with itself off the exact diagonal (rho = 1 up to rounding) among the pairs."""
     model, size = MODELS["sums"]
-    leaves = _leaves(model, seed=24)
+    leaves = variance_leaves(model, seed=24)
     x = _images(4, 2, size, seed=25)
     x[1] = 0.0
     z = torch.cat([x[:2], _images(3, 2, size, seed=26)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from reference_full import describe, kernel
+from variance_leaves import variance_leaves
 
 from gpytorch_cnngp import (
     AvgPool2d,
@@ -193,19 +194,6 @@ def test_pooled_hyperparameters_are_read_at_call_time():
     assert not torch.allclose(before, after)
 
 
-def _leaves(model, seed):
-    """Every weighted layer gets its own float64 variances that require grad."""
-    gen = torch.Generator().manual_seed(seed)
-    leaves = []
-    for layer in model.kernel_layers():
-        if "var_weight" in getattr(layer, "hyperparameter_names", ()):
-            for name in ("var_weight", "var_bias"):
-                leaf = (0.2 + 1.8 * torch.rand((), generator=gen, dtype=F64)).requires_grad_(True)
-                setattr(layer, name, leaf)
-                leaves.append(leaf)
-    return leaves
-
-
 # the eager reference's autograd through every offset is slow for these: the full study runs with -m slow
 _SLOW_GRADIENTS = {"two_stages_global", "sum_after_pool", "residual_then_pool"}
 
@@ -225,7 +213,7 @@ def test_pooled_hyperparameter_gradients_run_natively_and_match_eager(case, monk
     calls = []
     original = native.run_block_vjp
     monkeypatch.setattr(native, "run_block_vjp", lambda *a, **k: calls.append(1) or original(*a, **k))
-    leaves = _leaves(model, seed=20)
+    leaves = variance_leaves(model, seed=20)
     x, z = _images(11, c, size, 21), _images(21, c, size, 22)
     for zz, tile in ((None, 4), (z, None)):
         weights = torch.rand(11, 11 if zz is None else 21, generator=torch.Generator().manual_seed(23), dtype=F64)
