@@ -252,6 +252,14 @@ def _offset_in(layer: Layer, d: tuple[int, int]) -> tuple[int, int]:
     return _LAYERS[type(layer)][1](layer, d)
 
 
+def _offsets_back(layers: list[Layer], d: tuple[int, int]) -> list[tuple[int, int]]:
+    """The output offset each of ``layers`` (in series) gives so that the last gives ``d``."""
+    outs = [d] if layers else []
+    for layer in reversed(layers[1:]):
+        outs.append(_offset_in(layer, outs[-1]))
+    return outs[::-1]
+
+
 def _series_offset(layer: Sequential, d: tuple[int, int]) -> tuple[int, int]:
     for child in reversed(layer.layers):
         d = _offset_in(child, d)
@@ -379,10 +387,7 @@ class _Lowering:
         """Offset ``d`` of the last of ``local`` (layers in series, from ``size`` maps), from the stage's input:
         the images (``source`` None) or the previous pool's outputs. ``None`` for a map outside the rectangle
         of positions (it only meets padding)."""
-        outs = [d] if local else []
-        for layer, _, _ in reversed(local[1:]):
-            outs.append(_offset_in(layer, outs[-1]))
-        outs.reverse()
+        outs = _offsets_back([layer for layer, _, _ in local], d)
         first = _offset_in(local[0][0], outs[0]) if local else d
         origin, hw = _rect(first, size)
         if hw[0] == 0 or hw[1] == 0:
@@ -407,10 +412,7 @@ class _Lowering:
 
     def _series(self, layer: Sequential, path, reg, d, size):
         children = list(layer.layers)
-        outs = [d] if children else []
-        for child in reversed(children[1:]):
-            outs.append(_offset_in(child, outs[-1]))
-        outs.reverse()
+        outs = _offsets_back(children, d)
         for k, (child, out) in enumerate(zip(children, outs, strict=True)):
             reg = self.emit(child, (*path, k), reg, out, size)
             size = child.out_size(size)
