@@ -17,9 +17,9 @@ default ``~/.cache/gpytorch_cnngp/beyond_paper``); results go to ``experiments/o
 (``--workdir``).
 
 Layout: this file is the command line; the work lives in the sibling package ``experiments/beyond_paper_search/``
-(``candidates``: the list and the networks built here; ``regularise``: the ridge grid; ``report``: rows, costs,
-files). ``experiments/`` is not an installed package, so the script puts its own folder on ``sys.path`` first (as
-``experiments/random_nn.py`` does).
+(``candidates``: the list and the networks built here; ``report``: rows, costs, files; the ridge grid is
+``gpytorch_cnngp.ridge``). ``experiments/`` is not an installed package, so the script puts its own folder on
+``sys.path`` first (as ``experiments/random_nn.py`` does).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from gpytorch_cnngp.cli.render import _fmt_seconds, _read_results, _say
 from gpytorch_cnngp.datasets import DatasetError, split_indices
 from gpytorch_cnngp.distributed import SchedulerUnavailable, resolve_device
 from gpytorch_cnngp.memory import available_memory, format_bytes
+from gpytorch_cnngp.ridge import DEFAULT_RIDGES, best_ridge, check_ridges, validation_errors
 from gpytorch_cnngp.store import KernelStore, StoreError
 
 # experiments/ is not an installed package: find the sibling package beyond_paper_search from here
@@ -51,7 +52,6 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from beyond_paper_search import candidates as registry  # noqa: E402
-from beyond_paper_search.regularise import DEFAULT_LAMBDAS, best, check_lambdas, validation_errors  # noqa: E402
 from beyond_paper_search.report import (  # noqa: E402
     PAPER_ENTRIES,
     finished,
@@ -93,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lambdas",
         type=float,
         nargs="+",
-        default=list(DEFAULT_LAMBDAS),
+        default=list(DEFAULT_RIDGES),
         metavar="LAMBDA",
         help="ridge terms tried, times the mean diagonal of Kxx (0: the paper's classifier) (default: "
-        f"{' '.join(f'{v:g}' for v in DEFAULT_LAMBDAS)})",
+        f"{' '.join(f'{v:g}' for v in DEFAULT_RIDGES)})",
     )
     p.add_argument(
         "--workdir", type=Path, default=DEFAULT_WORKDIR, help="where results.json, results.md and the plot go"
@@ -183,7 +183,10 @@ def _kernel_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """The search (see the module docstring); returns the exit status."""
-    lambdas = check_lambdas(args.lambdas)
+    try:
+        lambdas = check_ridges(args.lambdas)
+    except ValueError as exc:
+        raise UserError(f"--lambdas: {exc}") from None
     sizes = {"n_train": args.n_train, "n_val": args.n_val, "n_test": 0}
     split_indices(args.split, **sizes)  # sizes beyond the split: one line before any work
     chosen = _chosen(args.candidates)
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         results = validation_errors(Kxx, y_train, Kvx, y_val, lambdas, device=solve_device, progress=args.progress)
         del Kxx, Kvx
         solve_seconds = time.perf_counter() - started
-        chosen_one = best(results)
+        chosen_one = best_ridge(results)
         entries = table_entries(args.n_train, args.n_val)
         seconds = float(info["kernel_compute_seconds"])
         per_entry = seconds / entries

@@ -43,6 +43,7 @@ __all__ = [
     "error_rate",
     "predictive_variances",
     "classify_store",
+    "predict_store",
     "jitter_schedule",
 ]
 
@@ -217,6 +218,67 @@ def _rows_per_chunk(n: int, budget: int, bytes_per_value: int = 12) -> int:
     return int(max(1, min(8192, budget // 4 // max(1, n * bytes_per_value))))
 
 
+_CROSS = {"val": "Kvx", "test": "Ktx"}
+_DIAG = {"val": "Kvv_diag", "test": "Ktt_diag"}
+
+
+def _check_parts(parts: Any) -> tuple[str, ...]:
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    bad = [p for p in parts if p not in _CROSS]
+    if bad or len(set(parts)) != len(parts):
+        raise ValueError(f"parts must be 'val' and/or 'test', each once, got {parts!r}")
+    return parts
+
+
+def _stored_blocks(store: Any, path: Any, part: str, rows: int, device: torch.device) -> Any:
+    """``(r0, r1, K)`` for row chunks of a cross kernel, ``K`` float64 on ``device``; NaN/inf is refused."""
+    name = _CROSS[part]
+    m, n = store.meta.size(part), store.meta.n_train
+    buf = np.empty((min(rows, max(m, 1)), n), dtype=np.float32)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        block = buf[: r1 - r0]
+        store.read_into(name, (r0, r1), (0, n), block)
+        if not np.isfinite(block).all():
+            row = r0 + int(np.argwhere(~np.isfinite(block))[0][0])
+            raise ValueError(
+                f"{path}: {name} holds NaN or infinite values (row {row}): the store is damaged; recompute it"
+            )
+        yield r0, r1, torch.from_numpy(block).to(device=device, dtype=torch.float64)
+
+
+def predict_store(
+    path: str | os.PathLike[str],
+    A: Tensor | np.ndarray,
+    part: str = "test",
+    *,
+    memory_budget: int | str | None = None,
+) -> tuple[np.ndarray, float | None]:
+    """Predict one part of a complete store from dual coefficients ``A`` (as :func:`classify_store` returns them).
+
+    :param path: the HDF5 store.
+    :param A: ``[n_train, n_classes]`` dual coefficients.
+    :param part: ``"val"`` or ``"test"``.
+    :param memory_budget: bytes (or text such as ``"2GB"``) for the row chunks; default 60% of the memory available.
+    :return: ``(predictions, error)``, the error ``None`` for an empty part.
+    """
+    from .store import KernelStore
+
+    (part,) = _check_parts(part)
+    A = _tensor(A).to(torch.float64)
+    budget = default_memory_budget() if memory_budget is None else parse_bytes(memory_budget)
+    with KernelStore.open(path) as store:
+        n = store.meta.n_train
+        if A.shape[0] != n:
+            raise ValueError(f"A has {A.shape[0]} rows, the store {n} training images")
+        store.require_complete(_CROSS[part])
+        labels = store.labels(part)
+        rows = _rows_per_chunk(n, budget, 12)
+        preds = [(K @ A).argmax(1) for _, _, K in _stored_blocks(store, path, part, rows, A.device)]
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    return pred, (error_rate(pred, labels) if len(pred) else None)
+
+
 def _relative_residual(row_blocks: Callable[[], Any], A: Tensor, Y: Tensor, jitter: float) -> float:
     """``max_k ||(K + jitter I) a_k - y_k|| / (||K + jitter I||_F ||a_k|| + ||y_k||)`` (``inf`` when not finite).
 
@@ -262,6 +324,7 @@ def classify_store(
     log: Callable[[str], None] | None = None,
     method: str = "auto",
     verify: bool = True,
+    parts: tuple[str, ...] = ("val", "test"),
 ) -> dict[str, Any]:
     """Run the classifier on a complete kernel store, in float64, within a memory budget.
 
@@ -285,6 +348,8 @@ def classify_store(
     :param method: ``"auto"`` (blocked on the CPU, dense on a GPU), ``"blocked"`` or ``"dense"`` (the whole
         float64 matrix on ``device``; it must fit there).
     :param verify: first check every tile against its checksum and for NaN/inf (one extra read of the store).
+    :param parts: the images to predict, ``"val"`` and/or ``"test"``; a part left out is not read, and its error
+        and predictions are not in the result (:func:`predict_store` predicts it later from ``A``).
     :return: a dict with ``val_error`` and ``test_error`` (fractions; ``None`` for an empty part),
         ``jitter`` (absolute) and ``jitter_relative`` (to the mean diagonal), ``jitters_tried``, the dual
         coefficients ``A`` (``[n_train, n_classes]`` float64 array), the predictions
@@ -303,18 +368,20 @@ def classify_store(
     dev = _pick_device(device)
     budget = default_memory_budget() if memory_budget is None else parse_bytes(memory_budget)
     say = log or (lambda text: None)
+    parts = _check_parts(parts)
     timings = {"load": 0.0, "solve": 0.0, "predict": 0.0}
     t0 = time.perf_counter()
     with KernelStore.open(path) as store:
         meta = store.meta
         n = meta.n_train
-        needed = ("Kxx", "Kvx", "Ktx", *(("Kvv_diag", "Ktt_diag") if variances else ()))
+        cross = tuple(_CROSS[part] for part in parts)
+        needed = ("Kxx", *cross, *(tuple(f"{_DIAG[part]}" for part in parts) if variances else ()))
         for name in needed:
             store.require_complete(name)
         if verify:
             store.require_intact(needed, progress=progress)
         labels = {part: store.labels(part) for part in ("train", "val", "test")}
-        diags = {"val": store.read("Kvv_diag"), "test": store.read("Ktt_diag")} if variances else {}
+        diags = {part: store.read(_DIAG[part]) for part in parts} if variances else {}
         scale = _mean_diagonal(store, n)
         candidates = jitter_schedule(jitter, max_tries, scale)
         Y = one_hot_targets(labels["train"], n_classes)
@@ -414,23 +481,11 @@ def classify_store(
             fac.close()  # predictions need only A
             fac = None
         try:
-            for part, name in (("val", "Kvx"), ("test", "Ktx")):
-                m = meta.size(part)
+            for part in parts:
                 # variances hold an [n, rows] float64 solve (and its copy) per chunk
                 rows = _rows_per_chunk(n, budget, 28 if variances else 12)
-                buf = np.empty((min(rows, max(m, 1)), n), dtype=np.float32)
                 preds, var = [], []
-                for r0 in range(0, m, rows):
-                    r1 = min(m, r0 + rows)
-                    block = buf[: r1 - r0]
-                    store.read_into(name, (r0, r1), (0, n), block)
-                    if not np.isfinite(block).all():
-                        row = r0 + int(np.argwhere(~np.isfinite(block))[0][0])
-                        raise ValueError(
-                            f"{path}: {name} holds NaN or infinite values (row {row}): the store is damaged; "
-                            "recompute it"
-                        )
-                    Kb = torch.from_numpy(block).to(device=A.device, dtype=torch.float64)
+                for r0, r1, Kb in _stored_blocks(store, path, part, rows, A.device):
                     preds.append((Kb @ A).argmax(1).cpu())
                     if variances:
                         if L is not None:
@@ -439,7 +494,6 @@ def classify_store(
                             V = fac.forward(Kb.T.cpu())
                         var.append(torch.from_numpy(diags[part][r0:r1]).double() - (V * V).sum(0).cpu())
                     del Kb
-                del buf
                 pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
                 result[f"{part}_predictions"] = pred
                 result[f"{part}_error"] = error_rate(pred, labels[part]) if len(pred) else None

@@ -20,6 +20,7 @@ from ..classify import _mean_diagonal, classify_store
 from ..datasets import DATASETS, MD5, data_checksum, fetch, load_split
 from ..distributed import ArchitectureSpec, compute_store, open_client, resolve_device
 from ..memory import format_bytes
+from ..ridge import classify_store_ridge
 from ..store import DamagedLabels, DamagedStore, KernelStore, StoreMeta
 from .defaults import (
     DEFAULT_CONFIG,
@@ -36,6 +37,7 @@ from .policy import (
     _check_budget,
     _check_jitter,
     _check_output_file,
+    _check_ridge,
     _check_writable,
     _choose_threads,
     _default_tile,
@@ -276,27 +278,41 @@ def _classify(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     _store_jitter_check(path, args)
     budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
     where = "dense on the GPU" if device.type == "cuda" else "blocked, within the memory budget"
+    ridges = getattr(args, "ridge", None)
+    regulariser = (
+        f"ridge chosen on the validation images from {', '.join(f'{v:g}' for v in sorted(ridges))} times the mean "
+        "diagonal"
+        if ridges
+        else f"jitter {args.jitter:g}"
+    )
     _say(
-        f"classifier: float64 Cholesky of Kxx on {device} ({where}), jitter {args.jitter:g}, "
+        f"classifier: float64 Cholesky of Kxx on {device} ({where}), {regulariser}, "
         f"memory budget {format_bytes(budget)}"
     )
     reset = _reset_peak_rss()
-    result = classify_store(
-        path,
-        device,
-        jitter=args.jitter,
-        max_tries=args.max_tries,
-        variances=args.variances,
-        memory_budget=budget,
-        scratch_dir=getattr(args, "scratch_dir", None),
-        progress=args.progress,
-        log=lambda text: _say(f"note: {text}"),
-    )
+    options = {
+        "max_tries": args.max_tries,
+        "memory_budget": budget,
+        "scratch_dir": getattr(args, "scratch_dir", None),
+        "progress": args.progress,
+    }
+    if ridges:
+        result = classify_store_ridge(path, ridges, device, log=lambda text: _say(f"note: {text}"), **options)
+        _say(f"note: ridge {result['ridge']:g} chosen on the validation images")
+    else:
+        result = classify_store(
+            path,
+            device,
+            jitter=args.jitter,
+            variances=args.variances,
+            log=lambda text: _say(f"note: {text}"),
+            **options,
+        )
     # the solve's own peak where it could be measured apart (Linux), else the process's so far
     result["peak_rss_bytes"] = _peak_rss(since_reset=reset)
     if result["factor"] == "disk":
         _say("note: the factor did not fit the memory budget; its panels were kept on disk beside the store")
-    if result["jitter"] != args.jitter:
+    if not ridges and result["jitter"] != args.jitter:
         _say(
             f"note: the Cholesky factorisation needed a jitter of {result['jitter']:.3g} "
             f"({result['jitter_relative']:.0e} times the mean diagonal)"
@@ -347,6 +363,7 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
 def _cmd_classify(args: argparse.Namespace) -> int:
     path = Path(args.store)
     _check_budget(args)
+    _check_ridge(args)
     if not path.exists():
         raise UserError(f"no kernel store at {path}; make one with `cnngp kernels ... --out {path}`")
     for option, target in (("--json", args.json), ("--dual", args.dual)):
@@ -374,6 +391,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         workdir = Path(args.workdir or DEFAULT_WORKDIR)
         store_dir = Path(args.store_dir) if args.store_dir else workdir
     _check_budget(args)
+    _check_ridge(args, sizes["n_val"])
     _check_device(args)
     resolve_device(args.solve_device)  # the classifier's device too, before the kernels
     _check_writable(workdir, "--workdir")
@@ -412,6 +430,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
                 "paper_test_error": paper[1],
                 "dtype": args.dtype,
                 "jitter": result["jitter"],
+                # with --ridge: the term kept and every term's validation error (none: the paper's classifier)
+                "ridge": result.get("ridge"),
+                "ridges": [{k: r[k] for k in ("lambda", "jitter", "val_error")} for r in result.get("ridges", [])],
                 # the kernel time results.md shows: every block's compute time, over resumed runs too
                 "kernel_seconds": info["kernel_compute_seconds"],
                 "kernel_wall_seconds": info["kernel_wall_seconds"],  # this run's, resumed stores' earlier runs aside

@@ -12,6 +12,7 @@ from ..architectures import ARCHITECTURES
 from ..datasets import DATASETS, SPLITS
 from ..distributed import DEFAULT_WORKER_WAIT, check_scheduler
 from ..memory import parse_bytes
+from ..ridge import MAX_RIDGE
 from .commands import _cmd_classify, _cmd_data, _cmd_kernels, _cmd_table
 from .defaults import DEFAULT_CONFIG, DEFAULT_SPLIT, DEFAULT_SUBSET, DEFAULT_WORKDIR
 
@@ -83,6 +84,15 @@ def _jitter(text: str) -> float:
     value = _number(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _ridge(text: str) -> float:
+    value = _number(text)
+    if not math.isfinite(value) or not 0 <= value <= MAX_RIDGE:
+        raise argparse.ArgumentTypeError(
+            f"expected a ridge term from 0 to {MAX_RIDGE:g} (times the mean diagonal of Kxx), got {text!r}"
+        )
     return value
 
 
@@ -234,6 +244,17 @@ def _add_common(p: argparse.ArgumentParser, *, kernels: bool, solve: bool) -> No
             default=8,
             help=f"retries when the Cholesky factorisation fails, with jitter 1e-10, 1e-9, ... times the mean diagonal "
             f"of Kxx; at most {MAX_TRIES} (default: %(default)s)",
+        )
+        p.add_argument(
+            "--ridge",
+            type=_ridge,
+            nargs="+",
+            default=None,
+            metavar="LAMBDA",
+            help="ridge terms added to the diagonal of Kxx, times its mean, e.g. --ridge 0 1e-4 1e-3; with several, "
+            "the one with the lowest validation error is kept (the smallest when tied) and the test images are "
+            "predicted from it alone; one Cholesky factorisation each (default: none, the paper's noise-free "
+            "classifier with --jitter)",
         )
         p.add_argument("--variances", action="store_true", help="also compute predictive variances (default: off)")
 

@@ -22,6 +22,7 @@ from ..backends import Backend, Inductor, Native, choose
 from ..blocked_cholesky import default_memory_budget, plan_panel_width
 from ..distributed import ArchitectureSpec, compute_block, default_tile_size, resolve_device
 from ..memory import available_memory, format_bytes
+from ..ridge import check_ridges
 from ..store import KernelStore
 from .errors import UserError
 from .render import _fmt_count, _say
@@ -206,6 +207,29 @@ def _check_output_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
     _check_writable(path.parent, what)
+
+
+def _check_ridge(args: argparse.Namespace, n_val: int | None = None) -> None:
+    """Refuse ``--ridge`` with what it cannot go with, before any work (its values are checked by the parser)."""
+    ridges = getattr(args, "ridge", None)
+    if not ridges:
+        return
+    try:
+        check_ridges(ridges)
+    except ValueError as exc:
+        raise UserError(f"--ridge: {exc}") from None
+    if args.jitter:
+        raise UserError(
+            "--jitter and --ridge both add to the diagonal of Kxx: give one of them (--ridge 0 is the paper's "
+            "classifier, with its jitter retries)"
+        )
+    if args.variances:
+        raise UserError(
+            "--variances needs the factor of the classifier's one solve; --ridge runs one per term: give --jitter "
+            "instead (a ridge lambda is --jitter lambda times the mean diagonal of Kxx)"
+        )
+    if n_val == 0:
+        raise UserError("--ridge chooses its term on the validation images: give --n-val above 0")
 
 
 def _check_jitter(jitter: float, mean_diagonal: float, where: str) -> None:
