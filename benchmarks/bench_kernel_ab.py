@@ -1,12 +1,13 @@
 """Two versions of the native kernel's C++ source, timed against each other inside one process.
 
 Run ``python benchmarks/bench_kernel_ab.py --old REV`` (``--help`` for options). Both sources, ``REV``'s
-``gpytorch_cnngp/backends/native_kernel.cpp`` and this working tree's (or ``--new REV``), are compiled with the
-library's own flags and loaded side by side; the same packed images and traces then go through one and the
-other, alternately, ``--rounds`` times. Since a pair of calls is a few milliseconds apart, a host whose speed
-drifts (a shared virtual machine) slows both alike, and the median of the per-pair time ratios resolves changes
-of a few percent that separate processes (``bench_revisions.py``) cannot. Only the kernel is compared: the
-Python side is this working tree's, so both sources must have the entry points it calls.
+``gpytorch_cnngp/backends/native/native_kernel.cpp`` (``backends/native_kernel.cpp`` before the backend was a
+package) and this working tree's (or ``--new REV``), are compiled with the library's own flags and loaded side
+by side; the same packed images and traces then go through one and the other, alternately, ``--rounds`` times.
+Since a pair of calls is a few milliseconds apart, a host whose speed drifts (a shared virtual machine) slows both
+alike, and the median of the per-pair time ratios resolves changes of a few percent that separate processes
+(``bench_revisions.py``) cannot. Only the kernel is compared: the Python side is this working tree's, so both
+sources must have the entry points it calls.
 
 Prints, for each architecture and dtype, the median time of each version and the median and quartiles of
 new/old time ratios (below 1: the new source is faster), appended to ``benchmarks/RESULTS.md`` unless
@@ -32,22 +33,25 @@ sys.path.insert(0, str(HERE))
 
 from bench_kernels import machine, report  # noqa: E402
 
-SOURCE = "gpytorch_cnngp/backends/native_kernel.cpp"
+SOURCE = "gpytorch_cnngp/backends/native/native_kernel.cpp"
+OLD_SOURCE = "gpytorch_cnngp/backends/native_kernel.cpp"  # where revisions before the native package kept it
 
 
 def _source(rev: str | None) -> str:
     if rev is None:
         return (ROOT / SOURCE).read_text()
-    out = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"cannot read {SOURCE} at {rev}: {out.stderr.strip()}")
-    return out.stdout
+    for path in (SOURCE, OLD_SOURCE):
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if out.returncode == 0:
+            return out.stdout
+    raise SystemExit(f"cannot read {SOURCE} (or {OLD_SOURCE}) at {rev}: {out.stderr.strip()}")
 
 
 def _build(text: str, folder: Path, name: str) -> ctypes.CDLL:
     import os
 
-    from gpytorch_cnngp.backends.native import _FIELDS, _FLAGS, ENTRY_POINTS
+    from gpytorch_cnngp.backends.native.build import _FLAGS, ENTRY_POINTS
+    from gpytorch_cnngp.backends.native.lowering import _FIELDS
 
     src, lib = folder / f"{name}.cpp", folder / f"{name}.so"
     src.write_text(text)

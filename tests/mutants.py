@@ -288,9 +288,9 @@ def _native_ntk_factor_doubled(mp):
     load skipped (as if a miscompiled kernel had got through): the tests must see it themselves."""
     import gpytorch_cnngp.backends.native as native
 
-    coefficients = native.relu_derivative_poly_coefficients
-    mp.setattr(native, "relu_derivative_poly_coefficients", lambda dtype: tuple(2 * k for k in coefficients(dtype)))
-    mp.setattr(native, "_self_test", lambda lib: None)
+    coefficients = native.run.relu_derivative_poly_coefficients
+    mp.setattr(native.run, "relu_derivative_poly_coefficients", lambda dtype: tuple(2 * k for k in coefficients(dtype)))
+    mp.setattr(native.build, "_self_test", lambda lib: None)
 
 
 def _native_vjp_no_trace_gradients(mp):

@@ -35,7 +35,7 @@ def _native_on(monkeypatch):
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             pytest.skip("no C++ compiler here to build the native kernel")
         # a kernel that fails to build or fails its self-test must not turn these tests into skips
-        pytest.fail(f"the native kernel did not load: {native._LIB_ERROR}")
+        pytest.fail(f"the native kernel did not load: {native.build._LIB_ERROR}")
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_lowering_supports_relu_networks_and_pools_outside_sums():
     assert "AvgPool2d (a pooling layer inside a branch of a Sum" in native.unsupported(inside, (6, 6))
     # the reverse mode's program keeps every map
     kept = native.lower(Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Dense()), (6, 6), reuse=False)
-    assert kept.n_regs == int((kept.code[:, 1] >= 0).sum()) - int((kept.code[:, 0] == native._OP_POOL).sum())
+    assert kept.n_regs == int((kept.code[:, 1] >= 0).sum()) - int((kept.code[:, 0] == native.lowering._OP_POOL).sum())
 
 
 def test_register_allocation_reuses_registers():
@@ -275,12 +275,12 @@ def test_trace_packing_matches_the_layout_built_with_torch(dtype):
     s = torch.cat([t.reshape(-1, n) for t in traces])  # [positions, n]
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
     lib = native.load_library()
-    left = native._pack_traces(lib, traces, n, dtype, False, 2)
+    left = native.run._pack_traces(lib, traces, n, dtype, False, 2)
     assert torch.equal(left, torch.stack([s.t(), inv.t()], dim=-1))
     groups = -(-n // lanes)
     pad = groups * lanes - n
     s_p, inv_p = (torch.nn.functional.pad(v, (0, pad)).reshape(-1, groups, lanes).transpose(0, 1) for v in (s, inv))
-    right = native._pack_traces(lib, traces, n, dtype, True, 2)
+    right = native.run._pack_traces(lib, traces, n, dtype, True, 2)
     assert torch.equal(right, torch.stack([s_p, inv_p], dim=2))
     assert right.shape == (groups, 13, 2, lanes) and bool((right[-1, :, :, n % lanes :] == 0).all())
 
@@ -391,8 +391,8 @@ def test_auto_mode_uses_it_from_a_few_pairs_on(monkeypatch, spy):
 
 
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, spy):
-    monkeypatch.setattr(native, "_LIB", None)
-    monkeypatch.setattr(native, "_LIB_ERROR", None)
+    monkeypatch.setattr(native.build, "_LIB", None)
+    monkeypatch.setattr(native.build, "_LIB_ERROR", None)
     monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-cnngp")
     model = Sequential(Conv2d(3), ReLU(), Dense())
@@ -410,11 +410,11 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path, spy):
 def test_a_kernel_that_fails_its_self_test_is_not_used(monkeypatch):
     """A miscompiled kernel (simulated: it returns wrong values) is rejected when loaded."""
     lib = native.load_library()
-    monkeypatch.setattr(native, "_LIB", None)
-    monkeypatch.setattr(native, "_LIB_ERROR", None)
-    monkeypatch.setattr(native, "_build_and_load", lambda: lib)
-    original = native.run_block
-    monkeypatch.setattr(native, "run_block", lambda *a, **k: original(*a, **k) * 1.001)
+    monkeypatch.setattr(native.build, "_LIB", None)
+    monkeypatch.setattr(native.build, "_LIB_ERROR", None)
+    monkeypatch.setattr(native.build, "_build_and_load", lambda: lib)
+    original = native.build.run_block  # the self-test's runner (the backend's is native.run_block)
+    monkeypatch.setattr(native.build, "run_block", lambda *a, **k: original(*a, **k) * 1.001)
     with pytest.warns(RuntimeWarning, match="self-test failed"):
         assert native.load_library() is None
 
@@ -422,13 +422,13 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(monkeypatch):
 def test_build_is_cached_per_source(monkeypatch, tmp_path, capsys):
     """A fresh cache directory gets one library, built under a temporary name and renamed, with one line said."""
     monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path))
-    lib = native._build_and_load()
+    lib = native.build._build_and_load()
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].startswith("cnngp_native_") and built[0].endswith(".so")
     assert lib.cnngp_fields() == 22
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "building the native CPU kernel" in said[0] and str(tmp_path) in said[0]
-    native._build_and_load()  # loads the cached file, builds nothing new
+    native.build._build_and_load()  # loads the cached file, builds nothing new
     assert sorted(p.name for p in (tmp_path / "native").iterdir()) == built
     assert capsys.readouterr().err == ""
 
@@ -446,8 +446,8 @@ def test_a_compiler_without_openmp_builds_the_kernel_with_its_own_threads(monkey
     wrapper.chmod(0o755)
     monkeypatch.setenv("CXX", str(wrapper))
     monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path / "cache"))
-    lib = native._build_and_load()
-    native._self_test(lib)
+    lib = native.build._build_and_load()
+    native.build._self_test(lib)
     assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 1
     assert "building the native CPU kernel" in capsys.readouterr().err
 

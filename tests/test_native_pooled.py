@@ -140,7 +140,7 @@ def test_pooled_native_kernel_equals_the_independent_reference(name):
 
 
 def _inputs_of(program) -> int:
-    return int((program.code[:, 0] == native._OP_INPUT).sum())
+    return int((program.code[:, 0] == native.lowering._OP_INPUT).sum())
 
 
 def test_a_program_computes_only_the_offsets_its_readout_needs():
@@ -158,7 +158,7 @@ def test_a_program_computes_only_the_offsets_its_readout_needs():
     # the offset that leaves the input (see NETWORKS) reaches its convolution as an empty map
     _, make, size, _ = next(n for n in NETWORKS if n[0] == "offset_outside_the_input")
     code = native.lower(make(), size).code
-    convs = code[code[:, 0] == native._OP_CONV]
+    convs = code[code[:, 0] == native.lowering._OP_CONV]
     assert ((convs[:, 4] == 0) & (convs[:, 5] == 0)).any()
 
 
@@ -248,6 +248,6 @@ def test_the_kernels_self_pass_gives_the_eager_traces_and_own_values(network):
         for k in range(2):
             assert float((own[k] - want[k]).abs().max() / want[k].abs().max()) < tol, name
         for side, packed in ((False, left), (True, right)):
-            expected = native._pack_traces(lib, traces, 19, dtype, side, 2)
+            expected = native.run._pack_traces(lib, traces, 19, dtype, side, 2)
             scale = float(expected.abs().max())
             assert float((packed.data - expected).abs().max()) <= tol * scale, f"{name} traces, right={side}"

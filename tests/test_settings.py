@@ -108,14 +108,14 @@ def test_memory_budget_takes_units_everywhere(monkeypatch):
 def test_folders(monkeypatch, tmp_path):
     home_cache = Path.home() / ".cache" / "gpytorch_cnngp"
     assert settings.cache_dir.value() == home_cache == settings.data_dir.value()
-    assert native._cache_dir() == home_cache / "native"
+    assert native.build._cache_dir() == home_cache / "native"
     assert settings.store_dir.value() == home_cache / "paper_table"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert settings.cache_dir.value() == tmp_path / "xdg" / "gpytorch_cnngp" == datasets.default_cache_dir()
     monkeypatch.setenv("CNNGP_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("CNNGP_DATA", str(tmp_path / "d"))
     monkeypatch.setenv("CNNGP_STORE_DIR", str(tmp_path / "s"))
-    assert native._cache_dir() == tmp_path / "c" / "native"
+    assert native.build._cache_dir() == tmp_path / "c" / "native"
     assert datasets.resolve_data_dir() == tmp_path / "d"
     assert datasets.resolve_data_dir(tmp_path / "explicit") == tmp_path / "explicit"
     assert settings.store_dir.value() == tmp_path / "s"
