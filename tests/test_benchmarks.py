@@ -135,3 +135,22 @@ def test_bench_pooling_smoke(tmp_path):
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| pooled_cnn_gp")]
     assert [r[2].strip() for r in rows] == ["full", "offsets"]
     assert all(float(r[6]) < 1e-12 for r in rows)  # both paths give the same kernel
+
+
+def test_bench_elementwise_writes_its_table(tmp_path):
+    out = tmp_path / "elementwise.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_elementwise.py"), "--n", "3", "--n-rule", "1"]
+    cmd += ["--degree", "6", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows] == [
+        ("Erf (closed form)", "NNGP", "3 x 3"),
+        ("Erf (closed form)", "NNGP + NTK", "3 x 3"),
+        ("Elementwise(erf), series of 6", "NNGP", "3 x 3"),
+        ("Elementwise(erf), series of 6", "NNGP + NTK", "3 x 3"),
+        ("product rule, 6^2 nodes", "NNGP", "1 x 1"),
+        ("product rule, 6^2 nodes", "NNGP + NTK", "1 x 1"),
+    ]
+    assert all(float(r[5]) == 1.0 for r in rows[:2])  # the closed form against itself
+    assert all(0 < float(r[6]) < 0.05 for r in rows[2:])  # six terms: close to the closed form, not equal

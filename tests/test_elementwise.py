@@ -1,5 +1,6 @@
-"""Elementwise(fn): quadrature kernels against closed forms, independent integration, the Erf layer's closed
-form through whole networks (values and gradients at identical images), and a Monte-Carlo check of ``.nn()``."""
+"""Elementwise(fn): Hermite-series kernels against closed forms, independent integration, the Erf layer's closed
+form through whole networks (values and gradients at identical images), the terms the series keeps, positive
+semi-definiteness at a crude truncation, and a Monte-Carlo check of ``.nn()``."""
 
 from __future__ import annotations
 
@@ -116,3 +117,40 @@ def test_polynomials_are_exact():
     c, s1, s2 = _points(10, seed=4)
     torch.testing.assert_close(layer.pair_map(c, s1, s2, False), s1**2 * s2**2 + 2 * c**2, rtol=1e-12, atol=0.0)
     assert np.isclose(float(layer.self_map(torch.tensor(2.0, dtype=F64), torch.tensor(math.sqrt(2.0)))), 12.0)
+
+
+def _all_terms(layer: Elementwise, c, s1, s2) -> torch.Tensor:
+    """The series with every one of its ``degree`` terms, powers of rho taken one by one (no Horner, no dropping)."""
+    a, b = layer._coefficients(s1, 0), layer._coefficients(s2, 0)
+    rho = c / (s1 * s2)
+    return sum(rho**k * a[k] * b[k] for k in range(layer.degree))
+
+
+@pytest.mark.parametrize(
+    "fn, kept",
+    [
+        (torch.tanh, lambda k: k % 2 == 1),  # odd: the even terms are zero
+        (torch.cos, lambda k: k % 2 == 0),  # even: the odd terms are zero
+        (lambda t: t * t, lambda k: k in (0, 2)),  # u^2 = 1 h_0 + sqrt(2) h_2 at unit variance
+    ],
+)
+def test_the_terms_dropped_are_those_below_rounding(fn, kept):
+    layer = Elementwise(fn, degree=24)
+    c, s1, s2 = _points(50, seed=6, s_max=0.9)
+    a, b = layer._coefficients(s1, 0), layer._coefficients(s2, 0)
+    keep = layer._terms(a, b)
+    assert all(kept(k) for k in keep) and keep, keep  # nothing that is zero is kept
+    full = _all_terms(layer, c, s1, s2)
+    got = layer.pair_map(c, s1, s2, False)
+    assert float((got - full).abs().max()) <= 4e-16 * float(full.abs().max())
+
+
+def test_a_crude_truncation_still_gives_a_positive_semidefinite_kernel():
+    # each term rho^k a_k a_k is a kernel, and an image's own value keeps the whole sum: four terms of tanh at
+    # large variances are far from the kernel (about 1e-2) and still positive semi-definite
+    model = _net(Elementwise(torch.tanh, degree=4))
+    x = 3 * torch.rand(12, 2, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(7))
+    K = gram(model, x)
+    assert float(torch.linalg.eigvalsh(K).min()) >= -1e-12 * float(K.diagonal().max())
+    exact = gram(_net(Elementwise(torch.tanh, degree=96)), x)
+    assert float((K - exact).abs().max()) > 1e-4 * float(exact.abs().max())  # the truncation is crude indeed

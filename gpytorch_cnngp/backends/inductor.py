@@ -49,12 +49,10 @@ class Inductor(Backend):
         if grad:
             return "it computes kernels, not their gradients"
         for layer in model.kernel_layers():
-            # a product rule of degree^2 terms is a Python loop, which tracing unrolls into a graph too large to
-            # compile in reasonable time (Elementwise's kernel)
+            # Elementwise's series is a Python loop over its terms in place, with autograd for the NTK's derivatives
+            # inside it: not a graph the compiler takes as it is
             if isinstance(layer, Elementwise):
-                return (
-                    f"Elementwise (its quadrature of {layer.degree}^2 terms unrolls into a graph too large to compile)"
-                )
+                return f"Elementwise (its series of {layer.degree} terms runs eagerly, with autograd inside)"
         return None
 
     @classmethod
