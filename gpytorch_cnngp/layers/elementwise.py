@@ -156,7 +156,7 @@ class Elementwise(Nonlinearity):
         ``sqrt(E[f(u)^2] E[f(v)^2])``, the entries' scale). An odd or even ``f`` loses half its terms this way, a
         smooth one its tail; the kept sum differs from the full one by less than rounding the entries would."""
         n = a.shape[0]
-        if a.numel() == 0 or b.numel() == 0:
+        if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:  # meta: shapes only (the tiling's probe)
             return list(range(n))
         bound = (a.abs().flatten(1).amax(1) * b.abs().flatten(1).amax(1)).tolist()
         scale = float(a.square().sum(0).sqrt().amin() * b.square().sum(0).sqrt().amin())
