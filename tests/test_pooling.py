@@ -40,6 +40,7 @@ from gpytorch_cnngp import (
     ReLU,
     Sequential,
     Sum,
+    gram,
     settings,
 )
 from gpytorch_cnngp.state import Requirements
@@ -745,3 +746,16 @@ def test_auto_compile_skips_full_covariance_networks(monkeypatch):
     assert choose("auto", same_location, (8, 8), f32, cpu, pairs - 1) is Eager
     assert choose("auto", pooled, (8, 8), f32, cpu, pairs) is Eager
     assert choose("inductor", pooled, (8, 8), f32, cpu, 1) is Inductor  # an explicit request is honoured
+
+
+@pytest.mark.slow  # about 2.5 min of compilation on 2 cores
+def test_the_compiled_backend_runs_a_pooled_network_on_its_offset_maps():
+    # torch.compile of the pair pass (the GPU's path) on a local pool and a global pool, NNGP and NTK, against eager
+    model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense())
+    gen = torch.Generator().manual_seed(12)
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64, generator=gen)
+    z = torch.rand(4, 1, 6, 6, dtype=torch.float64, generator=gen)
+    want = gram(model, x, z, backend="eager", get=("nngp", "ntk"))
+    got = gram(model, x, z, backend="inductor", get=("nngp", "ntk"))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=0.0)
