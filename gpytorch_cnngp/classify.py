@@ -375,7 +375,7 @@ def classify_store(
         meta = store.meta
         n = meta.n_train
         cross = tuple(_CROSS[part] for part in parts)
-        needed = ("Kxx", *cross, *(tuple(f"{_DIAG[part]}" for part in parts) if variances else ()))
+        needed = ("Kxx", *cross, *(tuple(_DIAG[part] for part in parts) if variances else ()))
         for name in needed:
             store.require_complete(name)
         if verify:

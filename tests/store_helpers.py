@@ -84,6 +84,12 @@ def synthetic_kernels(sizes: dict[str, int], seed: int = 0, rank: int | None = N
     F = rng.standard_normal((n + nv + nt, d)) + 0.3  # a common component, as image kernels have
     K = (scale * (F @ F.T) / d).astype(np.float32).astype(np.float64)
     K = (K + K.T) / 2  # exactly symmetric after rounding (float32 products are symmetric already)
+    return split_kernel(K, sizes)
+
+
+def split_kernel(K: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """A kernel of the training, validation and test images (in that order) as a store's float32 parts."""
+    n, nv = sizes["n_train"], sizes["n_val"]
     parts = {
         "Kxx": K[:n, :n],
         "Kvx": K[n : n + nv, :n],
@@ -94,16 +100,13 @@ def synthetic_kernels(sizes: dict[str, int], seed: int = 0, rank: int | None = N
     return {k: v.astype(np.float32) for k, v in parts.items()}
 
 
-def write_synthetic_store(path: str | Path, sizes: dict[str, int], tile: int = 512, seed: int = 0, **kw):
-    """A complete store of :func:`synthetic_kernels` with random labels; returns (kernels, labels)."""
+def write_kernels(path: str | Path, kernels: dict, labels: dict, sizes: dict[str, int], tile: int, **hyper) -> None:
+    """A complete store (architecture ``synthetic``) holding ``kernels`` as :func:`split_kernel` gives them."""
     from gpytorch_cnngp.store import KernelStore
 
-    kernels = synthetic_kernels(sizes, seed, **kw)
-    rng = np.random.default_rng(seed + 1)
-    labels = {p: rng.integers(0, 10, sizes[f"n_{p}"]) for p in ("train", "val", "test")}
     meta = StoreMeta(
         architecture="synthetic",
-        hyperparameters={"seed": seed, **kw},
+        hyperparameters=hyper,
         dtype="float32",
         dataset="synthetic",
         split="random",
@@ -117,4 +120,12 @@ def write_synthetic_store(path: str | Path, sizes: dict[str, int], tile: int = 5
                 store.write_block(block, kernels[block.name][rows])
             else:
                 store.write_block(block, kernels[block.name][rows, slice(*block.cols)])
+
+
+def write_synthetic_store(path: str | Path, sizes: dict[str, int], tile: int = 512, seed: int = 0, **kw):
+    """A complete store of :func:`synthetic_kernels` with random labels; returns (kernels, labels)."""
+    kernels = synthetic_kernels(sizes, seed, **kw)
+    rng = np.random.default_rng(seed + 1)
+    labels = {p: rng.integers(0, 10, sizes[f"n_{p}"]) for p in ("train", "val", "test")}
+    write_kernels(path, kernels, labels, sizes, tile, seed=seed, **kw)
     return kernels, labels

@@ -4,13 +4,18 @@ matrices in memory and on a store; the test images read once, for the chosen ter
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpytorch_cnngp import classify as cl
 from gpytorch_cnngp import ridge
-from gpytorch_cnngp.store import KernelStore, StoreMeta
+from gpytorch_cnngp.store import KernelStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from store_helpers import split_kernel, write_kernels  # noqa: E402
 
 SIZES = {"n_train": 300, "n_val": 160, "n_test": 120}
 GRID = [0.0, 1e-3, 3e-2, 0.3]
@@ -30,31 +35,7 @@ def _problem(seed: int = 3):
     labels = {"train": labels_all[:n].copy(), "val": labels_all[n : n + nv], "test": labels_all[n + nv :]}
     wrong = rng.random(n) < 0.2
     labels["train"][wrong] = rng.integers(0, 10, wrong.sum())
-    kernels = {
-        "Kxx": K[:n, :n],
-        "Kvx": K[n : n + nv, :n],
-        "Ktx": K[n + nv :, :n],
-        "Kvv_diag": np.diagonal(K)[n : n + nv].copy(),
-        "Ktt_diag": np.diagonal(K)[n + nv :].copy(),
-    }
-    return kernels, labels
-
-
-def _write(path, kernels, labels):
-    meta = StoreMeta(
-        architecture="synthetic",
-        hyperparameters={"classes": 10},
-        dtype="float32",
-        dataset="synthetic",
-        split="random",
-        checksums={},
-        **SIZES,
-    )
-    with KernelStore.create(path, meta, labels, 128) as store:
-        for block in store.pending():
-            rows = slice(*block.rows)
-            data = kernels[block.name][rows] if block.cols is None else kernels[block.name][rows, slice(*block.cols)]
-            store.write_block(block, data)
+    return split_kernel(K, SIZES), labels
 
 
 def _eig_predictions(kernels, labels, lam):
@@ -72,7 +53,7 @@ def _eig_predictions(kernels, labels, lam):
 def problem(tmp_path_factory):
     kernels, labels = _problem()
     path = tmp_path_factory.mktemp("ridge") / "k.h5"
-    _write(path, kernels, labels)
+    write_kernels(path, kernels, labels, SIZES, 128, classes=10)
     reference = {lam: _eig_predictions(kernels, labels, lam) for lam in GRID}
     val = {lam: float(np.mean(reference[lam]["val"] != labels["val"])) for lam in GRID}
     assert len(set(val.values())) > 1, "the problem must make the ridge term matter"
