@@ -748,6 +748,20 @@ def test_auto_compile_skips_full_covariance_networks(monkeypatch):
     assert choose("inductor", pooled, (8, 8), f32, cpu, 1) is Inductor  # an explicit request is honoured
 
 
+def test_the_compiled_backend_runs_a_small_pooled_network_on_its_offset_maps():
+    # CI's check of the compiled (GPU) path on offsets: a pool that floors an odd map, then a global pool, NNGP
+    # only (about 30 s of compilation on 2 cores; the NTK's doubles it, see the slow test below)
+    model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), GlobalAvgPool2d(), Dense())
+    gen = torch.Generator().manual_seed(13)
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64, generator=gen)
+    z = torch.rand(2, 1, 5, 5, dtype=torch.float64, generator=gen)
+    with settings.spatial_path("full"):
+        want = gram(model, x, z, backend="eager")  # the [H, W, H, W] maps
+    with settings.spatial_path("offsets"):
+        got = gram(model, x, z, backend="inductor")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0.0)
+
+
 @pytest.mark.slow  # about 2.5 min of compilation on 2 cores
 def test_the_compiled_backend_runs_a_pooled_network_on_its_offset_maps():
     # torch.compile of the pair pass (the GPU's path) on a local pool and a global pool, NNGP and NTK, against eager
