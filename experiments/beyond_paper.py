@@ -25,6 +25,7 @@ Layout: this file is the command line; the work lives in the sibling package ``e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -39,8 +40,8 @@ from gpytorch_cnngp.cli import commands
 from gpytorch_cnngp.cli.errors import UserError
 from gpytorch_cnngp.cli.parser import _add_common, _device, _HelpFormatter, _positive_int
 from gpytorch_cnngp.cli.policy import _block_backend, _check_budget, _check_writable
-from gpytorch_cnngp.cli.render import _fmt_seconds, _read_results, _say
-from gpytorch_cnngp.datasets import DatasetError, split_indices
+from gpytorch_cnngp.cli.render import _fmt_seconds, _read_results, _say, _write_text
+from gpytorch_cnngp.datasets import DatasetError, load_split, split_indices
 from gpytorch_cnngp.distributed import SchedulerUnavailable, resolve_device
 from gpytorch_cnngp.memory import available_memory, format_bytes
 from gpytorch_cnngp.ridge import DEFAULT_RIDGES, best_ridge, check_ridges, validation_errors
@@ -60,6 +61,7 @@ from beyond_paper_search.report import (  # noqa: E402
     record,
     table_entries,
 )
+from beyond_paper_search.tuning import ml2_variances  # noqa: E402
 
 DEFAULT_N_TRAIN = 10000
 DEFAULT_N_VAL = 10000
@@ -75,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--list", action="store_true", help="print the candidates with one line each and exit")
+    p.add_argument(
+        "--tune",
+        metavar="CANDIDATE",
+        default=None,
+        help="instead of the search: fit CANDIDATE's network's tied weight and bias variances by the marginal "
+        "likelihood of the first --tune-n training digits (beyond_paper_search.tuning) and write "
+        "ml2_CANDIDATE.json to --workdir; no validation or test digit is read",
+    )
+    p.add_argument("--tune-n", type=_positive_int, default=1000, help="training digits --tune fits on")
+    p.add_argument("--tune-iter", type=_positive_int, default=15, help="L-BFGS iterations of --tune")
     p.add_argument(
         "--candidates",
         nargs="+",
@@ -274,6 +286,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune(args: argparse.Namespace) -> int:
+    """``--tune``: ML-II variances of one candidate's network on training digits; returns the exit status."""
+    if args.tune not in registry.CANDIDATES:
+        raise UserError(f"unknown candidate {args.tune!r} for --tune; known: {', '.join(registry.CANDIDATES)}")
+    c = registry.CANDIDATES[args.tune]
+    if c.kernel != "nngp":
+        raise UserError(f"--tune fits an NNGP's variances; {c.name} is an {c.kernel.upper()} (name its NNGP)")
+    factory = c.factory() or ARCHITECTURES[c.network]
+    params = {k: v for k, v in c.params.items() if k not in ("var_weight", "var_bias")}
+    workdir = Path(args.workdir).expanduser()
+    _check_writable(workdir, "--workdir")
+    data = load_split(
+        args.dataset, args.split, n_train=args.tune_n, n_val=0, n_test=0, data_dir=args.data_dir, progress=args.progress
+    )
+    images, labels = data["train"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _say(f"== ML-II of {c.name}'s tied variances on the first {args.tune_n} training digits ==")
+    fit = ml2_variances(factory, params, images, labels, max_iter=args.tune_iter, say=_say)
+    out = {
+        "candidate": c.name,
+        "network": c.network,
+        "parameters": params,
+        "dataset": args.dataset,
+        "split": args.split,
+        **fit,
+        "machine": machine(),
+        "package_version": __version__,
+    }
+    path = workdir / f"ml2_{c.name}.json"
+    _write_text(path, json.dumps(out, indent=1) + "\n")
+    _say(
+        f"var_weight {fit['var_weight']:.6g}, var_bias {fit['var_bias']:.6g} (noise {fit['noise']:.3g}); "
+        f"-log p(Y)/n {fit['loss_start']:.4f} -> {fit['loss_end']:.4f} in {fit['evaluations']} evaluations, "
+        f"{_fmt_seconds(fit['seconds'])}; written to {path}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the search with ``argv`` (default: the command line); return the exit status."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -282,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     threads = torch.get_num_threads()
     try:
-        return run(args)
+        return tune(args) if args.tune is not None else run(args)
     except KeyboardInterrupt:
         print(
             "\nbeyond_paper: interrupted; finished candidates and tiles are saved, run again to resume", file=sys.stderr

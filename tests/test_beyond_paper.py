@@ -259,3 +259,69 @@ def test_sizes_whose_solves_do_not_fit_are_refused_before_any_work(script, data_
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())
     monkeypatch.setattr(script, "available_memory", lambda: need)
     assert script.main(_argv(tmp_path, data_dir, "tiny")) == 0
+
+
+def _nlml(K: np.ndarray, noise: float, labels: np.ndarray) -> float:
+    """-log p(Y) / n summed over the ten +-1 outputs, by NumPy's eigendecomposition of K + noise I."""
+    Y = -np.ones((len(labels), 10))
+    Y[np.arange(len(labels)), labels] = 1.0
+    lam, Q = np.linalg.eigh(K + noise * np.eye(len(K)))
+    proj = Q.T @ Y
+    n = len(K)
+    fit = 0.5 * ((proj**2) / lam[:, None]).sum()
+    return float((fit + 5.0 * np.log(lam).sum() + 5.0 * n * math.log(2 * math.pi)) / n)
+
+
+def test_tune_fits_the_variances_by_the_marginal_likelihood_of_training_digits_only(
+    script, data_dir, tmp_path, digits, capsys, monkeypatch
+):
+    from gpytorch_cnngp import gram
+    from gpytorch_cnngp.datasets import splits
+
+    real = splits.load_split
+
+    def train_only(*args, **kwargs):
+        if kwargs.get("n_val") != 0 or kwargs.get("n_test") != 0:
+            raise AssertionError(f"--tune asked for validation or test digits ({kwargs})")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(script, "load_split", train_only)
+    work = tmp_path / "work"
+    argv = ["--tune", "tiny_pool", "--tune-n", "24", "--tune-iter", "30", "--workdir", str(work)]
+    assert script.main([*argv, "--data-dir", str(data_dir), "--threads", "1", "--no-progress"]) == 0
+    fit = json.loads((work / "ml2_tiny_pool.json").read_text())
+    assert (fit["candidate"], fit["n"], fit["parameters"]) == (
+        "tiny_pool",
+        24,
+        {"depth": 1, "kernel_size": 3, "pool": 2},
+    )
+    assert "var_weight" in capsys.readouterr().out
+    # the objective it reports is the marginal likelihood of the first 24 training digits, computed here anew
+    registry = importlib.import_module("beyond_paper_search.candidates")
+    net = registry.convnet_gp_pool(
+        var_weight=fit["var_weight"], var_bias=fit["var_bias"], depth=1, kernel_size=3, pool=2
+    )
+    import torch
+
+    x = torch.from_numpy(digits["images"][:24]).double().div(255).unsqueeze(1)
+    labels = digits["labels"][:24]
+    K = gram(net, x, x).numpy()
+    assert fit["loss_end"] == pytest.approx(_nlml(K, fit["noise"], labels), rel=1e-9)
+    # ... and it went down from the architecture's own variances
+    start = registry.convnet_gp_pool(depth=1, kernel_size=3, pool=2)
+    assert fit["loss_start"] == pytest.approx(
+        _nlml(gram(start, x, x).numpy(), fit["history"][0]["noise"], labels), rel=1e-9
+    )
+    assert fit["loss_end"] < fit["loss_start"] - 1.0
+    # near a stationary point: moving either variance by 5% either way does not lower it by more than 1e-4
+    for key in ("var_weight", "var_bias"):
+        for f in (0.95, 1.05):
+            moved = {"var_weight": fit["var_weight"], "var_bias": fit["var_bias"], key: fit[key] * f}
+            other = registry.convnet_gp_pool(**moved, depth=1, kernel_size=3, pool=2)
+            assert _nlml(gram(other, x, x).numpy(), fit["noise"], labels) > fit["loss_end"] - 1e-4
+
+
+def test_tune_refuses_an_ntk_or_unknown_candidate(script, data_dir, tmp_path, capsys):
+    for name, message in (("tiny_ntk", "NTK"), ("nope", "unknown candidate")):
+        assert script.main(["--tune", name, "--workdir", str(tmp_path), "--data-dir", str(data_dir)]) == 1
+        assert message in capsys.readouterr().err

@@ -140,6 +140,11 @@ CANDIDATES: dict[str, Candidate] = _registry(
     Candidate("resnet32_gp_ntk", "resnet32_gp", "ntk", description="the NTK of the paper's ResNet-32 GP"),
     Candidate("pooled_cnn_gp", "pooled_cnn_gp", description="ours: 3x3 convs, 2x2 average pool, dense readout"),
     Candidate("pooled_cnn_gp_ntk", "pooled_cnn_gp", "ntk", description="the NTK of pooled_cnn_gp"),
+    Candidate(
+        "pooled_cnn_gp_ml2",
+        "pooled_cnn_gp_ml2",
+        description="pooled_cnn_gp, variances by ML-II on the first 1,000 training digits (no biases)",
+    ),
     Candidate("myrtle5", "myrtle5_gp", description="Myrtle-5 (Shankar et al. 2020), NNGP"),
     Candidate("myrtle5_ntk", "myrtle5_gp", "ntk", description="Myrtle-5, NTK"),
     Candidate("myrtle7", "myrtle7_gp", description="Myrtle-7 (Shankar et al. 2020), NNGP"),

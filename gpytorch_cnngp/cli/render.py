@@ -34,6 +34,7 @@ _PAPER_NAMES = {
     "residual_cnn_gp": "Residual CNN GP",
     "resnet32_gp": "ResNet GP",
     "pooled_cnn_gp": "Pooled CNN GP (ours)",
+    "pooled_cnn_gp_ml2": "Pooled CNN GP, ML-II variances (ours)",
     "myrtle5_gp": "Myrtle-5 GP (Shankar et al.)",
     "myrtle7_gp": "Myrtle-7 GP (Shankar et al.)",
     "myrtle10_gp": "Myrtle-10 GP (Shankar et al.)",
