@@ -152,3 +152,19 @@ def test_finite_myrtle_networks_match_the_kernel():
     same_location_only = Sequential(*(layer for layer in model.layers if not isinstance(layer, GlobalAvgPool2d)))
     e = second_moment_errors(S, same_location_only(x))
     assert (e.err.abs() > Z * e.se + allowance(width, exact_diagonal=False)).any(), "the samples cannot tell"
+
+
+def test_pooled_cnn_gp_ml2_is_pooled_cnn_gp_without_biases():
+    # the configuration records its variances, and without biases the kernel is positively homogeneous:
+    # k(a x, b z) = a b k(x, z) for a, b > 0 (ReLU is, and every layer is linear in its input covariance), which
+    # any bias breaks
+    spec = ArchitectureSpec.from_name("pooled_cnn_gp_ml2", image_size=12)
+    assert dict(spec.kwargs) == {"image_size": 12, **architectures.POOLED_ML2_VARIANCES, "global_pool": False}
+    assert "pooled_cnn_gp_ml2" in ARCHITECTURES and "pooled_cnn_gp_ml2" not in PAPER_RESULTS
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 1, 12, 12, generator=g, dtype=torch.float64)
+    z = torch.rand(2, 1, 12, 12, generator=g, dtype=torch.float64)
+    k = gram(spec.build(), x, z)
+    np.testing.assert_allclose(gram(spec.build(), 3.0 * x, 0.5 * z), 1.5 * k, rtol=1e-12)
+    biased = architectures.pooled_cnn_gp(image_size=12, var_weight=architectures.POOLED_ML2_VARIANCES["var_weight"])
+    assert not np.allclose(gram(biased, 3.0 * x, 0.5 * z), 1.5 * gram(biased, x, z), rtol=1e-6)
