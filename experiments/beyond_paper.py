@@ -25,6 +25,7 @@ Layout: this file is the command line; the work lives in the sibling package ``e
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -294,6 +295,12 @@ def tune(args: argparse.Namespace) -> int:
     if c.kernel != "nngp":
         raise UserError(f"--tune fits an NNGP's variances; {c.name} is an {c.kernel.upper()} (name its NNGP)")
     factory = c.factory() or ARCHITECTURES[c.network]
+    missing = {"var_weight", "var_bias"} - set(inspect.signature(factory).parameters)
+    if missing:
+        raise UserError(
+            f"--tune needs a network whose factory takes var_weight and var_bias; {c.network} has no "
+            f"{' or '.join(sorted(missing))} (its fit could not be given back to it)"
+        )
     params = {k: v for k, v in c.params.items() if k not in ("var_weight", "var_bias")}
     workdir = Path(args.workdir).expanduser()
     _check_writable(workdir, "--workdir")

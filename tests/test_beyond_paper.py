@@ -321,7 +321,15 @@ def test_tune_fits_the_variances_by_the_marginal_likelihood_of_training_digits_o
             assert _nlml(gram(other, x, x).numpy(), fit["noise"], labels) > fit["loss_end"] - 1e-4
 
 
-def test_tune_refuses_an_ntk_or_unknown_candidate(script, data_dir, tmp_path, capsys):
+def test_tune_refuses_an_ntk_unknown_or_variance_free_candidate(script, data_dir, tmp_path, capsys):
+    registry = importlib.import_module("beyond_paper_search.candidates")
+    fixed = registry.Candidate("fixed_variances", "resnet32_gp", description="a factory without variances")
+    registry.CANDIDATES[fixed.name] = fixed
+    try:
+        assert script.main(["--tune", fixed.name, "--workdir", str(tmp_path), "--data-dir", str(data_dir)]) == 1
+    finally:
+        del registry.CANDIDATES[fixed.name]
+    assert "takes var_weight and var_bias; resnet32_gp has no var_bias or var_weight" in capsys.readouterr().err
     for name, message in (("tiny_ntk", "NTK"), ("nope", "unknown candidate")):
         assert script.main(["--tune", name, "--workdir", str(tmp_path), "--data-dir", str(data_dir)]) == 1
         assert message in capsys.readouterr().err

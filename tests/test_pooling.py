@@ -750,7 +750,7 @@ def test_auto_compile_skips_full_covariance_networks(monkeypatch):
 
 def test_the_compiled_backend_runs_a_small_pooled_network_on_its_offset_maps():
     # CI's check of the compiled (GPU) path on offsets: a pool that floors an odd map, then a global pool, NNGP
-    # only (about 30 s of compilation on 2 cores; the NTK's doubles it, see the slow test below)
+    # only (about 30 s of compilation on 2 cores; with the NTK about six times that, see the slow test below)
     model = Sequential(Conv2d(3), ReLU(), AvgPool2d(2), GlobalAvgPool2d(), Dense())
     gen = torch.Generator().manual_seed(13)
     x = torch.rand(3, 1, 5, 5, dtype=torch.float64, generator=gen)
