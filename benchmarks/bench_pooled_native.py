@@ -2,8 +2,9 @@
 
 Run ``python benchmarks/bench_pooled_native.py`` (``--help`` for options) from a clean checkout. A temporary
 ``git worktree`` of ``--old`` (default ``0599eb5``, the revision before pooled networks ran natively) is made, and
-one worker process per revision computes cross kernels ``K(X, Z)`` of 28x28 MNIST digits (uniform noise where
-MNIST is not cached), float32, with that revision's default call (``gram(model, X, Z)``: ``backend="auto"``).
+one worker process per revision computes cross kernels ``K(X, Z)`` of 28x28 MNIST digits (uniform noise with
+``--images noise``, or where MNIST is not cached), float32, with that revision's default call
+(``gram(model, X, Z)``: ``backend="auto"``).
 The two workers take turns, one call each, ``--repeats`` times, so that a machine whose speed drifts slows both
 alike; each side's rate is the median of its calls, in entries per second (``n x n`` entries per call). The old
 revision is given fewer images (``--n-old``): its eager path's rate does not depend on ``n``, while this tree's
@@ -57,28 +58,32 @@ NETWORKS = {
                                   Dense(var_weight=2.0, var_bias=0.0)),
 }
 
-def images(n, seed):
-    try:
-        from gpytorch_cnngp import datasets
-        data, _ = datasets.load_mnist(download=False, progress=False)
-        return torch.from_numpy(data[seed * n:(seed + 1) * n].copy()).float().unsqueeze(1) / 255.0
-    except Exception:
-        return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+def images(n, seed, kind):
+    if kind == "mnist":
+        try:
+            from gpytorch_cnngp import datasets
+            data, _ = datasets.load_mnist(download=False, progress=False)
+            return torch.from_numpy(data[seed * n:(seed + 1) * n].copy()).float().unsqueeze(1) / 255.0, "mnist"
+        except Exception:
+            pass
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)), "noise"
 
 models, inputs = {}, {}
 for line in sys.stdin:
     cmd = json.loads(line)
     name, n = cmd["net"], cmd["n"]
     model = models.setdefault(name, NETWORKS[name]())
-    if (name, n) not in inputs:
-        inputs[(name, n)] = (images(n, 0), images(n, 1))
-        gram(model, *(t[:4] for t in inputs[(name, n)]))  # warm-up: the kernel's build, the plans
-    x, z = inputs[(name, n)]
+    key = (name, n, cmd["images"])
+    if key not in inputs:
+        (x, kind), (z, _) = images(n, 0, cmd["images"]), images(n, 1, cmd["images"])
+        inputs[key] = (x, z, kind)
+        gram(model, x[:4], z[:4])  # warm-up: the kernel's build, the plans
+    x, z, kind = inputs[key]
     kwargs = {"get": ("nngp", "ntk")} if cmd.get("ntk") else {}
     t0 = time.perf_counter()
     with torch.no_grad():
         gram(model, x, z, **kwargs)
-    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "images": kind}), flush=True)
 """
 
 
@@ -95,13 +100,15 @@ class Worker:
             [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree
         )
 
-    def call(self, **cmd) -> float:
+    def call(self, **cmd) -> tuple[float, str]:
+        """Seconds of one call, and the images it used (``noise`` where MNIST was asked for but not cached)."""
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the worker stopped (exit {self.proc.wait()})")
-        return json.loads(line)["seconds"]
+        answer = json.loads(line)
+        return answer["seconds"], answer["images"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -117,11 +124,17 @@ def main(argv: list[str] | None = None) -> None:
         "--n-old", type=int, default=None, help="images per side for the old revision (default: about a second a call)"
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--images",
+        choices=["mnist", "noise"],
+        default="mnist",
+        help="MNIST digits (black borders: zero variances, which the ReLU skips) or uniform noise (none)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     n_old = {net: args.n_old or OLD_N.get(net, 8) for net in args.nets}
-    rows = []
+    rows, used = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "old"
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], cwd=ROOT, check=True,
@@ -134,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
                     turns = [("old", old, n_old[net], False), ("new", new, args.n, False)]
                     turns.append(("new, NNGP + NTK", new, args.n, True))
                     for label, worker, n, ntk in turns if r % 2 == 0 else turns[::-1]:
-                        times[label].append(worker.call(net=net, n=n, ntk=ntk))
+                        seconds, kind = worker.call(net=net, n=n, ntk=ntk, images=args.images)
+                        times[label].append(seconds)
+                        used.add(kind)
                         print(f"{net} {label} n={n}: {times[label][-1]:.2f} s", flush=True)
                 rate = {
                     label: (n_old[net] if label == "old" else args.n) ** 2 / statistics.median(t)
@@ -149,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         f"### Pooled networks: default call against {args.old} ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}. Command: `python benchmarks/bench_pooled_native.py {' '.join(argv or sys.argv[1:])}`. "
-        f"Cross kernels of 28x28 digits, float32, `gram(model, X, Z)`; {args.old}: "
+        f"Cross kernels of 28x28 images ({' and '.join(sorted(used))}), float32, `gram(model, X, Z)`; {args.old}: "
         f"{', '.join(f'{k} {v} x {v}' for k, v in n_old.items())} images, this tree: {args.n} x {args.n}; "
         f"medians of {args.repeats} calls taken in turn.",
         "",

@@ -98,6 +98,27 @@ NETWORKS = [
         (3, 3),
         1,
     ),  # fmt: skip
+    # window sums that the pairs run row by row with their ReLU (conv_nonlin): a 3x3 window padded by 2 (its map
+    # grows; rows with one and two taps), a 2x2 window without padding (its map shrinks), a 1x1 window, and a
+    # 5x5 window (running sums, which it leaves to the separate passes), on an odd map
+    (
+        "fused_windows",
+        lambda: Sequential(
+            Conv2d(3, padding=2, var_bias=0.1),
+            ReLU(),
+            Conv2d(2, padding=0),
+            ReLU(),
+            AvgPool2d(2),
+            Conv2d(1),
+            ReLU(),
+            Conv2d(5),
+            ReLU(),
+            GlobalAvgPool2d(),
+            Dense(),
+        ),
+        (9, 10),
+        1,
+    ),  # fmt: skip
     ("pooled_cnn_gp", lambda: architectures.pooled_cnn_gp(8), (8, 8), 1),
     ("pooled_cnn_gp_global", lambda: architectures.pooled_cnn_gp(8, global_pool=True), (8, 8), 1),
 ]
@@ -160,6 +181,74 @@ def test_a_program_computes_only_the_offsets_its_readout_needs():
     code = native.lower(make(), size).code
     convs = code[code[:, 0] == native.lowering._OP_CONV]
     assert ((convs[:, 4] == 0) & (convs[:, 5] == 0)).any()
+
+
+def _fused(program) -> int:
+    code = program.code
+    return int(((code[:, 0] == native.lowering._OP_CONV) & (code[:, 18] & native.lowering._FUSE_NONLIN > 0)).sum())
+
+
+def test_window_sums_before_a_relu_are_fused_only_where_the_pairs_can_run_them_by_rows():
+    _native_or_skip()
+    # Myrtle-5: every convolution (3x3, stride 1) feeds its ReLU alone; the dense readout feeds nothing fusable
+    program = native.lower(architectures.myrtle(5, image_size=12), (12, 12))
+    code = program.code
+    convs = int((code[:, 0] == native.lowering._OP_CONV).sum())
+    nonlins = int((code[:, 0] == native.lowering._OP_NONLIN).sum())
+    assert _fused(program) == nonlins == convs - 1
+    # the reverse mode's program keeps every map, so nothing is fused; nor are strided windows, or windows of
+    # more than three rows (summed as running sums, in another order)
+    assert _fused(native.lower(architectures.myrtle(5, image_size=12), (12, 12), reuse=False)) == 0
+    strided = Sequential(Conv2d(3, stride=2), ReLU(), AvgPool2d(2), Dense())
+    assert _fused(native.lower(strided, (12, 12))) == 0
+    assert _fused(native.lower(Sequential(Conv2d(5), ReLU(), AvgPool2d(2), Dense()), (12, 12))) == 0
+    # a same-location network keeps its programs as they were
+    assert _fused(native.lower(architectures.convnet_gp(), (28, 28))) == 0
+
+
+@pytest.mark.parametrize("name", ["fused_windows", "two_stages_global", "pooled_cnn_gp"])
+def test_fused_window_sums_give_the_bits_of_the_separate_passes(name, monkeypatch):
+    """conv_nonlin adds the same values in the same order as a window sum followed by its nonlinearity."""
+    _native_or_skip()
+    _, make, size, c = next(n for n in NETWORKS if n[0] == name)
+    model = make()
+    x, z = _images(3, c, size, 30), _images(17, c, size, 31)
+    for dtype in (F64, torch.float32):
+        fused = gram(model, x.to(dtype), z.to(dtype), backend="native", get=BOTH)
+        with monkeypatch.context() as m:
+            m.setattr(native.lowering, "_fuse_nonlins", lambda instrs, code: 0)
+            m.setattr(native.lowering, "_PROGRAMS", native.lowering.weakref.WeakKeyDictionary())
+            assert _fused(native.lower(model, size)) == 0
+            separate = gram(model, x.to(dtype), z.to(dtype), backend="native", get=BOTH)
+        for f, s in zip(fused, separate, strict=True):
+            torch.testing.assert_close(f, s, rtol=0.0, atol=0.0)
+
+
+def test_black_regions_skip_the_relu_polynomial_with_the_same_values():
+    """Without biases, a black region has zero deviations, where the ReLU keeps only its linear part: the pairs
+    skip the polynomial there (the first image's position, or a block of the second set all black). Images with
+    black borders of several widths, one all black, 19 of them (a partial block), against eager in float64."""
+    _native_or_skip()
+    model = architectures.myrtle(5, image_size=12)
+    gen = torch.Generator().manual_seed(40)
+
+    def bordered(n):
+        x = torch.zeros(n, 1, 12, 12, dtype=F64)
+        for k in range(n):
+            b = k % 4
+            x[k, :, b : 12 - b, b + 1 : 12 - b] = torch.rand(1, 12 - 2 * b, 11 - 2 * b, generator=gen, dtype=F64)
+        x[x < 0.3] = 0.0  # black pixels inside too
+        return x
+
+    x, z = bordered(5), bordered(19)
+    z[3] = 0.0
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        got = gram(model, x.to(dtype), z.to(dtype), backend="native", get=BOTH)
+        want = gram(model, x, z, backend="eager", get=BOTH)
+        for g, w, what in zip(got, want, BOTH, strict=True):
+            err = float((g.double() - w).abs().max() / w.abs().max())
+            assert err < tol, f"{what} {dtype}: relative difference {err:.2e}"
+        assert (got[0][:, 3] == 0).all() and (got[1][:, 3] == 0).all()  # the black image
 
 
 def test_black_and_identical_images_give_finite_exact_values():

@@ -13,7 +13,8 @@ spatial offsets: between two pools each offset ``d`` the next pool reads runs th
 the rectangle of positions ``p`` with ``p + d`` inside the map, and is added into that pool's outputs at once
 (:class:`~gpytorch_cnngp.state.SpatialPlan` says which offsets; :func:`_rect` where each lies). Its self pass runs
 offset ``(0, 0)`` first in each stage, whose nonlinearities record the deviations that the image's other offsets
-then read.
+then read. A window sum (stride 1, at most three rows) that only the nonlinearity after it reads is flagged so
+that the pairs run the two row by row (:func:`_fuse_nonlins`): an offset's map at the input's size outgrows L1.
 
 What each layer lowers to is the table :data:`_LAYERS` (layers between pools) and :data:`_POOLS` (pools). This
 module only describes programs: it knows nothing of how the kernel is built (:mod:`.build`) or called
@@ -37,6 +38,10 @@ __all__ = ["NativeProgram", "Unsupported", "lower", "unsupported"]
 _OP_INPUT, _OP_CONV, _OP_NONLIN, _OP_ADD, _OP_OUTPUT, _OP_ZERO, _OP_POOL = range(7)
 _FIELDS = 22
 _NTK_IN_ZERO = 1  # instruction flag: the source's NTK map is the input's (zero)
+_FUSE_NONLIN = 2  # instruction flag: the pairs run this window sum and the nonlinearity after it row by row
+# the most window rows such a fused window sum may have: a sum of more is a running sum along H in the separate
+# pass, whose additions (and so bits) a sum by taps would not repeat
+_FUSE_MAX_TAPS = 3
 
 
 class Unsupported(Exception):
@@ -166,6 +171,36 @@ def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
             continue
         out.append(ins)
     return out
+
+
+def _fuse_nonlins(instrs: list[_Instr], code: Tensor) -> int:
+    """Flag (in ``code``, the allocated instructions) each window sum with stride and dilation 1 whose map only
+    the nonlinearity right after it reads, so that the pairs run the two row by row (``conv_nonlin`` in
+    native_kernel.cpp: the offsets' maps of a pooled network outgrow L1, a few rows do not). Returns the
+    scratch those need, in positions: a ring of window rows and an output row, for the NNGP and the NTK."""
+    readers: dict[int, int] = {}
+    for ins in instrs:
+        for r in (ins.a, ins.b):
+            if r >= 0:
+                readers[r] = readers.get(r, 0) + 1
+    scratch = 0
+    for k in range(len(instrs) - 1):
+        conv, nonlin = instrs[k], instrs[k + 1]
+        kh, kw, sh, sw, dh, dw = conv.window[:6]
+        if (
+            conv.op == _OP_CONV
+            and nonlin.op == _OP_NONLIN
+            and nonlin.a == conv.dst
+            and readers.get(conv.dst) == 1
+            and conv.b < 0
+            and (sh, sw, dh, dw) == (1, 1, 1, 1)
+            and kh <= _FUSE_MAX_TAPS
+            # the nonlinearity writes rows the window sum may still have to read
+            and int(code[k + 1, 1]) != int(code[k, 2])
+        ):
+            code[k, 18] |= _FUSE_NONLIN
+            scratch = max(scratch, (2 * kh + 2) * conv.out_hw[1])
+    return scratch
 
 
 def _flat(layer: Layer) -> list[Layer]:
@@ -323,6 +358,8 @@ class _Lowering:
         # registers as large as the largest map for the reverse mode of same-location networks, which addresses
         # them so; a pooled network's many small offset maps each get its own size
         code, n_regs, reg_off = _allocate(self, self.reuse, uniform=not self.pooled)
+        if self.pooled and self.reuse:
+            self.tmp_area = max(self.tmp_area, _fuse_nonlins(self.instrs, code))
         return NativeProgram(
             code, n_regs, reg_off, max(self.areas), max(self.tmp_area, 1), self.slot_areas, self.params, self.slopes,
             pooled=self.pooled,

@@ -71,6 +71,9 @@ struct Instr {
 constexpr int kFields = 22;
 // flags: the source's NTK map is zero (the input's), so a window sum's NTK is its NNGP
 constexpr int32_t kNtkInZero = 1;
+// flags: a window sum whose one reader is the nonlinearity right after it: the pair pass runs both row by row
+// (conv_nonlin) and never writes the window sum's own map; the self pass runs them one after the other
+constexpr int32_t kFuseNonlin = 2;
 static_assert(sizeof(Instr) == kFields * sizeof(int32_t), "Instr layout");
 
 // Inputs are packed by native.py so that one block reads contiguous memory: the first set per image,
@@ -643,6 +646,41 @@ inline typename Lanes<T, VL>::H relu_vector(typename Lanes<T, VL>::H cv, typenam
   return out;
 }
 
+// Whether a position's VL deviations are all +0 (every bit clear).
+template <typename T, int VL>
+inline bool lanes_zero(const T* __restrict s) {
+  uint64_t bits = 0;
+#pragma GCC unroll 16
+  for (int k = 0; k < static_cast<int>(VL * sizeof(T) / 8); ++k) {
+    uint64_t w;
+    std::memcpy(&w, reinterpret_cast<const char*>(s) + 8 * k, 8);
+    bits |= w;
+  }
+  return bits == 0;
+}
+
+// Where a deviation is 0 (a black region of an image with no biases before it) the ReLU's arc-cosine term
+// vanishes: relu_vector's s1 s2 factor is an exact zero and its polynomial finite, so its multiply-add returns
+// max(c, 0) / 2 = (c + |c|) / 4 to the bit. Such a position (the first image's deviation 0, or all VL of the
+// second's) skips the polynomial and the square root. The leaky unit keeps relu_vector: its two rounded terms
+// could be contracted differently here.
+template <typename T, int VL>
+inline void relu_linear(const T* __restrict c, T* __restrict d, T quarter_k1) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  using I = typename L::I;
+  constexpr int P = L::kParts, K = L::kPer;
+  const I magnitude = I{} + L::kMagnitude;
+#pragma GCC unroll 4
+  for (int k = 0; k < P; ++k) {
+    H cv;
+    std::memcpy(&cv, c + k * K, sizeof(H));
+    const H mag = reinterpret_cast<H>(reinterpret_cast<I>(cv) & magnitude);
+    const H out = (cv + mag) * quarter_k1;
+    std::memcpy(d + k * K, &out, sizeof(H));
+  }
+}
+
 // The NNGP-only (leaky) ReLU of nonlin: relu_vector over each position's SIMD vectors.
 template <typename T, int VL, int NR, bool kLinearPart>
 void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T* dst,
@@ -659,6 +697,10 @@ void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T
     const T* __restrict i2 = s2 + VL;
     const T* c = src + static_cast<int64_t>(p) * VL;
     T* d = dst + static_cast<int64_t>(p) * VL;
+    if (!kLinearPart && (s1 == T(0) || lanes_zero<T, VL>(s2))) {
+      relu_linear<T, VL>(c, d, T(0.25) * k1);
+      continue;
+    }
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
       H cv, sv, iv, a, root;
@@ -695,6 +737,18 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T*
     const T* t = src_ntk + static_cast<int64_t>(p) * VL;
     T* d = dst + static_cast<int64_t>(p) * VL;
     T* dt = dst_ntk + static_cast<int64_t>(p) * VL;
+    if (!kLinearPart && (s1 == T(0) || lanes_zero<T, VL>(s2))) {
+      // the ReLU (k3 = k4 = 0) where a deviation is 0: D = 0 and h = 0, so the NTK's factor is an exact +0
+      relu_linear<T, VL>(c, d, T(0.25) * k1);
+#pragma GCC unroll 4
+      for (int k = 0; k < P; ++k) {
+        H tv;
+        std::memcpy(&tv, t + k * K, sizeof(H));
+        const H ntk = tv * zero;
+        std::memcpy(dt + k * K, &ntk, sizeof(H));
+      }
+      continue;
+    }
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
       H cv, sv, iv, tv, a, root;
@@ -901,6 +955,123 @@ void self_offset_nonlin(const Args<T>& g, const Instr& ins, int jb, const T* src
   }
 }
 
+// A window sum with stride and dilation 1 and the nonlinearity that alone reads it (kFuseNonlin), for the pairs
+// (i, group jb), row by row: each input row is summed along W once into a ring of kh rows, each output row
+// summed along H from the ring into a row of its own and put through the nonlinearity into dst. The ring and
+// the row stay in L1, where an offset's whole map (a 28x28 map is 50 KB of float32) would not, and the window
+// sum's map is neither written nor read back. The same operations in the same order as conv then nonlin.
+// the most window rows of a fused window sum (lowering.py's _FUSE_MAX_TAPS): below kRunningMin, so that the separate
+// pass sums the same taps in the same order
+constexpr int kMaxFusedTaps = 3;
+static_assert(kMaxFusedTaps < kRunningMin, "fused window sums add their taps as the separate pass does");
+
+template <typename T, int VL, int NR, int NA>
+void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int jb, const T* src,
+                 const T* src_ntk, T* dst, T* dst_ntk, T* tmp) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  constexpr int K = L::kPer;
+  const int kh = cv.kh, in_h = cv.in_h, out_h = cv.out_h, pt = cv.pt;
+  const int64_t in_row = static_cast<int64_t>(cv.in_w) * VL, row = static_cast<int64_t>(cv.out_w) * VL;
+  const int64_t vectors = row / K;
+  const bool ntk = dst_ntk != nullptr, ntk_copy = ntk && (cv.flags & kNtkInZero);
+  const T scale = g.params[cv.param], bias = g.params[cv.param + 1];
+  // tmp: the NNGP's ring [kh][row], the NTK's ring, the NNGP's output row, the NTK's output row
+  T* ring = tmp;
+  T* ring_ntk = tmp + kh * row;
+  T* line = tmp + 2 * kh * row;
+  T* line_ntk = line + row;
+  Instr one = cv;  // one input row's sum along W
+  one.in_h = 1;
+  auto sum_row = [&](const T* in, T* out) {
+    if (one.kw >= kRunningMin) {
+      running_rows<T, VL, 1>(one, in, out, 0);
+    } else if (one.kw == 3) {
+      three_rows<T, VL>(one, in, out);
+    } else {
+      tap_rows<T, VL>(one, in, out);
+    }
+  };
+  Instr nrow = nl;  // the nonlinearity on one row, its traces from the row's first position on
+  nrow.in_h = 1;
+  nrow.xoff = nrow.zoff = 0;
+  nrow.full_w = nrow.in_w;
+  const int64_t first = g.slot_offset[nl.slot];
+  const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first + nl.xoff) * 2;
+  const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first + nl.zoff) * 2 * VL;
+  int next = 0, next_slot = 0;  // the next input row to sum along W, and its slot in the ring (no divisions)
+  for (int oh = 0; oh < out_h; ++oh) {
+    const int base = oh - pt;
+    int lo, hi;
+    valid_taps(base, 1, kh, in_h, lo, hi);
+    for (; next < base + hi; ++next) {
+      sum_row(src + next * in_row, ring + next_slot * row);
+      if (ntk && !ntk_copy) sum_row(src_ntk + next * in_row, ring_ntk + next_slot * row);
+      next_slot = next_slot + 1 == kh ? 0 : next_slot + 1;
+    }
+    const T* taps[kMaxFusedTaps];
+    const T* taps_ntk[kMaxFusedTaps];
+    const int n_taps = hi > lo ? hi - lo : 0;
+    for (int t = 0; t < n_taps; ++t) {
+      int slot = next_slot - (next - (base + lo + t));  // the ring holds rows next - kh .. next - 1
+      slot += slot < 0 ? kh : 0;
+      taps[t] = ring + slot * row;
+      taps_ntk[t] = ring_ntk + slot * row;
+    }
+    // the sum along H of n taps, as window_sum's strips add them: (t0 + t1) + t2 ...
+    auto sum_taps = [&](const T* const* from, T* to, auto taps_c, const T* addend) {
+      constexpr int N = decltype(taps_c)::value;
+      const int n = N < 0 ? n_taps : N;
+#pragma GCC unroll 4
+      for (int64_t e = 0; e < vectors; ++e) {
+        H acc;
+        if constexpr (N > 0) {
+          std::memcpy(&acc, from[0] + e * K, sizeof(H));
+#pragma GCC unroll 16
+          for (int t = 1; t < N; ++t) {
+            H h;
+            std::memcpy(&h, from[t] + e * K, sizeof(H));
+            acc += h;
+          }
+        } else {
+          acc = H{};
+          for (int t = 0; t < n; ++t) {
+            H h;
+            std::memcpy(&h, from[t] + e * K, sizeof(H));
+            acc += h;
+          }
+        }
+        H out;
+        if (addend == nullptr) {
+          out = acc * scale + bias;
+        } else {
+          std::memcpy(&out, addend + e * K, sizeof(H));
+          out += acc * scale;
+        }
+        std::memcpy(to + e * K, &out, sizeof(H));
+      }
+    };
+    auto both = [&](auto taps_c) {
+      sum_taps(taps, line, taps_c, nullptr);
+      if (ntk_copy) {
+        std::memcpy(line_ntk, line, row * sizeof(T));
+      } else if (ntk) {
+        sum_taps(taps_ntk, line_ntk, taps_c, line);
+      }
+    };
+    if (n_taps == 3) {
+      both(std::integral_constant<int, 3>{});
+    } else if (n_taps == 2) {
+      both(std::integral_constant<int, 2>{});
+    } else {
+      both(std::integral_constant<int, -1>{});
+    }
+    nonlin_rows<T, VL, NR, NA>(g, nrow, tx + static_cast<int64_t>(oh) * nl.full_w * 2,
+                               tz + static_cast<int64_t>(oh) * nl.full_w * 2 * VL, line, dst + oh * row,
+                               ntk ? line_ntk : nullptr, ntk ? dst_ntk + oh * row : nullptr);
+  }
+}
+
 // One instruction for the pairs (i, group jb), or with kSelf for the images of group jb on their own.
 template <typename T, int VL, int NR, int NA, bool kSelf = false>
 void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
@@ -929,6 +1100,14 @@ void run_block(const Args<T>& g, int i, int jb, T* regs, T* tmp) {
         break;
       }
       case OP_CONV: {
+        if constexpr (!kSelf) {
+          if (ins.flags & kFuseNonlin) {
+            const Instr& nl = g.prog[++k];
+            conv_nonlin<T, VL, NR, NA>(g, ins, nl, i, jb, reg(ins.a), g.ntk ? tangent(ins.a) : nullptr,
+                                       reg(nl.dst), tangent(nl.dst), tmp);
+            break;
+          }
+        }
         const T scale = g.params[ins.param];
         // a sum of branches in the store (b >= 0) comes only in programs without the NTK (native.py)
         conv<T, VL, kSelf>(ins, reg(ins.a), reg(ins.dst), tmp, scale, g.params[ins.param + 1], nullptr,
