@@ -174,7 +174,9 @@ class Elementwise(Nonlinearity):
         prod = s1 * s2
         positive = prod > 0
         rho = torch.where(positive, c / torch.where(positive, prod, 1.0), 0.0).clamp(-1.0, 1.0)
-        a, b = self._coefficients(s1, order1), self._coefficients(s2, order2)
+        a = self._coefficients(s1, order1)
+        # an image with itself (the self pass's derivative map): the same coefficients on both sides
+        b = a if s2 is s1 and order2 == order1 else self._coefficients(s2, order2)
         shape = torch.broadcast_shapes(rho.shape, a.shape[1:], b.shape[1:])
         keep = self._terms(a, b)
         if not keep:
