@@ -1053,11 +1053,7 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
     };
     auto both = [&](auto taps_c) {
       sum_taps(taps, line, taps_c, nullptr);
-      if (ntk_copy) {
-        std::memcpy(line_ntk, line, row * sizeof(T));
-      } else if (ntk) {
-        sum_taps(taps_ntk, line_ntk, taps_c, line);
-      }
+      if (ntk && !ntk_copy) sum_taps(taps_ntk, line_ntk, taps_c, line);
     };
     if (n_taps == 3) {
       both(std::integral_constant<int, 3>{});
@@ -1068,7 +1064,8 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
     }
     nonlin_rows<T, VL, NR, NA>(g, nrow, tx + static_cast<int64_t>(oh) * nl.full_w * 2,
                                tz + static_cast<int64_t>(oh) * nl.full_w * 2 * VL, line, dst + oh * row,
-                               ntk ? line_ntk : nullptr, ntk ? dst_ntk + oh * row : nullptr);
+                               // the input's NTK is zero, so the window sum's NTK is its NNGP: the same row
+                               ntk ? (ntk_copy ? line : line_ntk) : nullptr, ntk ? dst_ntk + oh * row : nullptr);
   }
 }
 
