@@ -100,6 +100,10 @@ struct Args {
   // the self pass (run with kSelf) only: where its traces go, in the layouts of tx and tz (null: not wanted)
   T* self_left = nullptr;
   T* self_right = nullptr;
+  // the pairs only (run sets them): whether image i of the first set has a zero deviation anywhere in its traces,
+  // and whether group jb of the second set has a position where all VL have (see relu_linear)
+  const uint8_t* zero_x = nullptr;
+  const uint8_t* zero_z = nullptr;
 };
 
 // The input's channel mean of x_c z_c for the pairs (i, group jb), or with kSelf of z_c^2 for group jb's images.
@@ -681,8 +685,9 @@ inline void relu_linear(const T* __restrict c, T* __restrict d, T quarter_k1) {
   }
 }
 
-// The NNGP-only (leaky) ReLU of nonlin: relu_vector over each position's SIMD vectors.
-template <typename T, int VL, int NR, bool kLinearPart>
+// The NNGP-only (leaky) ReLU of nonlin: relu_vector over each position's SIMD vectors; with kSkip (the ReLU, and
+// images with zero deviations), relu_linear where a deviation is zero.
+template <typename T, int VL, int NR, bool kLinearPart, bool kSkip = false>
 void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T* dst,
                  int area, T k1, T k2, const T* __restrict coefs) {
   using L = Lanes<T, VL>;
@@ -697,9 +702,11 @@ void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T
     const T* __restrict i2 = s2 + VL;
     const T* c = src + static_cast<int64_t>(p) * VL;
     T* d = dst + static_cast<int64_t>(p) * VL;
-    if (!kLinearPart && (s1 == T(0) || lanes_zero<T, VL>(s2))) {
-      relu_linear<T, VL>(c, d, T(0.25) * k1);
-      continue;
+    if constexpr (kSkip && !kLinearPart) {
+      if (s1 == T(0) || lanes_zero<T, VL>(s2)) {
+        relu_linear<T, VL>(c, d, T(0.25) * k1);
+        continue;
+      }
     }
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
@@ -715,7 +722,7 @@ void nonlin_nngp(const T* __restrict tx, const T* __restrict tz, const T* src, T
 
 // nonlin with the NTK: the NNGP as nonlin_nngp (to the bit), and the derivative factor with a clamped to 1
 // (its sqrt(1 - a) would turn a rounding excess of a into its square root).
-template <typename T, int VL, int NR, int NA, bool kLinearPart>
+template <typename T, int VL, int NR, int NA, bool kLinearPart, bool kSkip = false>
 void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T* dst,
                 const T* src_ntk, T* dst_ntk, int area, T k1, T k2, T k3, T k4,
                 const T* __restrict coefs, const T* __restrict dcoefs) {
@@ -737,17 +744,19 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T*
     const T* t = src_ntk + static_cast<int64_t>(p) * VL;
     T* d = dst + static_cast<int64_t>(p) * VL;
     T* dt = dst_ntk + static_cast<int64_t>(p) * VL;
-    if (!kLinearPart && (s1 == T(0) || lanes_zero<T, VL>(s2))) {
-      // the ReLU (k3 = k4 = 0) where a deviation is 0: D = 0 and h = 0, so the NTK's factor is an exact +0
-      relu_linear<T, VL>(c, d, T(0.25) * k1);
+    if constexpr (kSkip && !kLinearPart) {
+      if (s1 == T(0) || lanes_zero<T, VL>(s2)) {
+        // the ReLU (k3 = k4 = 0) where a deviation is 0: D = 0 and h = 0, so the NTK's factor is an exact +0
+        relu_linear<T, VL>(c, d, T(0.25) * k1);
 #pragma GCC unroll 4
-      for (int k = 0; k < P; ++k) {
-        H tv;
-        std::memcpy(&tv, t + k * K, sizeof(H));
-        const H ntk = tv * zero;
-        std::memcpy(dt + k * K, &ntk, sizeof(H));
+        for (int k = 0; k < P; ++k) {
+          H tv;
+          std::memcpy(&tv, t + k * K, sizeof(H));
+          const H ntk = tv * zero;
+          std::memcpy(dt + k * K, &ntk, sizeof(H));
+        }
+        continue;
       }
-      continue;
     }
 #pragma GCC unroll 4
     for (int k = 0; k < P; ++k) {
@@ -779,7 +788,13 @@ void nonlin_ntk(const T* __restrict tx, const T* __restrict tz, const T* src, T*
 // alpha (1 - alpha), alpha^2), as ReLU/LeakyReLU.pair_derivative_map.
 template <typename T, int VL, int NR, int NA>
 void nonlin_rows(const Args<T>& g, const Instr& ins, const T* tx, const T* tz, const T* src, T* dst,
-                 const T* src_ntk, T* dst_ntk);
+                 const T* src_ntk, T* dst_ntk, bool skip);
+
+// Whether the pairs (i, group jb) may meet a zero deviation (Args::zero_x, zero_z): then the ReLU looks for them.
+template <typename T>
+inline bool zero_deviations(const Args<T>& g, int i, int jb) {
+  return (g.zero_x != nullptr && g.zero_x[i]) || (g.zero_z != nullptr && g.zero_z[jb]);
+}
 
 template <typename T, int VL, int NR, int NA>
 void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* src, T* dst,
@@ -787,6 +802,7 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* src, T* 
   const int64_t first = g.slot_offset[ins.slot];
   const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first + ins.xoff) * 2;
   const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first + ins.zoff) * 2 * VL;
+  const bool skip = zero_deviations(g, i, jb);
   if (ins.in_w != ins.full_w) {  // a spatial offset's rectangle: row by row, each row's traces full_w apart
     Instr row = ins;
     row.in_h = 1;
@@ -797,29 +813,38 @@ void nonlin(const Args<T>& g, const Instr& ins, int i, int jb, const T* src, T* 
       const int64_t at = r * step;
       nonlin_rows<T, VL, NR, NA>(g, row, tx + static_cast<int64_t>(r) * ins.full_w * 2,
                                  tz + static_cast<int64_t>(r) * ins.full_w * 2 * VL, src + at, dst + at,
-                                 src_ntk ? src_ntk + at : nullptr, dst_ntk ? dst_ntk + at : nullptr);
+                                 src_ntk ? src_ntk + at : nullptr, dst_ntk ? dst_ntk + at : nullptr, skip);
     }
     return;
   }
-  nonlin_rows<T, VL, NR, NA>(g, ins, tx, tz, src, dst, src_ntk, dst_ntk);
+  nonlin_rows<T, VL, NR, NA>(g, ins, tx, tz, src, dst, src_ntk, dst_ntk, skip);
 }
 
 template <typename T, int VL, int NR, int NA>
 void nonlin_rows(const Args<T>& g, const Instr& ins, const T* tx, const T* tz, const T* src, T* dst,
-                 const T* src_ntk, T* dst_ntk) {
+                 const T* src_ntk, T* dst_ntk, bool skip) {
   const int area = ins.in_h * ins.in_w;
   const T k1 = g.params[ins.param], k2 = g.params[ins.param + 1];
   const T k3 = g.params[ins.param + 2], k4 = g.params[ins.param + 3];
   if (dst_ntk == nullptr) {
     if (k2 == T(0)) {  // a ReLU
-      nonlin_nngp<T, VL, NR, false>(tx, tz, src, dst, area, k1, k2, g.coefs);
+      if (skip) {
+        nonlin_nngp<T, VL, NR, false, true>(tx, tz, src, dst, area, k1, k2, g.coefs);
+      } else {
+        nonlin_nngp<T, VL, NR, false>(tx, tz, src, dst, area, k1, k2, g.coefs);
+      }
     } else {
       nonlin_nngp<T, VL, NR, true>(tx, tz, src, dst, area, k1, k2, g.coefs);
     }
     return;
   }
   if (k2 == T(0)) {
-    nonlin_ntk<T, VL, NR, NA, false>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs, g.dcoefs);
+    if (skip) {
+      nonlin_ntk<T, VL, NR, NA, false, true>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs,
+                                             g.dcoefs);
+    } else {
+      nonlin_ntk<T, VL, NR, NA, false>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs, g.dcoefs);
+    }
   } else {
     nonlin_ntk<T, VL, NR, NA, true>(tx, tz, src, dst, src_ntk, dst_ntk, area, k1, k2, k3, k4, g.coefs, g.dcoefs);
   }
@@ -999,6 +1024,7 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
   const int64_t first = g.slot_offset[nl.slot];
   const T* tx = g.tx + (static_cast<int64_t>(i) * g.n_trace + first + nl.xoff) * 2;
   const T* tz = g.tz + (static_cast<int64_t>(jb) * g.n_trace + first + nl.zoff) * 2 * VL;
+  const bool skip = zero_deviations(g, i, jb);
   int next = 0, next_slot = 0;  // the next input row to sum along W, and its slot in the ring (no divisions)
   for (int oh = 0; oh < out_h; ++oh) {
     const int base = oh - pt;
@@ -1065,7 +1091,8 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
     nonlin_rows<T, VL, NR, NA>(g, nrow, tx + static_cast<int64_t>(oh) * nl.full_w * 2,
                                tz + static_cast<int64_t>(oh) * nl.full_w * 2 * VL, line, dst + oh * row,
                                // the input's NTK is zero, so the window sum's NTK is its NNGP: the same row
-                               ntk ? (ntk_copy ? line : line_ntk) : nullptr, ntk ? dst_ntk + oh * row : nullptr);
+                               ntk ? (ntk_copy ? line : line_ntk) : nullptr, ntk ? dst_ntk + oh * row : nullptr,
+                               skip);
   }
 }
 
@@ -1177,10 +1204,45 @@ bool has_fused_sums(const Args<T>& g) {
 // Every block on n_threads threads, each with its own registers: the pairs (i, group jb) of the first set with
 // the second, or with kSelf the second set's groups of images on their own.
 template <typename T, int VL, int NR, int NA, bool kSelf = false>
-int run(const Args<T>& g, int n_threads) {
-  if (!kSelf && g.n2 % VL != 0) return 2;
-  if (g.n_coefs != NR || g.n_dcoefs != NA) return 4;
-  if (g.ntk && has_fused_sums(g)) return 6;
+int run(const Args<T>& given, int n_threads) {
+  if (!kSelf && given.n2 % VL != 0) return 2;
+  if (given.n_coefs != NR || given.n_dcoefs != NA) return 4;
+  if (given.ntk && has_fused_sums(given)) return 6;
+  Args<T> g = given;
+  // which images have zero deviations (black regions without biases before them): only their pairs' ReLUs look
+  // for them, the others keep the loop without that test; a window sum with a bias has no zero deviations after it,
+  // so a program whose window sums all have biases needs no look at all
+  std::vector<uint8_t> zero_x, zero_z;
+  bool unbiased = false;
+  for (int k = 0; k < g.n_instr; ++k) unbiased |= g.prog[k].op == OP_CONV && g.params[g.prog[k].param + 1] == T(0);
+  if (!kSelf && unbiased) {
+    const int n_groups = g.n2 / VL;
+    zero_x.assign(g.n1, 0);
+    zero_z.assign(n_groups, 0);
+    // images, then groups, shared among the threads; each looks in runs of positions, stopping at the first zero
+    auto look = [&](int t) {
+      constexpr int kRun = 64;
+      for (int u = t; u < g.n1 + n_groups; u += n_threads) {
+        const bool left = u < g.n1;
+        const T* tr = left ? g.tx + static_cast<int64_t>(u) * g.n_trace * 2
+                           : g.tz + static_cast<int64_t>(u - g.n1) * g.n_trace * 2 * VL;
+        bool found = false;
+        for (int p0 = 0; p0 < g.n_trace && !found; p0 += kRun) {
+          const int p1 = std::min(g.n_trace, p0 + kRun);
+          int hits = 0;
+          for (int p = p0; p < p1; ++p) {
+            hits += left ? tr[2 * p] == T(0) : lanes_zero<T, VL>(tr + static_cast<int64_t>(p) * 2 * VL);
+          }
+          found = hits > 0;
+        }
+        (left ? zero_x[u] : zero_z[u - g.n1]) = found;
+      }
+    };
+    n_threads = std::max(1, n_threads);
+    parallel(n_threads, look);
+    g.zero_x = zero_x.data();
+    g.zero_z = zero_z.data();
+  }
   const int64_t n_blocks = kSelf ? (g.n2 + VL - 1) / VL : static_cast<int64_t>(g.n1) * (g.n2 / VL);
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
