@@ -154,3 +154,30 @@ def test_a_crude_truncation_still_gives_a_positive_semidefinite_kernel():
     assert float(torch.linalg.eigvalsh(K).min()) >= -1e-12 * float(K.diagonal().max())
     exact = gram(_net(Elementwise(torch.tanh, degree=96)), x)
     assert float((K - exact).abs().max()) > 1e-4 * float(exact.abs().max())  # the truncation is crude indeed
+
+
+@pytest.mark.parametrize(
+    "fn, vanish",
+    [(torch.erf, "even"), (torch.cos, "odd"), (torch.nn.functional.softplus, None)],
+    ids=["odd", "even", "neither"],
+)
+def test_coefficients_of_an_odd_or_even_function_skip_the_vanishing_half(fn, vanish):
+    """The Hermite coefficients from the half of the rule's matrix that a parity leaves, against the whole of it
+    (written out here as its own sum over the nodes), float64; the other half exact zeros."""
+    layer = Elementwise(fn)
+    s = torch.rand(3, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2.0
+    got = layer._coefficients(s, 0)
+    x, M = layer._basis(s)
+    values = fn(s.unsqueeze(-1) * x)
+    want = torch.einsum("nk,...n->k...", M, values)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-14 * scale)
+    if vanish is not None:
+        zero = got[0::2] if vanish == "even" else got[1::2]
+        assert (zero == 0).all()
+    else:
+        assert (got[0::2] != 0).any() and (got[1::2] != 0).any()
+    # the derivative's coefficients (the NTK's) have the other parity
+    d = layer._coefficients(s, 1)
+    if vanish is not None:
+        assert ((d[1::2] if vanish == "even" else d[0::2]) == 0).all()
