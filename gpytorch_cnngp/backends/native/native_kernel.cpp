@@ -1,4 +1,4 @@
-// Native CPU kernel of the pair pass and the self pass (see gpytorch_cnngp/backends/native.py).
+// Native CPU kernel of the pair pass and the self pass (see gpytorch_cnngp/backends/native/).
 //
 // The Python side lowers a layer tree to a short list of instructions on map "registers"
 // ([h][w][VL] arrays); this file runs that list for one block of VL pairs at a time, every block
@@ -10,6 +10,10 @@
 // the NTK's after it, and each instruction updates both: a window sum maps the NTK to
 // scale * sum(ntk) + (its new NNGP), a (leaky) ReLU multiplies it by the expectation of the product of
 // the derivatives, a sum adds both maps.
+//
+// A pooled network's offsets outgrow L1 (a 28x28 map of 16 float32 lanes is 50 KB), so the pairs run a window
+// sum and the ReLU that alone reads it row by row (conv_nonlin, flagged by the lowering), and the ReLU skips its
+// polynomial where a deviation is zero (relu_linear), in pairs of images that have such black regions.
 //
 // Compiled once per machine by native.py with the system C++ compiler; plain C++17 loops written
 // for the compiler's auto-vectoriser (no intrinsics). Threads come from the OpenMP runtime PyTorch
