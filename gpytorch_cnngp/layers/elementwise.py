@@ -211,8 +211,8 @@ class Elementwise(Nonlinearity):
 
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         """``E[f(u)^2]`` by the Gauss-Hermite rule, a few nodes at a time (a tensor op per group, not per node)."""
-        x, _ = self._basis(s)
-        weights = torch.tensor(self._weights, dtype=s.dtype, device=s.device) / math.sqrt(math.pi)
+        x, M = self._basis(s)
+        weights = M[:, 0]  # w_i h_0(x_i) / sqrt(pi), h_0 = 1: the rule's weights over sqrt(pi)
         out = None
         for k in range(0, self.degree, _NODE_GROUP):
             f = self.fn(s.unsqueeze(-1) * x[k : k + _NODE_GROUP])

@@ -145,15 +145,21 @@ def _describe(layer: Layer, what: str) -> str:
     return f"{type(layer).__name__} ({what})"
 
 
-def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
-    """A sum whose one operand the window sum just before it made, and nothing else reads, done in that window
-    sum's store (``b``: the map it adds): one pass over the maps less per residual block. The same bits, since
-    the store adds the same two values."""
+def _readers(instrs: list[_Instr]) -> dict[int, int]:
+    """How many instructions read each register (as ``a`` or ``b``)."""
     readers: dict[int, int] = {}
     for ins in instrs:
         for r in (ins.a, ins.b):
             if r >= 0:
                 readers[r] = readers.get(r, 0) + 1
+    return readers
+
+
+def _fuse_sums(instrs: list[_Instr]) -> list[_Instr]:
+    """A sum whose one operand the window sum just before it made, and nothing else reads, done in that window
+    sum's store (``b``: the map it adds): one pass over the maps less per residual block. The same bits, since
+    the store adds the same two values."""
+    readers = _readers(instrs)
     out: list[_Instr] = []
     for ins in instrs:
         prev = out[-1] if out else None
@@ -178,11 +184,7 @@ def _fuse_nonlins(instrs: list[_Instr], code: Tensor) -> int:
     the nonlinearity right after it reads, so that the pairs run the two row by row (``conv_nonlin`` in
     native_kernel.cpp: the offsets' maps of a pooled network outgrow L1, a few rows do not). Returns the
     scratch those need, in positions: a ring of window rows and an output row, for the NNGP and the NTK."""
-    readers: dict[int, int] = {}
-    for ins in instrs:
-        for r in (ins.a, ins.b):
-            if r >= 0:
-                readers[r] = readers.get(r, 0) + 1
+    readers = _readers(instrs)
     scratch = 0
     for k in range(len(instrs) - 1):
         conv, nonlin = instrs[k], instrs[k + 1]

@@ -526,12 +526,10 @@ constexpr int kStrip = 8;
 // zeros over black regions and keep their relative accuracy where they are small (a running sum leaves a
 // residual of the size of the row's largest value, which a standard deviation would turn into its square
 // root); the pairs' covariances enter the nonlinearities linearly, where such residuals stay residuals.
-template <typename T, int VL, typename Store, bool kDirect = false>
-__attribute__((always_inline)) inline void window_sum(const Instr& ins, const T* __restrict src, T* __restrict tmp, Store& store) {
-  using L = Lanes<T, VL>;
-  static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
+// window_sum's first pass: the sums along W of src's ins.in_h rows into tmp [in_h][out_w].
+template <typename T, int VL, bool kDirect = false>
+__attribute__((always_inline)) inline void row_sums(const Instr& ins, const T* __restrict src, T* __restrict tmp) {
   const int in_h = ins.in_h;
-  const int64_t vectors = static_cast<int64_t>(ins.out_w) * VL / L::kPer;  // of an output row
   if (!kDirect && ins.sw == 1 && ins.dw == 1 && ins.kw >= kRunningMin) {
     // rows in groups: one row's running sum is a chain of dependent additions, several rows' chains
     // interleave and keep the adders busy
@@ -544,6 +542,14 @@ __attribute__((always_inline)) inline void window_sum(const Instr& ins, const T*
   } else {
     tap_rows<T, VL>(ins, src, tmp);
   }
+}
+
+template <typename T, int VL, typename Store, bool kDirect = false>
+__attribute__((always_inline)) inline void window_sum(const Instr& ins, const T* __restrict src, T* __restrict tmp, Store& store) {
+  using L = Lanes<T, VL>;
+  static_assert(L::kParts <= kStrip, "a block's vectors fit a strip");
+  const int64_t vectors = static_cast<int64_t>(ins.out_w) * VL / L::kPer;  // of an output row
+  row_sums<T, VL, kDirect>(ins, src, tmp);
   if (!kDirect && ins.sh == 1 && ins.dh == 1 && ins.kh >= kRunningMin) {
     // strips of columns, each strip's running sums in registers down all its output rows
     in_strips(vectors, [&](auto strip, int64_t e) {
@@ -1010,17 +1016,8 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
   T* ring_ntk = tmp + kh * row;
   T* line = tmp + 2 * kh * row;
   T* line_ntk = line + row;
-  Instr one = cv;  // one input row's sum along W
+  Instr one = cv;  // one input row's sum along W, as conv's window_sum sums each row
   one.in_h = 1;
-  auto sum_row = [&](const T* in, T* out) {
-    if (one.kw >= kRunningMin) {
-      running_rows<T, VL, 1>(one, in, out, 0);
-    } else if (one.kw == 3) {
-      three_rows<T, VL>(one, in, out);
-    } else {
-      tap_rows<T, VL>(one, in, out);
-    }
-  };
   Instr nrow = nl;  // the nonlinearity on one row, its traces from the row's first position on
   nrow.in_h = 1;
   nrow.xoff = nrow.zoff = 0;
@@ -1035,8 +1032,8 @@ void conv_nonlin(const Args<T>& g, const Instr& cv, const Instr& nl, int i, int 
     int lo, hi;
     valid_taps(base, 1, kh, in_h, lo, hi);
     for (; next < base + hi; ++next) {
-      sum_row(src + next * in_row, ring + next_slot * row);
-      if (ntk && !ntk_copy) sum_row(src_ntk + next * in_row, ring_ntk + next_slot * row);
+      row_sums<T, VL>(one, src + next * in_row, ring + next_slot * row);
+      if (ntk && !ntk_copy) row_sums<T, VL>(one, src_ntk + next * in_row, ring_ntk + next_slot * row);
       next_slot = next_slot + 1 == kh ? 0 : next_slot + 1;
     }
     const T* taps[kMaxFusedTaps];
@@ -1218,8 +1215,10 @@ int run(const Args<T>& given, int n_threads) {
   // so a program whose window sums all have biases needs no look at all
   std::vector<uint8_t> zero_x, zero_z;
   bool unbiased = false;
-  for (int k = 0; k < g.n_instr; ++k) unbiased |= g.prog[k].op == OP_CONV && g.params[g.prog[k].param + 1] == T(0);
-  if (!kSelf && unbiased) {
+  for (int k = 0; !kSelf && k < g.n_instr; ++k) {
+    unbiased |= g.prog[k].op == OP_CONV && g.params[g.prog[k].param + 1] == T(0);
+  }
+  if (unbiased) {
     const int n_groups = g.n2 / VL;
     zero_x.assign(g.n1, 0);
     zero_z.assign(n_groups, 0);
