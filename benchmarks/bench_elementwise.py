@@ -41,7 +41,10 @@ from gpytorch_cnngp.layers import Conv2d, Dense, Elementwise, Erf, Sequential  #
 class ProductRule(Elementwise):
     """The baseline: ``E[f(u) f(v)]`` by the product Gauss-Hermite rule, ``degree^2`` node pairs per entry."""
 
-    def _quadrature(self, c: Tensor, s1: Tensor, s2: Tensor, order1: int, order2: int) -> Tensor:
+    def pair_functions(self, state):  # the rule reads the standard deviations alone, not the series' coefficients
+        return self.pair_map, self.pair_derivative_map
+
+    def _quadrature(self, c: Tensor, s1: Tensor, s2: Tensor, order1: int, order2: int, series=None) -> Tensor:
         prod = s1 * s2
         positive = prod > 0
         rho = torch.where(positive, c / torch.where(positive, prod, 1.0), 0.0).clamp(-1.0, 1.0)

@@ -148,8 +148,10 @@ def _fill(
         final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)[1] if symmetric else None
     else:
         trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
-        terms_x = Traces(trace_x)
-        terms_z = terms_x if symmetric else Traces(_self_pass_chunked(model, z, hyper, chunk, req, ntk)[0])
+        # what layers derive from the traces may be kept across tiles in the memory the tiles leave
+        keep = max(0, plan.memory_budget - plan.trace_bytes - plan.tile_size**2 * plan.pair_bytes)
+        terms_x = Traces(trace_x, keep)
+        terms_z = terms_x if symmetric else Traces(_self_pass_chunked(model, z, hyper, chunk, req, ntk)[0], keep)
     n1, n2 = x.shape[-1], zz.shape[-1]
     out = torch.empty(*((2,) if ntk else ()), n1, n2, dtype=x.dtype, device=x.device)
     block_fn = backend.block_fn(model, size, hyper, req, plan.tile_size, ntk)

@@ -76,10 +76,15 @@ class Layout:
         """The same-location map ``[H, W, ...]``: each position with itself (what a nonlinearity records)."""
         raise NotImplementedError
 
-    def pointwise(self, m: Tensor, s1: Tensor, s2: Tensor, fn: PairFn, compiled: bool) -> Tensor:
-        """``fn(c, s1, s2, compiled)`` at every entry: ``s1`` ``[H, W, ...]`` read at the first position, ``s2`` at
-        the second (zero outside the map)."""
+    def place(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        """Same-location maps ``[H, W, ...]`` of the two sides (standard deviations, or anything per image and
+        position) where every entry of this layout reads them: ``s1`` at the first position, ``s2`` at the second
+        (zero outside the map)."""
         raise NotImplementedError
+
+    def pointwise(self, m: Tensor, s1: Tensor, s2: Tensor, fn: PairFn, compiled: bool) -> Tensor:
+        """``fn(c, s1, s2, compiled)`` at every entry, ``s1`` and ``s2`` placed by :meth:`place`."""
+        return fn(m, *self.place(s1, s2), compiled)
 
     def self_map(self, m: Tensor, s: Tensor, pair: PairFn, own: OwnFn, compiled: bool) -> Tensor:
         """A nonlinearity on one image's map: ``pair`` between positions, exactly ``own(v, s)`` where a position
@@ -140,8 +145,8 @@ class SameLocation(Layout):
     def own_variances(self, m: Tensor) -> Tensor:
         return m
 
-    def pointwise(self, m: Tensor, s1: Tensor, s2: Tensor, fn: PairFn, compiled: bool) -> Tensor:
-        return fn(m, s1, s2, compiled)
+    def place(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        return s1, s2
 
     def self_map(self, m: Tensor, s: Tensor, pair: PairFn, own: OwnFn, compiled: bool) -> Tensor:
         return own(m, s)  # every entry is a position with itself
@@ -187,8 +192,8 @@ class Full(Layout):
     def own_variances(self, m: Tensor) -> Tensor:
         return same_location(m)
 
-    def pointwise(self, m: Tensor, s1: Tensor, s2: Tensor, fn: PairFn, compiled: bool) -> Tensor:
-        return fn(m, s1[:, :, None, None], s2[None, None], compiled)
+    def place(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        return s1[:, :, None, None], s2[None, None]
 
     def _write_own(self, out: Tensor, value: Tensor) -> None:
         position_diagonal(out).copy_(value.flatten(0, 1).movedim(0, -1))
@@ -236,8 +241,8 @@ class PerOffset(Layout):
     def own_variances(self, m: Tensor) -> Tensor:
         return m.select(2, self.offsets.zero)
 
-    def pointwise(self, m: Tensor, s1: Tensor, s2: Tensor, fn: PairFn, compiled: bool) -> Tensor:
-        return fn(m, s1[:, :, None], self.offsets.shifted(s2), compiled)
+    def place(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        return s1[:, :, None], self.offsets.shifted(s2)
 
     def self_map(self, m: Tensor, s: Tensor, pair: PairFn, own: OwnFn, compiled: bool) -> Tensor:
         out = self.pointwise(m, s, s, pair, compiled)  # (the offset path has always read v after the pair values)

@@ -126,7 +126,8 @@ def pair_block(
 ) -> Tensor:
     """Kernel block ``[n1, n2]`` (``[2, n1, n2]``: NNGP and NTK, with ``ntk``) between images ``x``
     ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]`` given their sliced self traces (``[h, w, n1]`` and
-    ``[h, w, n2]`` per nonlinearity).
+    ``[h, w, n2]`` per nonlinearity; a :class:`~gpytorch_cnngp.backends.base.TraceSlices` carries a memo of what the
+    layers derive from them, kept by the engine across tiles).
 
     :param same: ``x`` and ``z`` are the same images (a square block on the diagonal of ``K(X, X)``):
         each image's entry with itself is set exactly to its self value after every nonlinearity.
@@ -144,6 +145,8 @@ def pair_block(
         window_method=window_method,
         pair_ndim=2,
         plan=_plan(model, req, x, compiled),
+        memo_x=getattr(trace_x, "memo", None),
+        memo_z=getattr(trace_z, "memo", None),
     )
     out = model.propagate(_start(_input(x, z, req, run.plan, True), run, ntk))
     return _result(out, x.shape[-1], z.shape[-1])

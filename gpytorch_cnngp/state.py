@@ -25,7 +25,7 @@ This module knows nothing of tiles, backends or GPyTorch; it only relies on the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -309,6 +309,8 @@ class Pass:
     :ivar pair_ndim: trailing image dimensions of the maps (1 for ``[.., n]``, 2 for ``[.., n1, n2]``).
     :ivar plan: the offsets a pooled network's maps carry (:class:`SpatialPlan`), or ``None``: same-location
         maps, and full maps ``[H, W, H, W, ...]`` up to the last pooling layer.
+    :ivar memo_x, memo_z: pair pass: where :meth:`derived` keeps what it computes from each side's traces, given by
+        the engine so that it outlives the tile (``None``: computed for this pass alone).
     """
 
     mode: str
@@ -322,6 +324,8 @@ class Pass:
     pair_ndim: int = 1
     plan: SpatialPlan | None = None
     trace: list[Tensor] = field(default_factory=list)
+    memo_x: dict | None = None
+    memo_z: dict | None = None
     _slot: int = field(default=0, repr=False)
 
     def record(self, s: Tensor) -> None:
@@ -333,6 +337,21 @@ class Pass:
         slot = self._slot
         self._slot += 1
         return self.trace_x[slot], self.trace_z[slot]
+
+    def derived(self, key: str, fn: Callable[[Tensor], object]) -> tuple[object, object]:
+        """Pair pass: ``fn`` of each side's standard deviations recorded by the nonlinearity last recalled (shaped as
+        :meth:`recall` gives them): what a layer computes per image and position (a series' coefficients), once
+        per call and range of images where the engine keeps the results across tiles (:attr:`memo_x`)."""
+        slot = self._slot - 1
+        out = []
+        for trace, memo in ((self.trace_x, self.memo_x), (self.trace_z, self.memo_z)):
+            if memo is None:
+                out.append(fn(trace[slot]))
+                continue
+            if (slot, key) not in memo:
+                memo[(slot, key)] = fn(trace[slot])
+            out.append(memo[(slot, key)])
+        return out[0], out[1]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import pytest
 import scipy.integrate
 import torch
 
-from gpytorch_cnngp import Conv2d, Dense, Erf, Sequential, gram
+from gpytorch_cnngp import AvgPool2d, Conv2d, Dense, Erf, GlobalAvgPool2d, ReLU, Sequential, gram
+from gpytorch_cnngp.backends.base import Traces
 from gpytorch_cnngp.layers.elementwise import Elementwise
 
 F64 = torch.float64
@@ -76,6 +77,60 @@ def test_erf_through_a_network_equals_the_closed_form_layer():
     torch.testing.assert_close(quad(x, diag=True), closed(x, diag=True), rtol=1e-10, atol=0.0)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["same-location", "pooled"])
+def test_tiles_that_share_their_series_equal_the_closed_form(pooled):
+    """Many tiles read each image's coefficients from one computation (kept across tiles, placed per offset on a
+    pooled network's offset maps); the NNGP and the NTK equal the closed form's, float64."""
+    g = torch.Generator().manual_seed(8)
+    x, z = torch.rand(11, 2, 7, 7, dtype=F64, generator=g), torch.rand(9, 2, 7, 7, dtype=F64, generator=g)
+
+    def net(phi):
+        if pooled:  # offsets clipped at the borders, a pool that does not divide the map, then every offset
+            return Sequential(Conv2d(3, var_weight=1.7, var_bias=0.2), phi, AvgPool2d(2), Conv2d(3), phi,
+                              GlobalAvgPool2d(), Dense())  # fmt: skip
+        return _net(phi)
+
+    quad, closed = net(Elementwise(torch.erf)), net(Erf())
+    for args in ((x, z), (x,)):
+        got = gram(quad, *args, tile_size=4, get=("nngp", "ntk"), backend="eager")
+        want = gram(closed, *args, tile_size=4, get=("nngp", "ntk"), backend="eager")
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=0.0)
+
+
+def test_each_images_series_is_computed_once_per_call(monkeypatch):
+    """The first set's coefficients once per row of tiles, the second set's once per call where memory allows (the
+    tiles' own coefficients otherwise, once per tile and side)."""
+    calls = []
+    sides = Elementwise._sides
+
+    def counted(self, s, orders):
+        if s.dim() == 4:  # a pair pass's side, [h, w, n1, 1] or [h, w, 1, n2] (the self pass's are [h, w, n])
+            calls.append((orders, s.shape[-1] if s.shape[-2] == 1 else s.shape[-2]))
+        return sides(self, s, orders)
+
+    monkeypatch.setattr(Elementwise, "_sides", counted)
+    g = torch.Generator().manual_seed(9)
+    x, z = torch.rand(12, 1, 5, 5, dtype=F64, generator=g), torch.rand(8, 1, 5, 5, dtype=F64, generator=g)
+    model = Sequential(Conv2d(3), Elementwise(torch.tanh, degree=16), Conv2d(3), ReLU(), Dense())
+    gram(model, x, z, tile_size=4, backend="eager", get=("nngp", "ntk"))
+    # 3 ranges of rows and 2 of columns, the NNGP's series (order 0) with the NTK's (order 1); nothing in the self
+    # pass of a same-location network
+    assert calls == [((0, 1), 4)] * 5
+
+
+def test_traces_keep_the_columns_memos_within_their_bytes():
+    traces = [torch.zeros(2, 2, 10, dtype=F64)]
+    kept, bounded = Traces(traces, keep_bytes=1 << 20), Traces(traces, keep_bytes=0)
+    for terms in (kept, bounded):
+        terms.columns(0, 5).memo["series"] = torch.ones(1000, dtype=F64)  # 8,000 bytes
+        assert [t.shape[-1] for t in terms.columns(5, 10)] == [5]
+        terms.rows(0, 5).memo["series"] = torch.ones(3)
+    assert "series" in kept.columns(0, 5).memo  # kept: within its bytes
+    assert "series" not in bounded.columns(0, 5).memo  # dropped: over its bytes, only the newest stays
+    assert "series" in bounded.rows(0, 5).memo and "series" not in bounded.rows(5, 10).memo  # the last rows
+
+
 def test_gradients_at_identical_images_equal_the_closed_forms():
     x = torch.rand(3, 1, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(3))
     x = torch.cat([x, x[:1]])  # an image twice: correlation 1 between different rows
@@ -137,8 +192,7 @@ def _all_terms(layer: Elementwise, c, s1, s2) -> torch.Tensor:
 def test_the_terms_dropped_are_those_below_rounding(fn, kept):
     layer = Elementwise(fn, degree=24)
     c, s1, s2 = _points(50, seed=6, s_max=0.9)
-    a, b = layer._coefficients(s1, 0), layer._coefficients(s2, 0)
-    keep = layer._terms(a, b)
+    keep = layer._terms(layer._side(s1, 0), layer._side(s2, 0))
     assert all(kept(k) for k in keep) and keep, keep  # nothing that is zero is kept
     full = _all_terms(layer, c, s1, s2)
     got = layer.pair_map(c, s1, s2, False)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layers.base import Layer
     from ..state import Hyper, Requirements
 
-__all__ = ["Backend", "BlockFn", "VjpFn", "SelfTerms", "Traces", "SelfFn"]
+__all__ = ["Backend", "BlockFn", "VjpFn", "SelfTerms", "TraceSlices", "Traces", "SelfFn"]
 
 
 class SelfTerms:
@@ -29,17 +29,54 @@ class SelfTerms:
         raise NotImplementedError
 
 
+class TraceSlices(list):
+    """One side's traces for a tile (a list of tensors) with the memo in which
+    :meth:`~gpytorch_cnngp.state.Pass.derived` keeps what layers compute from them."""
+
+    def __init__(self, traces: list[Tensor], memo: dict) -> None:
+        super().__init__(traces)
+        self.memo = memo
+
+
+def _nbytes(value: object) -> int:
+    if isinstance(value, Tensor):
+        return value.element_size() * value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
 class Traces(SelfTerms):
     """Self terms from :func:`gpytorch_cnngp.passes.self_pass`: one ``[h, w, n]`` trace per nonlinearity,
-    sliced along the images for either side."""
+    sliced along the images for either side.
 
-    def __init__(self, traces: list[Tensor]) -> None:
+    What layers derive from a tile's traces (:meth:`~gpytorch_cnngp.state.Pass.derived`) is kept for the last
+    range of rows, which a row of tiles shares, and for every range of columns while the kept ones take at most
+    ``keep_bytes`` (the memory the tiles leave of the budget): each image's once per call, not once per tile."""
+
+    def __init__(self, traces: list[Tensor], keep_bytes: int = 0) -> None:
         self.traces = traces
+        self.keep_bytes = keep_bytes
+        self._rows: tuple[int, int, dict] | None = None
+        self._columns: dict[tuple[int, int], dict] = {}
 
-    def rows(self, i0: int, i1: int) -> list[Tensor]:
-        return [t[..., i0:i1] for t in self.traces]
+    def _slices(self, i0: int, i1: int, memo: dict) -> TraceSlices:
+        return TraceSlices([t[..., i0:i1] for t in self.traces], memo)
 
-    columns = rows
+    def rows(self, i0: int, i1: int) -> TraceSlices:
+        if self._rows is None or self._rows[:2] != (i0, i1):
+            self._rows = (i0, i1, {})
+        return self._slices(i0, i1, self._rows[2])
+
+    def columns(self, j0: int, j1: int) -> TraceSlices:
+        memo = self._columns.get((j0, j1))
+        if memo is None:
+            if _nbytes(self._columns) > self.keep_bytes:  # over the memory left: keep only the newest
+                self._columns.clear()
+            memo = self._columns[(j0, j1)] = {}
+        return self._slices(j0, j1, memo)
 
 
 #: ``own(x, both)``: the self terms of images ``x`` ``[H, W, C, n]``; ``both``: they will be read as either

@@ -300,6 +300,12 @@ class Nonlinearity(Layer):
         """``E[phi'(u) phi'(u')]`` from the covariance and the standard deviations of both sides."""
         raise NotImplementedError(f"{type(self).__name__} has no neural tangent kernel rule")
 
+    def pair_functions(self, state: CovState) -> tuple[Callable, Callable]:
+        """The pair expectations ``state``'s pass uses, the NNGP's and the NTK factor's: :meth:`pair_map` and
+        :meth:`pair_derivative_map`, or versions of them that read what the layer derives per image from the
+        traces (:meth:`~gpytorch_cnngp.state.Pass.derived`) and places by ``state.layout``."""
+        return self.pair_map, self.pair_derivative_map
+
     def _maps(self, state: CovState, sides: tuple[Tensor, ...], pair, own) -> Tensor:
         """The pair expectation ``pair(c, s1, s2, compiled)`` at every entry of the state's layout (the first side's
         standard deviation at the first position, the second's at the second), with the exact self values
@@ -326,8 +332,9 @@ class Nonlinearity(Layer):
             sides = (s,)
         else:
             sides = run.recall()
-        nngp = self._maps(state, sides, self.pair_map, self.self_map)
+        pair, pair_derivative = self.pair_functions(state)
+        nngp = self._maps(state, sides, pair, self.self_map)
         ntk = None
         if state.ntk is not None:
-            ntk = state.ntk * self._maps(state, sides, self.pair_derivative_map, self.self_derivative_map)
+            ntk = state.ntk * self._maps(state, sides, pair_derivative, self.self_derivative_map)
         return state.masked(nngp, ntk)  # zero where p + d leaves the map (offset maps)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..ops import first_order_only
+from ..state import CovState
 from .base import FiniteBuild, Nonlinearity
 
 __all__ = ["Elementwise"]
@@ -28,14 +30,26 @@ class _Apply(nn.Module):
 _NODE_GROUP = 16
 
 
-def _derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, order: int) -> Tensor:
-    """``fn``'s ``order``-th derivative at ``x`` (elementwise), by autograd."""
+def _derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, orders: tuple[int, ...]) -> list[Tensor]:
+    """``fn``'s derivatives of the given orders at ``x`` (elementwise), by autograd from one evaluation of ``fn``."""
+    top = max(orders)
+    if top == 0:
+        return [fn(x)]
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
-        y = fn(xr)
-        for k in range(order):
-            (y,) = torch.autograd.grad(y.sum(), xr, create_graph=k + 1 < order)
-    return y.detach()
+        out = [fn(xr)]
+        for k in range(top):
+            out += torch.autograd.grad(out[k].sum(), xr, create_graph=k + 1 < top)
+    return [out[k].detach() for k in orders]
+
+
+class _Side(NamedTuple):
+    """One side's series: its coefficients ``[term, ...]`` and what :meth:`Elementwise._terms` reads of them (per
+    term the largest ``|a_k|``, and the smallest norm ``||a||`` over the entries; ``None`` for shapes alone)."""
+
+    coef: Tensor
+    amax: list[float] | None
+    norm: float | None
 
 
 class _Expectation(torch.autograd.Function):
@@ -48,10 +62,10 @@ class _Expectation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, c, s1, s2, layer, order):
+    def forward(ctx, c, s1, s2, layer, order, series):
         ctx.layer, ctx.order = layer, order
         ctx.save_for_backward(c, s1, s2)
-        return layer._quadrature(c, s1, s2, order, order)
+        return layer._quadrature(c, s1, s2, order, order, series)
 
     @staticmethod
     @first_order_only
@@ -65,7 +79,7 @@ class _Expectation(torch.autograd.Function):
             g_s1 = (grad * s1 * q(c, s1, s2, k + 2, k)).sum_to_size(s1.shape)
         if ctx.needs_input_grad[2]:
             g_s2 = (grad * s2 * q(c, s1, s2, k, k + 2)).sum_to_size(s2.shape)
-        return g_c, g_s1, g_s2, None, None
+        return g_c, g_s1, g_s2, None, None, None
 
 
 class Elementwise(Nonlinearity):
@@ -79,8 +93,10 @@ class Elementwise(Nonlinearity):
         E[f(u) f(v)] = \sum_{k \ge 0} \rho^k\, a_k(s_1)\, a_k(s_2), \qquad a_k(s) = E[f(s x)\, h_k(x)],
 
     truncated after ``degree`` terms, each :math:`a_k(s)` by a Gauss-Hermite rule of ``degree`` nodes. The
-    coefficients depend on one image's standard deviation at one position, so they cost ``degree^2`` evaluations
-    of ``fn`` per image and position; a pair costs ``degree`` multiply-adds in :math:`\rho` (Horner). The
+    coefficients depend on one image's standard deviation at one position, so they cost ``degree`` evaluations of
+    ``fn`` and ``degree^2 / 2`` multiply-adds per image and position (the rule folded at its symmetric nodes),
+    computed once per call for each image where the memory budget leaves room to keep them across tiles; a pair
+    costs a multiply-add in :math:`\rho` per term kept (Horner). The
     truncated series is itself a kernel (each :math:`\rho^k` is one), and an image's own value at one position
     keeps the whole sum, :math:`E[f(u)^2]`, so the tail the truncation drops only adds to the diagonal.
     Exact when ``f`` is a polynomial of degree below ``degree``. For other smooth ``f`` the error falls
@@ -126,7 +142,7 @@ class Elementwise(Nonlinearity):
         return f"fn={getattr(self.fn, '__name__', repr(self.fn))}, degree={self.degree}"
 
     def _f(self, order: int) -> Callable[[Tensor], Tensor]:
-        return self.fn if order == 0 else (lambda x: _derivatives(self.fn, x, order))
+        return self.fn if order == 0 else (lambda x: _derivatives(self.fn, x, (order,))[0])
 
     def _basis(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The nodes ``sqrt(2) t_i`` and the matrix ``M[i, k] = w_i h_k(sqrt(2) t_i) / sqrt(pi)`` taking ``f`` at the
@@ -146,36 +162,80 @@ class Elementwise(Nonlinearity):
             )
         return self._bases[key]
 
+    def _folded(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The rule folded at its nodes, which come in pairs ``+-x`` with equal weights: the nodes as ``f`` is
+        evaluated (the positive ones, their negatives, then the centre for an odd degree) and the rows of
+        :meth:`_basis`' matrix at the positive nodes (then the centre), even terms and odd terms. Since
+        ``h_k(-x) = (-1)^k h_k(x)``, the even coefficients are the first matrix times ``f(s x) + f(-s x)`` and the
+        odd ones the second times ``f(s x) - f(-s x)``: half the products of the whole matrix."""
+        key = ("folded", like.dtype, like.device)
+        if key not in self._bases:
+            x, M = self._basis(like)
+            half = self.degree // 2
+            positive = torch.arange(self.degree - half, self.degree)  # ascending nodes: the positive half last
+            rows = positive if self.degree % 2 == 0 else torch.cat([positive, torch.tensor([half])])
+            nodes = torch.cat([x[positive], -x[positive], x[half : half + self.degree % 2]])
+            self._bases[key] = (nodes, M[rows][:, 0::2].contiguous(), M[positive][:, 1::2].contiguous())
+        return self._bases[key]
+
     def _coefficients(self, s: Tensor, order: int) -> Tensor:
         """``a_k(s) = E[f^(order)(s x) h_k(x)]`` for ``k < degree``, in a new first dimension (each term's
         coefficients one contiguous map)."""
-        x, M = self._basis(s)
-        values = self._f(order)(s.unsqueeze(-1) * x)  # [..., node]
-        last = values.dim() - 1
-        # the nodes come in pairs +-x: values odd in them (an odd f, or an even one's derivative) have no even terms,
-        # even values no odd ones; those are exact zeros, and the product computes only the others
-        parity = None
-        if not values.is_meta and not values.requires_grad:
-            mirrored = values.flip(-1)
-            parity = 1 if torch.equal(values, -mirrored) else 0 if torch.equal(values, mirrored) else None
-        if parity is None:
-            return torch.tensordot(M.T, values, dims=([1], [last]))  # [term, ...]
-        out = values.new_zeros(M.shape[1], *values.shape[:-1])
-        out[parity::2] = torch.tensordot(M.T[parity::2], values, dims=([1], [last]))
+        nodes, _, _ = self._folded(s)
+        return self._fold(self._f(order)(s.unsqueeze(-1) * nodes))
+
+    def _fold(self, values: Tensor) -> Tensor:
+        """The coefficients ``[term, ...]`` from a function's values ``[..., node]`` at :meth:`_folded`'s nodes."""
+        _, even, odd = self._folded(values)
+        half, last = self.degree // 2, values.dim() - 1
+        plus, minus = values[..., :half], values[..., half : 2 * half]
+        out = values.new_empty(self.degree, *values.shape[:-1])
+        # an odd f (or an even one's derivative) has exactly zero even parts, an even f zero odd parts: no product
+        for part, matrix, terms in (
+            (plus + minus, even, slice(0, None, 2)),
+            (plus - minus, odd, slice(1, None, 2)),
+        ):
+            if matrix.shape[0] > half:  # the centre node of an odd degree, in the even terms only
+                part = torch.cat([part, values[..., 2 * half :]], dim=-1)
+            if not part.is_meta and not part.any():
+                out[terms] = 0.0
+            else:
+                out[terms] = torch.tensordot(matrix.T, part, dims=([1], [last]))
         return out
 
+    def _sides(self, s: Tensor, orders: tuple[int, ...]) -> tuple[_Side, ...]:
+        """One side's series (:class:`_Side`) of ``f`` and its derivatives of the given orders for the standard
+        deviations ``s`` (one evaluation of ``f`` at the nodes for all of them), outside autograd: the gradients
+        follow Price's theorem (see :class:`_Expectation`)."""
+        with torch.no_grad():
+            nodes, _, _ = self._folded(s)
+            values = _derivatives(self.fn, s.detach().unsqueeze(-1) * nodes, orders)
+            return tuple(self._summarised(self._fold(v)) for v in values)
+
+    def _side(self, s: Tensor, order: int) -> _Side:
+        return self._sides(s, (order,))[0]
+
     @staticmethod
-    def _terms(a: Tensor, b: Tensor) -> list[int]:
+    def _summarised(coef: Tensor) -> _Side:
+        if coef.is_meta or coef.numel() == 0:  # meta: shapes only (the tiling's probe)
+            return _Side(coef, None, None)
+        flat = coef.flatten(1)  # (amax and amin, and a product summed, are faster than the norms here)
+        amax = torch.maximum(flat.amax(1), -flat.amin(1)).tolist()
+        norm = math.sqrt(float((flat * flat).sum(0).amin()))
+        return _Side(coef, amax, norm)
+
+    @staticmethod
+    def _terms(a: _Side, b: _Side) -> list[int]:
         """The terms kept, ascending: the smallest are dropped while their bounds
         ``max|a_k(s1)| max|b_k(s2)|`` sum to at most the dtype's rounding of the smallest ``||a|| ||b||`` (about
         ``sqrt(E[f(u)^2] E[f(v)^2])``, the entries' scale). An odd or even ``f`` loses half its terms this way, a
         smooth one its tail; the kept sum differs from the full one by less than rounding the entries would."""
-        n = a.shape[0]
-        if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:  # meta: shapes only (the tiling's probe)
+        n = a.coef.shape[0]
+        if a.amax is None or b.amax is None:
             return list(range(n))
-        bound = (a.abs().flatten(1).amax(1) * b.abs().flatten(1).amax(1)).tolist()
-        scale = float(a.square().sum(0).sqrt().amin() * b.square().sum(0).sqrt().amin())
-        budget, dropped = torch.finfo(a.dtype).eps * scale, set()
+        bound = [x * y for x, y in zip(a.amax, b.amax, strict=True)]
+        scale = a.norm * b.norm
+        budget, dropped = torch.finfo(a.coef.dtype).eps * scale, set()
         for k in sorted(range(n), key=bound.__getitem__):
             if bound[k] > budget:
                 break
@@ -183,19 +243,31 @@ class Elementwise(Nonlinearity):
             dropped.add(k)
         return [k for k in range(n) if k not in dropped]
 
-    def _quadrature(self, c: Tensor, s1: Tensor, s2: Tensor, order1: int, order2: int) -> Tensor:
+    def _quadrature(
+        self,
+        c: Tensor,
+        s1: Tensor,
+        s2: Tensor,
+        order1: int,
+        order2: int,
+        series: tuple[list[int], list[tuple[Tensor, Tensor]]] | None = None,
+    ) -> Tensor:
         """``E[f^(order1)(u) f^(order2)(v)]`` by the truncated Mehler series (see the class), the coefficients once
-        per image and position, the sum over the terms kept (:meth:`_terms`) by Horner's rule on the pair map."""
+        per image and position, the sum over the terms kept (:meth:`_terms`) by Horner's rule on the pair map.
+        ``series``: the terms kept and their coefficients of both sides placed where the entries read them,
+        when the caller has them (else computed here from ``s1`` and ``s2``)."""
         prod = s1 * s2
         positive = prod > 0
         rho = torch.where(positive, c / torch.where(positive, prod, 1.0), 0.0).clamp(-1.0, 1.0)
-        a = self._coefficients(s1, order1)
-        # an image with itself (the self pass's derivative map): the same coefficients on both sides
-        b = a if s2 is s1 and order2 == order1 else self._coefficients(s2, order2)
-        shape = torch.broadcast_shapes(rho.shape, a.shape[1:], b.shape[1:])
-        keep = self._terms(a, b)
+        if series is None:
+            a = self._side(s1, order1)
+            # an image with itself (the self pass's derivative map): the same coefficients on both sides
+            b = a if s2 is s1 and order2 == order1 else self._side(s2, order2)
+            keep = self._terms(a, b)
+            series = keep, [(a.coef[k], b.coef[k]) for k in keep]
+        keep, pairs = series
         if not keep:
-            return torch.zeros(shape, dtype=rho.dtype, device=rho.device)
+            return torch.zeros_like(rho)
         powers: dict[int, Tensor] = {1: rho}
 
         def power(g: int) -> Tensor:  # rho^g, once per distinct gap between kept terms
@@ -203,35 +275,64 @@ class Elementwise(Nonlinearity):
                 powers[g] = rho.pow(g)
             return powers[g]
 
-        out = (a[keep[-1]] * b[keep[-1]]).expand(shape).clone()
+        out = torch.mul(*pairs[-1]).expand(rho.shape).clone()
         # never differentiated by autograd (see _Expectation): in place
-        for hi, lo in zip(reversed(keep[1:]), reversed(keep[:-1]), strict=True):
-            out.mul_(power(hi - lo)).addcmul_(a[lo], b[lo])
+        for hi, lo, (a, b) in zip(reversed(keep[1:]), reversed(keep[:-1]), reversed(pairs[:-1]), strict=True):
+            out.mul_(power(hi - lo)).addcmul_(a, b)
         return out.mul_(power(keep[0])) if keep[0] else out
 
     def self_map(self, v: Tensor, s: Tensor) -> Tensor:
         """``E[f(u)^2]`` by the Gauss-Hermite rule, a few nodes at a time (a tensor op per group, not per node)."""
+        return self._own(s, self.fn)
+
+    def _own(self, s: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+        """``E[f(s x)^2]`` by the Gauss-Hermite rule, :data:`_NODE_GROUP` nodes to a tensor op."""
         x, M = self._basis(s)
         weights = M[:, 0]  # w_i h_0(x_i) / sqrt(pi), h_0 = 1: the rule's weights over sqrt(pi)
         out = None
         for k in range(0, self.degree, _NODE_GROUP):
-            f = self.fn(s.unsqueeze(-1) * x[k : k + _NODE_GROUP])
-            term = (f * f) @ weights[k : k + _NODE_GROUP]
+            values = f(s.unsqueeze(-1) * x[k : k + _NODE_GROUP])
+            term = (values * values) @ weights[k : k + _NODE_GROUP]
             out = term if out is None else out + term
         return out
 
     def pair_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         return self.expectation(c, s1, s2, 0)
 
-    def expectation(self, c: Tensor, s1: Tensor, s2: Tensor, order: int) -> Tensor:
-        """``E[f^(order)(u) f^(order)(v)]`` by the product rule, differentiable (Price's theorem)."""
+    def expectation(self, c: Tensor, s1: Tensor, s2: Tensor, order: int, series=None) -> Tensor:
+        """``E[f^(order)(u) f^(order)(v)]`` by the product rule, differentiable (Price's theorem); ``series`` as
+        :meth:`_quadrature` takes it."""
         if torch.is_grad_enabled() and (c.requires_grad or s1.requires_grad or s2.requires_grad):
-            return _Expectation.apply(c, s1, s2, self, order)
-        return self._quadrature(c, s1, s2, order, order)
+            return _Expectation.apply(c, s1, s2, self, order, series)
+        return self._quadrature(c, s1, s2, order, order, series)
+
+    def pair_functions(self, state: CovState) -> tuple[Callable, Callable]:
+        # in a pair pass, each side's coefficients once per image range for the whole call (Pass.derived), placed
+        # by the layout like the standard deviations, instead of once per tile and (on the offset path) offset
+        run, layout = state.run, state.layout
+        if run.mode != "pair":
+            return super().pair_functions(state)
+
+        orders = (0, 1) if state.ntk is not None else (0,)  # the NTK's series from the same evaluations of f
+
+        def bound(order: int) -> Callable:
+            def pair(c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
+                sides_x, sides_z = run.derived(f"series {orders}", lambda s: self._sides(s, orders))
+                a, b = sides_x[order], sides_z[order]
+                keep = self._terms(a, b)
+                return self.expectation(c, s1, s2, order, (keep, [layout.place(a.coef[k], b.coef[k]) for k in keep]))
+
+            return pair
+
+        return bound(0), bound(1)
 
     def self_derivative_map(self, v: Tensor, s: Tensor) -> Tensor:
-        # the pair rule at correlation 1 (its second axis then contributes nothing): exact and differentiable
-        return self.expectation(v, s, s, 1)
+        if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
+            # the pair rule at correlation 1 (its second axis then contributes nothing): exact and differentiable
+            return self.expectation(v, s, s, 1)
+        # the rule itself, E[f'(u)^2]: the same sum as the series' at correlation 1 with every term (the nodes'
+        # discrete orthogonality), without the coefficients
+        return self._own(s, self._f(1))
 
     def pair_derivative_map(self, c: Tensor, s1: Tensor, s2: Tensor, compiled: bool) -> Tensor:
         return self.expectation(c, s1, s2, 1)
