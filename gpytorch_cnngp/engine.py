@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import Backend, choose, resolve
+from .backends import Backend, choose, resolve, self_values
 from .backends.base import Traces
 from .devices import parse_device
 from .layers.base import Layer, set_evaluator
@@ -134,9 +134,11 @@ def _fill(
     req: Requirements,
     progress: bool,
     ntk: bool = False,
+    own_values: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Forward computation of the Gram matrix of images ``[H, W, C, N]``; ``z is None``: ``K(x, x)``.
-    With ``ntk``: ``[2, N1, N2]``, the NNGP and the NTK."""
+    With ``ntk``: ``[2, N1, N2]``, the NNGP and the NTK. ``own_values``: where the diagonal of ``K(x, x)`` comes
+    from (:func:`~gpytorch_cnngp.backends.self_values`; ``None``: the eager self pass)."""
     symmetric = z is None
     size = (x.shape[0], x.shape[1])
     zz = x if symmetric else z
@@ -145,9 +147,13 @@ def _fill(
     if own is not None:  # the backend's own traces; the diagonal still from the one self pass every path shares
         terms_x = own(x, symmetric)
         terms_z = terms_x if symmetric else own(z, False)
-        final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)[1] if symmetric else None
+        final_x = None
+        if symmetric:
+            final_x = own_values(x) if own_values else _self_pass_chunked(model, x, hyper, chunk, req, ntk)[1]
     else:
         trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
+        if symmetric and own_values is not None:
+            final_x = own_values(x)
         # what layers derive from the traces may be kept across tiles in the memory the tiles leave
         keep = max(0, plan.memory_budget - plan.trace_bytes - plan.tile_size**2 * plan.pair_bytes)
         terms_x = Traces(trace_x, keep)
@@ -340,8 +346,9 @@ def gram(
     elif grad:
         out = _TiledGram.apply(model, x, z, hyper_values, plan, chosen, req, progress, ntk, *hyper_values.values)
     else:
+        own_values = self_values(model, size, x.dtype, x.device, hyper_values, req, ntk) if z is None else None
         with torch.no_grad():
-            out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)
+            out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk, own_values)
 
     def wide() -> Tensor:
         return _stacked(
@@ -467,9 +474,11 @@ def gram_diag(
 ) -> Tensor | tuple[Tensor, ...]:
     """``k(x_i, x_i)`` for every image (``[N]``), or ``k(x_i, z_i)`` for two sets of equal length.
 
-    Costs O(N): one pass of single images (matched pairs when ``Z`` is given), always eager, in chunks of
-    ``chunk_size`` images (default: 256 on a CPU, 4096 elsewhere; :func:`gram` chunks the self pass of
-    ``K(X, X)`` alike, so that its diagonal is these values to the bit).
+    Costs O(N): one pass of single images (matched pairs when ``Z`` is given). For ``X`` alone it is the native
+    kernel's where that runs the network and nothing is differentiated, else eager
+    (:func:`~gpytorch_cnngp.backends.self_values`), in chunks of ``chunk_size`` images (default: 256 on a CPU,
+    4096 elsewhere; :func:`gram` takes the diagonal of ``K(X, X)`` from the same pass, chunked alike, so that it
+    is these values to the bit). Matched pairs run eagerly.
     ``get``: as in :func:`gram`.
     """
     kinds, ntk = _kinds(get)
@@ -484,9 +493,15 @@ def gram_diag(
         chunk_size = self_chunk(x.device)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of images, got {chunk_size}")
+    grad = torch.is_grad_enabled() and (hyper_values.requires_grad or x.requires_grad)
+    size = (x.shape[2], x.shape[3])
+    own_values = None if z is not None else self_values(model, size, x.dtype, x.device, hyper_values, req, ntk, grad)
     outs = []
     for i0 in range(0, x.shape[0], chunk_size):
         xi = spatial_first(x[i0 : i0 + chunk_size])
+        if own_values is not None:
+            outs.append(own_values(xi))
+            continue
         trace_x, final_x = self_pass(model, xi, hyper_values, requirements=req, ntk=ntk)
         if z is None:
             outs.append(final_x)

@@ -9,12 +9,16 @@
 ==============  ===============================================================================
 
 Every caller (:func:`gpytorch_cnngp.gram`, :class:`gpytorch_cnngp.CNNGPKernel`, the Dask blocks and the
-``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides.
+``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides. Where the images' own
+values come from (the diagonal of ``K(X, X)`` and :func:`gpytorch_cnngp.gram_diag`) is :func:`self_values`'.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from .. import settings
 from ..layers.base import Layer
@@ -35,6 +39,7 @@ __all__ = [
     "choose",
     "resolve",
     "native_ready",
+    "self_values",
 ]
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Eager, Inductor, Native)}
@@ -107,6 +112,28 @@ def choose(
         return Inductor if compilable else Eager
     full = (requirements or Requirements(model)).full
     return Inductor if compilable and n_pairs >= settings.auto_compile_pairs.value() and not full else Eager
+
+
+def self_values(
+    model: Layer,
+    size: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    hyper,
+    requirements: Requirements,
+    ntk: bool = False,
+    grad: bool = False,
+) -> Callable[[Tensor], Tensor] | None:
+    """Where the images' own values ``k(x, x)`` come from, for the diagonal of a square ``K(X, X)`` and for
+    :func:`gpytorch_cnngp.gram_diag` alike (so that the two agree to the bit, whichever backend runs the pairs):
+    the native kernel's self pass (:meth:`Native.self_values`) where it runs the network and nothing is
+    differentiated (``grad``: hyperparameters or images) and ``settings.compile_mode`` is not ``"off"``, else
+    ``None``: the eager self pass."""
+    if grad or settings.compile_mode.value() == "off":
+        return None
+    if Native.unsupported(model, size, dtype, device, ntk) is not None:
+        return None
+    return Native.self_values(model, size, hyper, requirements, ntk)
 
 
 def native_ready(

@@ -22,6 +22,8 @@ uses another backend, and ``backend="native"`` is an error. Layer math knows not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -92,6 +94,20 @@ class Native(Backend):
                 return self_terms(lib, program, params, images, threads, left, right, ntk)
 
             return _NativeTerms(compute, x, both)
+
+        return own
+
+    @classmethod
+    def self_values(cls, model, size, hyper, requirements, ntk=False) -> Callable[[Tensor], Tensor]:
+        """``own(x)``: ``k(x, x)`` ``[n]`` (``[2, n]`` with ``ntk``) of images ``x`` ``[H, W, C, n]`` by the kernel's
+        self pass, each image alone (the same bits in any batch)."""
+        lib = load_library()
+        program = _memoised(model, size, requirements, fuse=not ntk)
+        threads = torch.get_num_threads()
+
+        def own(x: Tensor) -> Tensor:
+            params = program.parameter_vector(hyper, x.dtype)
+            return self_terms(lib, program, params, x, threads, False, False, ntk, final=True)[2]
 
         return own
 
