@@ -153,7 +153,7 @@ def _fill(
     else:
         trace_x, final_x = _self_pass_chunked(model, x, hyper, chunk, req, ntk)
         if symmetric and own_values is not None:
-            final_x = own_values(x)
+            final_x = _with_gradients(own_values, x, final_x)
         # what layers derive from the traces may be kept across tiles in the memory the tiles leave
         keep = max(0, plan.memory_budget - plan.trace_bytes - plan.tile_size**2 * plan.pair_bytes)
         terms_x = Traces(trace_x, keep)
@@ -183,6 +183,14 @@ def _fill(
     return out
 
 
+def _with_gradients(own_values: Callable[[Tensor], Tensor], x: Tensor, eager: Tensor) -> Tensor:
+    """The images' own values ``own_values(x)`` carrying the gradients of the eager self pass's ``eager`` (their
+    difference from themselves adds an exact zero)."""
+    with torch.no_grad():
+        values = own_values(x.detach())
+    return values + (eager - eager.detach()) if eager.requires_grad else values
+
+
 class _TiledGram(torch.autograd.Function):
     """Gram matrix whose backward recomputes one tile at a time (memory bounded by the tile size).
 
@@ -193,12 +201,12 @@ class _TiledGram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, model, x, z, hyper, plan, backend, req, progress, ntk, *values):
+    def forward(ctx, model, x, z, hyper, plan, backend, req, progress, ntk, own_values, *values):
         ctx.model, ctx.x, ctx.z, ctx.hyper, ctx.plan, ctx.req, ctx.ntk = model, x, z, hyper, plan, req, ntk
         ctx.backend = backend
         ctx.save_for_backward(*values)
         with torch.no_grad():
-            return _fill(model, x, z, hyper.with_values(values), plan, backend, req, progress, ntk)
+            return _fill(model, x, z, hyper.with_values(values), plan, backend, req, progress, ntk, own_values)
 
     @staticmethod
     @first_order_only
@@ -255,7 +263,7 @@ class _TiledGram(torch.autograd.Function):
                 for k, g in enumerate(more):
                     if g is not None:
                         g_hyper[k] += g
-        return (None, None, None, None, None, None, None, None, None, *g_hyper)
+        return (None, None, None, None, None, None, None, None, None, None, *g_hyper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,13 +348,15 @@ def gram(
     x = spatial_first(x)
     z = None if z is None else spatial_first(z)
     req = info.requirements
+    # the diagonal's values (gram_diag's); differentiated, its gradients go through the eager self pass
+    own_values = self_values(model, size, x.dtype, x.device, hyper_values, req, ntk) if z is None else None
     if input_grad:
         # Gradients with respect to the images: plain autograd through every tile.
-        out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk)
+        out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk, own_values)
     elif grad:
-        out = _TiledGram.apply(model, x, z, hyper_values, plan, chosen, req, progress, ntk, *hyper_values.values)
+        args = (model, x, z, hyper_values, plan, chosen, req, progress, ntk, own_values)
+        out = _TiledGram.apply(*args, *hyper_values.values)
     else:
-        own_values = self_values(model, size, x.dtype, x.device, hyper_values, req, ntk) if z is None else None
         with torch.no_grad():
             out = _fill(model, x, z, hyper_values, plan, chosen, req, progress, ntk, own_values)
 
@@ -474,11 +484,11 @@ def gram_diag(
 ) -> Tensor | tuple[Tensor, ...]:
     """``k(x_i, x_i)`` for every image (``[N]``), or ``k(x_i, z_i)`` for two sets of equal length.
 
-    Costs O(N): one pass of single images (matched pairs when ``Z`` is given). For ``X`` alone it is the native
-    kernel's where that runs the network and nothing is differentiated, else eager
-    (:func:`~gpytorch_cnngp.backends.self_values`), in chunks of ``chunk_size`` images (default: 256 on a CPU,
-    4096 elsewhere; :func:`gram` takes the diagonal of ``K(X, X)`` from the same pass, chunked alike, so that it
-    is these values to the bit). Matched pairs run eagerly.
+    Costs O(N): one pass of single images (matched pairs when ``Z`` is given). For ``X`` alone its values are the
+    native kernel's where that runs the network, else eager (:func:`~gpytorch_cnngp.backends.self_values`), in
+    chunks of ``chunk_size`` images (default: 256 on a CPU, 4096 elsewhere; :func:`gram` takes the diagonal of
+    ``K(X, X)`` from the same pass, chunked alike, so that it is these values to the bit); differentiated, the
+    gradients go through the eager pass. Matched pairs run eagerly.
     ``get``: as in :func:`gram`.
     """
     kinds, ntk = _kinds(get)
@@ -495,16 +505,16 @@ def gram_diag(
         raise ValueError(f"chunk_size must be a positive number of images, got {chunk_size}")
     grad = torch.is_grad_enabled() and (hyper_values.requires_grad or x.requires_grad)
     size = (x.shape[2], x.shape[3])
-    own_values = None if z is not None else self_values(model, size, x.dtype, x.device, hyper_values, req, ntk, grad)
+    own_values = None if z is not None else self_values(model, size, x.dtype, x.device, hyper_values, req, ntk)
     outs = []
     for i0 in range(0, x.shape[0], chunk_size):
         xi = spatial_first(x[i0 : i0 + chunk_size])
-        if own_values is not None:
+        if own_values is not None and not grad:
             outs.append(own_values(xi))
             continue
         trace_x, final_x = self_pass(model, xi, hyper_values, requirements=req, ntk=ntk)
         if z is None:
-            outs.append(final_x)
+            outs.append(final_x if own_values is None else _with_gradients(own_values, xi, final_x))
             continue
         zi = spatial_first(z[i0 : i0 + chunk_size])
         trace_z, _ = self_pass(model, zi, hyper_values, requirements=req, ntk=ntk)

@@ -600,9 +600,9 @@ def test_parameter_vector_entries():
 
 
 def test_forward_calls_take_the_traces_from_the_kernels_self_pass(monkeypatch):
-    """The native forward packs no eager traces: the kernel's self pass makes them (the diagonal of K(X, X)
-    still comes from the self pass every backend shares). A backward pass recomputes them eagerly, with their
-    graph."""
+    """The native forward packs no eager traces: the kernel's self pass makes them, and the diagonal of K(X, X) (a
+    second self pass of all the images, the one gram_diag makes). A backward pass recomputes the traces eagerly,
+    with their graph."""
     calls = []
     original = native.self_terms
     monkeypatch.setattr(native, "self_terms", lambda *a, **k: calls.append(a[3].shape[-1]) or original(*a, **k))
@@ -611,22 +611,24 @@ def test_forward_calls_take_the_traces_from_the_kernels_self_pass(monkeypatch):
     gram(model, x, z, backend="native")
     assert calls == [7, 5]
     sym = gram(model, x, backend="native")
-    assert calls == [7, 5, 7] and torch.equal(sym.diagonal(), model(x, diag=True))
+    assert calls == [7, 5, 7, 7] and torch.equal(sym.diagonal(), model(x, diag=True))
+    assert calls == [7, 5, 7, 7, 7]
     weight = torch.tensor(1.3, dtype=F64, requires_grad=True)
     gram(model, x, z, backend="native", hyper={model[0]: {"var_weight": weight}}).sum().backward()
-    assert calls == [7, 5, 7, 7, 5] and weight.grad is not None
+    assert calls == [7, 5, 7, 7, 7, 7, 5] and weight.grad is not None
 
 
 def test_tiles_of_a_symmetric_gram_compute_each_self_pass_once(monkeypatch):
     """K(X, X) in 3 x 3 tiles: a row of tiles computes its rows (bringing the layout its diagonal tile reads as
-    columns), then the columns right of the diagonal: one kernel self pass per tile on and above the diagonal."""
+    columns), then the columns right of the diagonal: one kernel self pass per tile on and above the diagonal, after
+    the diagonal's of all the images."""
     calls = []
     original = native.self_terms
     monkeypatch.setattr(native, "self_terms", lambda *a, **k: calls.append(a[3].shape[-1]) or original(*a, **k))
     model, size = MODELS["sums"]
     x = _images(23, 2, size, seed=18)
     got = gram(model, x, backend="native", tile_size=8)
-    assert calls == [8, 8, 7, 8, 7, 7]
+    assert calls == [23, 8, 8, 7, 8, 7, 7]
     torch.testing.assert_close(got, gram(model, x, backend="eager"), rtol=1e-12, atol=0.0)
 
 

@@ -343,10 +343,10 @@ def test_the_kernels_self_pass_gives_the_eager_traces_and_own_values(network):
 
 
 def test_the_diagonal_of_k_x_x_and_gram_diag_come_from_one_self_pass(network, monkeypatch):
-    """Outside autograd, the images' own values are the native self pass's (35x faster than the eager one on Myrtle-5),
-    whichever backend runs the pairs and however the images are chunked, so that ``K(X, X)`` and ``gram_diag``
-    agree to the bit; they equal the eager self pass's to rounding. Differentiated, or with compile_mode off, both
-    are the eager self pass's."""
+    """The images' own values are the native self pass's (35x faster than the eager one on Myrtle-5), whichever
+    backend runs the pairs and however the images are chunked, so that ``K(X, X)`` and ``gram_diag`` agree to the
+    bit; they equal the eager self pass's to rounding, and differentiated they carry its gradients. With
+    compile_mode off both are the eager pass's."""
     from gpytorch_cnngp import gram_diag, settings
     from gpytorch_cnngp.passes import self_pass, spatial_first
     from gpytorch_cnngp.state import Hyper
@@ -365,10 +365,51 @@ def test_the_diagonal_of_k_x_x_and_gram_diag_come_from_one_self_pass(network, mo
     assert not torch.equal(torch.stack(own), eager) or name == "pool_then_dense"  # not the eager pass in disguise
     with settings.compile_mode("off"):
         assert torch.equal(gram(model, x).diagonal(), eager[0]) and torch.equal(gram_diag(model, x), eager[0]), name
-    # differentiated: the eager pass (differentiable), for the diagonal of K(X, X) as for gram_diag
-    monkeypatch.setattr(Native, "self_values", classmethod(lambda *args: pytest.fail("native self values")))
+    # differentiated (hyperparameters, images): the same values, with the gradients of the eager pass
     layer = next(layer for layer in model.kernel_layers() if isinstance(layer, Conv2d))
     layer.var_weight = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        want = gram_diag(model, x)
     sym, diag = gram(model, x), gram_diag(model, x)
-    assert sym.requires_grad and diag.requires_grad, name
-    torch.testing.assert_close(sym.diagonal(), diag, rtol=1e-15, atol=0.0)
+    assert torch.equal(sym.diagonal(), want) and torch.equal(diag, want), name
+    (g_sym,) = torch.autograd.grad(sym.diagonal().sum(), layer.var_weight)
+    (g_diag,) = torch.autograd.grad(diag.sum(), layer.var_weight)
+    with settings.compile_mode("off"):
+        (g_eager,) = torch.autograd.grad(gram_diag(model, x).sum(), layer.var_weight)
+    assert float(g_eager) != 0.0 and torch.equal(g_sym, g_eager) and torch.equal(g_diag, g_eager), name
+    xg = x.clone().requires_grad_(True)
+    sym, diag = gram(model, xg), gram_diag(model, xg)
+    assert torch.equal(sym.diagonal(), want) and torch.equal(diag, want), name
+    (gx,) = torch.autograd.grad(diag.sum(), xg)
+    with settings.compile_mode("off"):
+        (gx_eager,) = torch.autograd.grad(gram_diag(model, xg).sum(), xg)
+    torch.testing.assert_close(gx, gx_eager, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["same-location", "pooled"])
+def test_a_square_tile_computes_its_upper_triangle_and_mirrors_it(pooled, monkeypatch):
+    """A tile on the diagonal of K(X, X) runs only the blocks with pairs on or above the diagonal (37 images: lane
+    groups wholly below it are skipped), mirrors the rest, and weights each pair's gradient by its own and its
+    mirror's; against the eager path, NNGP and NTK, float64 and float32, gradients with unsymmetric weights."""
+    _native_or_skip()
+    if pooled:
+        model = Sequential(Conv2d(3, var_bias=0.2), ReLU(), AvgPool2d(2), Conv2d(3), ReLU(), GlobalAvgPool2d(), Dense())
+    else:
+        model = Sequential(Conv2d(3, var_bias=0.2), ReLU(), Conv2d(3), ReLU(), Dense(var_bias=0.1))
+    skipped = []
+    original = native.run_block
+    monkeypatch.setattr(native, "run_block", lambda *a, **k: skipped.append(a[-1]) or original(*a, **k))
+    x = _images(37, 1, (6, 6), 30)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        got = gram(model, x.to(dtype), backend="native", tile_size=37, get=BOTH)
+        want = gram(model, x.to(dtype), backend="eager", get=BOTH)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * float(w.abs().max()))
+    assert skipped == [True, True]  # the one square tile, as the same images on both sides
+    leaves = variance_leaves(model, seed=31)
+    weights = torch.rand(37, 37, generator=torch.Generator().manual_seed(32), dtype=F64)
+    want = torch.autograd.grad((gram(model, x, backend="eager") * weights).sum(), leaves)
+    got = torch.autograd.grad((gram(model, x, backend="native", tile_size=37) * weights).sum(), leaves)
+    scale = float(max(v.abs().max() for v in want))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13 * scale)

@@ -122,14 +122,13 @@ def self_values(
     hyper,
     requirements: Requirements,
     ntk: bool = False,
-    grad: bool = False,
 ) -> Callable[[Tensor], Tensor] | None:
     """Where the images' own values ``k(x, x)`` come from, for the diagonal of a square ``K(X, X)`` and for
     :func:`gpytorch_cnngp.gram_diag` alike (so that the two agree to the bit, whichever backend runs the pairs):
-    the native kernel's self pass (:meth:`Native.self_values`) where it runs the network and nothing is
-    differentiated (``grad``: hyperparameters or images) and ``settings.compile_mode`` is not ``"off"``, else
-    ``None``: the eager self pass."""
-    if grad or settings.compile_mode.value() == "off":
+    the native kernel's self pass (:meth:`Native.self_values`) where it runs the network and
+    ``settings.compile_mode`` is not ``"off"``, else ``None``: the eager self pass. Their gradients always go
+    through the eager self pass (differentiable), as do the values where the images are differentiated."""
+    if settings.compile_mode.value() == "off":
         return None
     if Native.unsupported(model, size, dtype, device, ntk) is not None:
         return None

@@ -118,10 +118,11 @@ class Native(Backend):
         threads = torch.get_num_threads()
 
         def block(x, z, trace_x, trace_z, same):
-            # like the compiled backend, the same-image rule is left to the engine's diagonal fix; the parameter
-            # vector is made once per call (the program keeps it for this Hyper)
+            # like the compiled backend, the same-image rule is left to the engine's diagonal fix; a square tile of
+            # the same images computes its upper triangle only; the parameter vector is made once per call (the
+            # program keeps it for this Hyper)
             params = program.parameter_vector(hyper, x.dtype)
-            return run_block(lib, program, params, x, z, trace_x, trace_z, threads, ntk)
+            return run_block(lib, program, params, x, z, trace_x, trace_z, threads, ntk, same)
 
         return block
 
@@ -140,7 +141,9 @@ class Native(Backend):
             params = program.parameter_vector(detached, x.dtype)
             tx = [t.detach() for t in trace_x]
             tz = [t.detach() for t in trace_z]
-            g_params, g_tx, g_tz = run_block_vjp(lib, program, params, x.detach(), z.detach(), tx, tz, grad, threads)
+            g_params, g_tx, g_tz = run_block_vjp(
+                lib, program, params, x.detach(), z.detach(), tx, tz, grad, threads, same
+            )
             return program.hyper_gradients(detached, g_params), g_tx, g_tz
 
         return vjp

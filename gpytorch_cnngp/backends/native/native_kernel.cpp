@@ -108,7 +108,16 @@ struct Args {
   // and whether group jb of the second set has a position where all VL have (see relu_linear)
   const uint8_t* zero_x = nullptr;
   const uint8_t* zero_z = nullptr;
+  // the pairs only: the two sets are the same images (a square tile on the diagonal of K(X, X)), so only the
+  // blocks with a pair j >= i run; the caller mirrors the rest (the forward) or folds their weights in (the VJP)
+  int triangle = 0;
 };
+
+// whether block (i, group jb) has a pair at or above the diagonal (see Args::triangle)
+template <typename T, int VL>
+bool wanted(const Args<T>& g, int i, int jb) {
+  return !g.triangle || (jb + 1) * VL > i;
+}
 
 // The input's channel mean of x_c z_c for the pairs (i, group jb), or with kSelf of z_c^2 for group jb's images.
 // A spatial offset's map (instruction ins) pairs x's positions from ins.xoff on with z's from ins.zoff on.
@@ -1264,7 +1273,8 @@ int run(const Args<T>& given, int n_threads) {
       if constexpr (kSelf) {
         run_block<T, VL, NR, NA, true>(g, 0, static_cast<int>(blk), mem, tmp);
       } else {
-        run_block<T, VL, NR, NA>(g, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), mem, tmp);
+        const int i = static_cast<int>(blk % g.n1), jb = static_cast<int>(blk / g.n1);
+        if (wanted<T, VL>(g, i, jb)) run_block<T, VL, NR, NA>(g, i, jb, mem, tmp);
       }
     }
     std::free(mem);
@@ -1622,8 +1632,9 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     gr.tz = gr.tx + tx_size;
     std::memset(gr.params, 0, (p_size + tx_size + tz_size) * sizeof(T));
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
-      vjp_block<T, VL, NR, NA>(g, gout, static_cast<int>(blk % g.n1), static_cast<int>(blk / g.n1), regs, adjs,
-                               slot.data(), tmp, res, touched, gr);
+      const int i = static_cast<int>(blk % g.n1), jb = static_cast<int>(blk / g.n1);
+      if (!wanted<T, VL>(g, i, jb)) continue;
+      vjp_block<T, VL, NR, NA>(g, gout, i, jb, regs, adjs, slot.data(), tmp, res, touched, gr);
     }
     std::free(touched);
     buffers[t] = mem;
@@ -1758,11 +1769,11 @@ int cnngp_lanes(int is_double) { return is_double ? 8 : 16; }
            const T* x, const T* z, \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
            int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs, T* out,   \
-           int ntk, int n_threads) {                                                                          \
-    return run<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1, n2,  \
-                                           tx, tz, slot_offset, n_trace, params, coefs, dcoefs, n_coefs,       \
-                                           n_dcoefs, out, ntk),                                                \
-                              n_threads);                                                                     \
+           int ntk, int triangle, int n_threads) {                                                            \
+    Args<T> g = make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1, n2, tx, tz,     \
+                             slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, out, ntk);          \
+    g.triangle = triangle;                                                                                       \
+    return run<T, VL, NR, NA>(g, n_threads);                                                                     \
   }
 
 // lanes: 512 bits; NR, NA: coefficients of R and of A (float32: degrees 6 and 8, float64: 16 and 16; ops.py)
@@ -1792,11 +1803,11 @@ CNNGP_SELF(cnngp_self_f64, double, 8, 17, 17)
            const T* x, const T* z, \
            int H, int W, int C, int n1, int n2, const T* tx, const T* tz, const int32_t* slot_offset,          \
            int n_trace, const T* params, const T* coefs, const T* dcoefs, int n_coefs, int n_dcoefs,           \
-           const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int n_threads) {                         \
-    return run_vjp<T, VL, NR, NA>(make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1,  \
-                                               n2, tx, tz, slot_offset, n_trace, params, coefs, dcoefs,         \
-                                               n_coefs, n_dcoefs, nullptr, 0),                                 \
-                                  gout, n_params, g_params, g_tx, g_tz, n_threads);                            \
+           const T* gout, int n_params, T* g_params, T* g_tx, T* g_tz, int triangle, int n_threads) {           \
+    Args<T> g = make_args<T>(prog, n_instr, reg_area, tmp_area, n_regs, reg_off, x, z, H, W, C, n1, n2, tx, tz,     \
+                             slot_offset, n_trace, params, coefs, dcoefs, n_coefs, n_dcoefs, nullptr, 0);      \
+    g.triangle = triangle;                                                                                       \
+    return run_vjp<T, VL, NR, NA>(g, gout, n_params, g_params, g_tx, g_tz, n_threads);                          \
   }
 
 CNNGP_VJP(cnngp_vjp_f32, float, 16, 7, 9)

@@ -89,15 +89,19 @@ def run_block(
     trace_z: list[Tensor],
     n_threads: int,
     ntk: bool = False,
+    same: bool = False,
 ) -> Tensor:
     """Kernel block ``[n1, n2]`` for images ``x`` ``[H, W, C, n1]`` and ``z`` ``[H, W, C, n2]``
     (CPU, float32 or float64) given their self traces (``[h, w, n]`` standard deviations per slot);
-    ``[2, n1, n2]`` (NNGP, NTK) with ``ntk``."""
+    ``[2, n1, n2]`` (NNGP, NTK) with ``ntk``. ``same``: ``z`` is ``x`` (a square tile on the diagonal of
+    ``K(X, X)``): only the pairs on and above the diagonal are computed (about half), the others mirrored."""
     packed = _Packed(lib, program, params, x, z, trace_x, trace_z, n_threads)
     out = torch.empty(*((2,) if ntk else ()), packed.n1, packed.padded, dtype=x.dtype)
     fn = lib.cnngp_run_f64 if x.dtype == torch.float64 else lib.cnngp_run_f32
-    _check(fn(*packed.arguments(), _ptr(out), int(ntk), int(n_threads)))
-    return out[..., : packed.n2]
+    _check(fn(*packed.arguments(), _ptr(out), int(ntk), int(same), int(n_threads)))
+    out = out[..., : packed.n2]
+    # below the diagonal: the blocks skipped (never written) and their lanes' pairs j < i
+    return torch.triu(out) + torch.triu(out, 1).transpose(-1, -2) if same else out
 
 
 def run_block_vjp(
@@ -110,12 +114,17 @@ def run_block_vjp(
     trace_z: list[Tensor],
     grad: Tensor,
     n_threads: int,
+    same: bool = False,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The gradient of ``(grad * K).sum()``, ``K`` the NNGP block of :func:`run_block` (``program`` lowered with
     ``reuse=False``), with respect to the parameter vector and to the traces' standard deviations: ``[P]``,
-    and one ``[h, w, n1]`` / ``[h, w, n2]`` tensor per trace slot. Reverse mode, one block of pairs at a time."""
+    and one ``[h, w, n1]`` / ``[h, w, n2]`` tensor per trace slot. Reverse mode, one block of pairs at a time.
+    ``same``: as in :func:`run_block`, the pairs on and above the diagonal alone, each weighted by its own gradient
+    and its mirror's (``K`` is symmetric: the same sum)."""
     packed = _Packed(lib, program, params, x, z, trace_x, trace_z, n_threads)
     n1, n2, padded, lanes = packed.n1, packed.n2, packed.padded, LANES[x.dtype]
+    if same:  # each pair's weight and its mirror's on and above the diagonal; zero below (lanes of blocks that run)
+        grad = torch.triu(grad) + torch.tril(grad, -1).transpose(-1, -2)
     g_out = grad.to(x.dtype).contiguous()
     if padded != n2:  # the padding lanes (black images) contribute nothing
         g_out = torch.nn.functional.pad(g_out, (0, padded - n2))
@@ -124,7 +133,8 @@ def run_block_vjp(
     g_tx = x.new_empty(n1, max(n_trace, 1))
     g_tz = x.new_empty(padded // lanes, max(n_trace, 1), lanes)
     fn = lib.cnngp_vjp_f64 if x.dtype == torch.float64 else lib.cnngp_vjp_f32
-    _check(fn(*packed.arguments(), _ptr(g_out), params.numel(), _ptr(g_params), _ptr(g_tx), _ptr(g_tz), int(n_threads)))
+    args = (_ptr(g_out), params.numel(), _ptr(g_params), _ptr(g_tx), _ptr(g_tz), int(same), int(n_threads))
+    _check(fn(*packed.arguments(), *args))
     g_tz = g_tz.transpose(0, 1).reshape(max(n_trace, 1), padded)[:, :n2]  # [positions, n2]
     slots_x, slots_z, offset = [], [], 0
     for t, area in zip(trace_x, program.slot_areas, strict=True):
