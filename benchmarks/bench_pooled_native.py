@@ -18,6 +18,8 @@ Networks, built from layers both revisions have:
   GlobalAvgPool, Dense, He-scaled.
 
 This tree also times the NNGP and the NTK together (``get=("nngp", "ntk")``) against the NNGP alone, turn about.
+With ``--symmetric`` both compute symmetric Grams ``K(X, X)`` instead (rates in distinct entries, ``n (n + 1) / 2``
+per call), where the diagonal's own values and the square tiles on the diagonal count.
 Results are appended to ``benchmarks/RESULTS.md`` unless ``--no-write``.
 """
 
@@ -82,7 +84,7 @@ for line in sys.stdin:
     kwargs = {"get": ("nngp", "ntk")} if cmd.get("ntk") else {}
     t0 = time.perf_counter()
     with torch.no_grad():
-        gram(model, x, z, **kwargs)
+        gram(model, x, None if cmd.get("symmetric") else z, **kwargs)
     print(json.dumps({"seconds": time.perf_counter() - t0, "images": kind}), flush=True)
 """
 
@@ -130,9 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         default="mnist",
         help="MNIST digits (black borders: zero variances, which the ReLU skips) or uniform noise (none)",
     )
+    p.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="symmetric Grams K(X, X) instead of cross kernels (rates: distinct entries, n (n + 1) / 2, per second)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    entries = (lambda n: n * (n + 1) / 2) if args.symmetric else (lambda n: n * n)
     n_old = {net: args.n_old or OLD_N.get(net, 8) for net in args.nets}
     rows, used = [], set()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,12 +155,12 @@ def main(argv: list[str] | None = None) -> None:
                     turns = [("old", old, n_old[net], False), ("new", new, args.n, False)]
                     turns.append(("new, NNGP + NTK", new, args.n, True))
                     for label, worker, n, ntk in turns if r % 2 == 0 else turns[::-1]:
-                        seconds, kind = worker.call(net=net, n=n, ntk=ntk, images=args.images)
+                        seconds, kind = worker.call(net=net, n=n, ntk=ntk, images=args.images, symmetric=args.symmetric)
                         times[label].append(seconds)
                         used.add(kind)
                         print(f"{net} {label} n={n}: {times[label][-1]:.2f} s", flush=True)
                 rate = {
-                    label: (n_old[net] if label == "old" else args.n) ** 2 / statistics.median(t)
+                    label: entries(n_old[net] if label == "old" else args.n) / statistics.median(t)
                     for label, t in times.items()
                 }
                 rows.append((net, rate))
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         f"### Pooled networks: default call against {args.old} ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {machine()}. Command: `python benchmarks/bench_pooled_native.py {' '.join(argv or sys.argv[1:])}`. "
-        f"Cross kernels of 28x28 images ({' and '.join(sorted(used))}), float32, `gram(model, X, Z)`; {args.old}: "
+        f"{'Symmetric Grams' if args.symmetric else 'Cross kernels'} of 28x28 images ({' and '.join(sorted(used))}), "
+        f"float32, `gram(model, X{'' if args.symmetric else ', Z'})`; {args.old}: "
         f"{', '.join(f'{k} {v} x {v}' for k, v in n_old.items())} images, this tree: {args.n} x {args.n}; "
         f"medians of {args.repeats} calls taken in turn.",
         "",
