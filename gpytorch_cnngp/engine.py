@@ -144,7 +144,7 @@ def _fill(
     zz = x if symmetric else z
     chunk = self_chunk(x.device, plan.tile_size**2 // 4)
     own = None if torch.is_grad_enabled() else backend.self_fn(model, size, hyper, req, ntk)
-    if own is not None:  # the backend's own traces; the diagonal still from the one self pass every path shares
+    if own is not None:  # the backend's own traces; the diagonal from own_values (gram_diag's), else the eager pass
         terms_x = own(x, symmetric)
         terms_z = terms_x if symmetric else own(z, False)
         final_x = None

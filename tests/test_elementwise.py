@@ -215,10 +215,11 @@ def test_a_crude_truncation_still_gives_a_positive_semidefinite_kernel():
     [(torch.erf, "even"), (torch.cos, "odd"), (torch.nn.functional.softplus, None)],
     ids=["odd", "even", "neither"],
 )
-def test_coefficients_of_an_odd_or_even_function_skip_the_vanishing_half(fn, vanish):
-    """The Hermite coefficients from the half of the rule's matrix that a parity leaves, against the whole of it
-    (written out here as its own sum over the nodes), float64; the other half exact zeros."""
-    layer = Elementwise(fn)
+@pytest.mark.parametrize("degree", [64, 7], ids=["even degree", "odd degree (a node at 0)"])
+def test_coefficients_of_an_odd_or_even_function_skip_the_vanishing_half(fn, vanish, degree):
+    """The Hermite coefficients from the rule folded at its symmetric nodes, against the whole rule's matrix
+    (written out here as its own sum over the nodes), float64; an odd or even function's other half exact zeros."""
+    layer = Elementwise(fn, degree=degree)
     s = torch.rand(3, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2.0
     got = layer._coefficients(s, 0)
     x, M = layer._basis(s)

@@ -9,8 +9,8 @@
 ==============  ===============================================================================
 
 Every caller (:func:`gpytorch_cnngp.gram`, :class:`gpytorch_cnngp.CNNGPKernel`, the Dask blocks and the
-``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides. Where the images' own
-values come from (the diagonal of ``K(X, X)`` and :func:`gpytorch_cnngp.gram_diag`) is :func:`self_values`'.
+``cnngp`` command) passes its ``backend`` argument to :func:`choose`; nothing else decides. :func:`self_values`
+decides where the images' own values come from (the diagonal of ``K(X, X)`` and :func:`gpytorch_cnngp.gram_diag`).
 """
 
 from __future__ import annotations
