@@ -1421,6 +1421,29 @@ void conv_adjoint(const Instr& ins, const T* __restrict adj, const T* __restrict
   accumulate(adj_in, res, in_vectors * K, scale, first);
 }
 
+// The adjoint of a window sum that reads the images' input map, whose own adjoint nothing reads (the images'
+// gradients stay with autograd): only d/d scale = sum adj * window_sum(src), by the forward's window sum (its
+// products summed in the store, no map written), and d/d bias. The transposed sum above would spread adj over the
+// input's larger map, tap by tap for a strided window, for an adjoint thrown away.
+template <typename T, int VL>
+void conv_adjoint_params(const Instr& ins, const T* __restrict adj, const T* __restrict src, T* __restrict tmp,
+                         T* __restrict g_scale, T* __restrict g_bias) {
+  using L = Lanes<T, VL>;
+  using H = typename L::H;
+  add_sum<T, VL>(adj, static_cast<int64_t>(ins.out_h) * ins.out_w * VL / L::kPer, g_bias);
+  H gs[kStrip];
+  for (int k = 0; k < kStrip; ++k) gs[k] = H{};
+  auto store = [&gs, adj](int64_t at, int g, H sum) {
+    H a;
+    std::memcpy(&a, adj + at, sizeof(H));
+    gs[g] += sum * a;
+  };
+  window_sum<T, VL>(ins, src, tmp, store);
+  H total = H{};
+  for (int k = 0; k < kStrip; ++k) total += gs[k];
+  L::add_to(g_scale, total);
+}
+
 // Adjoint of a (leaky) ReLU: out = k1 J(c, s1, s2) + k2 c, so
 //   d/dc = k1 D + k2 (D = (pi - arccos rho) / (2 pi), not masked: ops' autograd takes 1/4 at a zero variance),
 //   d/ds1 = k1 s2 sqrt(1 - rho^2) / (2 pi), d/ds2 = k1 s1 sqrt(1 - rho^2) / (2 pi),
@@ -1543,7 +1566,7 @@ int adjoint_slots(const Args<T>& g, std::vector<int>& slot) {
 
 template <typename T, int VL, int NR, int NA>
 void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs, const int* slot, T* tmp, T* res,
-               bool* touched, const Grads<T>& gr) {
+               bool* touched, const Grads<T>& gr, const uint8_t* input) {
   run_block<T, VL, NR, NA>(g, i, jb, regs, tmp);
   const int64_t map = static_cast<int64_t>(g.reg_area) * VL;
   auto reg = [&](int r) { return regs + g.reg_off[r] * VL; };
@@ -1565,6 +1588,10 @@ void vjp_block(const Args<T>& g, const T* gout, int i, int jb, T* regs, T* adjs,
     switch (ins.op) {
       case OP_CONV: {
         T* gs = gr.params + static_cast<int64_t>(ins.param) * VL;
+        if (input[ins.a]) {  // (its adjoint untouched: nothing reads it)
+          conv_adjoint_params<T, VL>(ins, ad, reg(ins.a), tmp, gs, gs + VL);
+          break;
+        }
         conv_adjoint<T, VL>(ins, ad, reg(ins.a), adj(ins.a), !touched[ins.a], g.params[ins.param], tmp, res, gs,
                             gs + VL);
         touched[ins.a] = true;
@@ -1609,6 +1636,10 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
   std::vector<T*> buffers(n_threads, nullptr);
   std::vector<int> slot;
   const size_t adj_maps = static_cast<size_t>(adjoint_slots(g, slot)) * g.reg_area * VL;
+  std::vector<uint8_t> input(std::max(1, g.n_regs), 0);  // the registers the images' input maps are made in
+  for (int k = 0; k < g.n_instr; ++k) {
+    if (g.prog[k].op == OP_INPUT) input[g.prog[k].dst] = 1;
+  }
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&](int t) {
@@ -1634,7 +1665,7 @@ int run_vjp(const Args<T>& g, const T* gout, int n_params, T* g_params, T* g_tx,
     for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) {
       const int i = static_cast<int>(blk % g.n1), jb = static_cast<int>(blk / g.n1);
       if (!wanted<T, VL>(g, i, jb)) continue;
-      vjp_block<T, VL, NR, NA>(g, gout, i, jb, regs, adjs, slot.data(), tmp, res, touched, gr);
+      vjp_block<T, VL, NR, NA>(g, gout, i, jb, regs, adjs, slot.data(), tmp, res, touched, gr, input.data());
     }
     std::free(touched);
     buffers[t] = mem;
