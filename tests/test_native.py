@@ -3,6 +3,7 @@ every supported layer geometry, fallbacks, and the edges (black and identical im
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -309,6 +310,7 @@ def test_native_hyperparameter_gradients_match_eager(name, spy, vjp_spy):
     both standard deviations, sums) against autograd through the eager pair pass, for K(X, X) over several tiles
     and for K(X, Z); float64 to 1e-10, float32 to 1e-4."""
     model, size = MODELS[name]
+    model = copy.deepcopy(model)  # its own variances: the shared models stay as the other tests expect them
     leaves = variance_leaves(model, seed=20)
     x = _images(11, 3, size, seed=21)
     z = _images(21, 3, size, seed=22)
@@ -333,6 +335,7 @@ def test_native_gradients_match_finite_differences_at_black_and_identical_images
     """Central differences of a weighted K(X, Z) in each hyperparameter (relative step 1e-5), with a black image
     and an image paired with itself off the exact diagonal (rho = 1 up to rounding) among the pairs."""
     model, size = MODELS["sums"]
+    model = copy.deepcopy(model)
     leaves = variance_leaves(model, seed=24)
     x = _images(4, 2, size, seed=25)
     x[1] = 0.0
