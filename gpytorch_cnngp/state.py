@@ -299,8 +299,8 @@ class Pass:
     :ivar mode: ``"self"`` (variances of single images) or ``"pair"`` (covariances between images).
     :ivar hyper: the network's :class:`Hyper`.
     :ivar requirements: the network's :class:`Requirements`.
-    :ivar trace_x, trace_z: pair pass: the recorded standard deviations of the two sides, shaped to
-        broadcast against the pair maps (``[h, w, n1, 1]`` and ``[h, w, 1, n2]`` for a block).
+    :ivar trace_x, trace_z: pair pass: the recorded standard deviations of the two sides, ``[h, w, n1]`` and
+        ``[h, w, n2]`` per nonlinearity (:meth:`recall` gives them shaped by :meth:`shaped`).
     :ivar same: pair pass on a square block whose ``(a, a)`` pairs are an image with itself; those
         entries are set exactly to the self values after every nonlinearity.
     :ivar compiled: the pass runs inside ``torch.compile`` (forward only); layers may then use
@@ -336,12 +336,19 @@ class Pass:
         """Pair pass: the next nonlinearity's recorded standard deviations of both sides."""
         slot = self._slot
         self._slot += 1
-        return self.trace_x[slot], self.trace_z[slot]
+        return self.shaped(self.trace_x[slot], self.trace_z[slot])
+
+    def shaped(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Pair pass: maps per image of the two sides (``[..., n1]`` and ``[..., n2]``: the traces, or what a layer
+        derives from them) shaped to broadcast against the pair maps: ``[..., n1, 1]`` and ``[..., 1, n2]`` for a
+        block (``pair_ndim`` 2), as they are for matched pairs."""
+        return (x[..., :, None], z[..., None, :]) if self.pair_ndim == 2 else (x, z)
 
     def derived(self, key: str, fn: Callable[[Tensor], object]) -> tuple[object, object]:
-        """Pair pass: ``fn`` of each side's standard deviations recorded by the nonlinearity last recalled (shaped as
-        :meth:`recall` gives them): what a layer computes per image and position (a series' coefficients), once
-        per call and range of images where the engine keeps the results across tiles (:attr:`memo_x`)."""
+        """Pair pass: ``fn`` of each side's standard deviations recorded by the nonlinearity last recalled
+        (``[h, w, n]``, unshaped; :meth:`shaped` shapes what it gives): what a layer computes per image and position
+        (a series' coefficients), once per call and range of images where the engine keeps the results across tiles
+        (:attr:`memo_x`; a square tile's two sides may share one)."""
         slot = self._slot - 1
         out = []
         for trace, memo in ((self.trace_x, self.memo_x), (self.trace_z, self.memo_z)):

@@ -99,14 +99,13 @@ def test_tiles_that_share_their_series_equal_the_closed_form(pooled):
 
 
 def test_each_images_series_is_computed_once_per_call(monkeypatch):
-    """The first set's coefficients once per row of tiles, the second set's once per call where memory allows (the
-    tiles' own coefficients otherwise, once per tile and side)."""
+    """Each image's coefficients once per call where memory allows: the first set's once per row of tiles, the
+    second set's kept across rows; in K(X, X) a range's series serves it as rows and as columns alike."""
     calls = []
     sides = Elementwise._sides
 
     def counted(self, s, orders):
-        if s.dim() == 4:  # a pair pass's side, [h, w, n1, 1] or [h, w, 1, n2] (the self pass's are [h, w, n])
-            calls.append((orders, s.shape[-1] if s.shape[-2] == 1 else s.shape[-2]))
+        calls.append((orders, s.shape))
         return sides(self, s, orders)
 
     monkeypatch.setattr(Elementwise, "_sides", counted)
@@ -114,21 +113,29 @@ def test_each_images_series_is_computed_once_per_call(monkeypatch):
     x, z = torch.rand(12, 1, 5, 5, dtype=F64, generator=g), torch.rand(8, 1, 5, 5, dtype=F64, generator=g)
     model = Sequential(Conv2d(3), Elementwise(torch.tanh, degree=16), Conv2d(3), ReLU(), Dense())
     gram(model, x, z, tile_size=4, backend="eager", get=("nngp", "ntk"))
-    # 3 ranges of rows and 2 of columns, the NNGP's series (order 0) with the NTK's (order 1); nothing in the self
-    # pass of a same-location network
-    assert calls == [((0, 1), 4)] * 5
+    # 3 ranges of rows and 2 of columns (each side's deviations [h, w, n], unshaped), the NNGP's series (order 0)
+    # with the NTK's (order 1); nothing in the self pass of a same-location network
+    assert calls == [((0, 1), (5, 5, 4))] * 5
+    calls.clear()
+    gram(model, x, tile_size=4, backend="eager")  # 6 tiles on and above the diagonal, 3 ranges
+    assert calls == [((0,), (5, 5, 4))] * 3
 
 
-def test_traces_keep_the_columns_memos_within_their_bytes():
-    traces = [torch.zeros(2, 2, 10, dtype=F64)]
+def test_traces_keep_their_memos_within_their_bytes():
+    traces = [torch.zeros(2, 2, 15, dtype=F64)]
     kept, bounded = Traces(traces, keep_bytes=1 << 20), Traces(traces, keep_bytes=0)
     for terms in (kept, bounded):
         terms.columns(0, 5).memo["series"] = torch.ones(1000, dtype=F64)  # 8,000 bytes
         assert [t.shape[-1] for t in terms.columns(5, 10)] == [5]
-        terms.rows(0, 5).memo["series"] = torch.ones(3)
     assert "series" in kept.columns(0, 5).memo  # kept: within its bytes
     assert "series" not in bounded.columns(0, 5).memo  # dropped: over its bytes, only the newest stays
-    assert "series" in bounded.rows(0, 5).memo and "series" not in bounded.rows(5, 10).memo  # the last rows
+    # a row of tiles keeps its rows' memo, which its square tile's columns share, over the bytes too
+    rows = bounded.rows(5, 10).memo
+    rows["series"] = torch.ones(1000, dtype=F64)
+    assert bounded.columns(5, 10).memo is rows
+    assert "series" not in bounded.columns(10, 15).memo
+    assert bounded.rows(5, 10).memo is rows and "series" in rows
+    assert "series" not in bounded.rows(10, 15).memo
 
 
 def test_gradients_at_identical_images_equal_the_closed_forms():

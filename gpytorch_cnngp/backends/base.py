@@ -52,31 +52,35 @@ class Traces(SelfTerms):
     """Self terms from :func:`gpytorch_cnngp.passes.self_pass`: one ``[h, w, n]`` trace per nonlinearity,
     sliced along the images for either side.
 
-    What layers derive from a tile's traces (:meth:`~gpytorch_cnngp.state.Pass.derived`) is kept for the last
-    range of rows, which a row of tiles shares, and for every range of columns while the kept ones take at most
+    What layers derive from a tile's traces (:meth:`~gpytorch_cnngp.state.Pass.derived`) is kept per range of
+    images, for either side (a square tile on the diagonal of ``K(X, X)`` shares it between its two): for the last
+    range of rows, which a row of tiles shares, and for other ranges while the kept ones take at most
     ``keep_bytes`` (the memory the tiles leave of the budget): each image's once per call, not once per tile."""
 
     def __init__(self, traces: list[Tensor], keep_bytes: int = 0) -> None:
         self.traces = traces
         self.keep_bytes = keep_bytes
         self._rows: tuple[int, int, dict] | None = None
-        self._columns: dict[tuple[int, int], dict] = {}
+        self._memos: dict[tuple[int, int], dict] = {}
 
     def _slices(self, i0: int, i1: int, memo: dict) -> TraceSlices:
         return TraceSlices([t[..., i0:i1] for t in self.traces], memo)
 
+    def _memo(self, i0: int, i1: int) -> dict:
+        memo = self._memos.get((i0, i1))
+        if memo is None:
+            if _nbytes(self._memos) > self.keep_bytes:  # over the memory left: keep only the newest (and the rows')
+                self._memos.clear()
+            memo = self._memos[(i0, i1)] = {}
+        return memo
+
     def rows(self, i0: int, i1: int) -> TraceSlices:
         if self._rows is None or self._rows[:2] != (i0, i1):
-            self._rows = (i0, i1, {})
+            self._rows = (i0, i1, self._memo(i0, i1))
         return self._slices(i0, i1, self._rows[2])
 
     def columns(self, j0: int, j1: int) -> TraceSlices:
-        memo = self._columns.get((j0, j1))
-        if memo is None:
-            if _nbytes(self._columns) > self.keep_bytes:  # over the memory left: keep only the newest
-                self._columns.clear()
-            memo = self._columns[(j0, j1)] = {}
-        return self._slices(j0, j1, memo)
+        return self._slices(j0, j1, self._memo(j0, j1))
 
 
 #: ``own(x, both)``: the self terms of images ``x`` ``[H, W, C, n]``; ``both``: they will be read as either

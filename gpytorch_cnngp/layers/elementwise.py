@@ -320,7 +320,8 @@ class Elementwise(Nonlinearity):
                 sides_x, sides_z = run.derived(f"series {orders}", lambda s: self._sides(s, orders))
                 a, b = sides_x[order], sides_z[order]
                 keep = self._terms(a, b)
-                return self.expectation(c, s1, s2, order, (keep, [layout.place(a.coef[k], b.coef[k]) for k in keep]))
+                placed = [layout.place(*run.shaped(a.coef[k], b.coef[k])) for k in keep]
+                return self.expectation(c, s1, s2, order, (keep, placed))
 
             return pair
 
